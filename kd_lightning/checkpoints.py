@@ -1,0 +1,81 @@
+"""Loading weights into a model from the checkpoint layouts people actually have.
+
+Accepted: RepDistiller / mdistiller files ``{'model': state_dict, ...}``, Lightning
+checkpoints ``{'state_dict': ...}`` (of a DistillationModule: the ``student.`` weights),
+and plain state_dicts. Loading is strict; a mismatch names the missing and unexpected keys.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.errors import KDError
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model weights stored in ``path``, whatever the layout."""
+    path = Path(path)
+    if not path.is_file():
+        raise KDError(f"checkpoint not found: {path}. Check teacher.checkpoint (relative paths are "
+                      "resolved from the directory you ran the command in), or set it to null to train one.")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise KDError(f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                      "Re-download or re-create it.") from None
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        return payload["model"]
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        state = payload["state_dict"]
+        if any(k.startswith("student.") for k in state):
+            return {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
+        return state
+    if isinstance(payload, dict) and payload and all(isinstance(v, Tensor) for v in payload.values()):
+        return payload
+    raise KDError(f"{path} holds no model weights: expected a state_dict, {{'model': state_dict}} "
+                  "(RepDistiller) or a Lightning checkpoint with 'state_dict'.")
+
+
+def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the weights in ``path`` into ``model`` strictly; return ``model``."""
+    state = read_state_dict(path)
+    state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
+        def first(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f" ... ({len(items)} in all)" if len(items) > 6 else "")
+
+        problems = [f"missing keys: {first(missing)}" if missing else "",
+                    f"unexpected keys: {first(unexpected)}" if unexpected else "",
+                    f"wrong shapes: {first(wrong_shape)}" if wrong_shape else ""]
+        raise KDError(f"checkpoint {path} does not fit the model {type(model).__name__} "
+                      f"(num_classes={getattr(model, 'num_classes', '?')}): "
+                      + "; ".join(p for p in problems if p)
+                      + ". Pick the architecture the checkpoint was trained with (e.g. teacher=resnet56).")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
+    """Write ``{'model': state_dict, **meta}`` atomically (temp file + rename): never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save({"model": model.state_dict(), **meta}, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,49 @@
+"""``python -m kd_lightning``: the Hydra entry point. All the work happens in :func:`train`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from kd_lightning.errors import KDError
+
+
+def config_dir() -> str:
+    """``conf/`` inside the installed package, or at the top of a source checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"kd_lightning's conf/ was found neither in {package} nor in {package.parent}.")
+
+
+def format_summary(results: dict) -> str:
+    """The table printed at the end of a run: test accuracy of each stage and the gain."""
+    def pct(value: float | None) -> str:
+        return "   n/a" if value is None else f"{100 * value:6.2f}"
+
+    rows = [("teacher", results["teacher"]["test/acc"]),
+            ("student distilled", results["distilled"]["test/acc"])]
+    if "baseline" in results:
+        rows.insert(1, ("student alone", results["baseline"]["test/acc"]))
+    lines = ["", f"{'':20s} test acc (%)"] + [f"{name:20s} {pct(acc)}" for name, acc in rows]
+    if "gain" in results:
+        lines.append(f"{'gain from KD':20s} {100 * results['gain']:+6.2f}")
+    lines.append(f"outputs: {results['output_dir']}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from kd_lightning.train import train  # import torch/Lightning after Hydra parsed the command line
+
+    try:
+        results = train(cfg)
+    except KDError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(format_summary(results))
+    return results["distilled"]["test/acc"]

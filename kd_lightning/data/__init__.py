@@ -1,0 +1,6 @@
+"""DataModules that keep whole splits in memory and serve ``(x, y, index)`` batches."""
+
+from kd_lightning.data.digits import DigitsDataModule
+from kd_lightning.data.memory import InMemoryDataModule, TensorSplit
+
+__all__ = ["DigitsDataModule", "InMemoryDataModule", "TensorSplit"]

@@ -1,0 +1,99 @@
+"""A DataModule for data that fits in memory: whole splits as tensors, batches by fancy indexing.
+
+Batches are ``(x, y, index)``: ``index`` is each sample's position in its split, which a
+cached teacher needs to look its logits up. There is no per-sample Python work: the
+sampler's indices for one batch are gathered in a single indexing operation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+SPLITS = ("train", "val", "test")
+
+
+class TensorSplit(Dataset):
+    """One split held as tensors; ``__getitems__`` returns a whole batch at once."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        if len(inputs) != len(targets):
+            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets.")
+        self.inputs = inputs
+        self.targets = targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
+        return self.inputs[i], self.targets[i], i
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.inputs[index], self.targets[index], index
+
+
+def keep_batch(batch: Any) -> Any:
+    """Collate function for ``TensorSplit``: the batch is already stacked."""
+    return batch
+
+
+class InMemoryDataModule(L.LightningDataModule):
+    """Base class: subclasses implement :meth:`load_splits`; this class serves the batches."""
+
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        drop_last: bool = False,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes is not None:
+            self.num_classes = num_classes
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.drop_last = drop_last
+        self.splits: dict[str, TensorSplit] = {}
+
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Return ``{"train": (x, y), "val": (x, y), "test": (x, y)}``."""
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        if not self.splits:
+            self.splits = {name: TensorSplit(x, y) for name, (x, y) in self.load_splits().items()}
+
+    def example_input(self, batch_size: int = 2) -> Tensor:
+        """A zero batch of the model's input shape, for checking models before training."""
+        return torch.zeros(batch_size, *self.input_shape)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        self.setup()
+        return DataLoader(
+            self.splits[split],
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=train and self.drop_last,
+            collate_fn=keep_batch,
+            num_workers=0,  # the data is already in memory; workers would only copy it
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("train", train=False)

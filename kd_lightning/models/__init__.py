@@ -1,0 +1,5 @@
+"""Model zoo: small nets for the digits demo (and CIFAR networks in ``models.cifar``)."""
+
+from kd_lightning.models.digits import DigitsCNN, DigitsMLP
+
+__all__ = ["DigitsCNN", "DigitsMLP"]

@@ -1,0 +1,225 @@
+"""DistillationModule: a frozen teacher, a trainable student, and the KD objective."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd_lightning.errors import KDError
+from kd_lightning.losses import kd_loss
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+def check_temperature_and_alpha(temperature: float, alpha: float) -> None:
+    """Raise :class:`KDError` unless ``temperature > 0`` and ``0 <= alpha <= 1``."""
+    if not temperature > 0:
+        raise KDError(
+            f"distill.temperature must be > 0, got {temperature}. The usual values are 1-8 "
+            "(4 in the CIFAR recipe); set e.g. distill.temperature=4."
+        )
+    if not 0 <= alpha <= 1:
+        raise KDError(
+            f"distill.alpha must be in [0, 1], got {alpha}: loss = (1 - alpha) * CE + alpha * KD, "
+            "so alpha=0 is plain training and alpha=1 pure distillation; set e.g. distill.alpha=0.9."
+        )
+
+
+def check_same_classes(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """Raise :class:`KDError` if teacher and student predict different numbers of classes."""
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise KDError(
+            f"teacher and student predict different numbers of classes: teacher "
+            f"{teacher_logits.shape[-1]}, student {student_logits.shape[-1]}. Build both for the "
+            "data's classes (e.g. teacher.model.num_classes=${data.num_classes})."
+        )
+
+
+class DistillationModule(L.LightningModule):
+    """Trains ``student`` to match a frozen ``teacher``: ``(1 − alpha)·CE + alpha·KD``.
+
+    The teacher has ``requires_grad=False``, stays in eval mode whatever ``.train()`` is
+    called, runs under ``torch.no_grad()``, never reaches the optimizer and is left out of
+    checkpoints (so loading one needs only the student). With ``teacher=None`` the module
+    trains the student alone (``alpha`` must then be 0): this is how the teacher itself
+    and the no-KD baseline are trained.
+
+    Batches are ``(x, y, ...)``. Subclass and override one hook to change one thing:
+    :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`,
+    :meth:`task_loss` (and :meth:`loss_terms` to add terms).
+
+    Args:
+        student: trainable model, ``x -> (N, C)`` logits.
+        teacher: frozen model with the same output, or ``None``.
+        num_classes: ``C``, for the metrics.
+        temperature: softmax temperature ``T > 0`` of the KD term.
+        alpha: weight of the KD term in ``[0, 1]``.
+        optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); default SGD(lr=0.05, momentum 0.9).
+        scheduler: ``optimizer -> LRScheduler`` or ``None``; stepped once per epoch.
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None = None,
+        num_classes: int = 10,
+        temperature: float = 4.0,
+        alpha: float = 0.9,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+    ) -> None:
+        super().__init__()
+        check_temperature_and_alpha(temperature, alpha)
+        if teacher is None and alpha > 0:
+            raise KDError(f"alpha={alpha} needs a teacher; pass teacher=... or set alpha=0 to train alone.")
+        for name, model in (("teacher", teacher), ("student", student)):
+            declared = getattr(model, "num_classes", None)
+            if declared is not None and declared != num_classes:
+                raise KDError(
+                    f"the {name} is built for {declared} classes but the data has {num_classes}; "
+                    f"set {name}.model.num_classes={num_classes}."
+                )
+        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler"])
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.temperature = temperature
+        self.alpha = alpha
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.classes_checked = False
+        # Checkpoints hold the student only; loading tolerates the absent teacher keys
+        # (on_load_checkpoint still insists on every student key).
+        self.strict_loading = False
+
+        def accuracy() -> MulticlassAccuracy:
+            return MulticlassAccuracy(num_classes=num_classes, average="micro")
+
+        self.val_acc, self.test_acc = accuracy(), accuracy()
+        if teacher is not None:
+            self.val_teacher_acc, self.test_teacher_acc = accuracy(), accuracy()
+            self.val_agreement, self.test_agreement = accuracy(), accuracy()
+
+    # -- hooks a subclass may override -------------------------------------------------
+
+    def teacher_forward(self, batch: Any) -> Tensor:
+        """Teacher logits ``(N, C)`` for ``batch``; eval mode, no graph."""
+        with torch.no_grad():
+            return self.teacher(batch[0])
+
+    def student_forward(self, batch: Any) -> Tensor:
+        """Student logits ``(N, C)`` for ``batch``."""
+        return self.student(batch[0])
+
+    def task_loss(self, student_out: Tensor, batch: Any) -> Tensor:
+        """Supervised loss on the labels ``batch[1]``: cross-entropy."""
+        return F.cross_entropy(student_out.float(), batch[1])
+
+    def distillation_loss(self, student_out: Tensor, teacher_out: Tensor, batch: Any) -> Tensor:
+        """KD term: ``T²``-scaled forward KL at ``self.temperature``, batch mean."""
+        return kd_loss(student_out, teacher_out, self.temperature)
+
+    def loss_terms(self, student_out: Tensor, teacher_out: Tensor | None, batch: Any) -> dict[str, Tensor]:
+        """Named, already weighted loss terms; the total loss is their sum."""
+        terms = {"ce": (1 - self.alpha) * self.task_loss(student_out, batch)}
+        if teacher_out is not None and self.alpha > 0:
+            terms["kd"] = self.alpha * self.distillation_loss(student_out, teacher_out, batch)
+        return terms
+
+    # -- frozen teacher ----------------------------------------------------------------
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        """Set the student's mode; the teacher always stays in eval mode."""
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        expected = {f"student.{k}" for k in self.student.state_dict()}
+        missing = sorted(expected - checkpoint["state_dict"].keys())
+        if missing:
+            raise KDError(
+                f"the checkpoint lacks {len(missing)} student weights (first: {missing[:5]}); "
+                "it was not saved from a DistillationModule with this student architecture."
+            )
+
+    # -- steps -------------------------------------------------------------------------
+
+    def _teacher_out(self, batch: Any, need: bool) -> Tensor | None:
+        return self.teacher_forward(batch) if need and self.teacher is not None else None
+
+    def _check_classes_once(self, student_out: Tensor, teacher_out: Tensor | None) -> None:
+        if self.classes_checked:
+            return
+        if teacher_out is not None:
+            check_same_classes(student_out, teacher_out)
+            if not torch.isfinite(teacher_out).all():
+                raise KDError(
+                    "the teacher's logits contain NaN or Inf; the teacher checkpoint is broken or "
+                    "diverged. Retrain it or pass a different teacher.checkpoint."
+                )
+        if student_out.shape[-1] != self.hparams.num_classes:
+            raise KDError(
+                f"the student predicts {student_out.shape[-1]} classes but num_classes="
+                f"{self.hparams.num_classes}; build it for the data's classes."
+            )
+        self.classes_checked = True
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        teacher_out = self._teacher_out(batch, need=self.alpha > 0)
+        student_out = self.student_forward(batch)
+        self._check_classes_once(student_out, teacher_out)
+        terms = self.loss_terms(student_out, teacher_out, batch)
+        loss = torch.stack(list(terms.values())).sum()
+        self.log("train/loss", loss, prog_bar=True)
+        for name, value in terms.items():
+            self.log(f"train/{name}", value)
+        return loss
+
+    def _evaluate(self, batch: Any, stage: str) -> None:
+        teacher_out = self._teacher_out(batch, need=True)
+        student_out = self.student_forward(batch)
+        self._check_classes_once(student_out, teacher_out)
+        y = batch[1]
+        self.log(f"{stage}/loss", self.task_loss(student_out, batch), prog_bar=stage == "val")
+        acc = getattr(self, f"{stage}_acc")
+        acc(student_out, y)
+        self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
+        if teacher_out is not None:
+            teacher_acc = getattr(self, f"{stage}_teacher_acc")
+            teacher_acc(teacher_out, y)
+            self.log(f"{stage}/teacher_acc", teacher_acc)
+            agreement = getattr(self, f"{stage}_agreement")
+            agreement(student_out, teacher_out.argmax(-1))
+            self.log(f"{stage}/agreement", agreement)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self.student_forward(batch)
+
+    def configure_optimizers(self) -> Any:
+        params = self.student.parameters()
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        else:
+            optimizer = self.optimizer_factory(params=params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}

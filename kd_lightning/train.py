@@ -1,0 +1,166 @@
+"""``train(cfg)``: teacher stage, distillation, baseline, summary. The CLI is a thin shell over it."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_lightning.checkpoints import load_weights, save_weights
+from kd_lightning.errors import KDError
+from kd_lightning.module import DistillationModule, check_same_classes, check_temperature_and_alpha
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "metrics.json"
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run the whole recipe described by ``cfg``; return (and write) the metrics summary.
+
+    1. the teacher: ``teacher.checkpoint``, or trained once and cached under ``paths.cache_dir``;
+    2. the student distilled from it, tested;
+    3. with ``baseline=true``, the same student trained alone (alpha=0, same seed), tested;
+    4. ``metrics.json`` in ``paths.output_dir``.
+    """
+    check_temperature_and_alpha(cfg.distill.temperature, cfg.distill.alpha)
+    output_dir = Path(cfg.paths.output_dir)
+    refuse_to_overwrite(output_dir, cfg.get("overwrite", False))
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    check_models_agree(cfg, datamodule)
+
+    teacher = prepare_teacher(cfg, datamodule)
+    results: dict[str, Any] = {"distilled": fit_student(cfg, datamodule, teacher, cfg.distill.alpha, "distilled")}
+    results["teacher"] = {"test/acc": results["distilled"].get("test/teacher_acc")}
+    if cfg.get("baseline", False):
+        results["baseline"] = fit_student(cfg, datamodule, None, 0.0, "baseline")
+        results["gain"] = results["distilled"]["test/acc"] - results["baseline"]["test/acc"]
+    results["output_dir"] = str(output_dir.resolve())
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    return results
+
+
+def refuse_to_overwrite(output_dir: Path, overwrite: bool) -> None:
+    if (output_dir / RESULTS_FILE).exists() and not overwrite:
+        raise KDError(
+            f"{output_dir} already holds the results of a run ({RESULTS_FILE}). Choose another "
+            "directory (hydra.run.dir=...) or pass overwrite=true to replace them."
+        )
+
+
+def check_models_agree(cfg: DictConfig, datamodule: Any) -> None:
+    """Fail before any training if teacher and student disagree on the number of classes."""
+    if not hasattr(datamodule, "example_input"):
+        return  # DistillationModule checks on the first batch instead
+    x = datamodule.example_input()
+    with torch.no_grad():
+        teacher_out = eval_forward(instantiate(cfg.teacher.model), x)
+        student_out = eval_forward(instantiate(cfg.student.model), x)
+    check_same_classes(student_out, teacher_out)
+
+
+def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model.eval()(x)
+
+
+def make_trainer(cfg: DictConfig, stage: str, **overrides: Any) -> L.Trainer:
+    """A Trainer from ``cfg.trainer`` writing logs and checkpoints under ``<output_dir>/<stage>``."""
+    stage_dir = Path(cfg.paths.output_dir) / stage
+    callbacks = [
+        instantiate(conf, dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in conf._target_ else instantiate(conf)
+        for conf in (cfg.get("callbacks") or {}).values()
+        if conf is not None
+    ]
+    logger = instantiate(cfg.logger, save_dir=str(stage_dir), name="", version="") if cfg.get("logger") else False
+    return instantiate(cfg.trainer, default_root_dir=str(stage_dir), callbacks=callbacks, logger=logger, **overrides)
+
+
+def fit_and_test(cfg: DictConfig, module: DistillationModule, datamodule: Any, stage: str, **trainer_overrides: Any) -> dict[str, float]:
+    trainer = make_trainer(cfg, stage, **trainer_overrides)
+    trainer.fit(module, datamodule=datamodule)
+    val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    return {**val, **{k: float(v) for k, v in test.items()}}
+
+
+def fit_student(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None, alpha: float, stage: str) -> dict[str, float]:
+    """Train a fresh student (same seed every stage, so KD and baseline start alike); return its metrics."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = DistillationModule(
+        student=instantiate(cfg.student.model),
+        teacher=teacher,
+        num_classes=cfg.data.num_classes,
+        temperature=cfg.distill.temperature,
+        alpha=alpha,
+        optimizer=instantiate(cfg.optim.optimizer),
+        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+    )
+    log.info("stage %s: alpha=%s temperature=%s", stage, alpha, cfg.distill.temperature)
+    return fit_and_test(cfg, module, datamodule, stage)
+
+
+def teacher_cache_path(cfg: DictConfig) -> Path:
+    """Where the teacher trained for this teacher + data + seed config lives; sweeps over
+    distillation settings share it."""
+    def plain(node: Any) -> Any:
+        return OmegaConf.to_container(node, resolve=True)
+
+    identity = {"model": plain(cfg.teacher.model), "fit": plain(cfg.teacher.fit), "data": plain(cfg.data), "seed": cfg.seed}
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    name = cfg.teacher.model._target_.rsplit(".", 1)[-1]
+    return Path(cfg.paths.cache_dir) / "teachers" / f"{name}-{key}.pth"
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock between processes (parallel sweep jobs) for the duration of the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_teacher(cfg: DictConfig, datamodule: Any) -> nn.Module:
+    """The teacher for this run: loaded from ``teacher.checkpoint``, from the cache, or trained now."""
+    if cfg.teacher.get("checkpoint"):
+        log.info("teacher: loading %s", cfg.teacher.checkpoint)
+        return load_weights(instantiate(cfg.teacher.model), cfg.teacher.checkpoint)
+    cached = teacher_cache_path(cfg)
+    with file_lock(cached.with_suffix(".lock")):
+        if cached.exists():
+            log.info("teacher: reusing %s", cached)
+            return load_weights(instantiate(cfg.teacher.model), cached)
+        log.info("teacher: no checkpoint given, training one (cached at %s)", cached)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        teacher = instantiate(cfg.teacher.model)
+        fit = cfg.teacher.fit
+        module = DistillationModule(
+            student=teacher,
+            teacher=None,
+            num_classes=cfg.data.num_classes,
+            alpha=0.0,
+            optimizer=instantiate(fit.optimizer),
+            scheduler=instantiate(fit.scheduler) if fit.get("scheduler") else None,
+        )
+        metrics = fit_and_test(cfg, module, datamodule, "teacher", max_epochs=fit.max_epochs)
+        save_weights(teacher, cached, epoch=fit.max_epochs, metrics=metrics)
+        return teacher
