@@ -46,9 +46,9 @@ class DistillationModule(L.LightningModule):
 
     The teacher has ``requires_grad=False``, stays in eval mode whatever ``.train()`` is
     called, runs under ``torch.no_grad()``, never reaches the optimizer and is left out of
-    checkpoints (so loading one needs only the student). With ``teacher=None`` the module
-    trains the student alone (``alpha`` must then be 0): this is how the teacher itself
-    and the no-KD baseline are trained.
+    checkpoints, so ``DistillationModule.load_from_checkpoint(path, student=net)`` needs
+    no teacher. With ``teacher=None`` the module trains the student alone (``alpha`` must
+    then be 0): this is how the teacher itself and the no-KD baseline are trained.
 
     Batches are ``(x, y, ...)``. Subclass and override one hook to change one thing:
     :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`,
@@ -76,8 +76,6 @@ class DistillationModule(L.LightningModule):
     ) -> None:
         super().__init__()
         check_temperature_and_alpha(temperature, alpha)
-        if teacher is None and alpha > 0:
-            raise KDError(f"alpha={alpha} needs a teacher; pass teacher=... or set alpha=0 to train alone.")
         for name, model in (("teacher", teacher), ("student", student)):
             declared = getattr(model, "num_classes", None)
             if declared is not None and declared != num_classes:
@@ -156,6 +154,10 @@ class DistillationModule(L.LightningModule):
             )
 
     # -- steps -------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        if self.teacher is None and self.alpha > 0:
+            raise KDError(f"alpha={self.alpha} needs a teacher; pass teacher=... or set alpha=0 to train the student alone.")
 
     def _teacher_out(self, batch: Any, need: bool) -> Tensor | None:
         return self.teacher_forward(batch) if need and self.teacher is not None else None

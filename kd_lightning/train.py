@@ -24,6 +24,9 @@ from kd_lightning.module import DistillationModule, check_same_classes, check_te
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "metrics.json"
+# Trainer settings that do not change what a trained teacher is; all others (fast_dev_run,
+# limit_train_batches, precision, devices, ...) are part of the teacher cache key.
+DISPLAY_ONLY_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir"}
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -38,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     refuse_to_overwrite(output_dir, cfg.get("overwrite", False))
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
+    warnings.filterwarnings("ignore", ".*module\(s\) in eval mode at the start of training.*")  # the frozen teacher
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -121,7 +125,9 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
     def plain(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=True)
 
-    identity = {"model": plain(cfg.teacher.model), "fit": plain(cfg.teacher.fit), "data": plain(cfg.data), "seed": cfg.seed}
+    trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
+    identity = {"model": plain(cfg.teacher.model), "fit": plain(cfg.teacher.fit), "data": plain(cfg.data),
+                "trainer": trainer, "seed": cfg.seed}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     name = cfg.teacher.model._target_.rsplit(".", 1)[-1]
     return Path(cfg.paths.cache_dir) / "teachers" / f"{name}-{key}.pth"

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from kd_lightning.data.augment import RandomCropFlip
+
 SPLITS = ("train", "val", "test")
 
 
@@ -54,8 +56,10 @@ class InMemoryDataModule(L.LightningDataModule):
         eval_batch_size: int | None = None,
         drop_last: bool = False,
         num_classes: int | None = None,
+        augment: RandomCropFlip | None = None,
     ) -> None:
         super().__init__()
+        self.augment = augment
         if num_classes is not None:
             self.num_classes = num_classes
         self.batch_size = batch_size
@@ -74,6 +78,20 @@ class InMemoryDataModule(L.LightningDataModule):
     def example_input(self, batch_size: int = 2) -> Tensor:
         """A zero batch of the model's input shape, for checking models before training."""
         return torch.zeros(batch_size, *self.input_shape)
+
+    def prepare_inputs(self, inputs: Tensor) -> Tensor:
+        """Turn stored inputs into model inputs (e.g. uint8 -> normalised float). Identity here."""
+        return inputs
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Batched, on-device: training augmentation (one view per image), then :meth:`prepare_inputs`.
+
+        Teacher and student both receive the batch returned here, so they see the same view.
+        """
+        inputs, *rest = batch
+        if self.augment is not None and self.trainer is not None and self.trainer.training:
+            inputs = self.augment(inputs)
+        return (self.prepare_inputs(inputs), *rest)
 
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()

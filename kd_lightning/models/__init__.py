@@ -1,5 +1,5 @@
 """Model zoo: small nets for the digits demo (and CIFAR networks in ``models.cifar``)."""
 
-from kd_lightning.models.digits import DigitsCNN, DigitsMLP
+from kd_lightning.models.digits import DigitsCNN
 
-__all__ = ["DigitsCNN", "DigitsMLP"]
+__all__ = ["DigitsCNN"]

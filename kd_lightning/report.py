@@ -1,0 +1,75 @@
+"""``python -m kd_lightning.report MULTIRUN_DIR``: one table of every job of a sweep.
+
+Reads each job's ``metrics.json`` and the overrides Hydra recorded for it
+(``.hydra/overrides.yaml``), prints the table, writes ``report.csv`` into the sweep
+directory, and marks jobs that left no results as failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from pathlib import Path
+
+import yaml
+
+COLUMNS = [("teacher", "teacher"), ("baseline", "alone"), ("distilled", "distilled")]
+
+
+def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
+    """One row per job directory: its overrides, test accuracies (%) and status."""
+    rows = []
+    jobs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=lambda p: (len(p.name), p.name))
+    for job in jobs:
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+        row: dict[str, str | float | None] = {"job": job.name, "overrides": " ".join(overrides)}
+        results_file = job / "metrics.json"
+        results = json.loads(results_file.read_text()) if results_file.is_file() else None
+        row["status"] = "ok" if results else "FAILED"
+        for key, name in COLUMNS:
+            acc = ((results or {}).get(key) or {}).get("test/acc")
+            row[name] = None if acc is None else round(100 * acc, 2)
+        row["gain"] = None if not results or "gain" not in results else round(100 * results["gain"], 2)
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """Rows as aligned text, with a mean row over the successful jobs."""
+    names = ["job", "status", "teacher", "alone", "distilled", "gain", "overrides"]
+    ok = [r for r in rows if r["status"] == "ok"]
+    table = list(rows)
+    if len(ok) > 1:
+        mean = {"job": "mean", "status": f"{len(ok)} ok", "overrides": ""}
+        for n in ("teacher", "alone", "distilled", "gain"):
+            values = [r[n] for r in ok]
+            mean[n] = round(statistics.mean(values), 2) if None not in values else None
+        table.append(mean)
+
+    def cell(value) -> str:
+        return "-" if value is None else str(value)
+
+    widths = {n: max(len(n), *(len(cell(r[n])) for r in table)) for n in names}
+    return "\n".join("  ".join(cell(r[n]).ljust(widths[n]) for n in names).rstrip() for r in [dict(zip(names, names)), *table])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory (multirun/DATE/TIME)")
+    args = parser.parse_args(argv)
+    rows = collect(args.sweep_dir)
+    if not rows:
+        raise SystemExit(f"error: no Hydra jobs under {args.sweep_dir} (expected */.hydra/overrides.yaml); "
+                         "pass the directory a `python -m kd_lightning -m ...` sweep printed.")
+    with open(args.sweep_dir / "report.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(format_table(rows))
+    print(f"\nwritten: {args.sweep_dir / 'report.csv'}")
+
+
+if __name__ == "__main__":
+    main()

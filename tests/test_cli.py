@@ -1,0 +1,60 @@
+"""The command line as users type it: python -m kd_lightning ..., in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(tmp_path: Path, *args: str, multirun: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "0"}
+    flags = ["-m"] if multirun else []
+    return subprocess.run(
+        [sys.executable, "-m", "kd_lightning", *flags, "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+
+
+def test_fast_dev_run_prints_the_table(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "trainer.fast_dev_run=true", "hydra.run.dir=run")
+    assert out.returncode == 0, out.stderr
+    for row in ("teacher", "student alone", "student distilled", "gain from KD", "outputs:"):
+        assert row in out.stdout
+    assert "distilled" in json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_two_by_two_sweep(tmp_path: Path) -> None:
+    out = run_cli(
+        tmp_path, "distill.temperature=1,4", "distill.alpha=0.5,0.9", "trainer.fast_dev_run=true",
+        "baseline=false", "hydra.sweep.dir=sweep", multirun=True,
+    )
+    assert out.returncode == 0, out.stderr
+    jobs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
+    assert len(jobs) == 4
+    # the teacher is trained by the first job only; the other three reuse it
+    assert [(job.parent / "teacher").exists() for job in jobs] == [True, False, False, False]
+
+
+def test_bad_temperature_is_one_clear_line(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "distill.temperature=-1", "hydra.run.dir=run")
+    assert out.returncode == 1
+    assert "error: distill.temperature must be > 0, got -1" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_recipe_names_the_available_ones(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "+recipe=no_such_recipe")
+    assert out.returncode != 0
+    assert "no_such_recipe" in out.stderr and "digits_quick" in out.stderr
+
+
+@pytest.mark.parametrize("override", ["teacher=no_such_model", "student=no_such_model"])
+def test_unknown_model_names_the_available_ones(tmp_path: Path, override: str) -> None:
+    out = run_cli(tmp_path, override)
+    assert out.returncode != 0
+    assert "no_such_model" in out.stderr and "Available options" in out.stderr

@@ -1,0 +1,64 @@
+"""Every config group option and every recipe composes and instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+
+from kd_lightning.cli import config_dir
+
+CONF = Path(config_dir())
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+RECIPES = options("recipe")
+MODEL_GROUPS = [("teacher", name) for name in options("teacher")] + [("student", name) for name in options("student")]
+
+
+def test_recipes_are_listed() -> None:
+    assert "digits_quick" in RECIPES
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes(make_cfg, recipe: str) -> None:
+    cfg = make_cfg(f"+recipe={recipe}")
+    assert cfg.distill.temperature > 0
+    instantiate(cfg.optim.optimizer)
+    instantiate(cfg.trainer, logger=False)
+
+
+def test_recipe_file_opens_with_its_command() -> None:
+    for recipe in RECIPES:
+        text = (CONF / "recipe" / f"{recipe}.yaml").read_text()
+        assert text.startswith("# @package _global_"), recipe
+        assert f"+recipe={recipe}" in text.splitlines()[1], f"{recipe}: second line must be the command that runs it"
+
+
+@pytest.mark.parametrize("group, name", MODEL_GROUPS)
+def test_model_configs_instantiate(make_cfg, group: str, name: str) -> None:
+    cfg = make_cfg(f"{group}={name}")
+    model = instantiate(cfg[group].model)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("group", ["data", "optim", "trainer", "callbacks", "logger", "distill"])
+def test_every_option_of_a_group_composes(make_cfg, group: str) -> None:
+    for name in options(group):
+        cfg = make_cfg(f"{group}={name}")
+        assert cfg is not None
+
+
+def test_default_config_instantiates_everything(make_cfg) -> None:
+    cfg = make_cfg()
+    datamodule = instantiate(cfg.data)
+    datamodule.setup()
+    assert {len(datamodule.splits[s]) for s in ("train", "val", "test")} == {1077, 360}
+    instantiate(cfg.optim.scheduler)(instantiate(cfg.optim.optimizer)(params=instantiate(cfg.student.model).parameters()))
+    for conf in cfg.callbacks.values():
+        instantiate(conf)
+    instantiate(cfg.logger)

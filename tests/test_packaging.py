@@ -1,0 +1,44 @@
+"""The wheel carries conf/ and recipes/: an installed kd_lightning runs from any directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tomllib
+import venv
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_every_config_group_is_mapped_into_the_wheel() -> None:
+    mapped = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["hatch"]["build"]["targets"]["wheel"]["force-include"]
+    groups = {p.name for p in (REPO / "conf").iterdir() if p.is_dir() and not p.is_symlink()}
+    assert {f"conf/{g}" for g in groups} <= mapped.keys()
+    assert mapped["recipes"] == "kd_lightning/conf/recipe"
+    assert mapped["conf/train.yaml"] == "kd_lightning/conf/train.yaml"
+
+
+@pytest.mark.slow
+def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
+    subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(REPO)],
+                   check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("kd_lightning-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, system_site_packages=True, with_pip=True)  # reuse the installed torch & co.
+    python = env_dir / "bin" / "python"
+    subprocess.run([python, "-m", "pip", "install", "--quiet", "--no-deps", str(wheel)], check=True)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")}
+    where = subprocess.run([python, "-c", "import kd_lightning, kd_lightning.cli as c; print(kd_lightning.__file__); print(c.config_dir())"],
+                           cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert all(str(env_dir) in line for line in where), where  # the wheel, not the checkout
+    for args in (["trainer.fast_dev_run=true"], ["+recipe=digits_quick", "trainer.fast_dev_run=true"]):
+        out = subprocess.run([python, "-m", "kd_lightning", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *args],
+                             cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "student distilled" in out.stdout

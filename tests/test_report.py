@@ -1,0 +1,30 @@
+"""kd_lightning.report gathers a sweep's jobs into one table and marks failed ones."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from kd_lightning.report import main
+
+
+def job(sweep: Path, name: str, overrides: list[str], results: dict | None) -> None:
+    (sweep / name / ".hydra").mkdir(parents=True)
+    (sweep / name / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if results is not None:
+        (sweep / name / "metrics.json").write_text(json.dumps(results))
+
+
+def test_report_lists_every_job_and_marks_failures(tmp_path: Path, capsys) -> None:
+    ok = {"teacher": {"test/acc": 0.98}, "baseline": {"test/acc": 0.96}, "distilled": {"test/acc": 0.97}, "gain": 0.01}
+    job(tmp_path, "0", ["distill.temperature=1"], ok)
+    job(tmp_path, "1", ["distill.temperature=4"], None)
+    job(tmp_path, "2", ["distill.temperature=8"], {**ok, "distilled": {"test/acc": 0.99}, "gain": 0.03})
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "FAILED" in printed and "distill.temperature=4" in printed
+    assert "mean  2 ok" in printed and "98.0" in printed  # mean of 97 and 99
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"]
+    assert rows[2]["distilled"] == "99.0" and rows[0]["gain"] == "1.0"
