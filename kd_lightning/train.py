@@ -129,7 +129,7 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
     identity = {"model": plain(cfg.teacher.model), "fit": plain(cfg.teacher.fit), "data": plain(cfg.data),
                 "trainer": trainer, "seed": cfg.seed}
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    name = cfg.teacher.model._target_.rsplit(".", 1)[-1]
+    name = cfg.teacher.model.get("name") or cfg.teacher.model._target_.rsplit(".", 1)[-1]
     return Path(cfg.paths.cache_dir) / "teachers" / f"{name}-{key}.pth"
 
 

@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import SHARED
+from data_factory import make_image_tree
+
 
 def run_cli(tmp_path: Path, *args: str, multirun: bool = False) -> subprocess.CompletedProcess:
     env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "0"}
@@ -58,3 +61,29 @@ def test_unknown_model_names_the_available_ones(tmp_path: Path, override: str) -
     out = run_cli(tmp_path, override)
     assert out.returncode != 0
     assert "no_such_model" in out.stderr and "Available options" in out.stderr
+
+
+def test_cifar_recipe_fast_dev_run_on_generated_data(tmp_path: Path) -> None:
+    make_image_tree(tmp_path / "cifar", classes=4, per_class={"train": 20, "test": 4})
+    # a relative data path means the launch directory: Hydra does not chdir
+    out = run_cli(tmp_path, "+recipe=cifar_resnet", "data.data_dir=cifar", "data.val_size=10",
+                  "trainer.fast_dev_run=true", "hydra.run.dir=run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "student distilled" in out.stdout
+    assert (tmp_path / "run" / "teacher").is_dir()  # no checkpoint given: the teacher stage ran
+
+
+@pytest.mark.skipif(not (SHARED / "reference" / "repdistiller_cifar").is_dir(), reason="reference checkpoints absent")
+def test_cifar_recipe_with_a_repdistiller_teacher_checkpoint(tmp_path: Path) -> None:
+    make_image_tree(tmp_path / "cifar", classes=4, per_class={"train": 20, "test": 4})
+    checkpoint = SHARED / "reference" / "repdistiller_cifar" / "resnet56.pth"
+    out = run_cli(tmp_path, "+recipe=cifar_resnet", "data.data_dir=cifar", "data.val_size=10", "baseline=false",
+                  f"teacher.checkpoint={checkpoint}", "trainer.fast_dev_run=true", "hydra.run.dir=run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (tmp_path / "run" / "teacher").exists()
+
+
+def test_cifar_recipe_with_missing_data_dir_says_what_to_do(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "+recipe=cifar_resnet", "data.data_dir=nowhere", "data.source=folder", "hydra.run.dir=run")
+    assert out.returncode == 1
+    assert "error: data directory nowhere does not exist" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,23 @@
+"""Tiny image-folder trees for tests: real PNG/JPEG files, generated on the spot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def make_image_tree(root: Path, classes: int = 3, per_class: dict[str, int] | None = None, suffix: str = ".png", size: int = 32) -> Path:
+    """``root/{train,test}/class_k/NNNN.png`` with random RGB images; returns ``root``."""
+    from PIL import Image
+
+    per_class = per_class or {"train": 6, "test": 2}
+    rng = np.random.default_rng(0)
+    for split, count in per_class.items():
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i:04d}{suffix}")
+    return root
