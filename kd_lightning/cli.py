@@ -6,9 +6,14 @@ import sys
 from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from kd_lightning.config import register_configs
 from kd_lightning.errors import KDError
+
+register_configs()
 
 
 def config_dir() -> str:
@@ -38,12 +43,15 @@ def format_summary(results: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from kd_lightning.train import train  # import torch/Lightning after Hydra parsed the command line
+    from kd_lightning.train import is_global_zero, train  # import torch/Lightning after Hydra parsed the command line
 
     try:
         results = train(cfg)
     except KDError as error:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra marks this job failed, runs the others, and reports it at the end
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(1) from None
-    print(format_summary(results))
+    if is_global_zero():
+        print(format_summary(results))
     return results["distilled"]["test/acc"]

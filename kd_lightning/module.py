@@ -195,7 +195,7 @@ class DistillationModule(L.LightningModule):
         student_out = self.student_forward(batch)
         self._check_classes_once(student_out, teacher_out)
         y = batch[1]
-        self.log(f"{stage}/loss", self.task_loss(student_out, batch), prog_bar=stage == "val")
+        self.log(f"{stage}/loss", self.task_loss(student_out, batch), prog_bar=stage == "val", sync_dist=True)
         acc = getattr(self, f"{stage}_acc")
         acc(student_out, y)
         self.log(f"{stage}/acc", acc, prog_bar=stage == "val")

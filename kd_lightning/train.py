@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -38,6 +39,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     4. ``metrics.json`` in ``paths.output_dir``.
     """
     check_temperature_and_alpha(cfg.distill.temperature, cfg.distill.alpha)
+    if cfg.get("ckpt_path") not in (None, "last"):
+        raise KDError(f"ckpt_path must be null or 'last', got {cfg.ckpt_path!r}: 'last' resumes every stage of the "
+                      "run in hydra.run.dir from <stage>/checkpoints/last.ckpt.")
     output_dir = Path(cfg.paths.output_dir)
     refuse_to_overwrite(output_dir, cfg.get("overwrite", False))
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
@@ -55,9 +59,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         results["gain"] = results["distilled"]["test/acc"] - results["baseline"]["test/acc"]
     results["output_dir"] = str(output_dir.resolve())
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    if is_global_zero():  # under DDP every rank runs train(); one writes
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     return results
+
+
+def is_global_zero() -> bool:
+    """True in the process that writes shared outputs (rank 0, or the only process)."""
+    return rank_zero_only.rank == 0
 
 
 def refuse_to_overwrite(output_dir: Path, overwrite: bool) -> None:
@@ -83,10 +93,24 @@ def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.eval()(x)
 
 
+class ReseedEveryEpoch(L.Callback):
+    """Seed all RNGs with ``seed + epoch`` when an epoch starts.
+
+    Shuffling, augmentation and dropout of epoch ``e`` then depend on ``(seed, e)`` only, so a
+    run resumed from an epoch-end checkpoint continues exactly as the uninterrupted run would.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        L.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
+
+
 def make_trainer(cfg: DictConfig, stage: str, **overrides: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` writing logs and checkpoints under ``<output_dir>/<stage>``."""
     stage_dir = Path(cfg.paths.output_dir) / stage
-    callbacks = [
+    callbacks = [ReseedEveryEpoch(cfg.seed)] + [
         instantiate(conf, dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in conf._target_ else instantiate(conf)
         for conf in (cfg.get("callbacks") or {}).values()
         if conf is not None
@@ -97,7 +121,11 @@ def make_trainer(cfg: DictConfig, stage: str, **overrides: Any) -> L.Trainer:
 
 def fit_and_test(cfg: DictConfig, module: DistillationModule, datamodule: Any, stage: str, **trainer_overrides: Any) -> dict[str, float]:
     trainer = make_trainer(cfg, stage, **trainer_overrides)
-    trainer.fit(module, datamodule=datamodule)
+    last = Path(cfg.paths.output_dir) / stage / "checkpoints" / "last.ckpt"
+    resume = str(last) if cfg.get("ckpt_path") == "last" and last.is_file() else None
+    if resume:
+        log.info("stage %s: resuming from %s", stage, resume)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
     return {**val, **{k: float(v) for k, v in test.items()}}
@@ -151,7 +179,8 @@ def prepare_teacher(cfg: DictConfig, datamodule: Any) -> nn.Module:
         log.info("teacher: loading %s", cfg.teacher.checkpoint)
         return load_weights(instantiate(cfg.teacher.model), cfg.teacher.checkpoint)
     cached = teacher_cache_path(cfg)
-    with file_lock(cached.with_suffix(".lock")):
+    # Sweep jobs serialise on the lock; the ranks of one DDP job must not (they train together).
+    with file_lock(cached.with_suffix(".lock")) if is_global_zero() else contextlib.nullcontext():
         if cached.exists():
             log.info("teacher: reusing %s", cached)
             return load_weights(instantiate(cfg.teacher.model), cached)
@@ -168,5 +197,6 @@ def prepare_teacher(cfg: DictConfig, datamodule: Any) -> nn.Module:
             scheduler=instantiate(fit.scheduler) if fit.get("scheduler") else None,
         )
         metrics = fit_and_test(cfg, module, datamodule, "teacher", max_epochs=fit.max_epochs)
-        save_weights(teacher, cached, epoch=fit.max_epochs, metrics=metrics)
+        if is_global_zero():
+            save_weights(teacher, cached, epoch=fit.max_epochs, metrics=metrics)
         return teacher

@@ -7,12 +7,13 @@ sampler's indices for one batch are gathered in a single indexing operation.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import os
+from typing import Any, Callable, Iterator, Sequence
 
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_lightning.data.augment import RandomCropFlip
 
@@ -37,6 +38,26 @@ class TensorSplit(Dataset):
     def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
         index = torch.as_tensor(indices, dtype=torch.long)
         return self.inputs[index], self.targets[index], index
+
+
+class EpochShuffle(Sampler[int]):
+    """A random order that depends only on the global seed and the epoch.
+
+    Resuming from a checkpoint at epoch ``e`` therefore replays exactly the order the
+    uninterrupted run used, whatever else consumed random numbers before.
+    """
+
+    def __init__(self, size: int, epoch_of: Callable[[], int]) -> None:
+        self.size = size
+        self.epoch_of = epoch_of
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by lightning.seed_everything
+        generator = torch.Generator().manual_seed(seed * 100_003 + self.epoch_of())
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 def keep_batch(batch: Any) -> Any:
@@ -93,15 +114,20 @@ class InMemoryDataModule(L.LightningDataModule):
             inputs = self.augment(inputs)
         return (self.prepare_inputs(inputs), *rest)
 
+    def current_epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def _loader(self, split: str, train: bool) -> DataLoader:
         self.setup()
+        data = self.splits[split]
         return DataLoader(
-            self.splits[split],
+            data,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=EpochShuffle(len(data), self.current_epoch) if train else None,
             drop_last=train and self.drop_last,
             collate_fn=keep_batch,
             num_workers=0,  # the data is already in memory; workers would only copy it
+            generator=torch.Generator(),  # keeps the loader from drawing on the global RNG
         )
 
     def train_dataloader(self) -> DataLoader:

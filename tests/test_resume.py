@@ -1,0 +1,44 @@
+"""A run killed part-way and re-run with ckpt_path=last ends with the same weights as one that was not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning.train import train
+
+from crash_callback import Preempted
+
+FAST = ["trainer.max_epochs=3", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+CRASH = ["+callbacks.crash._target_=crash_callback.CrashAtStep", "+callbacks.crash.stage=distilled", "+callbacks.crash.step=6"]
+
+
+def student_weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
+    return torch.load(run / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(make_cfg, tmp_path: Path) -> None:
+    uninterrupted = train(make_cfg(*FAST, output_dir=tmp_path / "a"))
+
+    with pytest.raises(Preempted):
+        train(make_cfg(*FAST, *CRASH, output_dir=tmp_path / "b"))  # dies in epoch 1 of the distilled stage
+    saved = torch.load(tmp_path / "b" / "distilled" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 0 and not any(k.startswith("teacher.") for k in saved["state_dict"])
+    assert not (tmp_path / "b" / "metrics.json").exists()
+
+    resumed = train(make_cfg(*FAST, "ckpt_path=last", output_dir=tmp_path / "b"))
+    for stage in ("distilled", "baseline"):
+        a, b = student_weights(tmp_path / "a", stage), student_weights(tmp_path / "b", stage)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (stage, key)
+        assert resumed[stage] == uninterrupted[stage]
+
+
+def test_ckpt_path_other_than_last_is_explained(make_cfg) -> None:
+    from kd_lightning import KDError
+
+    with pytest.raises(KDError, match="ckpt_path must be null or 'last'"):
+        train(make_cfg("ckpt_path=/some/file.ckpt"))
