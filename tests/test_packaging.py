@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from data_factory import make_image_tree
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -37,7 +39,9 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     where = subprocess.run([python, "-c", "import kd_lightning, kd_lightning.cli as c; print(kd_lightning.__file__); print(c.config_dir())"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(str(env_dir) in line for line in where), where  # the wheel, not the checkout
-    for args in (["trainer.fast_dev_run=true"], ["+recipe=digits_quick", "trainer.fast_dev_run=true"]):
+    make_image_tree(elsewhere / "cifar", classes=3, per_class={"train": 10, "test": 3})
+    recipe = ["+recipe=cifar_resnet", "data.data_dir=cifar", "data.val_size=6", "trainer.fast_dev_run=true"]
+    for args in (["trainer.fast_dev_run=true"], recipe):
         out = subprocess.run([python, "-m", "kd_lightning", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *args],
                              cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]

@@ -1,0 +1,43 @@
+"""Sweeps lose nothing: a failing job leaves the others' results; parallel jobs train one teacher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from kd_lightning.report import collect
+
+from test_cli import run_cli
+
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+
+
+def test_a_failing_job_leaves_the_others_and_is_reported(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "distill.temperature=2,-1,4", *FAST, "hydra.sweep.dir=sweep", multirun=True)
+    assert out.returncode != 0  # the sweep says something failed...
+    assert "temperature must be > 0" in out.stderr
+    rows = collect(tmp_path / "sweep")  # ...and every other job finished and kept its results
+    assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"]
+    assert [next(o for o in r["overrides"].split() if o.startswith("distill.temperature")) for r in rows] == ["distill.temperature=2", "distill.temperature=-1", "distill.temperature=4"]
+    report = subprocess.run([sys.executable, "-m", "kd_lightning.report", str(tmp_path / "sweep")], capture_output=True, text=True)
+    assert report.returncode == 0 and "FAILED" in report.stdout
+    assert (tmp_path / "sweep" / "report.csv").is_file()
+
+
+def test_parallel_jobs_share_one_teacher_training(tmp_path: Path) -> None:
+    env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")}
+    jobs = [
+        subprocess.Popen([sys.executable, "-m", "kd_lightning", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
+                          f"distill.temperature={t}", *FAST, f"hydra.run.dir=run_{t}"],
+                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for t in (2, 8)
+    ]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err[-2000:]
+    trained = [(tmp_path / f"run_{t}" / "teacher").is_dir() for t in (2, 8)]
+    assert sorted(trained) == [False, True]  # one job trained the teacher, the other waited and reused it
+    assert len(list((tmp_path / "cache" / "teachers").glob("*.pth"))) == 1
+    assert not list((tmp_path / "cache" / "teachers").glob(".*.pth.*"))  # no half-written temp file left
