@@ -26,17 +26,21 @@ def config_dir() -> str:
 
 
 def format_summary(results: dict) -> str:
-    """The table printed at the end of a run: test accuracy of each stage and the gain."""
-    def pct(value: float | None) -> str:
-        return "   n/a" if value is None else f"{100 * value:6.2f}"
+    """The table printed at the end of a run: accuracy, calibration and fidelity per stage."""
+    def cell(metrics: dict, key: str, scale: float, fmt: str) -> str:
+        value = metrics.get(key)
+        return f"{'-':>{len(format(0.0, fmt))}}" if value is None else format(scale * value, fmt)
 
-    rows = [("teacher", results["teacher"]["test/acc"]),
-            ("student distilled", results["distilled"]["test/acc"])]
-    if "baseline" in results:
-        rows.insert(1, ("student alone", results["baseline"]["test/acc"]))
-    lines = ["", f"{'':20s} test acc (%)"] + [f"{name:20s} {pct(acc)}" for name, acc in rows]
+    stages = [("teacher", "teacher"), ("baseline", "student alone"), ("distilled", "student distilled")]
+    lines = ["", f"{'test split':20s} {'acc %':>7s} {'ECE':>7s} {'agree %':>8s} {'KL(t‖s)':>8s}"]
+    for key, name in stages:
+        if key in results:
+            m = results[key]
+            lines.append(f"{name:20s} {cell(m, 'test/acc', 100, '7.2f')} {cell(m, 'test/ece', 1, '7.4f')} "
+                         f"{cell(m, 'test/agreement', 100, '8.2f')} {cell(m, 'test/kl_t1', 1, '8.4f')}")
     if "gain" in results:
-        lines.append(f"{'gain from KD':20s} {100 * results['gain']:+6.2f}")
+        lines.append(f"{'gain from KD':20s} {100 * results['gain']:+7.2f}")
+    lines.append("agree: top-1 agreement with the teacher; KL(t‖s): KL(teacher ‖ student) at T=1; ECE: 15-bin calibration error")
     lines.append(f"outputs: {results['output_dir']}")
     return "\n".join(lines)
 

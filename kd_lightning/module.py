@@ -8,7 +8,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from kd_lightning.errors import KDError
 from kd_lightning.losses import kd_loss
@@ -39,6 +40,13 @@ def check_same_classes(student_logits: Tensor, teacher_logits: Tensor) -> None:
             f"{teacher_logits.shape[-1]}, student {student_logits.shape[-1]}. Build both for the "
             "data's classes (e.g. teacher.model.num_classes=${data.num_classes})."
         )
+
+
+def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+    """``KL(softmax(t) ‖ softmax(s))`` at T=1 for each row: ``(N, C)`` -> ``(N,)``."""
+    log_s = F.log_softmax(student_logits.float(), -1)
+    log_t = F.log_softmax(teacher_logits.float(), -1)
+    return F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
 
 
 class DistillationModule(L.LightningModule):
@@ -98,13 +106,20 @@ class DistillationModule(L.LightningModule):
         # (on_load_checkpoint still insists on every student key).
         self.strict_loading = False
 
-        def accuracy() -> MulticlassAccuracy:
-            return MulticlassAccuracy(num_classes=num_classes, average="micro")
+        # one set of torchmetrics objects per stage, so validation never mixes into test
+        self.metrics = nn.ModuleDict({stage: self._stage_metrics(num_classes, teacher is not None) for stage in ("val", "test")})
 
-        self.val_acc, self.test_acc = accuracy(), accuracy()
-        if teacher is not None:
-            self.val_teacher_acc, self.test_teacher_acc = accuracy(), accuracy()
-            self.val_agreement, self.test_agreement = accuracy(), accuracy()
+    @staticmethod
+    def _stage_metrics(num_classes: int, with_teacher: bool) -> nn.ModuleDict:
+        """Accuracy and calibration of the student, plus fidelity to the teacher when there is one."""
+        metrics = {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+                   "ece": MulticlassCalibrationError(num_classes=num_classes, n_bins=15, norm="l1")}
+        if with_teacher:
+            metrics |= {"teacher_acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+                        "teacher_ece": MulticlassCalibrationError(num_classes=num_classes, n_bins=15, norm="l1"),
+                        "agreement": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+                        "kl_t1": MeanMetric()}
+        return nn.ModuleDict(metrics)
 
     # -- hooks a subclass may override -------------------------------------------------
 
@@ -195,17 +210,17 @@ class DistillationModule(L.LightningModule):
         student_out = self.student_forward(batch)
         self._check_classes_once(student_out, teacher_out)
         y = batch[1]
+        metrics = self.metrics[stage]
         self.log(f"{stage}/loss", self.task_loss(student_out, batch), prog_bar=stage == "val", sync_dist=True)
-        acc = getattr(self, f"{stage}_acc")
-        acc(student_out, y)
-        self.log(f"{stage}/acc", acc, prog_bar=stage == "val")
+        metrics["acc"](student_out, y)
+        metrics["ece"](student_out.float().softmax(-1), y)
         if teacher_out is not None:
-            teacher_acc = getattr(self, f"{stage}_teacher_acc")
-            teacher_acc(teacher_out, y)
-            self.log(f"{stage}/teacher_acc", teacher_acc)
-            agreement = getattr(self, f"{stage}_agreement")
-            agreement(student_out, teacher_out.argmax(-1))
-            self.log(f"{stage}/agreement", agreement)
+            metrics["teacher_acc"](teacher_out, y)
+            metrics["teacher_ece"](teacher_out.float().softmax(-1), y)
+            metrics["agreement"](student_out, teacher_out.argmax(-1))  # top-1 agreement
+            metrics["kl_t1"](kl_per_sample(student_out, teacher_out))
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, prog_bar=stage == "val" and name == "acc")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from kd_lightning.plots import plot_sweep
+
 COLUMNS = [("teacher", "teacher"), ("baseline", "alone"), ("distilled", "distilled")]
 
 
@@ -68,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         writer.writeheader()
         writer.writerows(rows)
     print(format_table(rows))
-    print(f"\nwritten: {args.sweep_dir / 'report.csv'}")
+    picture = plot_sweep(rows, args.sweep_dir / "sweep.png")
+    print(f"\nwritten: {args.sweep_dir / 'report.csv'}" + (f", {picture}" if picture else ""))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from torch import nn
 
 from kd_lightning.checkpoints import load_weights, save_weights
 from kd_lightning.errors import KDError
+from kd_lightning.plots import plot_curves
 from kd_lightning.module import DistillationModule, check_same_classes, check_temperature_and_alpha
 
 log = logging.getLogger(__name__)
@@ -53,15 +54,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     teacher = prepare_teacher(cfg, datamodule)
     results: dict[str, Any] = {"distilled": fit_student(cfg, datamodule, teacher, cfg.distill.alpha, "distilled")}
-    results["teacher"] = {"test/acc": results["distilled"].get("test/teacher_acc")}
+    results["teacher"] = {f"test/{k}": results["distilled"].get(f"test/teacher_{k}") for k in ("acc", "ece")}
     if cfg.get("baseline", False):
-        results["baseline"] = fit_student(cfg, datamodule, None, 0.0, "baseline")
+        # alpha=0: the teacher is never run in training, only scored against for the fidelity metrics
+        results["baseline"] = fit_student(cfg, datamodule, teacher, 0.0, "baseline")
         results["gain"] = results["distilled"]["test/acc"] - results["baseline"]["test/acc"]
     results["output_dir"] = str(output_dir.resolve())
 
     if is_global_zero():  # under DDP every rank runs train(); one writes
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+        plot_curves(output_dir, teacher_acc=results["distilled"].get("val/teacher_acc"))
     return results
 
 

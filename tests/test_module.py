@@ -172,3 +172,23 @@ def test_validation_and_test_log_teacher_accuracy_and_agreement(tmp_path: Path) 
     assert {"val/acc", "val/loss", "val/teacher_acc", "val/agreement", "train/loss", "train/ce", "train/kd"} <= trainer.callback_metrics.keys()
     (test,) = trainer.test(module, datamodule=DigitsDataModule(batch_size=64), verbose=False)
     assert {"test/acc", "test/teacher_acc", "test/agreement"} <= test.keys()
+
+
+def test_fidelity_metrics_match_a_direct_computation(tmp_path: Path) -> None:
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    torch.manual_seed(0)
+    module = DistillationModule(small_student(), DigitsCNN(), num_classes=10)
+    trainer = fit(module, tmp_path)
+    dm = DigitsDataModule(batch_size=64)
+    (test,) = trainer.test(module, datamodule=dm, verbose=False)
+    dm.setup()
+    x, y = dm.splits["test"].inputs, dm.splits["test"].targets
+    with torch.no_grad():
+        s, t = module.student.eval()(x), module.teacher(x)
+    p_t = t.softmax(-1)
+    kl = (p_t * (p_t.log() - s.log_softmax(-1))).sum(-1).mean()
+    assert test["test/kl_t1"] == pytest.approx(kl.item(), rel=1e-4)
+    assert test["test/agreement"] == pytest.approx((s.argmax(-1) == t.argmax(-1)).float().mean().item(), abs=1e-6)
+    assert test["test/ece"] == pytest.approx(multiclass_calibration_error(s.softmax(-1), y, 10, n_bins=15).item(), abs=1e-5)
+    assert test["test/teacher_ece"] == pytest.approx(multiclass_calibration_error(p_t, y, 10, n_bins=15).item(), abs=1e-5)

@@ -28,3 +28,4 @@ def test_report_lists_every_job_and_marks_failures(tmp_path: Path, capsys) -> No
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
     assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"]
     assert rows[2]["distilled"] == "99.0" and rows[0]["gain"] == "1.0"
+    assert (tmp_path / "sweep.png").stat().st_size > 5_000

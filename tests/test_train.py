@@ -26,6 +26,19 @@ def test_train_runs_all_stages_and_writes_metrics(make_cfg, tmp_path: Path) -> N
         assert (tmp_path / "run" / stage / "metrics.csv").is_file(), stage
         assert (tmp_path / "run" / stage / "checkpoints" / "last.ckpt").is_file(), stage
     assert teacher_cache_path(cfg).is_file()
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    for key in ("test/ece", "test/agreement", "test/kl_t1"):
+        assert key in results["distilled"] and key in results["baseline"]
+    assert results["teacher"]["test/ece"] is not None
+
+
+def test_without_matplotlib_the_run_works_and_says_how_to_get_plots(make_cfg, tmp_path: Path, monkeypatch, caplog) -> None:
+    import kd_lightning.plots
+
+    monkeypatch.setattr(kd_lightning.plots, "pyplot", lambda: None)
+    train(make_cfg(*FAST, "baseline=false"))
+    assert (tmp_path / "run" / "metrics.json").is_file() and not (tmp_path / "run" / "curves.png").exists()
+    assert "pip install 'kd_lightning[plots]'" in caplog.text
 
 
 def test_a_sweep_over_distillation_settings_trains_the_teacher_once(make_cfg, tmp_path: Path) -> None:
