@@ -41,7 +41,10 @@ class PerImageCIFAR(Dataset):
 
 
 class TrainingStub:
+    """Stands in for the Trainer: training mode, so the augmentation runs."""
+
     training = True
+    current_epoch = 0
 
 
 def epoch_in_memory(dm: CIFARDataModule) -> int:

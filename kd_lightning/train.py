@@ -18,10 +18,11 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kd_lightning import __version__
 from kd_lightning.checkpoints import load_weights, save_weights
 from kd_lightning.errors import KDError
-from kd_lightning.plots import plot_curves
 from kd_lightning.module import DistillationModule, check_same_classes, check_temperature_and_alpha
+from kd_lightning.plots import plot_curves
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir)
     refuse_to_overwrite(output_dir, cfg.get("overwrite", False))
     warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
-    warnings.filterwarnings("ignore", ".*module\(s\) in eval mode at the start of training.*")  # the frozen teacher
+    warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")  # the frozen teacher
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
@@ -158,7 +159,7 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
 
     trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
     identity = {"model": plain(cfg.teacher.model), "fit": plain(cfg.teacher.fit), "data": plain(cfg.data),
-                "trainer": trainer, "seed": cfg.seed}
+                "trainer": trainer, "seed": cfg.seed, "kd_lightning": __version__}  # a new release retrains
     key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
     name = cfg.teacher.model.get("name") or cfg.teacher.model._target_.rsplit(".", 1)[-1]
     return Path(cfg.paths.cache_dir) / "teachers" / f"{name}-{key}.pth"
