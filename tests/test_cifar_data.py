@@ -58,6 +58,13 @@ def test_decoded_images_are_cached_and_reused(tmp_path: Path, monkeypatch: pytes
     assert torch.equal(first.splits["train"].inputs, second.splits["train"].inputs)
 
 
+def test_cache_is_rebuilt_when_the_images_change(tmp_path: Path) -> None:
+    root = make_image_tree(tmp_path / "tree")
+    assert len(datamodule(root).splits["test"]) == 6
+    make_image_tree(root, per_class={"test": 3})  # one more test image per class
+    assert len(datamodule(root).splits["test"]) == 9
+
+
 def test_read_only_data_dir_caches_in_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_image_tree(tmp_path / "tree")
     real_mkstemp = cifar_module.tempfile.mkstemp

@@ -54,14 +54,26 @@ def read_image_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.stack(images), np.array([label for _, label in files], dtype=np.int64), classes
 
 
+def tree_fingerprint(data_dir: Path) -> np.ndarray:
+    """Per split: number of files, total bytes, newest modification time. Changes when the tree does."""
+    stats = [[f.stat() for f in (data_dir / split).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES] for split in ("train", "test")]
+    return np.array([[len(st), sum(x.st_size for x in st), max((x.st_mtime_ns for x in st), default=0)] for st in stats], dtype=np.int64)
+
+
 def load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"train": (images, labels), "test": (...)}`` from a ``train/`` + ``test/`` tree, via the ``.npz`` cache."""
+    """``{"train": (images, labels), "test": (...)}`` from a ``train/`` + ``test/`` tree, via the ``.npz`` cache.
+
+    The cache is used only while the tree's fingerprint (file counts, sizes, times) is unchanged.
+    """
     candidates = [data_dir / CACHE_NAME] + ([cache_dir / f"{data_dir.resolve().as_posix().strip('/').replace('/', '_')}-{CACHE_NAME}"] if cache_dir else [])
+    fingerprint = tree_fingerprint(data_dir)
     for cache in candidates:
         if cache.is_file():
             try:
                 with np.load(cache) as arrays:
-                    return {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "test")}
+                    if np.array_equal(arrays["fingerprint"], fingerprint):
+                        return {s: (arrays[f"{s}_images"], arrays[f"{s}_labels"]) for s in ("train", "test")}
+                log.info("the images in %s changed since %s was written; decoding them again", data_dir, cache)
             except Exception:
                 log.warning("ignoring unreadable cache %s; decoding the images again", cache)
     splits = {}
@@ -76,7 +88,8 @@ def load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[
             cache.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
             os.close(fd)
-            np.savez(tmp, **{f"{s}_{k}": v for s, (im, lb) in splits.items() for k, v in (("images", im), ("labels", lb))})
+            arrays = {f"{s}_{k}": v for s, (im, lb) in splits.items() for k, v in (("images", im), ("labels", lb))}
+            np.savez(tmp, fingerprint=fingerprint, **arrays)
             os.replace(tmp, cache)
             log.info("decoded images cached at %s", cache)
             break
