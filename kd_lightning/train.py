@@ -135,18 +135,23 @@ def fit_and_test(cfg: DictConfig, module: DistillationModule, datamodule: Any, s
     return {**val, **{k: float(v) for k, v in test.items()}}
 
 
-def fit_student(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None, alpha: float, stage: str) -> dict[str, float]:
-    """Train a fresh student (same seed every stage, so KD and baseline start alike); return its metrics."""
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = DistillationModule(
-        student=instantiate(cfg.student.model),
+def build_module(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, alpha: float, optim: DictConfig) -> DistillationModule:
+    """A DistillationModule with ``optim``'s optimizer and scheduler (``cfg.optim``, or ``teacher.fit``)."""
+    return DistillationModule(
+        student=student,
         teacher=teacher,
         num_classes=cfg.data.num_classes,
         temperature=cfg.distill.temperature,
         alpha=alpha,
-        optimizer=instantiate(cfg.optim.optimizer),
-        scheduler=instantiate(cfg.optim.scheduler) if cfg.optim.get("scheduler") else None,
+        optimizer=instantiate(optim.optimizer),
+        scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None,
     )
+
+
+def fit_student(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None, alpha: float, stage: str) -> dict[str, float]:
+    """Train a fresh student (same seed every stage, so KD and baseline start alike); return its metrics."""
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = build_module(cfg, instantiate(cfg.student.model), teacher, alpha, cfg.optim)
     log.info("stage %s: alpha=%s temperature=%s", stage, alpha, cfg.distill.temperature)
     return fit_and_test(cfg, module, datamodule, stage)
 
@@ -192,14 +197,7 @@ def prepare_teacher(cfg: DictConfig, datamodule: Any) -> nn.Module:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
         teacher = instantiate(cfg.teacher.model)
         fit = cfg.teacher.fit
-        module = DistillationModule(
-            student=teacher,
-            teacher=None,
-            num_classes=cfg.data.num_classes,
-            alpha=0.0,
-            optimizer=instantiate(fit.optimizer),
-            scheduler=instantiate(fit.scheduler) if fit.get("scheduler") else None,
-        )
+        module = build_module(cfg, teacher, None, 0.0, fit)
         metrics = fit_and_test(cfg, module, datamodule, "teacher", max_epochs=fit.max_epochs)
         if is_global_zero():
             save_weights(teacher, cached, epoch=fit.max_epochs, metrics=metrics)

@@ -189,16 +189,12 @@ class VGG(nn.Module):
         in_channels = [3] + [s[-1] for s in stages[:-1]]
         self.block0, self.block1, self.block2, self.block3, self.block4 = (vgg_block(s, c) for s, c in zip(stages, in_channels))
         self.classifier = nn.Linear(512, num_classes)
+        init_weights(self)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
                 nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.classifier.weight, 0, 0.01)
+        nn.init.zeros_(self.classifier.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.max_pool2d(F.relu(self.block0(x)), 2)
