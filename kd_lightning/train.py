@@ -88,13 +88,9 @@ def check_models_agree(cfg: DictConfig, datamodule: Any) -> None:
         return  # DistillationModule checks on the first batch instead
     x = datamodule.example_input()
     with torch.no_grad():
-        teacher_out = eval_forward(instantiate(cfg.teacher.model), x)
-        student_out = eval_forward(instantiate(cfg.student.model), x)
+        teacher_out = instantiate(cfg.teacher.model).eval()(x)
+        student_out = instantiate(cfg.student.model).eval()(x)
     check_same_classes(student_out, teacher_out)
-
-
-def eval_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return model.eval()(x)
 
 
 class ReseedEveryEpoch(L.Callback):

@@ -157,9 +157,8 @@ class CIFARDataModule(InMemoryDataModule):
         self.train_subset = train_subset
         self.split_seed = split_seed
         self.cache_dir = Path(cache_dir) if cache_dir else None
-        mean, std = STATS[name]
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(std).view(1, 3, 1, 1)
+        mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in STATS[name])
+        self.mean_std = {torch.device("cpu"): (mean, std)}  # copied to a device once, not once per batch
 
     def read_splits(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         is_tree = (self.data_dir / "train").is_dir()
@@ -200,5 +199,7 @@ class CIFARDataModule(InMemoryDataModule):
 
     def prepare_inputs(self, inputs: Tensor) -> Tensor:
         """uint8 ``(N, 3, H, W)`` -> normalised float32."""
-        mean, std = self.mean.to(inputs.device), self.std.to(inputs.device)
+        if inputs.device not in self.mean_std:
+            self.mean_std[inputs.device] = tuple(t.to(inputs.device) for t in self.mean_std[torch.device("cpu")])
+        mean, std = self.mean_std[inputs.device]
         return (inputs.float().div_(255) - mean) / std

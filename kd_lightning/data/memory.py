@@ -17,9 +17,6 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_lightning.data.augment import RandomCropFlip
 
-SPLITS = ("train", "val", "test")
-
-
 class TensorSplit(Dataset):
     """One split held as tensors; ``__getitems__`` returns a whole batch at once."""
 
