@@ -13,6 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 
 from kd_lightning.errors import KDError
 from kd_lightning.losses import kd_loss
+from kd_lightning.teacher_cache import TeacherOutputs
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -58,6 +59,10 @@ class DistillationModule(L.LightningModule):
     no teacher. With ``teacher=None`` the module trains the student alone (``alpha`` must
     then be 0): this is how the teacher itself and the no-KD baseline are trained.
 
+    With ``teacher_outputs`` (a recorded cache, ``teacher.mode=cached``) instead of a
+    ``teacher``, the teacher's logits are looked up by each batch's sample index (and view)
+    rather than computed: no teacher is loaded at all.
+
     Batches are ``(x, y, ...)``. Subclass and override one hook to change one thing:
     :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`,
     :meth:`task_loss` (and :meth:`loss_terms` to add terms).
@@ -70,6 +75,7 @@ class DistillationModule(L.LightningModule):
         alpha: weight of the KD term in ``[0, 1]``.
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); default SGD(lr=0.05, momentum 0.9).
         scheduler: ``optimizer -> LRScheduler`` or ``None``; stepped once per epoch.
+        teacher_outputs: recorded teacher logits to use instead of ``teacher``.
     """
 
     def __init__(
@@ -81,9 +87,12 @@ class DistillationModule(L.LightningModule):
         alpha: float = 0.9,
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
+        teacher_outputs: TeacherOutputs | None = None,
     ) -> None:
         super().__init__()
         check_temperature_and_alpha(temperature, alpha)
+        if teacher is not None and teacher_outputs is not None:
+            raise KDError("pass either a live teacher or recorded teacher_outputs, not both.")
         for name, model in (("teacher", teacher), ("student", student)):
             declared = getattr(model, "num_classes", None)
             if declared is not None and declared != num_classes:
@@ -94,6 +103,7 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler"])
         self.student = student
         self.teacher = teacher
+        self.teacher_outputs = teacher_outputs  # a plain attribute: never in state_dict or checkpoints
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
@@ -107,7 +117,11 @@ class DistillationModule(L.LightningModule):
         self.strict_loading = False
 
         # one set of torchmetrics objects per stage, so validation never mixes into test
-        self.metrics = nn.ModuleDict({stage: self._stage_metrics(num_classes, teacher is not None) for stage in ("val", "test")})
+        self.metrics = nn.ModuleDict({stage: self._stage_metrics(num_classes, self.has_teacher) for stage in ("val", "test")})
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher is not None or self.teacher_outputs is not None
 
     @staticmethod
     def _stage_metrics(num_classes: int, with_teacher: bool) -> nn.ModuleDict:
@@ -124,7 +138,12 @@ class DistillationModule(L.LightningModule):
     # -- hooks a subclass may override -------------------------------------------------
 
     def teacher_forward(self, batch: Any) -> Tensor:
-        """Teacher logits ``(N, C)`` for ``batch``; eval mode, no graph."""
+        """Teacher logits ``(N, C)`` for ``batch``; eval mode, no graph.
+
+        From a recording, the logits of samples ``batch[2]`` in view ``batch[3]`` (if present).
+        """
+        if self.teacher_outputs is not None:
+            return self.teacher_outputs.lookup(self.current_split, batch[2], batch[3] if len(batch) > 3 else None)
         with torch.no_grad():
             return self.teacher(batch[0])
 
@@ -171,11 +190,18 @@ class DistillationModule(L.LightningModule):
     # -- steps -------------------------------------------------------------------------
 
     def on_fit_start(self) -> None:
-        if self.teacher is None and self.alpha > 0:
+        if not self.has_teacher and self.alpha > 0:
             raise KDError(f"alpha={self.alpha} needs a teacher; pass teacher=... or set alpha=0 to train the student alone.")
 
+    @property
+    def current_split(self) -> str:
+        """The data split being run: ``train``, ``val``, ``test`` (``train`` outside a Trainer)."""
+        if self._trainer is None or self.trainer.training:
+            return "train"
+        return "test" if self.trainer.testing else "val"
+
     def _teacher_out(self, batch: Any, need: bool) -> Tensor | None:
-        return self.teacher_forward(batch) if need and self.teacher is not None else None
+        return self.teacher_forward(batch) if need and self.has_teacher else None
 
     def _check_classes_once(self, student_out: Tensor, teacher_out: Tensor | None) -> None:
         if self.classes_checked:

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,6 +24,8 @@ from kd_lightning.checkpoints import load_weights, save_weights
 from kd_lightning.errors import KDError
 from kd_lightning.module import DistillationModule, check_same_classes, check_temperature_and_alpha
 from kd_lightning.plots import plot_curves
+from kd_lightning.teacher_cache import (FORMAT_VERSION, META_FILE, VIEW_SEED, TeacherOutputs, data_identity,
+                                        describe_mismatch, file_sha256, record_teacher_outputs)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the whole recipe described by ``cfg``; return (and write) the metrics summary.
 
     1. the teacher: ``teacher.checkpoint``, or trained once and cached under ``paths.cache_dir``;
+       with ``teacher.mode=cached``, its recorded outputs instead (recorded once per teacher + data);
     2. the student distilled from it, tested;
     3. with ``baseline=true``, the same student trained alone (alpha=0, same seed), tested;
     4. ``metrics.json`` in ``paths.output_dir``.
@@ -51,9 +55,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")
-    check_models_agree(cfg, datamodule)
+    mode = cfg.teacher.get("mode", "live")
+    if mode == "live":
+        check_models_agree(cfg, datamodule)
+        teacher: nn.Module | TeacherOutputs = prepare_teacher(cfg, datamodule)
+    elif mode == "cached":
+        teacher = prepare_teacher_outputs(cfg, datamodule)
+        datamodule.replay_views(teacher)
+    else:
+        raise KDError(f"teacher.mode must be live or cached, got {mode!r}.")
 
-    teacher = prepare_teacher(cfg, datamodule)
     results: dict[str, Any] = {"distilled": fit_student(cfg, datamodule, teacher, cfg.distill.alpha, "distilled")}
     results["teacher"] = {f"test/{k}": results["distilled"].get(f"test/teacher_{k}") for k in ("acc", "ece")}
     if cfg.get("baseline", False):
@@ -131,11 +142,17 @@ def fit_and_test(cfg: DictConfig, module: DistillationModule, datamodule: Any, s
     return {**val, **{k: float(v) for k, v in test.items()}}
 
 
-def build_module(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, alpha: float, optim: DictConfig) -> DistillationModule:
-    """A DistillationModule with ``optim``'s optimizer and scheduler (``cfg.optim``, or ``teacher.fit``)."""
+def build_module(cfg: DictConfig, student: nn.Module, teacher: nn.Module | TeacherOutputs | None, alpha: float,
+                 optim: DictConfig) -> DistillationModule:
+    """A DistillationModule with ``optim``'s optimizer and scheduler (``cfg.optim``, or ``teacher.fit``).
+
+    ``teacher`` is a live model, recorded :class:`TeacherOutputs`, or ``None``.
+    """
+    recorded = isinstance(teacher, TeacherOutputs)
     return DistillationModule(
         student=student,
-        teacher=teacher,
+        teacher=None if recorded else teacher,
+        teacher_outputs=teacher if recorded else None,
         num_classes=cfg.data.num_classes,
         temperature=cfg.distill.temperature,
         alpha=alpha,
@@ -144,7 +161,8 @@ def build_module(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None,
     )
 
 
-def fit_student(cfg: DictConfig, datamodule: Any, teacher: nn.Module | None, alpha: float, stage: str) -> dict[str, float]:
+def fit_student(cfg: DictConfig, datamodule: Any, teacher: nn.Module | TeacherOutputs | None, alpha: float,
+                stage: str) -> dict[str, float]:
     """Train a fresh student (same seed every stage, so KD and baseline start alike); return its metrics."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build_module(cfg, instantiate(cfg.student.model), teacher, alpha, cfg.optim)
@@ -198,3 +216,70 @@ def prepare_teacher(cfg: DictConfig, datamodule: Any) -> nn.Module:
         if is_global_zero():
             save_weights(teacher, cached, epoch=fit.max_epochs, metrics=metrics)
         return teacher
+
+
+def teacher_outputs_identity(cfg: DictConfig, datamodule: Any, teacher_file: Path | None) -> dict[str, Any]:
+    """What recorded teacher outputs depend on: teacher weights, data, views, top-k, precision."""
+    cache = cfg.teacher.get("cache") or {}
+    return {"teacher": file_sha256(teacher_file)[:16] if teacher_file else None, "data": data_identity(datamodule),
+            "views_per_sample": cache.get("views_per_sample", 16), "top_k": cache.get("top_k"),
+            "precision": str(cfg.trainer.get("precision", "32-true")), "view_seed": VIEW_SEED, "format": FORMAT_VERSION}
+
+
+def prepare_teacher_outputs(cfg: DictConfig, datamodule: Any) -> TeacherOutputs:
+    """The teacher's recorded outputs for this run (``teacher.mode=cached``).
+
+    ``teacher.cache.dir`` names a recording to use, checked against this run's teacher and data.
+    Otherwise the recording lives under ``paths.cache_dir/teacher_outputs/<teacher>-<key>``, the
+    key a hash of everything the outputs depend on; the first run records it (the teacher is
+    loaded or trained for that only), later runs and sweep jobs just open it.
+    """
+    cache = cfg.teacher.get("cache") or {}
+    explicit = cache.get("dir")
+    if explicit:
+        outputs = TeacherOutputs(explicit)
+        teacher_file = Path(cfg.teacher.checkpoint) if cfg.teacher.get("checkpoint") else None
+        if teacher_file is not None and not teacher_file.is_file():
+            raise KDError(f"teacher checkpoint {teacher_file} does not exist; fix teacher.checkpoint.")
+        wanted = teacher_outputs_identity(cfg, datamodule, teacher_file)
+        recorded = outputs.meta["identity"]
+        problems = describe_mismatch({k: recorded.get(k) for k in ("teacher", "data")}, {k: wanted[k] for k in ("teacher", "data")})
+        if problems:
+            raise KDError(f"the teacher outputs in {explicit} were recorded for another " + "; ".join(problems)
+                          + ". Unset teacher.cache.dir to record outputs for this teacher and data.")
+        return check_outputs_fit(outputs, cfg, datamodule)
+
+    teacher_file = Path(cfg.teacher.checkpoint) if cfg.teacher.get("checkpoint") else teacher_cache_path(cfg)
+    if cfg.teacher.get("checkpoint") and not teacher_file.is_file():
+        raise KDError(f"teacher checkpoint {teacher_file} does not exist; fix teacher.checkpoint.")
+    if not teacher_file.is_file():
+        prepare_teacher(cfg, datamodule)  # trains and caches it; recorded below from that file
+    identity = teacher_outputs_identity(cfg, datamodule, teacher_file)
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    name = cfg.teacher.model.get("name") or cfg.teacher.model._target_.rsplit(".", 1)[-1]
+    directory = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{name}-{key}"
+    if is_global_zero():
+        with file_lock(directory.with_name(directory.name + ".lock")):
+            if (directory / META_FILE).is_file():
+                log.info("teacher outputs: reusing %s", directory)
+            else:
+                teacher = prepare_teacher(cfg, datamodule)
+                record_teacher_outputs(teacher, datamodule, directory, identity, cache.get("views_per_sample", 16),
+                                       cache.get("top_k"), accelerator=cfg.trainer.get("accelerator", "auto"),
+                                       precision=cfg.trainer.get("precision", "32-true"))
+    else:
+        while not (directory / META_FILE).is_file():  # rank 0 is recording
+            time.sleep(1)
+    return check_outputs_fit(TeacherOutputs(directory), cfg, datamodule)
+
+
+def check_outputs_fit(outputs: TeacherOutputs, cfg: DictConfig, datamodule: Any) -> TeacherOutputs:
+    """Refuse recorded outputs whose classes or split sizes do not match this run's data."""
+    if outputs.num_classes != cfg.data.num_classes:
+        raise KDError(f"the teacher outputs in {outputs.directory} have {outputs.num_classes} classes but the data has "
+                      f"{cfg.data.num_classes}; record them for this data (unset teacher.cache.dir).")
+    for split, data in datamodule.splits.items():
+        if split not in outputs.meta["splits"] or outputs.num_samples(split) != len(data):
+            raise KDError(f"the teacher outputs in {outputs.directory} do not cover split {split!r} of this data "
+                          f"({len(data)} samples); record them for this data (unset teacher.cache.dir).")
+    return outputs

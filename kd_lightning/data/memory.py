@@ -84,6 +84,7 @@ class InMemoryDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.drop_last = drop_last
         self.splits: dict[str, TensorSplit] = {}
+        self.recorded_views: Any = None  # a TeacherOutputs whose training views are replayed
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Return ``{"train": (x, y), "val": (x, y), "test": (x, y)}``."""
@@ -101,14 +102,26 @@ class InMemoryDataModule(L.LightningDataModule):
         """Turn stored inputs into model inputs (e.g. uint8 -> normalised float). Identity here."""
         return inputs
 
+    def replay_views(self, recorded: Any) -> None:
+        """Train on the views a cached teacher recorded (:class:`~kd_lightning.teacher_cache.TeacherOutputs`)."""
+        self.recorded_views = recorded
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Batched, on-device: training augmentation (one view per image), then :meth:`prepare_inputs`.
 
         Teacher and student both receive the batch returned here, so they see the same view.
+        When replaying recorded views, each image gets one of its recorded views at random
+        and the batch gains a fourth entry, the view's slot, for the teacher-output lookup.
         """
         inputs, *rest = batch
         if self.augment is not None and self.trainer is not None and self.trainer.training:
-            inputs = self.augment(inputs)
+            bank = self.recorded_views.view_bank(inputs.device) if self.recorded_views is not None else None
+            if bank is None:
+                inputs = self.augment(inputs)
+            else:
+                slot = torch.randint(bank.num_views, (len(inputs),), device=inputs.device)
+                inputs = self.augment.apply(inputs, bank.views(rest[1], slot))
+                return (self.prepare_inputs(inputs), *rest, slot)
         return (self.prepare_inputs(inputs), *rest)
 
     def current_epoch(self) -> int:

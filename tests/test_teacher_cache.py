@@ -1,0 +1,204 @@
+"""Cached teacher: recorded logits replay live KD exactly, are recorded once, and refuse the wrong data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_lightning import KDError, kd_loss
+from kd_lightning.data import CIFARDataModule
+from kd_lightning.models.cifar import build_cifar_model
+from kd_lightning.teacher_cache import TeacherOutputs, draw_view_bank, rebuild_logits, record_teacher_outputs
+from kd_lightning.train import train
+
+from data_factory import make_image_tree
+
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+FP16_TOLERANCE = {"rtol": 2e-3, "atol": 2e-3}  # float16 keeps 11 significant bits
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path: Path) -> CIFARDataModule:
+    root = make_image_tree(tmp_path / "tree", classes=3, per_class={"train": 2, "test": 1})
+    dm = CIFARDataModule(name="cifar10", num_classes=10, data_dir=str(root), val_size=2, batch_size=4, eval_batch_size=4)
+    dm.setup()
+    return dm
+
+
+def teacher_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_cifar_model("resnet8", 10).eval()
+
+
+def test_all_views_are_every_distinct_crop_and_flip(tiny_cifar: CIFARDataModule) -> None:
+    bank = draw_view_bank(tiny_cifar.augment, len(tiny_cifar.splits["train"]), "all")
+    assert bank.num_views == tiny_cifar.augment.num_views == 162
+    distinct = {(int(o[0]), int(o[1]), bool(f)) for o, f in zip(bank.offsets[0], bank.flips[0])}
+    assert len(distinct) == 162
+
+
+def test_cached_kd_with_all_views_equals_live_kd(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
+    teacher = teacher_model()
+    record_teacher_outputs(teacher, tiny_cifar, tmp_path / "outputs", {}, "all", None, accelerator="cpu")
+    outputs = TeacherOutputs(tmp_path / "outputs")
+    images = tiny_cifar.splits["train"].inputs
+    index = torch.arange(len(images))
+    bank = outputs.view_bank(torch.device("cpu"))
+    assert bank.num_views == 162
+    with torch.no_grad():
+        for slot in range(bank.num_views):  # every recorded view of every image is the teacher's output on it
+            slots = torch.full_like(index, slot)
+            view = tiny_cifar.prepare_inputs(tiny_cifar.augment.apply(images, bank.views(index, slots)))
+            torch.testing.assert_close(outputs.lookup("train", index, slots), teacher(view), **FP16_TOLERANCE)
+
+    # a training batch as the datamodule builds it: random views, then the KD loss both ways
+    generator = torch.Generator().manual_seed(1)
+    slots = torch.randint(0, 162, (len(index),), generator=generator)
+    view = tiny_cifar.prepare_inputs(tiny_cifar.augment.apply(images, bank.views(index, slots)))
+    student_logits = torch.randn(len(index), 10, generator=generator)
+    with torch.no_grad():
+        live = kd_loss(student_logits, teacher(view), 4.0)
+    cached = kd_loss(student_logits, outputs.lookup("train", index, slots), 4.0)
+    torch.testing.assert_close(cached, live, rtol=1e-3, atol=1e-5)
+    for split in ("val", "test"):  # evaluation splits: one unaugmented view
+        data = tiny_cifar.splits[split]
+        with torch.no_grad():
+            expected = teacher(tiny_cifar.prepare_inputs(data.inputs))
+        torch.testing.assert_close(outputs.lookup(split, torch.arange(len(data))), expected, **FP16_TOLERANCE)
+
+
+def test_training_replays_recorded_views_and_never_runs_a_teacher(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
+    import lightning as L
+
+    from kd_lightning import DistillationModule
+
+    teacher = teacher_model()
+    record_teacher_outputs(teacher, tiny_cifar, tmp_path / "outputs", {}, 3, None, accelerator="cpu")
+    outputs = TeacherOutputs(tmp_path / "outputs")
+    tiny_cifar.replay_views(outputs)
+    seen = []
+
+    class Checking(DistillationModule):
+        def teacher_forward(self, batch):
+            logits = super().teacher_forward(batch)
+            if self.trainer.training:
+                x, _, index, slot = batch
+                with torch.no_grad():
+                    seen.append((logits, teacher(x)))
+            return logits
+
+    module = Checking(build_cifar_model("resnet8", 10), teacher_outputs=outputs, num_classes=10)
+    assert module.teacher is None
+    L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              limit_val_batches=1, default_root_dir=tmp_path).fit(module, datamodule=tiny_cifar)
+    assert len(seen) == 2  # 4 training images, batch 4, 2 epochs
+    for cached, live in seen:  # the student's augmented input is one the teacher was recorded on
+        torch.testing.assert_close(cached, live, **FP16_TOLERANCE)
+    assert "teacher_outputs" not in str(module.state_dict().keys())
+
+
+def test_top_k_rebuilds_the_teacher_distribution() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 100, generator=generator) * 3
+    lse = logits.logsumexp(-1)
+    values, indices = logits.topk(100, -1)
+    torch.testing.assert_close(rebuild_logits(values, indices, lse, 100), logits)  # k = C: exact
+    values, indices = logits.topk(10, -1)
+    rebuilt = rebuild_logits(values, indices, lse, 100)
+    p, q = logits.softmax(-1), rebuilt.softmax(-1)
+    torch.testing.assert_close(q.gather(-1, indices), p.gather(-1, indices))  # the top-k probabilities are the teacher's
+    torch.testing.assert_close(q.sum(-1), torch.ones(6))
+    tail = torch.ones_like(p, dtype=torch.bool).scatter_(-1, indices, False)
+    torch.testing.assert_close((q * tail).sum(-1), (p * tail).sum(-1))  # and so is the tail's total mass
+
+
+def test_top_k_recording_is_smaller_and_close(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
+    teacher = teacher_model()
+    record_teacher_outputs(teacher, tiny_cifar, tmp_path / "full", {}, 2, None, accelerator="cpu")
+    record_teacher_outputs(teacher, tiny_cifar, tmp_path / "top3", {}, 2, 3, accelerator="cpu")
+    full, top3 = TeacherOutputs(tmp_path / "full"), TeacherOutputs(tmp_path / "top3")
+    index = torch.arange(len(tiny_cifar.splits["train"]))
+    assert full.meta["views"] and torch.equal(full.views.offsets, top3.views.offsets)  # same seed, same views
+    p = full.lookup("train", index).softmax(-1)
+    q = top3.lookup("train", index).softmax(-1)
+    kept = p.topk(3, -1).indices
+    torch.testing.assert_close(q.gather(-1, kept), p.gather(-1, kept), **FP16_TOLERANCE)
+    assert top3.arrays["train"]["topk_indices"].dtype == torch.int16
+
+
+def test_a_run_from_the_cache_does_not_load_the_teacher(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "a"))
+    recordings = list((tmp_path / "cache" / "teacher_outputs").glob("*/meta.json"))
+    assert len(recordings) == 1
+    live = train(make_cfg(*FAST, output_dir=tmp_path / "live"))
+    assert first["teacher"]["test/acc"] == pytest.approx(live["teacher"]["test/acc"])  # fidelity metrics from the cache
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded although its outputs are cached")
+
+    monkeypatch.setattr("kd_lightning.train.prepare_teacher", no_teacher)
+    monkeypatch.setattr("kd_lightning.train.check_models_agree", no_teacher)
+    second = train(make_cfg("teacher.mode=cached", "distill.temperature=2", *FAST, output_dir=tmp_path / "b"))
+    assert second["teacher"] == first["teacher"]
+    assert len(list((tmp_path / "cache" / "teacher_outputs").glob("*/meta.json"))) == 1
+
+
+def test_recording_depends_on_what_the_outputs_depend_on(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "a"))
+    train(make_cfg("teacher.mode=cached", "teacher.cache.top_k=3", *FAST, output_dir=tmp_path / "b"))
+    train(make_cfg("teacher.mode=cached", "data.split_seed=1", *FAST, output_dir=tmp_path / "c"))
+    assert len(list((tmp_path / "cache" / "teacher_outputs").glob("*/meta.json"))) == 3
+
+
+def test_a_recording_for_other_data_or_another_teacher_is_refused(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "a"))
+    (recording,) = (tmp_path / "cache" / "teacher_outputs").glob("*/meta.json")
+    use = f"teacher.cache.dir={recording.parent}"
+    with pytest.raises(KDError, match="recorded for another data"):
+        train(make_cfg("teacher.mode=cached", use, "data.split_seed=1", *FAST, output_dir=tmp_path / "b"))
+    other = tmp_path / "other.pth"
+    torch.save({"model": build_digits_teacher().state_dict()}, other)
+    with pytest.raises(KDError, match="recorded for another teacher weights"):
+        train(make_cfg("teacher.mode=cached", use, f"teacher.checkpoint={other}", *FAST, output_dir=tmp_path / "c"))
+    train(make_cfg("teacher.mode=cached", use, *FAST, output_dir=tmp_path / "d"))  # the matching data is accepted
+
+
+def build_digits_teacher() -> torch.nn.Module:
+    from kd_lightning.models.digits import DigitsCNN
+
+    torch.manual_seed(123)
+    return DigitsCNN()
+
+
+def test_a_corrupt_recording_is_named_with_the_fix(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "a"))
+    (recording,) = (tmp_path / "cache" / "teacher_outputs").glob("*/meta.json")
+    logits = recording.parent / "train.logits.npy"
+    logits.write_bytes(logits.read_bytes()[:200])
+    with pytest.raises(KDError, match=r"corrupt.*delete"):
+        train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "b"))
+    with pytest.raises(KDError, match="teacher.mode must be live or cached"):
+        train(make_cfg("teacher.mode=lazy", *FAST, output_dir=tmp_path / "c"))
+    with pytest.raises(KDError, match="no recorded teacher outputs"):
+        train(make_cfg("teacher.mode=cached", f"teacher.cache.dir={tmp_path}", *FAST, output_dir=tmp_path / "d"))
+
+
+def test_a_sweep_over_temperature_records_the_teacher_outputs_once(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "kd_lightning", "-m", "distill.temperature=1,2,4,8", "teacher.mode=cached",
+                          "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "baseline=false", *FAST,
+                          "hydra.sweep.dir=sweep"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")})
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = out.stdout + out.stderr
+    assert log.count("teacher outputs: recording") == 3  # train, val, test splits, once
+    assert log.count("teacher outputs: reusing") == 3
+    results = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(4)]
+    assert len({r["teacher"]["test/acc"] for r in results}) == 1
+    assert np.isfinite([r["distilled"]["test/acc"] for r in results]).all()
