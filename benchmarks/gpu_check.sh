@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# GPU check, one command, under 5 minutes on one NVIDIA GPU:
+#
+#   bash benchmarks/gpu_check.sh                         # -> gpu_check.json
+#   bash benchmarks/gpu_check.sh --out FILE.json
+#   bash benchmarks/gpu_check.sh --device cpu            # dry mode: tiny sizes, on the CPU
+#
+# resnet56 -> resnet20 KD on synthetic CIFAR-shaped data, bf16-mixed and channels-last:
+# images/second of live KD, cached KD and the student alone (benchmarks/cached_teacher.py),
+# and the Lightning-vs-plain-loop ratio (benchmarks/step_overhead.py). Installs nothing: it
+# runs the checkout with the machine's torch + lightning + torchmetrics (no Hydra needed).
+set -euo pipefail
+
+device=cuda
+out=gpu_check.json
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) device="$2"; shift 2 ;;
+    --out) out="$2"; shift 2 ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--device cuda|cpu] [--out FILE.json]" >&2; exit 2 ;;
+  esac
+done
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+python="${PYTHON:-python}"
+tmp="$(mktemp -d)"
+trap 'rm -rf "$tmp"' EXIT
+
+if [ "$device" = cpu ]; then  # dry mode: checks the script end to end in seconds
+  models=(--teacher resnet8 --student resnet8)
+  cached=(--train-size 128 --batch-size 32 --repeats 1 --top-k 5)
+  overhead=(--batch-size 16 --steps 2 --pairs 1)
+else
+  "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch; use --device cpu for the dry mode')"
+  models=(--teacher resnet56 --student resnet20)
+  cached=(--train-size 25600 --batch-size 256 --repeats 3 --top-k 10)
+  overhead=(--batch-size 256 --steps 200 --pairs 5)  # enough steps that Trainer start-up is not what is measured
+fi
+precision=(--device "$device" --precision bf16-mixed --channels-last)
+
+"$python" "$repo/benchmarks/cached_teacher.py" "${models[@]}" "${cached[@]}" "${precision[@]}" --json "$tmp/cached.json"
+"$python" "$repo/benchmarks/step_overhead.py" "${models[@]}" "${overhead[@]}" "${precision[@]}" --json "$tmp/overhead.json"
+"$python" - "$tmp/cached.json" "$tmp/overhead.json" "$out" <<'PY'
+import json, sys
+cached, overhead, out = (json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3])
+full = cached["full"]
+summary = {
+    "machine": cached["machine"], "torch": cached["torch"], "lightning": cached["lightning"],
+    "pair": f"{cached['teacher']} -> {cached['student']}", "precision": cached["precision"], "channels_last": cached["channels_last"],
+    "images_per_s": full["images_per_s"],
+    "cached_over_alone_time": round(full["epoch_s"]["cached"] / full["epoch_s"]["alone"], 3),
+    "live_over_cached_time": round(full["epoch_s"]["live"] / full["epoch_s"]["cached"], 3),
+    "lightning_over_plain_time": overhead["ratio"],
+    "details": {"cached_teacher": cached, "step_overhead": overhead},
+}
+json.dump(summary, open(out, "w"), indent=2)
+print(json.dumps({k: v for k, v in summary.items() if k != "details"}, indent=2))
+print(f"written: {out}")
+PY
