@@ -1,3 +1,3 @@
-from kd_lightning.cli import main
+from kd_lightning.cli import entry
 
-main()
+entry()

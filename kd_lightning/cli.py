@@ -1,4 +1,7 @@
-"""``python -m kd_lightning``: the Hydra entry point. All the work happens in :func:`train`."""
+"""``python -m kd_lightning``: the Hydra entry point. All the work happens in :func:`train`.
+
+``python -m kd_lightning export CKPT OUT`` (or ``kd-lightning export ...``) runs :mod:`kd_lightning.export`.
+"""
 
 from __future__ import annotations
 
@@ -59,3 +62,13 @@ def main(cfg: DictConfig) -> float | None:
     if is_global_zero():
         print(format_summary(results))
     return results["distilled"]["test/acc"]
+
+
+def entry() -> None:
+    """``kd-lightning`` / ``python -m kd_lightning``: ``export`` subcommand, else the Hydra app."""
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        from kd_lightning.export import main as export_main
+
+        export_main(sys.argv[2:])
+    else:
+        main()

@@ -1,19 +1,32 @@
 """Distillation objectives as pure functions.
 
-Every function takes raw logits, ``(N, C)`` for classification or ``(N, L, C)`` for
-sequences, and returns a scalar. The maths runs in float32 whatever the autocast dtype,
-and both distributions come from ``log_softmax`` so a very confident teacher never
-produces ``log(0)``.
+Every objective takes raw logits, ``(N, C)`` for classification or ``(N, L, C)`` for
+sequences, and returns a scalar: the per-position divergence averaged over the kept
+positions (``batchmean`` for ``(N, C)``), optionally times ``T²``. The maths runs in at least
+float32 whatever the autocast dtype (float64 stays float64), and the distributions come from
+``log_softmax`` so a very confident teacher never produces ``log(0)``.
+
+Shared keyword arguments:
+    temperature: ``T > 0``; both sides are divided by it before the softmax.
+    mask: optional bool ``(N,)`` / ``(N, L)``, True where a position counts.
+    labels, ignore_index: positions whose label equals ``ignore_index`` are dropped.
+    scale_by_t2: multiply by ``T²`` so gradient magnitudes do not shrink as ``1/T²``.
+    standardize: z-score each row of both logits before the temperature (logit
+        standardisation, Sun et al. 2024); ``T`` then acts as a base temperature.
+
+Any callable ``f(student_logits, teacher_logits, temperature=T, labels=y) -> scalar`` can
+serve as an objective (``distill.loss._target_``); these all accept that call.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kd_loss", "KDLoss", "positions_to_keep"]
-
+__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "dkd_loss", "standardize_logits", "KDLoss", "positions_to_keep"]
 
 def positions_to_keep(
     logits: Tensor,
@@ -49,6 +62,42 @@ def mean_over_positions(per_position: Tensor, keep: Tensor | None) -> Tensor:
     return kept.sum() / keep.sum().clamp_min(1)
 
 
+def at_least_float32(x: Tensor) -> Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
+    """Z-score each row over its classes: ``(z − mean) / (std + eps)`` (unbiased std, as in Sun et al. 2024)."""
+    return (logits - logits.mean(-1, keepdim=True)) / (logits.std(-1, keepdim=True) + eps)
+
+
+def tempered_log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float, standardize: bool) -> tuple[Tensor, Tensor]:
+    """Check shapes and ``T``; return ``log softmax(s/T)``, ``log softmax(t/T)`` (teacher detached)."""
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape; teacher and student must "
+            "predict the same number of classes."
+        )
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    s, t = at_least_float32(student_logits), at_least_float32(teacher_logits.detach())
+    if standardize:
+        s, t = standardize_logits(s), standardize_logits(t)
+    return F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
+
+
+def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(p ‖ q) = Σ_c p (log p − log q)`` per row, from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def reduce_positions(per_position: Tensor, logits: Tensor, mask: Tensor | None, labels: Tensor | None,
+                     ignore_index: int | None, temperature: float, scale_by_t2: bool) -> Tensor:
+    loss = mean_over_positions(per_position, positions_to_keep(logits, mask, labels, ignore_index))
+    return loss * temperature**2 if scale_by_t2 else loss
+
+
 def kd_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -58,35 +107,129 @@ def kd_loss(
     labels: Tensor | None = None,
     ignore_index: int | None = None,
     scale_by_t2: bool = True,
+    standardize: bool = False,
 ) -> Tensor:
-    """Hinton KD: ``T² · KL(softmax(t/T) ‖ softmax(s/T))`` averaged over positions.
+    """Forward KL, Hinton KD (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``.
 
     Args:
         student_logits: ``(N, C)`` or ``(N, L, C)``.
         teacher_logits: same shape as ``student_logits``; no gradient flows into it.
-        temperature: ``T > 0``; both sides are divided by it before the softmax.
-        mask: optional bool ``(N,)`` / ``(N, L)``, True where a position counts.
-        labels, ignore_index: positions whose label equals ``ignore_index`` are dropped.
-        scale_by_t2: multiply by ``T²`` so gradient magnitudes do not shrink as ``1/T²``.
+        temperature, mask, labels, ignore_index, scale_by_t2, standardize: see the module docstring.
 
     Returns:
         Scalar: the sum over classes of ``p_t (log p_t − log p_s)``, averaged over kept
-        positions (``batchmean`` for ``(N, C)`` input), times ``T²``.
+        positions (``batchmean`` for ``(N, C)`` input), times ``T²`` by default.
     """
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in shape; teacher and student must "
-            "predict the same number of classes."
-        )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
-    keep = positions_to_keep(student_logits, mask, labels, ignore_index)
-    log_p_student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
     per_position = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
-    loss = mean_over_positions(per_position, keep)
-    return loss * temperature**2 if scale_by_t2 else loss
+    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2)
+
+
+def reverse_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = False,
+    standardize: bool = False,
+) -> Tensor:
+    """Reverse KL: ``KL(softmax(s/T) ‖ softmax(t/T)) = Σ p_s (log p_s − log p_t)``, mode-seeking.
+
+    Used for generative students (MiniLLM, Gu et al. 2024). ``T²`` scaling is off by default.
+    """
+    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
+    per_position = kl_rows(log_p_student, log_p_teacher)
+    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2)
+
+
+def jsd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = False,
+    standardize: bool = False,
+) -> Tensor:
+    """Generalised Jensen-Shannon divergence between teacher and student, ``beta ∈ [0, 1]``.
+
+    Convention used here: the mixture is ``M = beta·p_t + (1−beta)·p_s`` and
+
+        ``JSD_beta = (1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``
+
+    so ``beta=0`` is exactly forward KL ``KL(p_t ‖ p_s)``, ``beta=1`` exactly reverse KL
+    ``KL(p_s ‖ p_t)``, ``beta=0.5`` the symmetric JSD, and the loss is continuous in between.
+    GKD (Agarwal et al. 2024) and TRL weight the two terms the other way round,
+    ``beta·KL(p_t ‖ M) + (1−beta)·KL(p_s ‖ M)``, which tends to 0 at both ends (TRL then
+    special-cases beta=0 and beta=1); the two agree at 0.5. ``T²`` scaling is off by default.
+    """
+    if not 0 <= beta <= 1:
+        raise ValueError(f"beta must be in [0, 1], got {beta}: 0 is forward KL, 1 reverse KL, 0.5 symmetric JSD.")
+    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
+    log_beta = math.log(beta) if beta > 0 else -math.inf
+    log_one_minus_beta = math.log1p(-beta) if beta < 1 else -math.inf
+    log_m = torch.logsumexp(torch.stack([log_p_teacher + log_beta, log_p_student + log_one_minus_beta]), dim=0)
+    per_position = torch.zeros_like(log_m[..., 0])
+    if beta < 1:
+        per_position = per_position + (1 - beta) * kl_rows(log_p_teacher, log_m)
+    if beta > 0:
+        per_position = per_position + beta * kl_rows(log_p_student, log_m)
+    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2)
+
+
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 4.0,
+    *,
+    labels: Tensor,
+    alpha: float = 1.0,
+    beta: float = 8.0,
+    mask: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = True,
+    standardize: bool = False,
+) -> Tensor:
+    """Decoupled KD (Zhao et al. 2022): ``alpha·TCKD + beta·NCKD``.
+
+    With ``g`` the label's class, TCKD is the KL between the binary distributions
+    ``[p_g, 1 − p_g]`` of teacher and student; NCKD the KL between their distributions over
+    the other ``C − 1`` classes, renormalised (``softmax`` of the logits without class ``g``).
+    Both at temperature ``T``, times ``T²`` by default, as in the reference code. The linear
+    warm-up of the paper is a schedule on the term's weight (``distill/loss=dkd`` sets it).
+
+    Args:
+        labels: ``(N,)`` / ``(N, L)`` class indices; required.
+        alpha, beta: weights of TCKD and NCKD (1 and 8 in the paper's CIFAR setting).
+    """
+    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
+    if labels is None or labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"dkd_loss needs labels of shape {tuple(student_logits.shape[:-1])} (one class per position).")
+    num_classes = student_logits.shape[-1]
+    keep = positions_to_keep(student_logits, mask, labels, ignore_index)
+    target = labels if keep is None else torch.where(keep, labels, torch.zeros_like(labels))  # ignored rows: any valid class
+    target = target.long()[..., None]
+
+    def binary(log_p: Tensor) -> Tensor:  # log [p_g, 1 − p_g], the second as a log-sum-exp over the other classes
+        log_target = log_p.gather(-1, target)
+        log_rest = log_p.scatter(-1, target, -math.inf).logsumexp(-1, keepdim=True)
+        return torch.cat([log_target, log_rest], dim=-1)
+
+    classes = torch.arange(num_classes - 1, device=target.device)
+    others = classes + (classes >= target).long()  # the C − 1 classes other than the target, per position
+
+    def non_target(log_p: Tensor) -> Tensor:  # log softmax over the other classes (renormalised)
+        return F.log_softmax(log_p.gather(-1, others), dim=-1)
+
+    tckd = kl_rows(binary(log_p_teacher), binary(log_p_student))
+    nckd = kl_rows(non_target(log_p_teacher), non_target(log_p_student))
+    return reduce_positions(alpha * tckd + beta * nckd, student_logits, keep, None, None, temperature, scale_by_t2)
 
 
 class KDLoss(torch.nn.Module):
@@ -103,3 +246,13 @@ class KDLoss(torch.nn.Module):
         return kd_loss(
             student_logits, teacher_logits, self.temperature, scale_by_t2=self.scale_by_t2, **kwargs
         )
+
+
+def objective_name(objective) -> str:
+    """The name a loss term is logged under: ``kd_loss`` -> ``kd``, ``MyLoss`` -> ``MyLoss``."""
+    import functools
+
+    while isinstance(objective, functools.partial):
+        objective = objective.func
+    name = getattr(objective, "__name__", None) or type(objective).__name__
+    return name.removesuffix("_loss") if name.endswith("_loss") else name

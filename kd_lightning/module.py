@@ -12,11 +12,14 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from kd_lightning.errors import KDError
-from kd_lightning.losses import kd_loss
+from kd_lightning.features import FeatureDistiller, FeatureTerm
+from kd_lightning.losses import kd_loss, objective_name
+from kd_lightning.schedules import Schedule, build_schedules
 from kd_lightning.teacher_cache import TeacherOutputs
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+Objective = Callable[..., Tensor]  # (student_logits, teacher_logits, *, temperature, labels) -> scalar
 
 
 def check_temperature_and_alpha(temperature: float, alpha: float) -> None:
@@ -51,7 +54,7 @@ def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
 
 
 class DistillationModule(L.LightningModule):
-    """Trains ``student`` to match a frozen ``teacher``: ``(1 − alpha)·CE + alpha·KD``.
+    """Trains ``student`` to match a frozen ``teacher``: ``(1 − alpha)·CE + alpha·KD`` (+ more terms).
 
     The teacher has ``requires_grad=False``, stays in eval mode whatever ``.train()`` is
     called, runs under ``torch.no_grad()``, never reaches the optimizer and is left out of
@@ -62,6 +65,11 @@ class DistillationModule(L.LightningModule):
     With ``teacher_outputs`` (a recorded cache, ``teacher.mode=cached``) instead of a
     ``teacher``, the teacher's logits are looked up by each batch's sample index (and view)
     rather than computed: no teacher is loaded at all.
+
+    The loss is a weighted sum of named terms, each logged as ``train/<name>``: ``ce``
+    (weight ``1 − alpha``), the logit objective (``kd`` by default, weight ``alpha``), any
+    ``extra_terms`` and any ``features`` terms. ``schedules`` make ``temperature``, ``alpha``
+    or a term's weight (by its name) follow a schedule, updated and logged every step.
 
     Batches are ``(x, y, ...)``. Subclass and override one hook to change one thing:
     :meth:`teacher_forward`, :meth:`student_forward`, :meth:`distillation_loss`,
@@ -76,6 +84,13 @@ class DistillationModule(L.LightningModule):
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); default SGD(lr=0.05, momentum 0.9).
         scheduler: ``optimizer -> LRScheduler`` or ``None``; stepped once per epoch.
         teacher_outputs: recorded teacher logits to use instead of ``teacher``.
+        objective: the logit objective, ``f(student_logits, teacher_logits, temperature=T, labels=y)``
+            (see :mod:`kd_lightning.losses`); default :func:`~kd_lightning.losses.kd_loss`.
+            Its term is named after it (``kd_loss`` -> ``kd``).
+        extra_terms: more logit objectives, ``{name: {"objective": f, "weight": w}}``.
+        features: feature terms (:class:`~kd_lightning.features.FeatureTerm` or dicts such as
+            ``{"student": "layer3", "teacher": "layer3", "loss": "fitnet", "weight": 100}``).
+        schedules: ``{"temperature" | "alpha" | <term name>: Schedule or dict}``.
     """
 
     def __init__(
@@ -88,6 +103,10 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         teacher_outputs: TeacherOutputs | None = None,
+        objective: Objective | None = None,
+        extra_terms: dict[str, dict[str, Any]] | None = None,
+        features: list[FeatureTerm | dict[str, Any]] | None = None,
+        schedules: dict[str, Schedule | dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         check_temperature_and_alpha(temperature, alpha)
@@ -100,7 +119,8 @@ class DistillationModule(L.LightningModule):
                     f"the {name} is built for {declared} classes but the data has {num_classes}; "
                     f"set {name}.model.num_classes={num_classes}."
                 )
-        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler", "teacher_outputs", "objective",
+                                          "extra_terms", "features", "schedules"])
         self.student = student
         self.teacher = teacher
         self.teacher_outputs = teacher_outputs  # a plain attribute: never in state_dict or checkpoints
@@ -109,6 +129,16 @@ class DistillationModule(L.LightningModule):
             teacher.eval()
         self.temperature = temperature
         self.alpha = alpha
+        self.objective = objective if objective is not None else kd_loss
+        self.objective_name = objective_name(self.objective)
+        self.extra_terms = {name: (float(spec.get("weight", 1.0)), spec["objective"]) for name, spec in (extra_terms or {}).items()}
+        self.features = FeatureDistiller(features) if features else None  # a submodule: adapters train and checkpoint
+        if self.features is not None and teacher_outputs is not None:
+            raise KDError("feature distillation needs the live teacher's activations; set teacher.mode=live "
+                          "(a cached teacher records logits only).")
+        self.schedules = build_schedules(schedules)
+        self.scheduled: dict[str, float] = {}
+        self._check_term_names()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.classes_checked = False
@@ -122,6 +152,28 @@ class DistillationModule(L.LightningModule):
     @property
     def has_teacher(self) -> bool:
         return self.teacher is not None or self.teacher_outputs is not None
+
+    @property
+    def distills(self) -> bool:
+        """Whether training uses the teacher at all (any distillation term can be non-zero)."""
+        return self.alpha > 0 or bool(self.schedules.keys() - {"temperature"}) or bool(self.extra_terms) or self.features is not None
+
+    def term_names(self) -> list[str]:
+        names = ["ce", self.objective_name, *self.extra_terms]
+        return names + ([t.name for t in self.features.terms] if self.features is not None else [])
+
+    def _check_term_names(self) -> None:
+        names = self.term_names()
+        if len(set(names)) != len(names):
+            raise KDError(f"two loss terms share a name ({names}); rename the extra or feature term.")
+        unknown = self.schedules.keys() - {"temperature", "alpha", *names}
+        if unknown:
+            raise KDError(f"distill.schedules has {sorted(unknown)}, which is not a schedulable quantity; use "
+                          f"temperature, alpha or a loss term's name: {names}.")
+
+    def term_weight(self, name: str, default: float) -> float:
+        """The weight of term ``name`` this step: its schedule's value, or ``default``."""
+        return self.scheduled.get(name, default)
 
     @staticmethod
     def _stage_metrics(num_classes: int, with_teacher: bool) -> nn.ModuleDict:
@@ -156,14 +208,23 @@ class DistillationModule(L.LightningModule):
         return F.cross_entropy(student_out.float(), batch[1])
 
     def distillation_loss(self, student_out: Tensor, teacher_out: Tensor, batch: Any) -> Tensor:
-        """KD term: ``T²``-scaled forward KL at ``self.temperature``, batch mean."""
-        return kd_loss(student_out, teacher_out, self.temperature)
+        """The logit objective at ``self.temperature`` (``T²``-scaled forward KL by default), batch mean."""
+        return self.objective(student_out, teacher_out, temperature=self.temperature, labels=batch[1])
 
     def loss_terms(self, student_out: Tensor, teacher_out: Tensor | None, batch: Any) -> dict[str, Tensor]:
         """Named, already weighted loss terms; the total loss is their sum."""
-        terms = {"ce": (1 - self.alpha) * self.task_loss(student_out, batch)}
-        if teacher_out is not None and self.alpha > 0:
-            terms["kd"] = self.alpha * self.distillation_loss(student_out, teacher_out, batch)
+        terms = {"ce": self.term_weight("ce", 1 - self.alpha) * self.task_loss(student_out, batch)}
+        if teacher_out is None:
+            return terms
+        weight = self.term_weight(self.objective_name, self.alpha)
+        if weight != 0 or self.objective_name in self.schedules:
+            terms[self.objective_name] = weight * self.distillation_loss(student_out, teacher_out, batch)
+        for name, (default, objective) in self.extra_terms.items():
+            terms[name] = self.term_weight(name, default) * objective(student_out, teacher_out, temperature=self.temperature, labels=batch[1])
+        if self.features is not None:
+            for name, (default, loss) in self.features.terms_from_captured().items():
+                terms[name] = self.term_weight(name, default) * loss
+            self.features.clear()
         return terms
 
     # -- frozen teacher ----------------------------------------------------------------
@@ -189,9 +250,37 @@ class DistillationModule(L.LightningModule):
 
     # -- steps -------------------------------------------------------------------------
 
+    def setup(self, stage: str) -> None:
+        """Feature distillation: hook the layers and size the adapters (before the optimizer is built)."""
+        if self.features is None or self.teacher is None:
+            return
+        if not self.features.attached:
+            self.features.attach(self.student, self.teacher)
+        if stage == "fit":
+            datamodule = self.trainer.datamodule if self._trainer is not None else None
+            if not hasattr(datamodule, "example_input"):
+                raise KDError("feature distillation sizes its adapters from an example input: give the datamodule an "
+                              "example_input() method, or call module.features.build_adapters(student, teacher, x) first.")
+            self.features.build_adapters(self.student, self.teacher, datamodule.example_input())
+
+    def teardown(self, stage: str) -> None:
+        if self.features is not None:
+            self.features.detach()
+
     def on_fit_start(self) -> None:
-        if not self.has_teacher and self.alpha > 0:
+        if not self.has_teacher and self.distills:
             raise KDError(f"alpha={self.alpha} needs a teacher; pass teacher=... or set alpha=0 to train the student alone.")
+        if self.features is not None and self.teacher is None:
+            raise KDError("feature distillation needs a live teacher model; pass teacher=....")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Advance the schedules: temperature, alpha and term weights for this step."""
+        if not self.schedules:
+            return
+        self.scheduled = {name: s.value(self.current_epoch, self.global_step) for name, s in self.schedules.items()}
+        self.temperature = self.scheduled.get("temperature", self.temperature)
+        self.alpha = self.scheduled.get("alpha", self.alpha)
+        check_temperature_and_alpha(self.temperature, self.alpha)
 
     @property
     def current_split(self) -> str:
@@ -221,14 +310,22 @@ class DistillationModule(L.LightningModule):
         self.classes_checked = True
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        teacher_out = self._teacher_out(batch, need=self.alpha > 0)
-        student_out = self.student_forward(batch)
+        if self.features is not None:
+            self.features.capturing = True
+        try:
+            teacher_out = self._teacher_out(batch, need=self.distills)
+            student_out = self.student_forward(batch)
+        finally:
+            if self.features is not None:
+                self.features.capturing = False
         self._check_classes_once(student_out, teacher_out)
         terms = self.loss_terms(student_out, teacher_out, batch)
         loss = torch.stack(list(terms.values())).sum()
         self.log("train/loss", loss, prog_bar=True)
         for name, value in terms.items():
             self.log(f"train/{name}", value)
+        for name, value in self.scheduled.items():  # python floats: logging them never syncs the device
+            self.log(f"train/{name}" if name in ("temperature", "alpha") else f"train/weight/{name}", value)
         return loss
 
     def _evaluate(self, batch: Any, stage: str) -> None:
@@ -258,7 +355,9 @@ class DistillationModule(L.LightningModule):
         return self.student_forward(batch)
 
     def configure_optimizers(self) -> Any:
-        params = self.student.parameters()
+        params = list(self.student.parameters())
+        if self.features is not None:
+            params += list(self.features.parameters())  # the adapters learn with the student
         if self.optimizer_factory is None:
             optimizer = torch.optim.SGD(params, lr=0.05, momentum=0.9)
         else:

@@ -131,6 +131,12 @@ class TeacherOutputs:
             self.views = ViewBank(self._open("views.offsets.npy"), self._open("views.flips.npy"))
         self._on_device: dict[torch.device, tuple[dict[str, dict[str, Tensor]], ViewBank | None]] = {}
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory}  # spawned processes reopen the files instead of copying them
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"])
+
     def _open(self, name: str, samples_and_views: list[int] | None = None) -> Tensor:
         path = self.directory / name
         try:

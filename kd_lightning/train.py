@@ -60,6 +60,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         check_models_agree(cfg, datamodule)
         teacher: nn.Module | TeacherOutputs = prepare_teacher(cfg, datamodule)
     elif mode == "cached":
+        if cfg.distill.get("features"):
+            raise KDError("distill.features needs the live teacher's activations; set teacher.mode=live "
+                          "(a cached teacher records logits only).")
         teacher = prepare_teacher_outputs(cfg, datamodule)
         datamodule.replay_views(teacher)
     else:
@@ -143,13 +146,23 @@ def fit_and_test(cfg: DictConfig, module: DistillationModule, datamodule: Any, s
 
 
 def build_module(cfg: DictConfig, student: nn.Module, teacher: nn.Module | TeacherOutputs | None, alpha: float,
-                 optim: DictConfig) -> DistillationModule:
+                 optim: DictConfig, distill: bool = False) -> DistillationModule:
     """A DistillationModule with ``optim``'s optimizer and scheduler (``cfg.optim``, or ``teacher.fit``).
 
-    ``teacher`` is a live model, recorded :class:`TeacherOutputs`, or ``None``.
+    ``teacher`` is a live model, recorded :class:`TeacherOutputs`, or ``None``. With ``distill``,
+    the objective, extra and feature terms and schedules of ``cfg.distill``; otherwise CE alone
+    weighted ``1 − alpha`` (the teacher and baseline stages).
     """
     recorded = isinstance(teacher, TeacherOutputs)
+    terms: dict[str, Any] = {}
+    if distill:
+        plain = lambda node: OmegaConf.to_container(node, resolve=True) if node is not None else None  # noqa: E731
+        terms = {"objective": instantiate(cfg.distill.loss) if cfg.distill.get("loss") else None,
+                 "extra_terms": {name: {"objective": instantiate(spec.objective), "weight": spec.get("weight", 1.0)}
+                                 for name, spec in (cfg.distill.get("extra_terms") or {}).items()},
+                 "features": plain(cfg.distill.get("features")), "schedules": plain(cfg.distill.get("schedules"))}
     return DistillationModule(
+        **terms,
         student=student,
         teacher=None if recorded else teacher,
         teacher_outputs=teacher if recorded else None,
@@ -165,8 +178,9 @@ def fit_student(cfg: DictConfig, datamodule: Any, teacher: nn.Module | TeacherOu
                 stage: str) -> dict[str, float]:
     """Train a fresh student (same seed every stage, so KD and baseline start alike); return its metrics."""
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build_module(cfg, instantiate(cfg.student.model), teacher, alpha, cfg.optim)
-    log.info("stage %s: alpha=%s temperature=%s", stage, alpha, cfg.distill.temperature)
+    module = build_module(cfg, instantiate(cfg.student.model), teacher, alpha, cfg.optim, distill=stage == "distilled")
+    log.info("stage %s: alpha=%s temperature=%s%s", stage, alpha, cfg.distill.temperature,
+             f" objective={module.objective_name}" if alpha > 0 else "")
     return fit_and_test(cfg, module, datamodule, stage)
 
 

@@ -62,3 +62,15 @@ def test_default_config_instantiates_everything(make_cfg) -> None:
     for conf in cfg.callbacks.values():
         instantiate(conf)
     instantiate(cfg.logger)
+
+
+@pytest.mark.parametrize("name", options("distill/loss"))
+def test_every_objective_config_builds_a_callable_objective(make_cfg, name: str) -> None:
+    import torch
+
+    cfg = make_cfg(f"distill/loss={name}")
+    objective = instantiate(cfg.distill.loss)
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    value = objective(s, t, temperature=cfg.distill.temperature, labels=torch.randint(0, 10, (4,)))
+    assert value.dim() == 0 and value > 0
+    assert options("distill/loss") == ["dkd", "jsd", "kd", "reverse_kl"]

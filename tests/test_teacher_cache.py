@@ -202,3 +202,16 @@ def test_a_sweep_over_temperature_records_the_teacher_outputs_once(tmp_path: Pat
     results = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(4)]
     assert len({r["teacher"]["test/acc"] for r in results}) == 1
     assert np.isfinite([r["distilled"]["test/acc"] for r in results]).all()
+
+
+def test_recorded_outputs_pickle_by_path(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
+    """ddp_spawn pickles the module: the recording travels as its path, not as a copy of the arrays."""
+    import pickle
+
+    record_teacher_outputs(teacher_model(), tiny_cifar, tmp_path / "outputs", {}, 2, None, accelerator="cpu")
+    outputs = TeacherOutputs(tmp_path / "outputs")
+    payload = pickle.dumps(outputs)
+    assert len(payload) < 1000
+    again = pickle.loads(payload)
+    index = torch.arange(3)
+    assert torch.equal(again.lookup("train", index, torch.ones_like(index)), outputs.lookup("train", index, torch.ones_like(index)))

@@ -1,0 +1,136 @@
+"""Export the distilled student alone: a plain state_dict, optionally TorchScript / ``torch.export``.
+
+    python -m kd_lightning export RUN/distilled/checkpoints/last.ckpt student.pt [--torchscript student.ts]
+                                  [--torch-export student.pt2] [--config RUN/.hydra/config.yaml] [--overwrite]
+
+The student's architecture comes from the run's Hydra config (``.hydra/config.yaml``, found
+next to or above the checkpoint) or ``--config``. The teacher, the feature adapters and the
+optimizer state are left out; the written file loads into the bare student with
+``model.load_state_dict(torch.load("student.pt"), strict=True)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from kd_lightning.checkpoints import load_weights
+from kd_lightning.errors import KDError
+
+
+def find_run_config(checkpoint: Path) -> Path:
+    """``.hydra/config.yaml`` of the run a checkpoint belongs to (searched upwards from it)."""
+    for folder in checkpoint.resolve().parents:
+        candidate = folder / ".hydra" / "config.yaml"
+        if candidate.is_file():
+            return candidate
+    raise KDError(f"no .hydra/config.yaml above {checkpoint} to tell the student's architecture; pass "
+                  "--config RUN/.hydra/config.yaml (or call export_student(..., student=model)).")
+
+
+def student_from_config(config: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
+    """The (untrained) student of a run config, and the data's input shape when known."""
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(config)
+    student = instantiate(cfg.student.model)
+    input_shape = getattr(get_class(cfg.data._target_), "input_shape", None) if cfg.get("data") else None
+    return student, input_shape
+
+
+def atomic_save(write: Callable[[str], None], out: Path, overwrite: bool) -> None:
+    """Write ``out`` through a temporary file; refuse to replace an existing file unless ``overwrite``."""
+    if out.exists() and not overwrite:
+        raise KDError(f"{out} already exists; choose another path or pass --overwrite to replace it.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)  # torch.export wants .pt2
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file, not mkstemp's owner-only one
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def export_student(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    student: nn.Module | None = None,
+    config: str | os.PathLike | None = None,
+    example_input: torch.Tensor | None = None,
+    torchscript: str | os.PathLike | None = None,
+    torch_export: str | os.PathLike | None = None,
+    overwrite: bool = False,
+) -> nn.Module:
+    """Write the student weights of ``checkpoint`` to ``out`` as a plain state_dict; return the loaded student.
+
+    Args:
+        checkpoint: a DistillationModule checkpoint (``.ckpt``) or any file :func:`load_weights` reads.
+        out: where the state_dict goes.
+        student: the bare student architecture; default built from the run's config.
+        config: the run's ``.hydra/config.yaml``; default found above ``checkpoint``.
+        example_input: for TorchScript / ``torch.export``; default zeros of the data's input shape.
+        torchscript, torch_export: also write a traced TorchScript module / an ``ExportedProgram`` here.
+        overwrite: replace existing output files.
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    input_shape = None
+    if student is None:
+        student, input_shape = student_from_config(Path(config) if config else find_run_config(checkpoint))
+    load_weights(student, checkpoint)  # strict: every student key, nothing else
+    student.eval()
+    state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    atomic_save(lambda tmp: torch.save(state, tmp), out, overwrite)
+
+    if torchscript or torch_export:
+        if example_input is None:
+            if input_shape is None:
+                raise KDError("TorchScript / torch.export need an example input; pass example_input=... "
+                              "(or --config of a run whose data declares input_shape).")
+            example_input = torch.zeros(2, *input_shape)
+        with torch.no_grad():
+            if torchscript:
+                traced = torch.jit.trace(student, example_input)
+                atomic_save(lambda tmp: torch.jit.save(traced, tmp), Path(torchscript), overwrite)
+            if torch_export:
+                batch = torch.export.Dim("batch")  # any batch size, not just the example's
+                program = torch.export.export(student, (example_input,), dynamic_shapes=({0: batch},))
+                atomic_save(lambda tmp: torch.export.save(program, tmp), Path(torch_export), overwrite)
+    return student
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="kd_lightning export", description="Write the distilled student alone as a plain state_dict.")
+    parser.add_argument("checkpoint", type=Path, help="e.g. outputs/DATE/TIME/distilled/checkpoints/last.ckpt")
+    parser.add_argument("out", type=Path, help="where the student's state_dict goes (e.g. student.pt)")
+    parser.add_argument("--config", type=Path, help="the run's .hydra/config.yaml (default: found above the checkpoint)")
+    parser.add_argument("--torchscript", type=Path, help="also write a traced TorchScript module here")
+    parser.add_argument("--torch-export", type=Path, help="also write a torch.export ExportedProgram here (.pt2)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    args = parser.parse_args(argv)
+    try:
+        student = export_student(args.checkpoint, args.out, config=args.config, torchscript=args.torchscript,
+                                 torch_export=args.torch_export, overwrite=args.overwrite)
+    except KDError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    params = sum(p.numel() for p in student.parameters())
+    written = [str(p) for p in (args.out, args.torchscript, args.torch_export) if p]
+    print(f"student {type(student).__name__} ({params:,} parameters) written: {', '.join(written)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Schedules for the temperature, alpha and any loss-term weight (``distill.schedules``).
+
+A schedule maps training progress, counted in epochs or optimizer steps, to a value::
+
+    distill.schedules.temperature: {kind: cosine, start: 8, end: 2, length: 30}       # per epoch
+    distill.schedules.alpha:       {kind: linear, start: 0, end: 0.9, length: 500, interval: step}
+    distill.schedules.dkd:         {kind: linear, start: 0, end: 0.9, length: 20}     # a term's weight
+    distill.schedules.temperature: {kind: step, start: 8, milestones: [10, 20], gamma: 0.5}
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from kd_lightning.errors import KDError
+
+KINDS = ("constant", "linear", "cosine", "step")
+
+
+@dataclass
+class Schedule:
+    """``value(progress)`` for progress ``p`` in epochs (``interval=epoch``) or steps (``interval=step``).
+
+    - constant: ``start``;
+    - linear: ``start → end`` over ``length``, then ``end``;
+    - cosine: ``end + (start − end)·(1 + cos(π·p/length))/2``, then ``end``;
+    - step: ``start · gamma^(number of milestones ≤ p)``.
+    """
+
+    kind: str = "constant"
+    start: float = 0.0
+    end: float | None = None
+    length: int | None = None
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    interval: str = "epoch"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise KDError(f"schedule kind must be one of {', '.join(KINDS)}, got {self.kind!r}.")
+        if self.interval not in ("epoch", "step"):
+            raise KDError(f"schedule interval must be epoch or step, got {self.interval!r}.")
+        if self.kind in ("linear", "cosine") and (self.end is None or not self.length or self.length <= 0):
+            raise KDError(f"a {self.kind} schedule needs end=... and length=... (> 0, in {self.interval}s), "
+                          f"e.g. {{kind: {self.kind}, start: 8, end: 2, length: 30}}.")
+
+    def value(self, epoch: int, step: int) -> float:
+        progress = epoch if self.interval == "epoch" else step
+        if self.kind == "constant":
+            return self.start
+        if self.kind == "step":
+            return self.start * self.gamma ** sum(progress >= m for m in self.milestones)
+        fraction = min(progress / self.length, 1.0)
+        if self.kind == "linear":
+            return self.start + (self.end - self.start) * fraction
+        return self.end + (self.start - self.end) * (1 + math.cos(math.pi * fraction)) / 2
+
+
+def build_schedules(config: Mapping[str, Any] | None) -> dict[str, Schedule]:
+    """``{name: Schedule}`` from ``{name: {kind: ..., ...}}`` (or already-built schedules)."""
+    schedules = {}
+    for name, spec in (config or {}).items():
+        if spec is None:
+            continue
+        if isinstance(spec, Schedule):
+            schedules[name] = spec
+            continue
+        try:
+            schedules[name] = Schedule(**dict(spec))
+        except TypeError as exc:
+            raise KDError(f"distill.schedules.{name}: {exc}; a schedule takes kind, start, end, length, "
+                          "milestones, gamma, interval.") from None
+    return schedules

@@ -1,0 +1,182 @@
+"""The logit objectives: each against a direct transcription of its formula (float64), its
+special cases, gradcheck, and masked positions contributing exactly nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_lightning.losses import dkd_loss, jsd_loss, kd_loss, objective_name, reverse_kl_loss, standardize_logits
+
+SHAPES = [(5, 7), (3, 4, 6)]
+
+
+def logits_pair(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * 2, torch.randn(*shape, generator=g, dtype=torch.float64) * 2
+
+
+def labels_for(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, shape[-1], shape[:-1], generator=torch.Generator().manual_seed(seed + 1))
+
+
+# -- the formulas, transcribed --------------------------------------------------------------------
+
+def forward_kl_formula(s, t, T):
+    p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    return (p * (p.log() - q.log())).sum(-1).mean() * T**2
+
+
+def reverse_kl_formula(s, t, T):
+    p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    return (q * (q.log() - p.log())).sum(-1).mean()
+
+
+def jsd_formula(s, t, T, beta):
+    p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    m = beta * p + (1 - beta) * q
+    return ((1 - beta) * (p * (p / m).log()).sum(-1) + beta * (q * (q / m).log()).sum(-1)).mean()
+
+
+def dkd_formula(s, t, target, alpha, beta, T):
+    """The reference implementation of Zhao et al. (mdistiller), (N, C) only."""
+    gt = torch.zeros_like(s, dtype=torch.bool).scatter_(1, target[:, None], True)
+    p_s, p_t = torch.softmax(s / T, 1), torch.softmax(t / T, 1)
+
+    def cat_mask(p):
+        return torch.stack([(p * gt).sum(1), (p * ~gt).sum(1)], 1)
+
+    b_s, b_t = cat_mask(p_s), cat_mask(p_t)
+    tckd = (b_t * (b_t.log() - b_s.log())).sum() * T**2 / len(s)
+    p_t2 = torch.softmax(t / T - 1000.0 * gt, 1)
+    log_p_s2 = F.log_softmax(s / T - 1000.0 * gt, 1)
+    nckd = F.kl_div(log_p_s2, p_t2, reduction="sum") * T**2 / len(s)
+    return alpha * tckd + beta * nckd
+
+
+def standardize_formula(z):  # Sun et al. 2024, their `normalize`
+    return (z - z.mean(-1, keepdim=True)) / (1e-7 + z.std(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_forward_and_reverse_kl_match_their_formulas(shape, T) -> None:
+    s, t = logits_pair(shape)
+    torch.testing.assert_close(kd_loss(s, t, T), forward_kl_formula(s, t, T), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(reverse_kl_loss(s, t, T), reverse_kl_formula(s, t, T), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(reverse_kl_loss(s, t, T, scale_by_t2=True), reverse_kl_formula(s, t, T) * T**2)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+def test_jsd_matches_its_formula(shape, beta) -> None:
+    s, t = logits_pair(shape, seed=2)
+    torch.testing.assert_close(jsd_loss(s, t, 2.0, beta), jsd_formula(s, t, 2.0, beta), rtol=1e-10, atol=1e-12)
+
+
+def test_jsd_special_cases() -> None:
+    s, t = logits_pair((6, 5), seed=3)
+    torch.testing.assert_close(jsd_loss(s, t, 2.0, 0.0, scale_by_t2=True), kd_loss(s, t, 2.0))  # beta=0: forward KL
+    torch.testing.assert_close(jsd_loss(s, t, 2.0, 1.0), reverse_kl_loss(s, t, 2.0))  # beta=1: reverse KL
+    # beta=0.5: the symmetric JSD, the same with the roles swapped, and at most log 2
+    torch.testing.assert_close(jsd_loss(s, t, 2.0, 0.5), jsd_loss(t, s, 2.0, 0.5))
+    assert 0 < jsd_loss(s * 50, t * 50, 1.0, 0.5) <= torch.log(torch.tensor(2.0, dtype=torch.float64))
+    # continuous at both ends (the convention's point)
+    torch.testing.assert_close(jsd_loss(s, t, 2.0, 1e-6, scale_by_t2=True), kd_loss(s, t, 2.0), rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="beta must be in"):
+        jsd_loss(s, t, 2.0, 1.5)
+
+
+@pytest.mark.parametrize("T", [1.0, 4.0])
+def test_dkd_matches_the_reference_implementation(T) -> None:
+    s, t = logits_pair((8, 10), seed=4)
+    y = labels_for((8, 10))
+    ours = dkd_loss(s, t, T, labels=y, alpha=1.0, beta=8.0)
+    torch.testing.assert_close(ours, dkd_formula(s, t, y, 1.0, 8.0, T), rtol=1e-8, atol=1e-10)
+
+
+def test_dkd_decomposes_kd() -> None:
+    """Zhao et al.'s identity: KD = TCKD + (1 − p_t[target])·NCKD, per sample."""
+    s, t = logits_pair((1, 9), seed=5)
+    y = labels_for((1, 9))
+    p_target = torch.softmax(t / 3.0, -1)[0, y[0]]
+    torch.testing.assert_close(dkd_loss(s, t, 3.0, labels=y, alpha=1.0, beta=float(1 - p_target)), kd_loss(s, t, 3.0))
+    assert dkd_loss(t, t, 3.0, labels=y).item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_dkd_on_sequences_equals_flattened_rows() -> None:
+    s, t = logits_pair((3, 4, 6), seed=6)
+    y = labels_for((3, 4, 6))
+    torch.testing.assert_close(dkd_loss(s, t, 2.0, labels=y), dkd_loss(s.reshape(12, 6), t.reshape(12, 6), 2.0, labels=y.reshape(12)))
+    with pytest.raises(ValueError, match="needs labels"):
+        dkd_loss(s, t, 2.0, labels=None)
+
+
+@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, jsd_loss])
+def test_standardisation_is_the_objective_on_z_scored_logits(objective) -> None:
+    s, t = logits_pair((6, 8), seed=7)
+    s, t = s * 3 + 1, t * 0.5 - 2  # different scales and offsets: standardisation removes both
+    expected = objective(standardize_formula(s), standardize_formula(t), 2.0)
+    torch.testing.assert_close(objective(s, t, 2.0, standardize=True), expected)
+    torch.testing.assert_close(objective(s * 10 + 3, t, 2.0, standardize=True), expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(standardize_logits(s), standardize_formula(s))
+
+
+def test_dkd_standardisation() -> None:
+    s, t = logits_pair((6, 8), seed=8)
+    y = labels_for((6, 8))
+    torch.testing.assert_close(dkd_loss(s, t, 2.0, labels=y, standardize=True),
+                               dkd_formula(standardize_formula(s), standardize_formula(t), y, 1.0, 8.0, 2.0), rtol=1e-8, atol=1e-10)
+
+
+OBJECTIVES = {
+    "kd": lambda s, t, **kw: kd_loss(s, t, 2.0, **kw),
+    "reverse_kl": lambda s, t, **kw: reverse_kl_loss(s, t, 2.0, **kw),
+    "jsd": lambda s, t, **kw: jsd_loss(s, t, 2.0, 0.3, **kw),
+    "dkd": lambda s, t, labels=None, **kw: dkd_loss(s, t, 2.0, labels=labels, **kw),
+}
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+@pytest.mark.parametrize("standardize", [False, True])
+def test_gradcheck(name, standardize) -> None:
+    s, t = logits_pair((3, 5), seed=9)
+    y = labels_for((3, 5))
+    s.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda x: OBJECTIVES[name](x, t, labels=y, standardize=standardize), (s,))
+
+
+@pytest.mark.parametrize("name", OBJECTIVES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_masked_positions_contribute_exactly_nothing(name, shape) -> None:
+    s, t = logits_pair(shape, seed=10)
+    y = labels_for(shape)
+    g = torch.Generator().manual_seed(11)
+    mask = torch.rand(shape[:-1], generator=g) > 0.4
+    mask.view(-1)[0] = True
+    other = s.clone()
+    other[~mask] = torch.randn(int((~mask).sum()), shape[-1], generator=g, dtype=torch.float64) * 100  # anything at all
+    loss = OBJECTIVES[name](s, t, labels=y, mask=mask)
+    assert OBJECTIVES[name](other, t, labels=y, mask=mask) == loss  # bit for bit
+    kept = OBJECTIVES[name](s[mask], t[mask], labels=y[mask])  # = the loss over the kept positions alone
+    torch.testing.assert_close(loss, kept)
+    s.requires_grad_(True)
+    OBJECTIVES[name](s, t, labels=y, mask=mask).backward()
+    assert torch.all(s.grad[~mask] == 0)
+    # ignore_index drops positions the same way
+    ignored = torch.where(mask, y, torch.full_like(y, -100))
+    torch.testing.assert_close(OBJECTIVES[name](s.detach(), t, labels=ignored, ignore_index=-100), loss)
+
+
+def test_half_precision_inputs_are_computed_in_float32() -> None:
+    s, t = logits_pair((4, 6), seed=12)
+    for objective in (kd_loss, reverse_kl_loss, jsd_loss):
+        assert objective(s.half(), t.half(), 2.0).dtype == torch.float32
+    assert dkd_loss(s.bfloat16(), t.bfloat16(), 2.0, labels=labels_for((4, 6))).dtype == torch.float32
+
+
+def test_term_names() -> None:
+    from functools import partial
+
+    assert [objective_name(f) for f in (kd_loss, partial(jsd_loss, beta=0.1), dkd_loss)] == ["kd", "jsd", "dkd"]
