@@ -22,6 +22,7 @@ class DistillSchema:
     loss: Any = None  # the logit objective (distill/loss group): a _target_ with _partial_: true
     extra_terms: Dict[str, Any] = field(default_factory=dict)
     features: List[Any] = field(default_factory=list)
+    weights: Dict[str, float] = field(default_factory=dict)
     schedules: Dict[str, Any] = field(default_factory=dict)
 
 

@@ -90,7 +90,10 @@ class DistillationModule(L.LightningModule):
         extra_terms: more logit objectives, ``{name: {"objective": f, "weight": w}}``.
         features: feature terms (:class:`~kd_lightning.features.FeatureTerm` or dicts such as
             ``{"student": "layer3", "teacher": "layer3", "loss": "fitnet", "weight": 100}``).
-        schedules: ``{"temperature" | "alpha" | <term name>: Schedule or dict}``.
+        weights: ``{term name: weight}`` replacing the defaults (``ce``: ``1 − alpha``, the
+            objective: ``alpha``, extra and feature terms: their own ``weight``).
+        schedules: ``{"temperature" | "alpha" | <term name>: Schedule or dict}``; a scheduled
+            weight replaces the term's weight.
     """
 
     def __init__(
@@ -106,6 +109,7 @@ class DistillationModule(L.LightningModule):
         objective: Objective | None = None,
         extra_terms: dict[str, dict[str, Any]] | None = None,
         features: list[FeatureTerm | dict[str, Any]] | None = None,
+        weights: dict[str, float] | None = None,
         schedules: dict[str, Schedule | dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
@@ -120,7 +124,7 @@ class DistillationModule(L.LightningModule):
                     f"set {name}.model.num_classes={num_classes}."
                 )
         self.save_hyperparameters(ignore=["student", "teacher", "optimizer", "scheduler", "teacher_outputs", "objective",
-                                          "extra_terms", "features", "schedules"])
+                                          "extra_terms", "features", "weights", "schedules"])
         self.student = student
         self.teacher = teacher
         self.teacher_outputs = teacher_outputs  # a plain attribute: never in state_dict or checkpoints
@@ -136,6 +140,7 @@ class DistillationModule(L.LightningModule):
         if self.features is not None and teacher_outputs is not None:
             raise KDError("feature distillation needs the live teacher's activations; set teacher.mode=live "
                           "(a cached teacher records logits only).")
+        self.weights = {name: float(w) for name, w in (weights or {}).items()}
         self.schedules = build_schedules(schedules)
         self.scheduled: dict[str, float] = {}
         self._check_term_names()
@@ -156,7 +161,9 @@ class DistillationModule(L.LightningModule):
     @property
     def distills(self) -> bool:
         """Whether training uses the teacher at all (any distillation term can be non-zero)."""
-        return self.alpha > 0 or bool(self.schedules.keys() - {"temperature"}) or bool(self.extra_terms) or self.features is not None
+        if self.alpha > 0 or self.extra_terms or self.features is not None:
+            return True
+        return any(w != 0 for name, w in self.weights.items() if name != "ce") or bool(self.schedules.keys() - {"temperature", "ce"})
 
     def term_names(self) -> list[str]:
         names = ["ce", self.objective_name, *self.extra_terms]
@@ -170,10 +177,13 @@ class DistillationModule(L.LightningModule):
         if unknown:
             raise KDError(f"distill.schedules has {sorted(unknown)}, which is not a schedulable quantity; use "
                           f"temperature, alpha or a loss term's name: {names}.")
+        unknown = self.weights.keys() - set(names)
+        if unknown:
+            raise KDError(f"distill.weights has {sorted(unknown)}, which is not a loss term; the terms are {names}.")
 
     def term_weight(self, name: str, default: float) -> float:
-        """The weight of term ``name`` this step: its schedule's value, or ``default``."""
-        return self.scheduled.get(name, default)
+        """The weight of term ``name`` this step: its schedule's value, else ``weights[name]``, else ``default``."""
+        return self.scheduled.get(name, self.weights.get(name, default))
 
     @staticmethod
     def _stage_metrics(num_classes: int, with_teacher: bool) -> nn.ModuleDict:

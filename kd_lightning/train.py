@@ -160,7 +160,8 @@ def build_module(cfg: DictConfig, student: nn.Module, teacher: nn.Module | Teach
         terms = {"objective": instantiate(cfg.distill.loss) if cfg.distill.get("loss") else None,
                  "extra_terms": {name: {"objective": instantiate(spec.objective), "weight": spec.get("weight", 1.0)}
                                  for name, spec in (cfg.distill.get("extra_terms") or {}).items()},
-                 "features": plain(cfg.distill.get("features")), "schedules": plain(cfg.distill.get("schedules"))}
+                 "features": plain(cfg.distill.get("features")), "weights": plain(cfg.distill.get("weights")),
+                 "schedules": plain(cfg.distill.get("schedules"))}
     return DistillationModule(
         **terms,
         student=student,

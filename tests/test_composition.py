@@ -93,6 +93,8 @@ def test_sweep_over_objectives_with_fast_dev_run(tmp_path: Path) -> None:
 def test_bad_term_settings_are_refused(make_cfg) -> None:
     with pytest.raises(KDError, match="not a schedulable quantity"):
         train(make_cfg("+distill.schedules.tau={kind:constant,start:1}", *FAST))
+    with pytest.raises(KDError, match=r"distill.weights has \['fitnet'\], which is not a loss term"):
+        train(make_cfg("+distill.weights.fitnet=1.0", *FAST))
     with pytest.raises(KDError, match="schedule kind must be one of"):
         train(make_cfg("+distill.schedules.temperature={kind:exp,start:1}", *FAST))
     with pytest.raises(KDError, match="feature loss must be one of"):
@@ -127,8 +129,19 @@ def test_scheduled_temperature_and_weight_are_logged_every_step(make_cfg, tmp_pa
     train(cfg)
     rows = logged(Path(cfg.paths.output_dir))
     assert column(rows, "train/temperature") == pytest.approx([8.0, 7.0, 6.0, 5.0, 4.0, 3.0])
-    assert column(rows, "train/weight/dkd") == pytest.approx([0.0] + [0.9] * 5)  # DKD's warm-up, here over one step
+    assert column(rows, "train/weight/dkd") == pytest.approx([0.0] + [1.0] * 5)  # DKD's warm-up, here over one step
     assert column(rows, "train/dkd")[0] == 0.0
+
+
+def test_weights_replace_the_alpha_defaults(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg("+distill.weights.ce=1.0", "+distill.weights.kd=2.0", "baseline=false", *FAST)
+    train(cfg)
+    unweighted = make_cfg("distill.alpha=1.0", "baseline=false", *FAST, output_dir=tmp_path / "plain")
+    train(unweighted)
+    ce_weighted, kd_weighted = column(logged(Path(cfg.paths.output_dir)), "train/ce"), column(logged(Path(cfg.paths.output_dir)), "train/kd")
+    assert len(ce_weighted) == 6 and all(k > 0 for k in kd_weighted)
+    # first step, same initial student: kd term is 2x the unweighted KD
+    assert kd_weighted[0] == pytest.approx(2.0 * column(logged(tmp_path / "plain"), "train/kd")[0], rel=1e-5)
 
 
 # -- feature distillation ------------------------------------------------------------------------
