@@ -21,6 +21,7 @@ from torch import nn
 
 from kd_lightning import __version__
 from kd_lightning.checkpoints import load_weights, save_weights
+from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
 from kd_lightning.module import DistillationModule, check_same_classes, check_temperature_and_alpha
 from kd_lightning.plots import plot_curves
@@ -249,6 +250,9 @@ def prepare_teacher_outputs(cfg: DictConfig, datamodule: Any) -> TeacherOutputs:
     key a hash of everything the outputs depend on; the first run records it (the teacher is
     loaded or trained for that only), later runs and sweep jobs just open it.
     """
+    if not isinstance(datamodule, InMemoryDataModule):
+        raise KDError(f"teacher.mode=cached needs a datamodule derived from kd_lightning.data.InMemoryDataModule (batches "
+                      f"carry each sample's index to look its logits up); {type(datamodule).__name__} is not. Use teacher.mode=live.")
     cache = cfg.teacher.get("cache") or {}
     explicit = cache.get("dir")
     if explicit:

@@ -215,3 +215,12 @@ def test_recorded_outputs_pickle_by_path(tiny_cifar: CIFARDataModule, tmp_path: 
     again = pickle.loads(payload)
     index = torch.arange(3)
     assert torch.equal(again.lookup("train", index, torch.ones_like(index)), outputs.lookup("train", index, torch.ones_like(index)))
+
+
+def test_a_datamodule_without_sample_indices_is_refused(make_cfg) -> None:
+    import lightning as L
+
+    from kd_lightning.train import prepare_teacher_outputs
+
+    with pytest.raises(KDError, match="needs a datamodule derived from kd_lightning.data.InMemoryDataModule"):
+        prepare_teacher_outputs(make_cfg("teacher.mode=cached"), L.LightningDataModule())
