@@ -228,49 +228,53 @@ def record_teacher_outputs(teacher: nn.Module, datamodule: Any, directory: Path,
     tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if bank is not None:
-        np.save(tmp / "views.offsets.npy", bank.offsets.numpy())
-        np.save(tmp / "views.flips.npy", bank.flips.numpy())
+    try:
+        if bank is not None:
+            np.save(tmp / "views.offsets.npy", bank.offsets.numpy())
+            np.save(tmp / "views.flips.npy", bank.flips.numpy())
 
-    recorder = _RecordTeacher(teacher, datamodule.prepare_inputs, augment, bank, top_k)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-    splits: dict[str, list[int]] = {}
-    num_classes = None
-    started = time.perf_counter()
-    for split, data in datamodule.splits.items():
-        num_views = bank.num_views if split == "train" and bank is not None else 1
-        recorder.bank = bank if split == "train" else None
-        if num_classes is None:
-            with torch.no_grad():
-                example = datamodule.prepare_inputs(data.inputs[:1])
-                num_classes = teacher.eval()(example.to(next(teacher.parameters()).device)).shape[-1]
-        shape = (len(data), num_views)
-        if top_k is not None and not 1 <= top_k <= num_classes:
-            raise KDError(f"teacher.cache.top_k={top_k} must be between 1 and the {num_classes} classes (or null for all).")
-        if top_k is None:
-            files = {"logits": (shape + (num_classes,), np.float16)}
-        else:
-            files = {"topk_values": (shape + (top_k,), np.float16),
-                     "topk_indices": (shape + (top_k,), np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32),
-                     "logsumexp": (shape, np.float32)}
-        recorder.out = {name: np.lib.format.open_memmap(tmp / f"{split}.{name}.npy", mode="w+", dtype=dtype, shape=full)
-                        for name, (full, dtype) in files.items()}
-        log.info("teacher outputs: recording %d x %d views of split %s", len(data), num_views, split)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*predict returned None.*")  # the outputs go to the files
-            trainer.predict(recorder, dataloaders=datamodule._loader(split, train=False), return_predictions=False)
-        for array in recorder.out.values():
-            array.flush()
-        recorder.out = {}
-        splits[split] = list(shape)
-    meta = {"format": FORMAT_VERSION, "identity": identity, "num_classes": num_classes, "top_k": top_k,
-            "views_per_sample": views_per_sample, "views": bank is not None, "splits": splits,
-            "seconds": round(time.perf_counter() - started, 1)}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if directory.exists():  # a stale, incomplete directory: the meta file is written last
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+        recorder = _RecordTeacher(teacher, datamodule.prepare_inputs, augment, bank, top_k)
+        trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        splits: dict[str, list[int]] = {}
+        num_classes = None
+        started = time.perf_counter()
+        for split, data in datamodule.splits.items():
+            num_views = bank.num_views if split == "train" and bank is not None else 1
+            recorder.bank = bank if split == "train" else None
+            if num_classes is None:
+                with torch.no_grad():
+                    example = datamodule.prepare_inputs(data.inputs[:1])
+                    num_classes = teacher.eval()(example.to(next(teacher.parameters()).device)).shape[-1]
+            shape = (len(data), num_views)
+            if top_k is not None and not 1 <= top_k <= num_classes:
+                raise KDError(f"teacher.cache.top_k={top_k} must be between 1 and the {num_classes} classes (or null for all).")
+            if top_k is None:
+                files = {"logits": (shape + (num_classes,), np.float16)}
+            else:
+                files = {"topk_values": (shape + (top_k,), np.float16),
+                         "topk_indices": (shape + (top_k,), np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32),
+                         "logsumexp": (shape, np.float32)}
+            recorder.out = {name: np.lib.format.open_memmap(tmp / f"{split}.{name}.npy", mode="w+", dtype=dtype, shape=full)
+                            for name, (full, dtype) in files.items()}
+            log.info("teacher outputs: recording %d x %d views of split %s", len(data), num_views, split)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*predict returned None.*")  # the outputs go to the files
+                trainer.predict(recorder, dataloaders=datamodule._loader(split, train=False), return_predictions=False)
+            for array in recorder.out.values():
+                array.flush()
+            recorder.out = {}
+            splits[split] = list(shape)
+        meta = {"format": FORMAT_VERSION, "identity": identity, "num_classes": num_classes, "top_k": top_k,
+                "views_per_sample": views_per_sample, "views": bank is not None, "splits": splits,
+                "seconds": round(time.perf_counter() - started, 1)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        if directory.exists():  # a stale, incomplete directory: the meta file is written last
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written is left behind
+        raise
     log.info("teacher outputs: recorded in %.1f s at %s", meta["seconds"], directory)
 
 

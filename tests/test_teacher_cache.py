@@ -224,3 +224,9 @@ def test_a_datamodule_without_sample_indices_is_refused(make_cfg) -> None:
 
     with pytest.raises(KDError, match="needs a datamodule derived from kd_lightning.data.InMemoryDataModule"):
         prepare_teacher_outputs(make_cfg("teacher.mode=cached"), L.LightningDataModule())
+
+
+def test_a_failed_recording_leaves_nothing_behind(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
+    with pytest.raises(KDError, match="top_k=11 must be between 1 and the 10 classes"):
+        record_teacher_outputs(teacher_model(), tiny_cifar, tmp_path / "outputs", {}, 2, 11, accelerator="cpu")
+    assert list(tmp_path.iterdir()) == [tmp_path / "tree"]
