@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -67,15 +67,27 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
-def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
-    """Write ``{'model': state_dict, **meta}`` atomically (temp file + rename): never a half-written file."""
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it: never a half-written file.
+
+    The temporary name keeps ``path``'s suffix (``torch.export.save`` insists on ``.pt2``) and
+    the file gets the usual permissions (umask), not ``mkstemp``'s owner-only ones.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        torch.save({"model": model.state_dict(), **meta}, tmp)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
+    """Write ``{'model': state_dict, **meta}`` atomically (temp file + rename)."""
+    atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), **meta}, tmp))

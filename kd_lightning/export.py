@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
-from kd_lightning.checkpoints import load_weights
+from kd_lightning.checkpoints import atomic_write, load_weights
 from kd_lightning.errors import KDError
 
 
@@ -50,18 +49,7 @@ def atomic_save(write: Callable[[str], None], out: Path, overwrite: bool) -> Non
     """Write ``out`` through a temporary file; refuse to replace an existing file unless ``overwrite``."""
     if out.exists() and not overwrite:
         raise KDError(f"{out} already exists; choose another path or pass --overwrite to replace it.")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)  # torch.export wants .pt2
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # an ordinary file, not mkstemp's owner-only one
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(out, write)
 
 
 def export_student(

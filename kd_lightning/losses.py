@@ -20,6 +20,7 @@ serve as an objective (``distill.loss._target_``); these all accept that call.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -250,8 +251,6 @@ class KDLoss(torch.nn.Module):
 
 def objective_name(objective) -> str:
     """The name a loss term is logged under: ``kd_loss`` -> ``kd``, ``MyLoss`` -> ``MyLoss``."""
-    import functools
-
     while isinstance(objective, functools.partial):
         objective = objective.func
     name = getattr(objective, "__name__", None) or type(objective).__name__

@@ -195,9 +195,27 @@ def teacher_cache_path(cfg: DictConfig) -> Path:
     trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
     identity = {"model": plain(cfg.teacher.model), "fit": plain(cfg.teacher.fit), "data": plain(cfg.data),
                 "trainer": trainer, "seed": cfg.seed, "kd_lightning": __version__}  # a new release retrains
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    name = cfg.teacher.model.get("name") or cfg.teacher.model._target_.rsplit(".", 1)[-1]
-    return Path(cfg.paths.cache_dir) / "teachers" / f"{name}-{key}.pth"
+    return Path(cfg.paths.cache_dir) / "teachers" / f"{teacher_name(cfg)}-{config_key(identity)}.pth"
+
+
+def config_key(identity: dict[str, Any]) -> str:
+    """16 hex digits identifying a JSON-able description (a cache key)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def teacher_name(cfg: DictConfig) -> str:
+    """The teacher model's name (zoo name, else class name), for cache file names."""
+    return cfg.teacher.model.get("name") or cfg.teacher.model._target_.rsplit(".", 1)[-1]
+
+
+def given_teacher_checkpoint(cfg: DictConfig) -> Path | None:
+    """``teacher.checkpoint`` as a path (``None`` if unset); refused if the file is missing."""
+    if not cfg.teacher.get("checkpoint"):
+        return None
+    path = Path(cfg.teacher.checkpoint)
+    if not path.is_file():
+        raise KDError(f"teacher checkpoint {path} does not exist; fix teacher.checkpoint.")
+    return path
 
 
 @contextlib.contextmanager
@@ -257,10 +275,7 @@ def prepare_teacher_outputs(cfg: DictConfig, datamodule: Any) -> TeacherOutputs:
     explicit = cache.get("dir")
     if explicit:
         outputs = TeacherOutputs(explicit)
-        teacher_file = Path(cfg.teacher.checkpoint) if cfg.teacher.get("checkpoint") else None
-        if teacher_file is not None and not teacher_file.is_file():
-            raise KDError(f"teacher checkpoint {teacher_file} does not exist; fix teacher.checkpoint.")
-        wanted = teacher_outputs_identity(cfg, datamodule, teacher_file)
+        wanted = teacher_outputs_identity(cfg, datamodule, given_teacher_checkpoint(cfg))
         recorded = outputs.meta["identity"]
         problems = describe_mismatch({k: recorded.get(k) for k in ("teacher", "data")}, {k: wanted[k] for k in ("teacher", "data")})
         if problems:
@@ -268,15 +283,11 @@ def prepare_teacher_outputs(cfg: DictConfig, datamodule: Any) -> TeacherOutputs:
                           + ". Unset teacher.cache.dir to record outputs for this teacher and data.")
         return check_outputs_fit(outputs, cfg, datamodule)
 
-    teacher_file = Path(cfg.teacher.checkpoint) if cfg.teacher.get("checkpoint") else teacher_cache_path(cfg)
-    if cfg.teacher.get("checkpoint") and not teacher_file.is_file():
-        raise KDError(f"teacher checkpoint {teacher_file} does not exist; fix teacher.checkpoint.")
+    teacher_file = given_teacher_checkpoint(cfg) or teacher_cache_path(cfg)
     if not teacher_file.is_file():
         prepare_teacher(cfg, datamodule)  # trains and caches it; recorded below from that file
     identity = teacher_outputs_identity(cfg, datamodule, teacher_file)
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    name = cfg.teacher.model.get("name") or cfg.teacher.model._target_.rsplit(".", 1)[-1]
-    directory = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{name}-{key}"
+    directory = Path(cfg.paths.cache_dir) / "teacher_outputs" / f"{teacher_name(cfg)}-{config_key(identity)}"
     if is_global_zero():
         with file_lock(directory.with_name(directory.name + ".lock")):
             if (directory / META_FILE).is_file():
