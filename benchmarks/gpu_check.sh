@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_check.sh --device cpu            # dry mode: tiny sizes, on the CPU
 #
 # resnet56 -> resnet20 KD on synthetic CIFAR-shaped data, bf16-mixed and channels-last:
-# images/second of live KD, cached KD and the student alone (benchmarks/cached_teacher.py),
+# images/second of live KD, recorded KD and the student alone (benchmarks/recorded_teacher.py),
 # and the Lightning-vs-plain-loop ratio (benchmarks/step_overhead.py). Installs nothing: it
 # runs the checkout with the machine's torch + lightning + torchmetrics (no Hydra needed).
 set -euo pipefail
@@ -29,30 +29,30 @@ trap 'rm -rf "$tmp"' EXIT
 
 if [ "$device" = cpu ]; then  # dry mode: checks the script end to end in seconds
   models=(--teacher resnet8 --student resnet8)
-  cached=(--train-size 128 --batch-size 32 --repeats 1 --top-k 5)
+  recorded=(--train-size 128 --batch-size 32 --repeats 1 --top-k 5)
   overhead=(--batch-size 16 --steps 2 --pairs 1)
 else
   "$python" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU visible to torch; use --device cpu for the dry mode')"
   models=(--teacher resnet56 --student resnet20)
-  cached=(--train-size 25600 --batch-size 256 --repeats 3 --top-k 10)
+  recorded=(--train-size 25600 --batch-size 256 --repeats 3 --top-k 10)
   overhead=(--batch-size 256 --steps 200 --pairs 5)  # enough steps that Trainer start-up is not what is measured
 fi
 precision=(--device "$device" --precision bf16-mixed --channels-last)
 
-"$python" "$repo/benchmarks/cached_teacher.py" "${models[@]}" "${cached[@]}" "${precision[@]}" --json "$tmp/cached.json"
+"$python" "$repo/benchmarks/recorded_teacher.py" "${models[@]}" "${recorded[@]}" "${precision[@]}" --json "$tmp/recorded.json"
 "$python" "$repo/benchmarks/step_overhead.py" "${models[@]}" "${overhead[@]}" "${precision[@]}" --json "$tmp/overhead.json"
-"$python" - "$tmp/cached.json" "$tmp/overhead.json" "$out" <<'PY'
+"$python" - "$tmp/recorded.json" "$tmp/overhead.json" "$out" <<'PY'
 import json, sys
-cached, overhead, out = (json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3])
-full = cached["full"]
+recorded, overhead, out = (json.load(open(sys.argv[1])), json.load(open(sys.argv[2])), sys.argv[3])
+full = recorded["full"]
 summary = {
-    "machine": cached["machine"], "torch": cached["torch"], "lightning": cached["lightning"],
-    "pair": f"{cached['teacher']} -> {cached['student']}", "precision": cached["precision"], "channels_last": cached["channels_last"],
+    "machine": recorded["machine"], "torch": recorded["torch"], "lightning": recorded["lightning"],
+    "pair": f"{recorded['teacher']} -> {recorded['student']}", "precision": recorded["precision"], "channels_last": recorded["channels_last"],
     "images_per_s": full["images_per_s"],
-    "cached_over_alone_time": round(full["epoch_s"]["cached"] / full["epoch_s"]["alone"], 3),
-    "live_over_cached_time": round(full["epoch_s"]["live"] / full["epoch_s"]["cached"], 3),
+    "recorded_over_alone_time": round(full["epoch_s"]["recorded"] / full["epoch_s"]["alone"], 3),
+    "live_over_recorded_time": round(full["epoch_s"]["live"] / full["epoch_s"]["recorded"], 3),
     "lightning_over_plain_time": overhead["ratio"],
-    "details": {"cached_teacher": cached, "step_overhead": overhead},
+    "details": {"recorded_teacher": recorded, "step_overhead": overhead},
 }
 json.dump(summary, open(out, "w"), indent=2)
 print(json.dumps({k: v for k, v in summary.items() if k != "details"}, indent=2))

@@ -76,8 +76,8 @@ def run_plain(student, teacher, data: RandomCIFAR, steps: int, temperature: floa
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
     done = 0
     while done < steps:
-        for x, y, _ in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for batch in loader:
+            x, y = batch["inputs"].to(device, non_blocking=True), batch["labels"].to(device, non_blocking=True)
             with autocast:
                 with torch.no_grad():
                     t = teacher(x)

@@ -8,22 +8,28 @@ and plain state_dicts. Loading is strict; a mismatch names the missing and unexp
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDError
+from kd_lightning.files import atomic_write
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The model weights stored in ``path``, whatever the layout."""
+def existing_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` as a ``Path``; refused with the fix unless it is a file."""
     path = Path(path)
     if not path.is_file():
         raise KDError(f"checkpoint not found: {path}. Check teacher.checkpoint (relative paths are "
                       "resolved from the directory you ran the command in), or set it to null to train one.")
+    return path
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+    """The model weights stored in ``path``, whatever the layout."""
+    path = existing_checkpoint(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
@@ -65,27 +71,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                       + ". Pick the architecture the checkpoint was trained with (e.g. teacher=resnet56).")
     model.load_state_dict(state, strict=True)
     return model
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it: never a half-written file.
-
-    The temporary name keeps ``path``'s suffix (``torch.export.save`` insists on ``.pt2``) and
-    the file gets the usual permissions (umask), not ``mkstemp``'s owner-only ones.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:

@@ -6,26 +6,16 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kd_lightning.config import register_configs
+from kd_lightning.config import config_dir, register_configs
 from kd_lightning.errors import KDError
 
 register_configs()
-
-
-def config_dir() -> str:
-    """``conf/`` inside the installed package, or at the top of a source checkout."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(f"kd_lightning's conf/ was found neither in {package} nor in {package.parent}.")
 
 
 def format_summary(results: dict) -> str:
@@ -50,7 +40,8 @@ def format_summary(results: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from kd_lightning.train import is_global_zero, train  # import torch/Lightning after Hydra parsed the command line
+    from kd_lightning.stages import is_global_zero
+    from kd_lightning.train import train  # import torch/Lightning after Hydra parsed the command line
 
     try:
         results = train(cfg)

@@ -1,16 +1,35 @@
-"""Typed schemas for config groups, registered with Hydra's ConfigStore.
+"""What Hydra needs beyond ``conf/``: where ``conf/`` is, typed schemas, and the model group.
 
-A group's YAML names its schema first in its defaults list; Hydra then rejects a wrong
-type or an unknown key at composition time, before anything is built (ranges are checked
-by :func:`kd_lightning.module.check_temperature_and_alpha`).
+- :func:`config_dir`: ``conf/`` inside the installed package, or at the top of a checkout.
+- Typed schemas: a group's YAML names its schema first in its defaults list; Hydra then
+  rejects a wrong type or an unknown key at composition time, before anything is built
+  (value ranges are checked where the values enter: :class:`~kd_lightning.loss_mix.LossMix`,
+  :class:`~kd_lightning.recording.RecordingSettings`).
+- One model group for teacher and student: every ``conf/model/NAME.yaml`` and every model of
+  the CIFAR zoo (``kd_lightning.models.cifar.MODELS``) is an option of both the ``teacher``
+  and the ``student`` group, so ``teacher=resnet56 student=resnet20`` works and adding a model
+  to the zoo is one edit.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+MODEL_ROLES = ("teacher", "student")
+
+
+def config_dir() -> str:
+    """``conf/`` inside the installed package, or at the top of a source checkout."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"kd_lightning's conf/ was found neither in {package} nor in {package.parent}.")
 
 
 @dataclass
@@ -18,7 +37,7 @@ class DistillSchema:
     """``distill/``: ``loss = (1 − alpha)·CE + alpha·objective(T)`` + extra and feature terms."""
 
     temperature: float = 4.0
-    alpha: float = 0.9
+    alpha: Optional[float] = 0.9  # null when ce and the objective have their own weights (distill/loss=dkd)
     loss: Any = None  # the logit objective (distill/loss group): a _target_ with _partial_: true
     extra_terms: Dict[str, Any] = field(default_factory=dict)
     features: List[Any] = field(default_factory=list)
@@ -26,5 +45,20 @@ class DistillSchema:
     schedules: Dict[str, Any] = field(default_factory=dict)
 
 
+def model_configs() -> dict[str, Any]:
+    """``{name: model config}``: the files of ``conf/model/`` and the CIFAR zoo."""
+    from kd_lightning.models.cifar import MODELS
+
+    configs: dict[str, Any] = {name: {"_target_": "kd_lightning.models.cifar.build_cifar_model", "name": name,
+                                      "num_classes": "${data.num_classes}"} for name in MODELS}
+    for path in sorted((Path(config_dir()) / "model").glob("*.yaml")):
+        configs[path.stem] = OmegaConf.load(path)
+    return configs
+
+
 def register_configs() -> None:
-    ConfigStore.instance().store(group="distill", name="schema", node=DistillSchema)
+    store = ConfigStore.instance()
+    store.store(group="distill", name="schema", node=DistillSchema)
+    for name, model in model_configs().items():
+        for role in MODEL_ROLES:
+            store.store(group=role, name=name, node={"model": model})

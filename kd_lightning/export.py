@@ -20,7 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from kd_lightning.checkpoints import atomic_write, load_weights
+from kd_lightning.checkpoints import load_weights
+from kd_lightning.files import atomic_write
 from kd_lightning.errors import KDError
 
 

@@ -102,7 +102,7 @@ class FeatureDistiller(nn.Module):
     """Hooks on student and teacher layers, the adapters, and the feature loss terms.
 
     Lifecycle: :meth:`attach` registers the hooks, :meth:`build_adapters` sizes the adapters
-    from one dry run, :meth:`terms_from_captured` computes the weighted-free loss of each term
+    from one dry run, :meth:`losses_from_captured` computes the (unweighted) loss of each term
     from the features captured by the last forward passes, :meth:`detach` removes the hooks.
     """
 
@@ -168,8 +168,8 @@ class FeatureDistiller(nn.Module):
             self.clear()
             student.train(was_training)
 
-    def terms_from_captured(self) -> dict[str, tuple[float, Tensor]]:
-        """``{name: (weight, loss)}`` for every term, from the features captured by the last forward passes."""
+    def losses_from_captured(self) -> dict[str, Tensor]:
+        """``{name: loss}`` for every term, from the features captured by the last forward passes."""
         out = {}
         for i, term in enumerate(self.terms):
             try:
@@ -193,5 +193,5 @@ class FeatureDistiller(nn.Module):
                     raise KDError(f"feature term {term.name}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; "
                                   "use loss: fitnet to learn an adapter between different widths.")
                 loss = F.mse_loss(s, t)
-            out[term.name] = (term.weight, loss)
+            out[term.name] = loss
         return out

@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "dkd_loss", "standardize_logits", "KDLoss", "positions_to_keep"]
+from kd_lightning.errors import KDError
+
+__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "dkd_loss", "standardize_logits", "KDLoss", "positions_to_keep", "check_temperature"]
 
 def positions_to_keep(
     logits: Tensor,
@@ -63,6 +65,13 @@ def mean_over_positions(per_position: Tensor, keep: Tensor | None) -> Tensor:
     return kept.sum() / keep.sum().clamp_min(1)
 
 
+def check_temperature(temperature: float) -> None:
+    """Raise :class:`~kd_lightning.KDError` (a ``ValueError``) unless ``temperature`` is a number > 0."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise KDError(f"distill.temperature must be > 0, got {temperature}. The usual values are 1-8 "
+                      "(4 in the CIFAR recipe); set e.g. distill.temperature=4.")
+
+
 def at_least_float32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
@@ -80,8 +89,7 @@ def tempered_log_probs(student_logits: Tensor, teacher_logits: Tensor, temperatu
             f"{tuple(teacher_logits.shape)} differ in shape; teacher and student must "
             "predict the same number of classes."
         )
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}.")
+    check_temperature(temperature)
     s, t = at_least_float32(student_logits), at_least_float32(teacher_logits.detach())
     if standardize:
         s, t = standardize_logits(s), standardize_logits(t)
@@ -190,14 +198,14 @@ def dkd_loss(
     temperature: float = 4.0,
     *,
     labels: Tensor,
-    alpha: float = 1.0,
-    beta: float = 8.0,
+    tckd_weight: float = 1.0,
+    nckd_weight: float = 8.0,
     mask: Tensor | None = None,
     ignore_index: int | None = None,
     scale_by_t2: bool = True,
     standardize: bool = False,
 ) -> Tensor:
-    """Decoupled KD (Zhao et al. 2022): ``alpha·TCKD + beta·NCKD``.
+    """Decoupled KD (Zhao et al. 2022): ``tckd_weight·TCKD + nckd_weight·NCKD`` (the paper's alpha, beta).
 
     With ``g`` the label's class, TCKD is the KL between the binary distributions
     ``[p_g, 1 − p_g]`` of teacher and student; NCKD the KL between their distributions over
@@ -207,7 +215,8 @@ def dkd_loss(
 
     Args:
         labels: ``(N,)`` / ``(N, L)`` class indices; required.
-        alpha, beta: weights of TCKD and NCKD (1 and 8 in the paper's CIFAR setting).
+        tckd_weight, nckd_weight: the paper's alpha and beta, weights of TCKD and NCKD (1 and 8 in
+            its CIFAR setting); named apart from ``distill.alpha``, the CE/objective mix.
     """
     log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
     if labels is None or labels.shape != student_logits.shape[:-1]:
@@ -230,7 +239,7 @@ def dkd_loss(
 
     tckd = kl_rows(binary(log_p_teacher), binary(log_p_student))
     nckd = kl_rows(non_target(log_p_teacher), non_target(log_p_student))
-    return reduce_positions(alpha * tckd + beta * nckd, student_logits, keep, None, None, temperature, scale_by_t2)
+    return reduce_positions(tckd_weight * tckd + nckd_weight * nckd, student_logits, keep, None, None, temperature, scale_by_t2)
 
 
 class KDLoss(torch.nn.Module):
@@ -238,8 +247,7 @@ class KDLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}.")
+        check_temperature(temperature)
         self.temperature = temperature
         self.scale_by_t2 = scale_by_t2
 

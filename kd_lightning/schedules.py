@@ -4,7 +4,7 @@ A schedule maps training progress, counted in epochs or optimizer steps, to a va
 
     distill.schedules.temperature: {kind: cosine, start: 8, end: 2, length: 30}       # per epoch
     distill.schedules.alpha:       {kind: linear, start: 0, end: 0.9, length: 500, interval: step}
-    distill.schedules.dkd:         {kind: linear, start: 0, end: 0.9, length: 20}     # a term's weight
+    distill.schedules.dkd:         {kind: warmup, start: 0, end: 1, length: 20}       # a term's weight
     distill.schedules.temperature: {kind: step, start: 8, milestones: [10, 20], gamma: 0.5}
 """
 
@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from kd_lightning.errors import KDError
 
-KINDS = ("constant", "linear", "cosine", "step")
+KINDS = ("constant", "linear", "warmup", "cosine", "step")
 
 
 @dataclass
@@ -24,7 +24,9 @@ class Schedule:
     """``value(progress)`` for progress ``p`` in epochs (``interval=epoch``) or steps (``interval=step``).
 
     - constant: ``start``;
-    - linear: ``start → end`` over ``length``, then ``end``;
+    - linear: ``start → end`` over ``length``, then ``end`` (``start`` at ``p = 0``);
+    - warmup: the same ramp counted from 1, ``start + (end − start)·min((p + 1)/length, 1)``: the
+      first epoch already gets ``1/length`` of the way (DKD's warm-up, as published);
     - cosine: ``end + (start − end)·(1 + cos(π·p/length))/2``, then ``end``;
     - step: ``start · gamma^(number of milestones ≤ p)``.
     """
@@ -42,9 +44,19 @@ class Schedule:
             raise KDError(f"schedule kind must be one of {', '.join(KINDS)}, got {self.kind!r}.")
         if self.interval not in ("epoch", "step"):
             raise KDError(f"schedule interval must be epoch or step, got {self.interval!r}.")
-        if self.kind in ("linear", "cosine") and (self.end is None or not self.length or self.length <= 0):
+        if self.kind in ("linear", "warmup", "cosine") and (self.end is None or not self.length or self.length <= 0):
             raise KDError(f"a {self.kind} schedule needs end=... and length=... (> 0, in {self.interval}s), "
                           f"e.g. {{kind: {self.kind}, start: 8, end: 2, length: 30}}.")
+
+    def extremes(self) -> tuple[float, float]:
+        """The smallest and largest value the schedule ever takes (it is monotone between them)."""
+        if self.kind == "constant":
+            values = [self.start]
+        elif self.kind == "step":
+            values = [self.start * self.gamma**k for k in range(len(self.milestones) + 1)]
+        else:
+            values = [self.start, self.end]
+        return min(values), max(values)
 
     def value(self, epoch: int, step: int) -> float:
         progress = epoch if self.interval == "epoch" else step
@@ -52,8 +64,8 @@ class Schedule:
             return self.start
         if self.kind == "step":
             return self.start * self.gamma ** sum(progress >= m for m in self.milestones)
-        fraction = min(progress / self.length, 1.0)
-        if self.kind == "linear":
+        fraction = min((progress + (self.kind == "warmup")) / self.length, 1.0)
+        if self.kind in ("linear", "warmup"):
             return self.start + (self.end - self.start) * fraction
         return self.end + (self.start - self.end) * (1 + math.cos(math.pi * fraction)) / 2
 

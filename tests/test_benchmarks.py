@@ -31,14 +31,14 @@ def test_data_path_runs_on_a_generated_tree(tmp_path: Path) -> None:
     assert "ratio torchvision / in_memory:" in out.stdout
 
 
-def test_cached_teacher_benchmark_prints_the_ratios(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "cached_teacher.py"), "--teacher", "resnet8", "--student", "resnet8",
+def test_recorded_teacher_benchmark_prints_the_ratios(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "recorded_teacher.py"), "--teacher", "resnet8", "--student", "resnet8",
                           "--train-size", "64", "--batch-size", "16", "--repeats", "1", "--top-k", "3", "--json", str(tmp_path / "out.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "ratio live / cached:" in out.stdout and "ratio cached / alone:" in out.stdout
+    assert "ratio live / recorded:" in out.stdout and "ratio recorded / alone:" in out.stdout
     result = json.loads((tmp_path / "out.json").read_text())
-    assert set(result["full"]["epoch_s"]) == {"live", "cached", "alone"}
+    assert set(result["full"]["epoch_s"]) == {"live", "recorded", "alone"}
     assert result["top_k"]["classes"] == 100 and result["top_k"]["top_k"] == 3
 
 
@@ -48,8 +48,8 @@ def test_gpu_check_dry_mode_on_cpu_writes_the_json(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "gpu.json").read_text())
     assert summary["precision"] == "bf16-mixed" and summary["channels_last"] is True
-    assert set(summary["images_per_s"]) == {"live", "cached", "alone"}
-    assert summary["lightning_over_plain_time"] > 0 and summary["cached_over_alone_time"] > 0
+    assert set(summary["images_per_s"]) == {"live", "recorded", "alone"}
+    assert summary["lightning_over_plain_time"] > 0 and summary["recorded_over_alone_time"] > 0
 
 
 def test_gpu_check_without_a_gpu_says_so(tmp_path: Path) -> None:

@@ -30,7 +30,8 @@ def datamodule(root: Path, **kwargs) -> CIFARDataModule:
 def test_image_folder_tree_is_decoded_to_uint8_splits(tmp_path: Path, suffix: str) -> None:
     dm = datamodule(make_image_tree(tmp_path / "tree", suffix=suffix))
     assert {s: len(dm.splits[s]) for s in ("train", "val", "test")} == {"train": 15, "val": 3, "test": 6}
-    x, y, index = dm.splits["train"].__getitems__([0, 1, 2])
+    batch = dm.splits["train"].__getitems__([0, 1, 2])
+    x, index = batch["inputs"], batch["index"]
     assert x.dtype == torch.uint8 and x.shape == (3, 3, 32, 32)
     assert set(dm.splits["test"].targets.tolist()) == {0, 1, 2}  # class folders in sorted order
     assert torch.equal(index, torch.tensor([0, 1, 2]))
@@ -67,14 +68,14 @@ def test_cache_is_rebuilt_when_the_images_change(tmp_path: Path) -> None:
 
 def test_read_only_data_dir_caches_in_cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = make_image_tree(tmp_path / "tree")
-    real_mkstemp = cifar_module.tempfile.mkstemp
+    real_atomic_write = cifar_module.atomic_write
 
-    def read_only_root(*args, dir=None, **kwargs):  # as root, chmod would not stop the write
-        if Path(dir) == root:
-            raise PermissionError(13, "Read-only file system", str(dir))
-        return real_mkstemp(*args, dir=dir, **kwargs)
+    def read_only_root(path, write):  # as root, chmod would not stop the write
+        if Path(path).parent == root:
+            raise PermissionError(13, "Read-only file system", str(root))
+        return real_atomic_write(path, write)
 
-    monkeypatch.setattr(cifar_module.tempfile, "mkstemp", read_only_root)
+    monkeypatch.setattr(cifar_module, "atomic_write", read_only_root)
     datamodule(root, cache_dir=str(tmp_path / "cache"))
     assert not (root / cifar_module.CACHE_NAME).exists()
     assert len(list((tmp_path / "cache").glob(f"*{cifar_module.CACHE_NAME}"))) == 1
@@ -169,13 +170,13 @@ def test_augmentation_only_in_training_and_inputs_normalised(tmp_path: Path) -> 
         training = False
 
     dm.trainer = StubTrainer()
-    x_eval, y, _ = dm.on_after_batch_transfer(batch, 0)
+    x_eval = dm.on_after_batch_transfer(batch, 0)["inputs"]
     mean, std = cifar_module.STATS["cifar10"]
-    expected = (batch[0].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    expected = (batch["inputs"].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     assert torch.allclose(x_eval, expected)
     StubTrainer.training = True
     torch.manual_seed(1)
-    x_train, _, _ = dm.on_after_batch_transfer(batch, 0)
+    x_train = dm.on_after_batch_transfer(batch, 0)["inputs"]
     assert x_train.shape == x_eval.shape and not torch.equal(x_train, x_eval)
 
 
@@ -190,12 +191,12 @@ def test_teacher_and_student_see_the_same_augmented_batch(tmp_path: Path) -> Non
     class Recording(DistillationModule):
         def teacher_forward(self, batch):
             if self.trainer.training:
-                seen["teacher"].append(batch[0].clone())
+                seen["teacher"].append(batch["inputs"].clone())
             return super().teacher_forward(batch)
 
         def student_forward(self, batch):
             if self.trainer.training:
-                seen["student"].append(batch[0].clone())
+                seen["student"].append(batch["inputs"].clone())
             return super().student_forward(batch)
 
     dm = CIFARDataModule(name="cifar10", num_classes=10, data_dir=str(make_image_tree(tmp_path / "tree")), val_size=3, batch_size=5)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lightning import DistillationModule, KDError, kd_loss
+from kd_lightning import DistillationModule, KDError, LossMix, kd_loss
 from kd_lightning.export import export_student
 from kd_lightning.features import FeatureDistiller, attention_map
 from kd_lightning.models.cifar import build_cifar_model
@@ -102,7 +102,9 @@ def test_bad_term_settings_are_refused(make_cfg) -> None:
     with pytest.raises(KDError, match="has no module 'layer9'"):
         train(make_cfg("distill.features=[{student:layer9,teacher:features}]", *FAST))
     with pytest.raises(KDError, match="needs the live teacher"):
-        train(make_cfg("teacher.mode=cached", "distill.features=[{student:features,teacher:features}]", *FAST))
+        train(make_cfg("teacher.mode=recorded", "distill.features=[{student:features,teacher:features}]", *FAST))
+    with pytest.raises(KDError, match="distill.alpha has no effect here: ce and dkd take their weights"):
+        train(make_cfg("distill/loss=dkd", "distill.alpha=0.5", *FAST))  # DKD's CE and DKD weights are its own
 
 
 # -- schedules -----------------------------------------------------------------------------------
@@ -124,17 +126,17 @@ def test_schedule_values(spec, expected) -> None:
 
 def test_scheduled_temperature_and_weight_are_logged_every_step(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg("+distill.schedules.temperature={kind:linear,start:8,end:2,length:6,interval:step}",
-                   "distill/loss=dkd", "distill.schedules.dkd.length=1", "distill.schedules.dkd.interval=step",
+                   "distill/loss=dkd", "distill.schedules.dkd.length=2", "distill.schedules.dkd.interval=step",
                    "baseline=false", *FAST)
     train(cfg)
     rows = logged(Path(cfg.paths.output_dir))
     assert column(rows, "train/temperature") == pytest.approx([8.0, 7.0, 6.0, 5.0, 4.0, 3.0])
-    assert column(rows, "train/weight/dkd") == pytest.approx([0.0] + [1.0] * 5)  # DKD's warm-up, here over one step
-    assert column(rows, "train/dkd")[0] == 0.0
+    assert column(rows, "train/weight/dkd") == pytest.approx([0.5] + [1.0] * 5)  # DKD's warm-up, here over two steps
+    assert column(rows, "train/dkd")[0] > 0
 
 
 def test_weights_replace_the_alpha_defaults(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("+distill.weights.ce=1.0", "+distill.weights.kd=2.0", "baseline=false", *FAST)
+    cfg = make_cfg("+distill.weights.ce=1.0", "+distill.weights.kd=2.0", "distill.alpha=null", "baseline=false", *FAST)
     train(cfg)
     unweighted = make_cfg("distill.alpha=1.0", "baseline=false", *FAST, output_dir=tmp_path / "plain")
     train(unweighted)
@@ -168,7 +170,7 @@ def test_attention_transfer_formula() -> None:
     torch.testing.assert_close(attention_map(s, 2.0), at(s))
     distiller = FeatureDistiller([{"student": "s", "teacher": "t", "loss": "attention"}])
     distiller.captured = {"student": {"s": s}, "teacher": {"t": t}}
-    weight, loss = distiller.terms_from_captured()["at/s"]
+    loss = distiller.losses_from_captured()["at/s"]
     torch.testing.assert_close(loss, (at(s) - at(t)).pow(2).mean())
 
 
@@ -178,10 +180,10 @@ def test_fitnet_and_mse_formulas() -> None:
     distiller = FeatureDistiller([{"student": "s", "teacher": "t", "loss": "fitnet"}, {"student": "t", "teacher": "t", "loss": "mse"}])
     distiller.captured = {"student": {"s": s, "t": t + 1}, "teacher": {"t": t}}
     distiller.adapters["0"] = nn.Conv2d(4, 8, 1)
-    losses = distiller.terms_from_captured()
+    losses = distiller.losses_from_captured()
     expected = torch.nn.functional.adaptive_avg_pool2d(distiller.adapters["0"](s), (3, 3)).sub(t).pow(2).mean()  # 6x6 pooled to 3x3
-    torch.testing.assert_close(losses["fitnet/s"][1], expected)
-    torch.testing.assert_close(losses["mse/t"][1], torch.tensor(1.0))
+    torch.testing.assert_close(losses["fitnet/s"], expected)
+    torch.testing.assert_close(losses["mse/t"], torch.tensor(1.0))
 
 
 def test_fitnet_training_trains_adapters_keeps_teacher_frozen_and_exports_the_student_alone(tmp_path: Path) -> None:
@@ -190,13 +192,13 @@ def test_fitnet_training_trains_adapters_keeps_teacher_frozen_and_exports_the_st
     L.seed_everything(0)
     teacher, student = DigitsCNN(), DigitsCNN(width=8, hidden=16, dropout=0.0)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = DistillationModule(student, teacher, num_classes=10,
+    module = DistillationModule(student, teacher, num_classes=10, loss_mix=LossMix(
                                 features=[{"student": "features", "teacher": "features", "loss": "fitnet", "weight": 10},
-                                          {"student": "classifier.3", "teacher": "classifier.3", "loss": "fitnet"}])
+                                          {"student": "classifier.3", "teacher": "classifier.3", "loss": "fitnet"}]))
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=1, logger=False,
                         enable_progress_bar=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
-    adapters = module.features.adapters
+    adapters = module.loss_mix.features.adapters
     assert isinstance(adapters["0"], nn.Conv2d) and isinstance(adapters["1"], nn.Linear)
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert all(id(p) in optimized for p in adapters.parameters())
@@ -206,7 +208,7 @@ def test_fitnet_training_trains_adapters_keeps_teacher_frozen_and_exports_the_st
 
     ckpt = tmp_path / "student.ckpt"
     trainer.save_checkpoint(ckpt)
-    assert any(k.startswith("features.adapters.") for k in torch.load(ckpt, weights_only=False)["state_dict"])
+    assert any(k.startswith("loss_mix.features.adapters.") for k in torch.load(ckpt, weights_only=False)["state_dict"])
     exported = export_student(ckpt, tmp_path / "student.pt", student=DigitsCNN(width=8, hidden=16, dropout=0.0))
     bare = DigitsCNN(width=8, hidden=16, dropout=0.0)
     bare.load_state_dict(torch.load(tmp_path / "student.pt"), strict=True)  # nothing but the student

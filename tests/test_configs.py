@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
-from kd_lightning.cli import config_dir
+from kd_lightning.config import MODEL_ROLES, config_dir, model_configs
+from kd_lightning.models.cifar import MODELS
 
 CONF = Path(config_dir())
 
@@ -17,7 +18,7 @@ def options(group: str) -> list[str]:
 
 
 RECIPES = options("recipe")
-MODEL_GROUPS = [("teacher", name) for name in options("teacher")] + [("student", name) for name in options("student")]
+MODELS_OF_THE_GROUP = sorted(model_configs())
 
 
 def test_recipes_are_listed() -> None:
@@ -39,11 +40,18 @@ def test_recipe_file_opens_with_its_command() -> None:
         assert f"+recipe={recipe}" in text.splitlines()[1], f"{recipe}: second line must be the command that runs it"
 
 
-@pytest.mark.parametrize("group, name", MODEL_GROUPS)
-def test_model_configs_instantiate(make_cfg, group: str, name: str) -> None:
-    cfg = make_cfg(f"{group}={name}")
-    model = instantiate(cfg[group].model)
+@pytest.mark.parametrize("name", MODELS_OF_THE_GROUP)
+def test_every_model_serves_as_teacher_and_student(make_cfg, name: str) -> None:
+    cfg = make_cfg(f"teacher={name}", f"student={name}")
+    assert cfg.teacher.model == cfg.student.model  # one model group for both roles
+    model = instantiate(cfg.teacher.model)
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_the_model_group_is_the_model_files_and_the_cifar_zoo() -> None:
+    assert set(MODELS_OF_THE_GROUP) == set(MODELS) | set(options("model"))
+    assert {"digits_cnn", "digits_small_cnn", "resnet56", "wrn_40_2", "vgg13"} <= set(MODELS_OF_THE_GROUP)
+    assert all(not (CONF / role).exists() for role in MODEL_ROLES)  # no per-role copies of the model files
 
 
 @pytest.mark.parametrize("group", ["data", "optim", "trainer", "callbacks", "logger", "distill"])

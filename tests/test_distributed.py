@@ -35,7 +35,7 @@ def test_two_process_run_end_to_end(tmp_path: Path, strategy: str) -> None:
     results = json.loads((run / "metrics.json").read_text())
     # the teacher stage ran once, shared by both ranks, and was cached once
     assert (run / "teacher" / "checkpoints" / "last.ckpt").is_file()
-    assert len(list((tmp_path / "cache" / "teachers").glob("*.pth"))) == 1
+    assert len(list((tmp_path / "cache" / "trained_teachers").glob("*.pth"))) == 1
     # metrics reduced over both ranks equal a one-process evaluation of the same weights
     expected = single_process_val_acc(run / "distilled" / "checkpoints" / "last.ckpt")
     assert results["distilled"]["val/acc"] == pytest.approx(expected, abs=1e-6)

@@ -92,7 +92,7 @@ def test_jsd_special_cases() -> None:
 def test_dkd_matches_the_reference_implementation(T) -> None:
     s, t = logits_pair((8, 10), seed=4)
     y = labels_for((8, 10))
-    ours = dkd_loss(s, t, T, labels=y, alpha=1.0, beta=8.0)
+    ours = dkd_loss(s, t, T, labels=y, tckd_weight=1.0, nckd_weight=8.0)
     torch.testing.assert_close(ours, dkd_formula(s, t, y, 1.0, 8.0, T), rtol=1e-8, atol=1e-10)
 
 
@@ -101,7 +101,7 @@ def test_dkd_decomposes_kd() -> None:
     s, t = logits_pair((1, 9), seed=5)
     y = labels_for((1, 9))
     p_target = torch.softmax(t / 3.0, -1)[0, y[0]]
-    torch.testing.assert_close(dkd_loss(s, t, 3.0, labels=y, alpha=1.0, beta=float(1 - p_target)), kd_loss(s, t, 3.0))
+    torch.testing.assert_close(dkd_loss(s, t, 3.0, labels=y, tckd_weight=1.0, nckd_weight=float(1 - p_target)), kd_loss(s, t, 3.0))
     assert dkd_loss(t, t, 3.0, labels=y).item() == pytest.approx(0.0, abs=1e-12)
 
 

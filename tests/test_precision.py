@@ -20,11 +20,11 @@ def test_kd_loss_under_bf16_autocast_is_float32_and_close_to_full_precision() ->
     torch.manual_seed(0)
     student, teacher = DigitsCNN(width=8, hidden=16, dropout=0.0).eval(), DigitsCNN().eval()
     module = DistillationModule(student, teacher, num_classes=10, temperature=4.0, alpha=0.9)
-    batch = (torch.rand(64, 1, 8, 8), torch.randint(0, 10, (64,)), torch.arange(64))
+    batch = {"inputs": torch.rand(64, 1, 8, 8), "labels": torch.randint(0, 10, (64,))}
     full = module.training_step(batch, 0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = module.training_step(batch, 0)
-        s, t = student(batch[0]), teacher(batch[0])
+        s, t = student(batch["inputs"]), teacher(batch["inputs"])
         kd = kd_loss(s, t, 4.0)
     assert s.dtype == torch.bfloat16  # the networks really ran in bf16
     assert mixed.dtype == torch.float32 and kd.dtype == torch.float32

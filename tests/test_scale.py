@@ -50,4 +50,4 @@ def test_torchrun_launches_ddp_from_outside(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("student distilled") == 1
     assert "distilled" in json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert len(list((tmp_path / "cache" / "teachers").glob("*.pth"))) == 1
+    assert len(list((tmp_path / "cache" / "trained_teachers").glob("*.pth"))) == 1

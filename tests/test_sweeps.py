@@ -39,5 +39,5 @@ def test_parallel_jobs_share_one_teacher_training(tmp_path: Path) -> None:
         assert job.returncode == 0, err[-2000:]
     trained = [(tmp_path / f"run_{t}" / "teacher").is_dir() for t in (2, 8)]
     assert sorted(trained) == [False, True]  # one job trained the teacher, the other waited and reused it
-    assert len(list((tmp_path / "cache" / "teachers").glob("*.pth"))) == 1
-    assert not list((tmp_path / "cache" / "teachers").glob(".*.pth.*"))  # no half-written temp file left
+    assert len(list((tmp_path / "cache" / "trained_teachers").glob("*.pth"))) == 1
+    assert not list((tmp_path / "cache" / "trained_teachers").glob(".*.pth.*"))  # no half-written temp file left

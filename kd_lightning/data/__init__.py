@@ -1,7 +1,8 @@
-"""DataModules that keep whole splits in memory and serve ``(x, y, index)`` batches."""
+"""DataModules that keep whole splits in memory and serve named batches (``inputs``, ``labels``, ``index``)."""
 
+from kd_lightning.data.batch import Batch, as_batch
 from kd_lightning.data.cifar import CIFARDataModule
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.memory import InMemoryDataModule, TensorSplit
 
-__all__ = ["CIFARDataModule", "DigitsDataModule", "InMemoryDataModule", "TensorSplit"]
+__all__ = ["Batch", "CIFARDataModule", "DigitsDataModule", "InMemoryDataModule", "TensorSplit", "as_batch"]

@@ -1,7 +1,8 @@
 """Batched augmentation on the device, in two steps: draw a view's parameters, then apply them.
 
 Keeping the parameters as data (crop offsets, flips) lets the teacher and the student see
-the very same view, and lets a cached teacher replay the exact view it scored.
+the very same view, and lets a recorded teacher replay the exact view it scored:
+:class:`RecordedViews` is that contract between a recording and the DataModule.
 """
 
 from __future__ import annotations
@@ -62,3 +63,47 @@ class RandomCropFlip:
 
     def __call__(self, images: Tensor) -> Tensor:
         return self.apply(images, self.draw(len(images), images.device))
+
+
+VIEW_SEED = 0  # fixed, so runs with different seeds share one recording
+
+
+@dataclass
+class RecordedViews:
+    """The augmentation views a recorded teacher scored: ``offsets (N or 1, V, 2)``, ``flips (N or 1, V)``.
+
+    Slot ``v`` of sample ``i`` is one view of that training image. A leading dimension of 1
+    means every sample has the same ``V`` views (all distinct views, ``views_per_sample=all``).
+    A DataModule that replays them (:meth:`InMemoryDataModule.replay_views`) shows each image
+    in one of its recorded views and puts the slot in the batch as ``view``.
+    """
+
+    offsets: Tensor
+    flips: Tensor
+
+    @classmethod
+    def draw(cls, augment: RandomCropFlip, num_samples: int, views_per_sample: int | str, seed: int = VIEW_SEED) -> RecordedViews:
+        """``views_per_sample`` random views per sample, or every distinct view once (``"all"``)."""
+        if views_per_sample == "all":
+            side = 2 * augment.padding + 1
+            grid = torch.cartesian_prod(torch.arange(side), torch.arange(side))  # (side², 2)
+            flips = [False, True] if augment.flip else [False]
+            offsets = grid.repeat(len(flips), 1)
+            flip_of = torch.tensor(flips).repeat_interleave(len(grid))
+            return cls(offsets[None].to(torch.uint8), flip_of[None])
+        generator = torch.Generator().manual_seed(seed)
+        drawn = augment.draw(num_samples * views_per_sample, generator=generator)
+        return cls(drawn.offsets.view(num_samples, views_per_sample, 2).to(torch.uint8),
+                   drawn.flips.view(num_samples, views_per_sample))
+
+    @property
+    def num_views(self) -> int:
+        return self.flips.shape[1]
+
+    def views(self, index: Tensor, slot: Tensor) -> CropFlipViews:
+        """The views ``slot`` ``(N,)`` of samples ``index`` ``(N,)``."""
+        rows = index if self.offsets.shape[0] > 1 else torch.zeros_like(index)
+        return CropFlipViews(self.offsets[rows, slot].long(), self.flips[rows, slot])
+
+    def to(self, device: torch.device) -> RecordedViews:
+        return RecordedViews(self.offsets.to(device), self.flips.to(device))

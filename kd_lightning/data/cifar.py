@@ -3,15 +3,13 @@
 The images come from torchvision's datasets (downloaded to ``data_dir``) or from an
 image-folder tree (``train/<class>/*.png|jpg``, ``test/<class>/*``) such as the shared
 CIFAR-10 JPEG tree. A folder is decoded once and cached as ``.npz`` so the next run starts
-in seconds. Batches are ``(uint8 images, labels, index)``; ``on_after_batch_transfer``
+in seconds. Batches are ``{inputs: uint8 images, labels, index}``; ``on_after_batch_transfer``
 crops and flips on the device and normalises, so teacher and student see the same view.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +19,7 @@ from torch import Tensor
 from kd_lightning.data.augment import RandomCropFlip
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
+from kd_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +83,9 @@ def load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[
     if classes["train"] != classes["test"]:
         raise KDError(f"train/ and test/ in {data_dir} have different class folders: {classes['train']} vs {classes['test']}.")
     for cache in candidates:
+        arrays = {f"{s}_{k}": v for s, (im, lb) in splits.items() for k, v in (("images", im), ("labels", lb))}
         try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
-            os.close(fd)
-            arrays = {f"{s}_{k}": v for s, (im, lb) in splits.items() for k, v in (("images", im), ("labels", lb))}
-            np.savez(tmp, fingerprint=fingerprint, **arrays)
-            os.replace(tmp, cache)
+            atomic_write(cache, lambda tmp: np.savez(tmp, fingerprint=fingerprint, **arrays))
             log.info("decoded images cached at %s", cache)
             break
         except OSError:

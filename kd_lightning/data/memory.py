@@ -1,8 +1,9 @@
 """A DataModule for data that fits in memory: whole splits as tensors, batches by fancy indexing.
 
-Batches are ``(x, y, index)``: ``index`` is each sample's position in its split, which a
-cached teacher needs to look its logits up. There is no per-sample Python work: the
-sampler's indices for one batch are gathered in a single indexing operation.
+Batches are :class:`~kd_lightning.data.batch.Batch` dicts ``{inputs, labels, index}``:
+``index`` is each sample's position in its split, which a recorded teacher needs to look its
+logits up. There is no per-sample Python work: the sampler's indices for one batch are
+gathered in a single indexing operation.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kd_lightning.data.augment import RandomCropFlip
+from kd_lightning.data.augment import RandomCropFlip, RecordedViews
+from kd_lightning.data.batch import Batch
 
 class TensorSplit(Dataset):
     """One split held as tensors; ``__getitems__`` returns a whole batch at once."""
@@ -29,12 +31,12 @@ class TensorSplit(Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor, int]:
-        return self.inputs[i], self.targets[i], i
+    def __getitem__(self, i: int) -> Batch:
+        return Batch(inputs=self.inputs[i], labels=self.targets[i], index=torch.tensor(i))
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor, Tensor]:
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return self.inputs[index], self.targets[index], index
+        return Batch(inputs=self.inputs[index], labels=self.targets[index], index=index)
 
 
 class EpochShuffle(Sampler[int]):
@@ -84,7 +86,8 @@ class InMemoryDataModule(L.LightningDataModule):
         self.eval_batch_size = eval_batch_size or batch_size
         self.drop_last = drop_last
         self.splits: dict[str, TensorSplit] = {}
-        self.recorded_views: Any = None  # a TeacherOutputs whose training views are replayed
+        self.recorded_views: RecordedViews | None = None  # training views replayed for a recorded teacher
+        self._views_on_device: dict[torch.device, RecordedViews] = {}
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         """Return ``{"train": (x, y), "val": (x, y), "test": (x, y)}``."""
@@ -102,32 +105,40 @@ class InMemoryDataModule(L.LightningDataModule):
         """Turn stored inputs into model inputs (e.g. uint8 -> normalised float). Identity here."""
         return inputs
 
-    def replay_views(self, recorded: Any) -> None:
-        """Train on the views a cached teacher recorded (:class:`~kd_lightning.teacher_cache.TeacherOutputs`)."""
-        self.recorded_views = recorded
+    def replay_views(self, views: RecordedViews | None) -> None:
+        """Train on the augmentation views a recorded teacher scored (``None``: fresh random views)."""
+        self.recorded_views = views
+        self._views_on_device = {}
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def _recorded_views_on(self, device: torch.device) -> RecordedViews:
+        if device not in self._views_on_device:
+            self._views_on_device[device] = self.recorded_views.to(device)
+        return self._views_on_device[device]
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
         """Batched, on-device: training augmentation (one view per image), then :meth:`prepare_inputs`.
 
         Teacher and student both receive the batch returned here, so they see the same view.
         When replaying recorded views, each image gets one of its recorded views at random
-        and the batch gains a fourth entry, the view's slot, for the teacher-output lookup.
+        and the batch gains ``view``, the view's slot, for the recorded teacher's lookup.
         """
-        inputs, *rest = batch
+        batch = Batch(**batch)  # a copy: the loader's dict stays as it was
+        inputs = batch["inputs"]
         if self.augment is not None and self.trainer is not None and self.trainer.training:
-            bank = self.recorded_views.view_bank(inputs.device) if self.recorded_views is not None else None
-            if bank is None:
+            if self.recorded_views is None:
                 inputs = self.augment(inputs)
             else:
-                slot = torch.randint(bank.num_views, (len(inputs),), device=inputs.device)
-                inputs = self.augment.apply(inputs, bank.views(rest[1], slot))
-                return (self.prepare_inputs(inputs), *rest, slot)
-        return (self.prepare_inputs(inputs), *rest)
+                views = self._recorded_views_on(inputs.device)
+                batch["view"] = torch.randint(views.num_views, (len(inputs),), device=inputs.device)
+                inputs = self.augment.apply(inputs, views.views(batch["index"], batch["view"]))
+        batch["inputs"] = self.prepare_inputs(inputs)
+        return batch
 
     def current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
+    def loader(self, split: str, train: bool) -> DataLoader:
+        """Batches of ``split``: shuffled per epoch (and ``drop_last``) when ``train``, else in order."""
         self.setup()
         data = self.splits[split]
         return DataLoader(
@@ -141,13 +152,13 @@ class InMemoryDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+        return self.loader("train", train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        return self.loader("val", train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+        return self.loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("train", train=False)
+        return self.loader("train", train=False)

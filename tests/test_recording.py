@@ -1,4 +1,4 @@
-"""Cached teacher: recorded logits replay live KD exactly, are recorded once, and refuse the wrong data."""
+"""Recorded teacher: recorded logits replay live KD exactly, are recorded once, and refuse the wrong data."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import torch
 from kd_lightning import KDError, kd_loss
 from kd_lightning.data import CIFARDataModule
 from kd_lightning.models.cifar import build_cifar_model
-from kd_lightning.teacher_cache import TeacherOutputs, draw_view_bank, rebuild_logits, record_teacher_outputs
+from kd_lightning.data.augment import RecordedViews
+from kd_lightning.recording import RecordedTeacher, RecordingSettings, rebuild_logits, record_teacher
 from kd_lightning.train import train
 
 from data_factory import make_image_tree
@@ -38,25 +39,25 @@ def teacher_model() -> torch.nn.Module:
 
 
 def test_all_views_are_every_distinct_crop_and_flip(tiny_cifar: CIFARDataModule) -> None:
-    bank = draw_view_bank(tiny_cifar.augment, len(tiny_cifar.splits["train"]), "all")
+    bank = RecordedViews.draw(tiny_cifar.augment, len(tiny_cifar.splits["train"]), "all")
     assert bank.num_views == tiny_cifar.augment.num_views == 162
     distinct = {(int(o[0]), int(o[1]), bool(f)) for o, f in zip(bank.offsets[0], bank.flips[0])}
     assert len(distinct) == 162
 
 
-def test_cached_kd_with_all_views_equals_live_kd(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
+def test_recorded_kd_with_all_views_equals_live_kd(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
     teacher = teacher_model()
-    record_teacher_outputs(teacher, tiny_cifar, tmp_path / "outputs", {}, "all", None, accelerator="cpu")
-    outputs = TeacherOutputs(tmp_path / "outputs")
+    record_teacher(teacher, tiny_cifar, tmp_path / "outputs", {}, RecordingSettings("all", None), accelerator="cpu")
+    outputs = RecordedTeacher(tmp_path / "outputs")
     images = tiny_cifar.splits["train"].inputs
     index = torch.arange(len(images))
-    bank = outputs.view_bank(torch.device("cpu"))
+    bank = outputs.views
     assert bank.num_views == 162
     with torch.no_grad():
         for slot in range(bank.num_views):  # every recorded view of every image is the teacher's output on it
             slots = torch.full_like(index, slot)
             view = tiny_cifar.prepare_inputs(tiny_cifar.augment.apply(images, bank.views(index, slots)))
-            torch.testing.assert_close(outputs.lookup("train", index, slots), teacher(view), **FP16_TOLERANCE)
+            torch.testing.assert_close(outputs.logits({"index": index, "view": slots}, "train"), teacher(view), **FP16_TOLERANCE)
 
     # a training batch as the datamodule builds it: random views, then the KD loss both ways
     generator = torch.Generator().manual_seed(1)
@@ -65,13 +66,30 @@ def test_cached_kd_with_all_views_equals_live_kd(tiny_cifar: CIFARDataModule, tm
     student_logits = torch.randn(len(index), 10, generator=generator)
     with torch.no_grad():
         live = kd_loss(student_logits, teacher(view), 4.0)
-    cached = kd_loss(student_logits, outputs.lookup("train", index, slots), 4.0)
+    cached = kd_loss(student_logits, outputs.logits({"index": index, "view": slots}, "train"), 4.0)
     torch.testing.assert_close(cached, live, rtol=1e-3, atol=1e-5)
     for split in ("val", "test"):  # evaluation splits: one unaugmented view
         data = tiny_cifar.splits[split]
         with torch.no_grad():
             expected = teacher(tiny_cifar.prepare_inputs(data.inputs))
-        torch.testing.assert_close(outputs.lookup(split, torch.arange(len(data))), expected, **FP16_TOLERANCE)
+        torch.testing.assert_close(outputs.logits({"index": torch.arange(len(data))}, split), expected, **FP16_TOLERANCE)
+
+
+def test_a_live_and_a_recorded_teacher_give_the_same_loss_on_the_same_batch(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
+    from kd_lightning import DistillationModule, LiveTeacher
+
+    teacher = teacher_model()
+    record_teacher(teacher, tiny_cifar, tmp_path / "outputs", {}, RecordingSettings("all", None), accelerator="cpu")
+    recorded = RecordedTeacher(tmp_path / "outputs")
+    images = tiny_cifar.splits["train"].inputs
+    index = torch.arange(len(images))
+    view = torch.randint(0, 162, (len(index),), generator=torch.Generator().manual_seed(2))
+    inputs = tiny_cifar.prepare_inputs(tiny_cifar.augment.apply(images, recorded.views.views(index, view)))
+    batch = {"inputs": inputs, "labels": tiny_cifar.splits["train"].targets, "index": index, "view": view}
+    student = build_cifar_model("resnet8", 10)
+    losses = [DistillationModule(student, source, num_classes=10).training_step(dict(batch), 0)
+              for source in (LiveTeacher(teacher), recorded)]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=1e-5)
 
 
 def test_training_replays_recorded_views_and_never_runs_a_teacher(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
@@ -80,28 +98,27 @@ def test_training_replays_recorded_views_and_never_runs_a_teacher(tiny_cifar: CI
     from kd_lightning import DistillationModule
 
     teacher = teacher_model()
-    record_teacher_outputs(teacher, tiny_cifar, tmp_path / "outputs", {}, 3, None, accelerator="cpu")
-    outputs = TeacherOutputs(tmp_path / "outputs")
-    tiny_cifar.replay_views(outputs)
+    record_teacher(teacher, tiny_cifar, tmp_path / "outputs", {}, RecordingSettings(3, None), accelerator="cpu")
+    outputs = RecordedTeacher(tmp_path / "outputs")
+    tiny_cifar.replay_views(outputs.views)
     seen = []
 
     class Checking(DistillationModule):
         def teacher_forward(self, batch):
             logits = super().teacher_forward(batch)
             if self.trainer.training:
-                x, _, index, slot = batch
                 with torch.no_grad():
-                    seen.append((logits, teacher(x)))
+                    seen.append((logits, teacher(batch["inputs"])))
             return logits
 
-    module = Checking(build_cifar_model("resnet8", 10), teacher_outputs=outputs, num_classes=10)
-    assert module.teacher is None
+    module = Checking(build_cifar_model("resnet8", 10), outputs, num_classes=10)
+    assert module.teacher is outputs
     L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
               limit_val_batches=1, default_root_dir=tmp_path).fit(module, datamodule=tiny_cifar)
     assert len(seen) == 2  # 4 training images, batch 4, 2 epochs
     for cached, live in seen:  # the student's augmented input is one the teacher was recorded on
         torch.testing.assert_close(cached, live, **FP16_TOLERANCE)
-    assert "teacher_outputs" not in str(module.state_dict().keys())
+    assert not any(k.startswith("teacher") for k in module.state_dict())
 
 
 def test_top_k_rebuilds_the_teacher_distribution() -> None:
@@ -121,21 +138,21 @@ def test_top_k_rebuilds_the_teacher_distribution() -> None:
 
 def test_top_k_recording_is_smaller_and_close(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
     teacher = teacher_model()
-    record_teacher_outputs(teacher, tiny_cifar, tmp_path / "full", {}, 2, None, accelerator="cpu")
-    record_teacher_outputs(teacher, tiny_cifar, tmp_path / "top3", {}, 2, 3, accelerator="cpu")
-    full, top3 = TeacherOutputs(tmp_path / "full"), TeacherOutputs(tmp_path / "top3")
+    record_teacher(teacher, tiny_cifar, tmp_path / "full", {}, RecordingSettings(2, None), accelerator="cpu")
+    record_teacher(teacher, tiny_cifar, tmp_path / "top3", {}, RecordingSettings(2, 3), accelerator="cpu")
+    full, top3 = RecordedTeacher(tmp_path / "full"), RecordedTeacher(tmp_path / "top3")
     index = torch.arange(len(tiny_cifar.splits["train"]))
     assert full.meta["views"] and torch.equal(full.views.offsets, top3.views.offsets)  # same seed, same views
-    p = full.lookup("train", index).softmax(-1)
-    q = top3.lookup("train", index).softmax(-1)
+    p = full.logits({"index": index, "view": torch.zeros_like(index)}, "train").softmax(-1)
+    q = top3.logits({"index": index, "view": torch.zeros_like(index)}, "train").softmax(-1)
     kept = p.topk(3, -1).indices
     torch.testing.assert_close(q.gather(-1, kept), p.gather(-1, kept), **FP16_TOLERANCE)
     assert top3.arrays["train"]["topk_indices"].dtype == torch.int16
 
 
 def test_a_run_from_the_cache_does_not_load_the_teacher(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "a"))
-    recordings = list((tmp_path / "cache" / "teacher_outputs").glob("*/meta.json"))
+    first = train(make_cfg("teacher.mode=recorded", *FAST, output_dir=tmp_path / "a"))
+    recordings = list((tmp_path / "cache" / "recordings").glob("*/meta.json"))
     assert len(recordings) == 1
     live = train(make_cfg(*FAST, output_dir=tmp_path / "live"))
     assert first["teacher"]["test/acc"] == pytest.approx(live["teacher"]["test/acc"])  # fidelity metrics from the cache
@@ -143,31 +160,31 @@ def test_a_run_from_the_cache_does_not_load_the_teacher(make_cfg, tmp_path: Path
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded although its outputs are cached")
 
-    monkeypatch.setattr("kd_lightning.train.prepare_teacher", no_teacher)
-    monkeypatch.setattr("kd_lightning.train.check_models_agree", no_teacher)
-    second = train(make_cfg("teacher.mode=cached", "distill.temperature=2", *FAST, output_dir=tmp_path / "b"))
+    monkeypatch.setattr("kd_lightning.teacher_source.teacher_model", no_teacher)
+    monkeypatch.setattr("kd_lightning.teacher_source.check_models_agree", no_teacher)
+    second = train(make_cfg("teacher.mode=recorded", "distill.temperature=2", *FAST, output_dir=tmp_path / "b"))
     assert second["teacher"] == first["teacher"]
-    assert len(list((tmp_path / "cache" / "teacher_outputs").glob("*/meta.json"))) == 1
+    assert len(list((tmp_path / "cache" / "recordings").glob("*/meta.json"))) == 1
 
 
 def test_recording_depends_on_what_the_outputs_depend_on(make_cfg, tmp_path: Path) -> None:
-    train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "a"))
-    train(make_cfg("teacher.mode=cached", "teacher.cache.top_k=3", *FAST, output_dir=tmp_path / "b"))
-    train(make_cfg("teacher.mode=cached", "data.split_seed=1", *FAST, output_dir=tmp_path / "c"))
-    assert len(list((tmp_path / "cache" / "teacher_outputs").glob("*/meta.json"))) == 3
+    train(make_cfg("teacher.mode=recorded", *FAST, output_dir=tmp_path / "a"))
+    train(make_cfg("teacher.mode=recorded", "teacher.recording.top_k=3", *FAST, output_dir=tmp_path / "b"))
+    train(make_cfg("teacher.mode=recorded", "data.split_seed=1", *FAST, output_dir=tmp_path / "c"))
+    assert len(list((tmp_path / "cache" / "recordings").glob("*/meta.json"))) == 3
 
 
 def test_a_recording_for_other_data_or_another_teacher_is_refused(make_cfg, tmp_path: Path) -> None:
-    train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "a"))
-    (recording,) = (tmp_path / "cache" / "teacher_outputs").glob("*/meta.json")
-    use = f"teacher.cache.dir={recording.parent}"
+    train(make_cfg("teacher.mode=recorded", *FAST, output_dir=tmp_path / "a"))
+    (recording,) = (tmp_path / "cache" / "recordings").glob("*/meta.json")
+    use = f"teacher.recording.dir={recording.parent}"
     with pytest.raises(KDError, match="recorded for another data"):
-        train(make_cfg("teacher.mode=cached", use, "data.split_seed=1", *FAST, output_dir=tmp_path / "b"))
+        train(make_cfg("teacher.mode=recorded", use, "data.split_seed=1", *FAST, output_dir=tmp_path / "b"))
     other = tmp_path / "other.pth"
     torch.save({"model": build_digits_teacher().state_dict()}, other)
     with pytest.raises(KDError, match="recorded for another teacher weights"):
-        train(make_cfg("teacher.mode=cached", use, f"teacher.checkpoint={other}", *FAST, output_dir=tmp_path / "c"))
-    train(make_cfg("teacher.mode=cached", use, *FAST, output_dir=tmp_path / "d"))  # the matching data is accepted
+        train(make_cfg("teacher.mode=recorded", use, f"teacher.checkpoint={other}", *FAST, output_dir=tmp_path / "c"))
+    train(make_cfg("teacher.mode=recorded", use, *FAST, output_dir=tmp_path / "d"))  # the matching data is accepted
 
 
 def build_digits_teacher() -> torch.nn.Module:
@@ -178,27 +195,27 @@ def build_digits_teacher() -> torch.nn.Module:
 
 
 def test_a_corrupt_recording_is_named_with_the_fix(make_cfg, tmp_path: Path) -> None:
-    train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "a"))
-    (recording,) = (tmp_path / "cache" / "teacher_outputs").glob("*/meta.json")
+    train(make_cfg("teacher.mode=recorded", *FAST, output_dir=tmp_path / "a"))
+    (recording,) = (tmp_path / "cache" / "recordings").glob("*/meta.json")
     logits = recording.parent / "train.logits.npy"
     logits.write_bytes(logits.read_bytes()[:200])
     with pytest.raises(KDError, match=r"corrupt.*delete"):
-        train(make_cfg("teacher.mode=cached", *FAST, output_dir=tmp_path / "b"))
-    with pytest.raises(KDError, match="teacher.mode must be live or cached"):
+        train(make_cfg("teacher.mode=recorded", *FAST, output_dir=tmp_path / "b"))
+    with pytest.raises(KDError, match="teacher.mode must be live or recorded"):
         train(make_cfg("teacher.mode=lazy", *FAST, output_dir=tmp_path / "c"))
-    with pytest.raises(KDError, match="no recorded teacher outputs"):
-        train(make_cfg("teacher.mode=cached", f"teacher.cache.dir={tmp_path}", *FAST, output_dir=tmp_path / "d"))
+    with pytest.raises(KDError, match="holds no teacher recording"):
+        train(make_cfg("teacher.mode=recorded", f"teacher.recording.dir={tmp_path}", *FAST, output_dir=tmp_path / "d"))
 
 
 def test_a_sweep_over_temperature_records_the_teacher_outputs_once(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "kd_lightning", "-m", "distill.temperature=1,2,4,8", "teacher.mode=cached",
+    out = subprocess.run([sys.executable, "-m", "kd_lightning", "-m", "distill.temperature=1,2,4,8", "teacher.mode=recorded",
                           "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "baseline=false", *FAST,
                           "hydra.sweep.dir=sweep"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")})
     assert out.returncode == 0, out.stderr[-2000:]
     log = out.stdout + out.stderr
-    assert log.count("teacher outputs: recording") == 3  # train, val, test splits, once
-    assert log.count("teacher outputs: reusing") == 3
+    assert log.count("teacher recording: recording") == 3  # train, val, test splits, once
+    assert log.count("teacher recording: reusing") == 3
     results = [json.loads((tmp_path / "sweep" / str(i) / "metrics.json").read_text()) for i in range(4)]
     assert len({r["teacher"]["test/acc"] for r in results}) == 1
     assert np.isfinite([r["distilled"]["test/acc"] for r in results]).all()
@@ -208,25 +225,26 @@ def test_recorded_outputs_pickle_by_path(tiny_cifar: CIFARDataModule, tmp_path: 
     """ddp_spawn pickles the module: the recording travels as its path, not as a copy of the arrays."""
     import pickle
 
-    record_teacher_outputs(teacher_model(), tiny_cifar, tmp_path / "outputs", {}, 2, None, accelerator="cpu")
-    outputs = TeacherOutputs(tmp_path / "outputs")
+    record_teacher(teacher_model(), tiny_cifar, tmp_path / "outputs", {}, RecordingSettings(2, None), accelerator="cpu")
+    outputs = RecordedTeacher(tmp_path / "outputs")
     payload = pickle.dumps(outputs)
     assert len(payload) < 1000
     again = pickle.loads(payload)
     index = torch.arange(3)
-    assert torch.equal(again.lookup("train", index, torch.ones_like(index)), outputs.lookup("train", index, torch.ones_like(index)))
+    batch = {"index": index, "view": torch.ones_like(index)}
+    assert torch.equal(again.logits(batch, "train"), outputs.logits(batch, "train"))
 
 
 def test_a_datamodule_without_sample_indices_is_refused(make_cfg) -> None:
     import lightning as L
 
-    from kd_lightning.train import prepare_teacher_outputs
+    from kd_lightning.teacher_source import prepare_teacher
 
     with pytest.raises(KDError, match="needs a datamodule derived from kd_lightning.data.InMemoryDataModule"):
-        prepare_teacher_outputs(make_cfg("teacher.mode=cached"), L.LightningDataModule())
+        prepare_teacher(make_cfg("teacher.mode=recorded"), L.LightningDataModule())
 
 
 def test_a_failed_recording_leaves_nothing_behind(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
     with pytest.raises(KDError, match="top_k=11 must be between 1 and the 10 classes"):
-        record_teacher_outputs(teacher_model(), tiny_cifar, tmp_path / "outputs", {}, 2, 11, accelerator="cpu")
+        record_teacher(teacher_model(), tiny_cifar, tmp_path / "outputs", {}, RecordingSettings(2, 11), accelerator="cpu")
     assert list(tmp_path.iterdir()) == [tmp_path / "tree"]

@@ -1,10 +1,10 @@
-"""Cached vs live teacher: epoch time of live KD, cached KD and the student trained alone.
+"""Recorded vs live teacher: epoch time of live KD, recorded KD and the student trained alone.
 
-    python benchmarks/cached_teacher.py [--teacher resnet56 --student resnet20 --train-size 2560 --repeats 3]
+    python benchmarks/recorded_teacher.py [--teacher resnet56 --student resnet20 --train-size 2560 --repeats 3]
 
 All three train the same student for one epoch on the same CIFAR-shaped synthetic images
 (uint8 in memory, crop + flip and normalisation on the device) under a Lightning Trainer:
-(a) live KD runs the frozen teacher on every batch, (b) cached KD looks the teacher's logits
+(a) live KD runs the frozen teacher on every batch, (b) recorded KD looks the teacher's logits
 up in a recording made once beforehand (``views_per_sample`` views per image; its time is
 reported separately), (c) the student alone (alpha=0) is the floor. The runs are
 alternated, medians of ``--repeats`` epochs are printed with their ratios; then the same
@@ -28,18 +28,17 @@ import torch
 
 from kd_lightning import DistillationModule
 from kd_lightning.models.cifar import build_cifar_model
-from kd_lightning.teacher_cache import TeacherOutputs, record_teacher_outputs
+from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
 
 from synthetic import EpochTimer, SyntheticCIFAR, machine, on_device, quiet_lightning, synchronize
 
 
-def epoch_time(variant: str, student: torch.nn.Module, teacher: torch.nn.Module, outputs: TeacherOutputs, data: SyntheticCIFAR,
+def epoch_time(variant: str, student: torch.nn.Module, teacher: torch.nn.Module, outputs: RecordedTeacher, data: SyntheticCIFAR,
                args: argparse.Namespace, logs: Path) -> float:
-    """One training epoch of ``variant`` (live, cached, alone); returns its wall time."""
-    data.replay_views(outputs if variant == "cached" else None)
-    module = DistillationModule(student, teacher if variant == "live" else None, num_classes=data.num_classes,
+    """One training epoch of ``variant`` (live, recorded, alone); returns its wall time."""
+    data.replay_views(outputs.views if variant == "recorded" else None)
+    module = DistillationModule(student, {"live": teacher, "recorded": outputs, "alone": None}[variant], num_classes=data.num_classes,
                                 temperature=4.0, alpha=0.0 if variant == "alone" else 0.9,
-                                teacher_outputs=outputs if variant == "cached" else None,
                                 optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4))
     timer = EpochTimer(args.device)
     trainer = L.Trainer(accelerator="cuda" if args.device.startswith("cuda") else "cpu", devices=1, precision=args.precision,
@@ -59,10 +58,10 @@ def compare(num_classes: int, top_k: int | None, variants: list[str], args: argp
     with tempfile.TemporaryDirectory() as tmp:
         synchronize(args.device)
         start = time.perf_counter()
-        record_teacher_outputs(teacher, data, Path(tmp) / "outputs", {}, args.views, top_k,
+        record_teacher(teacher, data, Path(tmp) / "outputs", {}, RecordingSettings(args.views, top_k),
                                accelerator="cuda" if args.device.startswith("cuda") else "cpu", precision=args.precision)
         record_s = time.perf_counter() - start
-        outputs = TeacherOutputs(Path(tmp) / "outputs")
+        outputs = RecordedTeacher(Path(tmp) / "outputs")
         for variant in variants:  # warm-up: allocator, kernels, the recording's pages
             epoch_time(variant, copy.deepcopy(student0), teacher, outputs, data, args, Path(tmp))
         times: dict[str, list[float]] = {v: [] for v in variants}
@@ -85,8 +84,8 @@ def report(title: str, result: dict[str, Any]) -> None:
               + ", ".join(f"{x:.3f}" for x in result["runs_s"][variant]))
     e = result["epoch_s"]
     if "live" in e:
-        print(f"  ratio live / cached: {e['live'] / e['cached']:.3f}")
-    print(f"  ratio cached / alone: {e['cached'] / e['alone']:.3f}")
+        print(f"  ratio live / recorded: {e['live'] / e['recorded']:.3f}")
+    print(f"  ratio recorded / alone: {e['recorded'] / e['alone']:.3f}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -110,10 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "precision": args.precision, "channels_last": args.channels_last}
     print(f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.train_size} images per epoch, {args.repeats} repeats, "
           f"{results['machine']}, precision {args.precision}{', channels-last' if args.channels_last else ''}, torch {torch.__version__}")
-    results["full"] = compare(args.classes, None, ["live", "cached", "alone"], args)
+    results["full"] = compare(args.classes, None, ["live", "recorded", "alone"], args)
     report(f"{args.classes} classes, float16 logits:", results["full"])
     if args.top_k:
-        results["top_k"] = compare(100, args.top_k, ["cached", "alone"], args)
+        results["top_k"] = compare(100, args.top_k, ["recorded", "alone"], args)
         report(f"100 classes, top-{args.top_k} logits + log-sum-exp:", results["top_k"])
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

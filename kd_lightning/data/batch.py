@@ -1,0 +1,48 @@
+"""The batch: what one step sees, as named fields.
+
+Every built-in DataModule yields a :class:`Batch`; every hook of the library reads it by name.
+A user's DataModule may keep yielding ``(x, y)`` or ``(x, y, index)`` tuples: :func:`as_batch`
+is the one place they are converted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
+
+from torch import Tensor
+
+from kd_lightning.errors import KDError
+
+
+class Batch(TypedDict, total=False):
+    """Named fields of one batch (a plain ``dict`` at run time; Lightning moves it to the device).
+
+    Keys:
+        inputs: ``(N, ...)`` model inputs (images, or token ids ``(N, L)``).
+        labels: ``(N,)`` class indices, or ``(N, L)`` token labels (``-100`` = ignored).
+        index: ``(N,)`` each sample's position in its split (a recorded teacher looks it up).
+        view: ``(N,)`` which recorded augmentation view of each sample the inputs show.
+        attention_mask: ``(N, L)`` 1 where a token is real, 0 for padding.
+    """
+
+    inputs: Tensor
+    labels: Tensor
+    index: Tensor
+    view: Tensor
+    attention_mask: Tensor
+
+
+TUPLE_FIELDS = ("inputs", "labels", "index")
+
+
+def as_batch(batch: Any) -> Batch:
+    """A :class:`Batch` from a mapping with ``inputs`` (and ``labels``), or an ``(x, y[, index])`` tuple."""
+    if isinstance(batch, Mapping):
+        if "inputs" not in batch:
+            raise KDError(f"a batch mapping needs an 'inputs' entry (and 'labels'); got keys {sorted(batch)}.")
+        return batch  # type: ignore[return-value]
+    if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and 2 <= len(batch) <= len(TUPLE_FIELDS):
+        return Batch(**dict(zip(TUPLE_FIELDS, batch)))
+    raise KDError(f"cannot read a batch of type {type(batch).__name__}: yield a dict with 'inputs' and 'labels', "
+                  "or an (inputs, labels) / (inputs, labels, index) tuple.")

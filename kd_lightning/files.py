@@ -1,0 +1,90 @@
+"""Writing files other runs read: atomically, under a lock between jobs, named by a content key.
+
+Every file and directory the library writes for later reading (trained teachers, recordings,
+decoded data, results, exports) goes through :func:`atomic_write` or :func:`atomic_directory`,
+so a crash or a full disk never leaves a half-written file where a later run would trust it.
+Sweep jobs that need the same cached thing serialise on :func:`job_lock` (the ``filelock``
+package: portable, released when the process dies).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from filelock import FileLock
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``.
+
+    The temporary name keeps ``path``'s suffix (``torch.export.save`` insists on ``.pt2``,
+    ``np.savez`` on ``.npz``) and the file gets the usual permissions (umask), not
+    ``mkstemp``'s owner-only ones. On any error the temporary file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+@contextlib.contextmanager
+def atomic_directory(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``path``; on success it replaces ``path``.
+
+    On any error (or interruption) the temporary directory is removed, so ``path`` either
+    holds a complete result or does not exist.
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.exists():  # a stale, incomplete directory from a killed writer
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def job_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on ``path + '.lock'`` between processes (parallel sweep jobs) for the block."""
+    lock_file = path.with_name(path.name + ".lock")
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock_file):
+        yield
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_key(identity: Any) -> str:
+    """16 hex digits identifying a JSON-able description (the key of a cached thing)."""
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,193 @@
+"""The loss mix: named loss terms, their weights and their schedules, validated once.
+
+    loss = w_ce·CE + w_obj·objective(student, teacher; T) + Σ w_i·extra_i + Σ w_j·feature_j
+
+Each term is logged as ``train/<name>``: ``ce``, the objective under its own name (``kd``,
+``reverse_kl``, ``jsd``, ``dkd``, or your function's), each extra term and feature term under
+its key. A term's weight comes from exactly one place:
+
+1. ``schedules[name]`` (a :class:`~kd_lightning.schedules.Schedule`, updated every step), else
+2. ``weights[name]``, else
+3. its default: ``ce`` takes ``1 − alpha``, the objective ``alpha``, an extra or feature term
+   its own ``weight``.
+
+Setting one weight in two of these places, a weight or schedule for a term that does not
+exist, or an ``alpha`` that no term takes its weight from is refused when the mix is built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+from torch import Tensor, nn
+
+from kd_lightning.data.batch import Batch
+from kd_lightning.errors import KDError
+from kd_lightning.features import FeatureDistiller, FeatureTerm
+from kd_lightning.losses import check_temperature, kd_loss, objective_name
+from kd_lightning.schedules import Schedule, build_schedules
+
+Objective = Callable[..., Tensor]  # (student_logits, teacher_logits, *, temperature, labels) -> scalar
+TaskLoss = Callable[[Tensor, Batch], Tensor]
+DistillationLoss = Callable[[Tensor, Tensor, Batch], Tensor]
+SCHEDULABLE_SETTINGS = ("temperature", "alpha")
+
+
+def check_alpha(alpha: float) -> None:
+    if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
+        raise KDError(f"distill.alpha must be in [0, 1], got {alpha}: loss = (1 - alpha) * CE + alpha * KD, "
+                      "so alpha=0 is plain training and alpha=1 pure distillation; set e.g. distill.alpha=0.9.")
+
+
+class LossMix(nn.Module):
+    """Named, weighted loss terms; an ``nn.Module`` because feature terms own trainable adapters.
+
+    Args:
+        objective: the logit objective ``f(student_logits, teacher_logits, temperature=T, labels=y)``;
+            default :func:`~kd_lightning.losses.kd_loss`. Its term is named after it (``kd_loss`` -> ``kd``).
+        temperature: ``T > 0`` passed to every logit objective.
+        alpha: the CE/objective mix, ``ce`` weighted ``1 − alpha`` and the objective ``alpha``;
+            ``None`` when both take their weights from ``weights`` or ``schedules``.
+        extra_terms: more logit objectives, ``{name: {"objective": f, "weight": w}}``.
+        features: feature terms (:class:`~kd_lightning.features.FeatureTerm` or dicts such as
+            ``{"student": "layer3", "teacher": "layer3", "loss": "fitnet", "weight": 100}``).
+        weights: ``{term name: weight}`` replacing a term's default weight.
+        schedules: ``{"temperature" | "alpha" | <term name>: Schedule or dict}``.
+    """
+
+    def __init__(
+        self,
+        objective: Objective | None = None,
+        temperature: float = 4.0,
+        alpha: float | None = 0.9,
+        extra_terms: Mapping[str, Mapping[str, Any]] | None = None,
+        features: list[FeatureTerm | Mapping[str, Any]] | None = None,
+        weights: Mapping[str, float] | None = None,
+        schedules: Mapping[str, Schedule | Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__()
+        check_temperature(temperature)
+        if alpha is not None:
+            check_alpha(alpha)
+        self.objective = objective if objective is not None else kd_loss
+        self.objective_name = objective_name(self.objective)
+        self.temperature = float(temperature)
+        self.alpha = None if alpha is None else float(alpha)
+        self.extra_terms: dict[str, Objective] = {}
+        self.defaults: dict[str, float | None] = {"ce": None, self.objective_name: None}  # None: from alpha
+        feature_terms = FeatureDistiller(features).terms if features else []
+        names = ["ce", self.objective_name, *(extra_terms or {}), *(t.name for t in feature_terms)]
+        if len(set(names)) != len(names):
+            raise KDError(f"two loss terms share a name ({names}); rename the extra or feature term.")
+        for name, spec in (extra_terms or {}).items():
+            if "objective" not in spec:
+                raise KDError(f"distill.extra_terms.{name} needs an objective: {{objective: {{_target_: ..., _partial_: true}}, weight: w}}.")
+            self.extra_terms[name] = spec["objective"]
+            self.defaults[name] = float(spec.get("weight", 1.0))
+        self.features = FeatureDistiller(feature_terms) if features else None  # a submodule: adapters train and checkpoint
+        for term in feature_terms:
+            self.defaults[term.name] = float(term.weight)
+        self.weights = {name: float(w) for name, w in (weights or {}).items()}
+        self.schedules = build_schedules(schedules)
+        self._check_names_and_sources(extra_terms or {})
+        self.scheduled: dict[str, float] = {}
+
+    @classmethod
+    def task_only(cls) -> LossMix:
+        """CE alone, weight 1: the teacher stage and the student trained without KD."""
+        return cls(alpha=0.0)
+
+    # -- validation: once, here ----------------------------------------------------------------
+
+    def _check_names_and_sources(self, extra_terms: Mapping[str, Mapping[str, Any]]) -> None:
+        names = self.term_names
+        unknown = self.weights.keys() - set(names)
+        if unknown:
+            raise KDError(f"distill.weights has {sorted(unknown)}, which is not a loss term; the terms are {names}.")
+        unknown = self.schedules.keys() - {*SCHEDULABLE_SETTINGS, *names}
+        if unknown:
+            raise KDError(f"distill.schedules has {sorted(unknown)}, which is not a schedulable quantity; use "
+                          f"temperature, alpha or a loss term's name: {names}.")
+        twice = sorted(self.weights.keys() & self.schedules.keys())
+        twice += sorted(name for name in self.weights.keys() & extra_terms.keys() if "weight" in extra_terms[name])
+        if twice:
+            raise KDError(f"the weight of {twice} is set twice (distill.weights and distill.schedules or the term's own weight); "
+                          "set each weight in one place.")
+        for name, schedule in self.schedules.items():
+            low, high = schedule.extremes()
+            if name == "temperature" and not low > 0:
+                raise KDError(f"distill.schedules.temperature reaches {low}; the temperature must stay > 0.")
+            if name == "alpha" and not (0 <= low and high <= 1):
+                raise KDError(f"distill.schedules.alpha spans [{low}, {high}]; alpha must stay in [0, 1].")
+        takes_alpha = self.terms_taking_alpha
+        if self.alpha is None and takes_alpha:
+            raise KDError(f"distill.alpha is null but {takes_alpha} take their weight from it; set distill.alpha, or "
+                          f"give {takes_alpha} weights in distill.weights.")
+        if not takes_alpha and (self.alpha is not None or "alpha" in self.schedules):
+            raise KDError(f"distill.alpha has no effect here: ce and {self.objective_name} take their weights from "
+                          "distill.weights / distill.schedules; set distill.alpha=null (or drop those weights).")
+
+    @property
+    def term_names(self) -> list[str]:
+        return list(self.defaults)
+
+    @property
+    def terms_taking_alpha(self) -> list[str]:
+        return [name for name in ("ce", self.objective_name) if name not in self.weights and name not in self.schedules]
+
+    # -- weights -------------------------------------------------------------------------------
+
+    def weight(self, name: str) -> float:
+        """The weight of term ``name`` this step."""
+        if name in self.scheduled:
+            return self.scheduled[name]
+        if name in self.weights:
+            return self.weights[name]
+        default = self.defaults[name]
+        if default is not None:
+            return default
+        return 1 - self.alpha if name == "ce" else self.alpha
+
+    def is_active(self, name: str) -> bool:
+        """Whether the term can be non-zero at some step (a scheduled weight always counts)."""
+        return name in self.schedules or self.weight(name) != 0
+
+    @property
+    def uses_teacher(self) -> bool:
+        """Whether training needs the teacher at all: some term other than ``ce`` can be non-zero."""
+        return any(self.is_active(name) for name in self.term_names if name != "ce")
+
+    def advance(self, epoch: int, step: int) -> dict[str, float]:
+        """Move the schedules to ``(epoch, step)``; return the scheduled values (python floats, for logging)."""
+        if self.schedules:
+            self.scheduled = {name: s.value(epoch, step) for name, s in self.schedules.items()}
+            self.temperature = self.scheduled.get("temperature", self.temperature)
+            self.alpha = self.scheduled.get("alpha", self.alpha)
+        return self.scheduled
+
+    # -- the terms -----------------------------------------------------------------------------
+
+    def forward(self, student_out: Tensor, teacher_out: Tensor | None, batch: Batch, task_loss: TaskLoss,
+                distillation_loss: DistillationLoss) -> dict[str, Tensor]:
+        """``{name: weight · term}`` for this step (``ce`` alone without teacher logits); the loss is their sum.
+
+        ``task_loss`` and ``distillation_loss`` are the module's hooks (CE on the labels, and
+        :attr:`objective` at :attr:`temperature`), so a subclass that overrides one changes its term.
+        """
+        terms = {"ce": self.weight("ce") * task_loss(student_out, batch)}
+        if teacher_out is None:
+            return terms
+        if self.is_active(self.objective_name):
+            terms[self.objective_name] = self.weight(self.objective_name) * distillation_loss(student_out, teacher_out, batch)
+        for name, objective in self.extra_terms.items():
+            terms[name] = self.weight(name) * objective(student_out, teacher_out, temperature=self.temperature,
+                                                        labels=batch.get("labels"))
+        if self.features is not None:
+            for name, loss in self.features.losses_from_captured().items():
+                terms[name] = self.weight(name) * loss
+            self.features.clear()
+        return terms
+
+    def extra_repr(self) -> str:
+        weights = ", ".join(f"{n}={'scheduled' if n in self.schedules else round(self.weight(n), 6)}" for n in self.term_names)
+        return f"T={self.temperature}, {weights}"

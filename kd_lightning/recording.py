@@ -1,0 +1,290 @@
+"""The recording: a teacher's logits written once, then looked up instead of running the teacher.
+
+A KD step pays for a teacher forward pass; a sweep over T and alpha pays it again in every
+job. With ``teacher.mode=recorded`` one pass over the data (``Trainer.predict``) records the
+teacher's logits into memory-mapped ``.npy`` files, keyed by the teacher's weights, the data's
+contents and the augmentation (:mod:`kd_lightning.teacher_source` keeps them under
+``paths.cache_dir/recordings/``); every later run with the same key answers the teacher's
+question from them (:class:`RecordedTeacher`) and never loads the teacher.
+
+Augmented training images: for each image, ``views_per_sample`` augmentation parameters
+(crop offset, flip) are drawn once (:class:`~kd_lightning.data.augment.RecordedViews`) and
+the teacher is run on each of those views. Training then shows each image in one of its
+recorded views per step, so teacher and student still see the same pixels.
+``views_per_sample="all"`` records every distinct view (162 for a 32x32 crop with padding 4
+and flips): a recorded teacher is then the live teacher, up to float16 rounding.
+
+Layout of one recording::
+
+    meta.json                 identity (what was recorded from), shapes, top_k; written last
+    views.offsets.npy         (N or 1, V, 2) uint8 crop offsets     } training views; absent
+    views.flips.npy           (N or 1, V) bool                      } without augmentation
+    <split>.logits.npy        (N, V, C) float16                     (top_k null)
+    <split>.topk_values.npy   (N, V, k) float16                     } top_k set: the rest of the
+    <split>.topk_indices.npy  (N, V, k) int16/int32                 } distribution is rebuilt
+    <split>.logsumexp.npy     (N, V) float32                        } from the log-sum-exp
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.data.augment import VIEW_SEED, RandomCropFlip, RecordedViews
+from kd_lightning.data.batch import Batch
+from kd_lightning.data.memory import InMemoryDataModule
+from kd_lightning.errors import KDError
+from kd_lightning.files import atomic_directory
+from kd_lightning.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+
+
+@dataclass(frozen=True)
+class RecordingSettings:
+    """``teacher.recording``: what to record. Checked when the config is read, before any training.
+
+    Args:
+        views_per_sample: augmented views recorded per training image, or ``"all"`` distinct views.
+        top_k: keep the k largest logits + the log-sum-exp per view (``None``: all, float16).
+        dir: a recording to use instead of the one keyed under ``paths.cache_dir``.
+    """
+
+    views_per_sample: int | str = 16
+    top_k: int | None = None
+    dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.views_per_sample != "all" and (isinstance(self.views_per_sample, bool) or not isinstance(self.views_per_sample, int)
+                                               or self.views_per_sample < 1):
+            raise KDError(f"teacher.recording.views_per_sample must be a positive integer or 'all', got {self.views_per_sample!r}.")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise KDError(f"teacher.recording.top_k must be a positive integer (or null for all classes), got {self.top_k!r}.")
+
+
+def rebuild_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_classes: int) -> Tensor:
+    """Full ``(N, C)`` logits from the top-k ``(N, k)`` and the full log-sum-exp ``(N,)``.
+
+    The k kept classes keep their exact (float16) logits; the mass the teacher put on the
+    others, ``1 − Σ_topk p``, is spread evenly over them. At T=1 the rebuilt distribution has
+    the teacher's top-k probabilities and tail mass; at other T the tail is approximated.
+    """
+    values = values.float()
+    k = values.shape[-1]
+    if k == num_classes:
+        return torch.empty(values.shape[:-1] + (num_classes,), device=values.device).scatter_(-1, indices.long(), values)
+    tail_mass = (1 - torch.exp(values - logsumexp[..., None]).sum(-1)).clamp_min(1e-12)
+    tail_logit = logsumexp + torch.log(tail_mass / (num_classes - k))
+    logits = tail_logit[..., None].expand(*values.shape[:-1], num_classes).clone()
+    return logits.scatter_(-1, indices.long(), values)
+
+
+class RecordedTeacher(Teacher):
+    """The teacher of one recording: logits looked up by split, ``batch["index"]`` and ``batch["view"]``.
+
+    The arrays are memory-mapped on the CPU and copied once to an accelerator on first use.
+    Pickles as its path (``ddp_spawn`` processes reopen the files instead of copying them).
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        super().__init__()
+        self.directory = Path(directory)
+        meta_path = self.directory / META_FILE
+        try:
+            self.meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise KDError(f"{self.directory} holds no teacher recording ({META_FILE} missing); point "
+                          "teacher.recording.dir at a directory written by teacher.mode=recorded, or unset it.") from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise KDError(f"{meta_path} is unreadable ({exc}); delete {self.directory} to record the teacher again.") from None
+        self.num_classes: int = self.meta["num_classes"]
+        self.top_k: int | None = self.meta["top_k"]
+        self.arrays: dict[str, dict[str, Tensor]] = {}
+        for split, shape in self.meta["splits"].items():
+            names = ("logits",) if self.top_k is None else ("topk_values", "topk_indices", "logsumexp")
+            self.arrays[split] = {name: self._open(f"{split}.{name}.npy", shape) for name in names}
+        self.views: RecordedViews | None = None
+        if self.meta["views"]:
+            self.views = RecordedViews(self._open("views.offsets.npy"), self._open("views.flips.npy"))
+        self._on_device: dict[torch.device, dict[str, dict[str, Tensor]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"directory": self.directory}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["directory"])
+
+    def _open(self, name: str, samples_and_views: list[int] | None = None) -> Tensor:
+        path = self.directory / name
+        try:
+            array = np.load(path, mmap_mode="c")  # copy-on-write: a writable view, pages read on demand
+        except (OSError, ValueError) as exc:
+            raise KDError(f"the teacher recording {path} is missing or corrupt ({exc}); delete {self.directory} "
+                          "to record the teacher again.") from None
+        if samples_and_views is not None and list(array.shape[:2]) != samples_and_views:
+            raise KDError(f"{path} has shape {array.shape}, expected {tuple(samples_and_views)} samples x views; "
+                          f"the file is truncated or from another recording. Delete {self.directory} to record again.")
+        return torch.from_numpy(array)
+
+    def num_samples(self, split: str) -> int:
+        return self.meta["splits"][split][0]
+
+    def check_covers(self, datamodule: InMemoryDataModule, num_classes: int) -> None:
+        """Refuse a recording whose classes or split sizes do not match this run's data."""
+        if self.num_classes != num_classes:
+            raise KDError(f"the teacher recording in {self.directory} has {self.num_classes} classes but the data has "
+                          f"{num_classes}; record the teacher for this data (unset teacher.recording.dir).")
+        for split, data in datamodule.splits.items():
+            if split not in self.meta["splits"] or self.num_samples(split) != len(data):
+                raise KDError(f"the teacher recording in {self.directory} does not cover split {split!r} of this data "
+                              f"({len(data)} samples); record the teacher for this data (unset teacher.recording.dir).")
+
+    def _arrays(self, split: str, device: torch.device) -> dict[str, Tensor]:
+        if device.type != "cpu" and device not in self._on_device:
+            self._on_device[device] = {s: {k: v.to(device) for k, v in a.items()} for s, a in self.arrays.items()}
+        arrays = (self.arrays if device.type == "cpu" else self._on_device[device]).get(split)
+        if arrays is None:
+            raise KDError(f"the teacher recording in {self.directory} has no split {split!r} (recorded: {sorted(self.arrays)}).")
+        return arrays
+
+    def logits(self, batch: Batch, split: str) -> Tensor:
+        """Float32 logits ``(N, C)`` of samples ``batch["index"]`` in views ``batch["view"]`` (training)."""
+        if "index" not in batch:
+            raise KDError("a recorded teacher looks logits up by sample index: the DataModule's batches need an 'index' "
+                          "entry (kd_lightning.data.InMemoryDataModule provides it), or use teacher.mode=live.")
+        index = batch["index"]
+        slot = batch.get("view")
+        if slot is None:
+            if split == "train" and self.views is not None:
+                raise KDError("the teacher was recorded on augmented views but the batch says which view it shows nowhere; "
+                              "call datamodule.replay_views(teacher.views) before training.")
+            slot = torch.zeros_like(index)
+        arrays = self._arrays(split, index.device)
+        if self.top_k is None:
+            return arrays["logits"][index, slot].float()
+        return rebuild_logits(arrays["topk_values"][index, slot], arrays["topk_indices"][index, slot],
+                              arrays["logsumexp"][index, slot], self.num_classes)
+
+
+class _Recorder(L.LightningModule):
+    """``predict_step`` runs the teacher on every recorded view of a batch and writes the logits."""
+
+    def __init__(self, teacher: nn.Module, datamodule: InMemoryDataModule, top_k: int | None) -> None:
+        super().__init__()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.prepare_inputs = datamodule.prepare_inputs
+        self.augment: RandomCropFlip | None = datamodule.augment
+        self.top_k = top_k
+        self.views: RecordedViews | None = None  # of the split being recorded
+        self.views_on_device: RecordedViews | None = None
+        self.out: dict[str, np.ndarray] = {}
+
+    def on_predict_start(self) -> None:
+        self.views_on_device = self.views.to(self.device) if self.views is not None else None
+
+    def predict_step(self, batch: Batch, batch_idx: int) -> None:
+        images, index = batch["inputs"], batch["index"]
+        views = self.views_on_device
+        rows = index.cpu().numpy()
+        for slot in range(views.num_views if views is not None else 1):
+            view = images if views is None else self.augment.apply(images, views.views(index, torch.full_like(index, slot)))
+            logits = self.teacher(self.prepare_inputs(view)).float()
+            if self.top_k is None:
+                self.out["logits"][rows, slot] = logits.half().cpu().numpy()
+            else:
+                values, indices = logits.topk(self.top_k, dim=-1)
+                self.out["topk_values"][rows, slot] = values.half().cpu().numpy()
+                self.out["topk_indices"][rows, slot] = indices.cpu().numpy()
+                self.out["logsumexp"][rows, slot] = logits.logsumexp(-1).cpu().numpy()
+
+
+def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory: Path, identity: dict[str, Any],
+                   settings: RecordingSettings, accelerator: str = "auto", precision: Any = "32-true") -> None:
+    """Run ``teacher`` over every split of ``datamodule`` (training views included) and write a recording.
+
+    The files go to a temporary directory renamed to ``directory`` at the end, so a crash never
+    leaves a half-written recording that a later run would trust.
+    """
+    datamodule.setup("fit")
+    example = datamodule.prepare_inputs(datamodule.splits["train"].inputs[:1])
+    with torch.no_grad():
+        num_classes = teacher.eval()(example.to(next(teacher.parameters()).device)).shape[-1]
+    if settings.top_k is not None and settings.top_k > num_classes:
+        raise KDError(f"teacher.recording.top_k={settings.top_k} must be between 1 and the {num_classes} classes (or null for all).")
+    augment = datamodule.augment
+    views = RecordedViews.draw(augment, len(datamodule.splits["train"]), settings.views_per_sample) if augment is not None else None
+    started = time.perf_counter()
+    with atomic_directory(directory) as tmp:
+        if views is not None:
+            np.save(tmp / "views.offsets.npy", views.offsets.numpy())
+            np.save(tmp / "views.flips.npy", views.flips.numpy())
+        recorder = _Recorder(teacher, datamodule, settings.top_k)
+        trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+        splits: dict[str, list[int]] = {}
+        for split, data in datamodule.splits.items():
+            recorder.views = views if split == "train" else None
+            shape = (len(data), views.num_views if recorder.views is not None else 1)
+            if settings.top_k is None:
+                files = {"logits": (shape + (num_classes,), np.float16)}
+            else:
+                index_type = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+                files = {"topk_values": (shape + (settings.top_k,), np.float16),
+                         "topk_indices": (shape + (settings.top_k,), index_type),
+                         "logsumexp": (shape, np.float32)}
+            recorder.out = {name: np.lib.format.open_memmap(tmp / f"{split}.{name}.npy", mode="w+", dtype=dtype, shape=full)
+                            for name, (full, dtype) in files.items()}
+            log.info("teacher recording: recording %d x %d views of split %s", *shape, split)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*predict returned None.*")  # the outputs go to the files
+                trainer.predict(recorder, dataloaders=datamodule.loader(split, train=False), return_predictions=False)
+            for array in recorder.out.values():
+                array.flush()
+            recorder.out = {}
+            splits[split] = list(shape)
+        meta = {"format": FORMAT_VERSION, "identity": identity, "num_classes": num_classes, "top_k": settings.top_k,
+                "views_per_sample": settings.views_per_sample, "views": views is not None, "splits": splits,
+                "seconds": round(time.perf_counter() - started, 1)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    log.info("teacher recording: recorded in %.1f s at %s", meta["seconds"], directory)
+
+
+def data_identity(datamodule: InMemoryDataModule) -> dict[str, Any]:
+    """What a recording depends on in the data: the contents of every split and the augmentation."""
+    datamodule.setup("fit")
+    splits = {}
+    for split, data in sorted(datamodule.splits.items()):
+        digest = hashlib.sha256()
+        for tensor in (data.inputs, data.targets):
+            digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
+            digest.update(tensor.contiguous().numpy().tobytes())
+        splits[split] = digest.hexdigest()[:16]
+    augment = datamodule.augment
+    return {"splits": splits, "augment": None if augment is None else {"type": type(augment).__name__, **vars(augment)},
+            "view_seed": VIEW_SEED}
+
+
+def describe_mismatch(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two identities (teacher, data, views, ...)."""
+    problems = []
+    for key in sorted(set(recorded) | set(wanted)):
+        if recorded.get(key) != wanted.get(key):
+            if key == "teacher" and wanted.get(key) is None:
+                continue  # no teacher file to compare with: the user vouches for it
+            what = {"teacher": "teacher weights", "data": "data (split contents or augmentation)"}.get(key, key)
+            problems.append(f"{what}: recorded {recorded.get(key)!r}, this run {wanted.get(key)!r}")
+    return problems

@@ -1,0 +1,96 @@
+"""Fit and test one stage of a run (``teacher``, ``distilled``, ``baseline``) from the config.
+
+Each stage writes its logs and ``checkpoints/last.ckpt`` under ``<output_dir>/<stage>`` and
+starts from the same seed, so the distilled student and the baseline begin alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from kd_lightning.loss_mix import LossMix
+from kd_lightning.module import DistillationModule
+from kd_lightning.teacher import Teacher
+
+log = logging.getLogger(__name__)
+
+
+def is_global_zero() -> bool:
+    """True in the process that writes shared outputs (rank 0, or the only process)."""
+    return rank_zero_only.rank == 0
+
+
+def build_loss_mix(cfg: DictConfig) -> LossMix:
+    """The distilled stage's :class:`LossMix` from ``cfg.distill`` (every setting checked here)."""
+    distill = cfg.distill
+
+    def plain(node: Any) -> Any:
+        return OmegaConf.to_container(node, resolve=True) if node is not None else None
+
+    extra_terms = {name: {**plain(spec), "objective": instantiate(spec.objective)} if spec.get("objective") else plain(spec)
+                   for name, spec in (distill.get("extra_terms") or {}).items()}
+    return LossMix(objective=instantiate(distill.loss) if distill.get("loss") else None, temperature=distill.temperature,
+                   alpha=distill.alpha, extra_terms=extra_terms, features=plain(distill.get("features")),
+                   weights=plain(distill.get("weights")), schedules=plain(distill.get("schedules")))
+
+
+class ReseedEveryEpoch(L.Callback):
+    """Seed all RNGs with ``seed + epoch`` when an epoch starts.
+
+    Shuffling, augmentation and dropout of epoch ``e`` then depend on ``(seed, e)`` only, so a
+    run resumed from an epoch-end checkpoint continues exactly as the uninterrupted run would.
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        L.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
+
+
+def make_trainer(cfg: DictConfig, stage: str, **overrides: Any) -> L.Trainer:
+    """A Trainer from ``cfg.trainer`` writing logs and checkpoints under ``<output_dir>/<stage>``."""
+    stage_dir = Path(cfg.paths.output_dir) / stage
+    callbacks = [ReseedEveryEpoch(cfg.seed)] + [
+        instantiate(conf, dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in conf._target_ else instantiate(conf)
+        for conf in (cfg.get("callbacks") or {}).values()
+        if conf is not None
+    ]
+    logger = instantiate(cfg.logger, save_dir=str(stage_dir), name="", version="") if cfg.get("logger") else False
+    return instantiate(cfg.trainer, default_root_dir=str(stage_dir), callbacks=callbacks, logger=logger, **overrides)
+
+
+def run_stage(cfg: DictConfig, stage: str, model: DictConfig, teacher: Teacher | None, loss_mix: LossMix, datamodule: Any,
+              optim: DictConfig | None = None, **trainer_overrides: Any) -> tuple[dict[str, float], nn.Module]:
+    """Build ``model`` from the seed, fit it with ``loss_mix`` against ``teacher``, test it.
+
+    Returns the stage's ``val/...`` and ``test/...`` metrics and the trained model.
+    ``ckpt_path=last`` resumes the stage from its ``last.ckpt`` when there is one.
+    """
+    optim = optim if optim is not None else cfg.optim
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = DistillationModule(instantiate(model), teacher, num_classes=cfg.data.num_classes, loss_mix=loss_mix,
+                                optimizer=instantiate(optim.optimizer),
+                                scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None)
+    log.info("stage %s: %s", stage, loss_mix.extra_repr())
+    trainer = make_trainer(cfg, stage, **trainer_overrides)
+    last = Path(cfg.paths.output_dir) / stage / "checkpoints" / "last.ckpt"
+    resume = str(last) if cfg.get("ckpt_path") == "last" and last.is_file() else None
+    if resume:
+        log.info("stage %s: resuming from %s", stage, resume)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
+        warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")  # the frozen teacher
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    return {**val, **{k: float(v) for k, v in test.items()}}, module.student

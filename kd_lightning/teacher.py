@@ -1,0 +1,55 @@
+"""The teacher: one small interface, "the teacher's logits for this batch", answered live or recorded.
+
+- :class:`LiveTeacher` wraps a frozen ``nn.Module`` and runs it on ``batch["inputs"]``;
+- :class:`~kd_lightning.recording.RecordedTeacher` looks the logits up in a recording by
+  ``batch["index"]`` (and ``batch["view"]`` for augmented training images).
+
+:class:`~kd_lightning.DistillationModule` takes either (or a plain ``nn.Module``, wrapped by
+:func:`as_teacher`). Where a run's teacher comes from (a checkpoint, trained once and cached,
+recorded) is :mod:`kd_lightning.teacher_source`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.data.batch import Batch
+
+
+class Teacher(nn.Module):
+    """Answers one question: the teacher's logits ``(N, C)`` for a batch of a split.
+
+    Subclasses implement :meth:`logits`; they hold no trainable parameters, never appear in
+    a checkpoint, and ``split`` is ``train``, ``val`` or ``test``.
+    """
+
+    def logits(self, batch: Batch, split: str) -> Tensor:
+        raise NotImplementedError
+
+
+class LiveTeacher(Teacher):
+    """A frozen network run on every batch: ``requires_grad=False``, always in eval mode, under ``no_grad``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model.requires_grad_(False).eval()
+
+    def logits(self, batch: Batch, split: str) -> Tensor:
+        with torch.no_grad():
+            return self.model(batch["inputs"])
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.model(inputs)
+
+    def train(self, mode: bool = True) -> LiveTeacher:
+        """Stays in eval mode whatever ``mode`` is (BatchNorm statistics and dropout are frozen)."""
+        return super().train(False)
+
+
+def as_teacher(teacher: Teacher | nn.Module | None) -> Teacher | None:
+    """``teacher`` as a :class:`Teacher`: a plain network becomes a :class:`LiveTeacher`."""
+    if teacher is None or isinstance(teacher, Teacher):
+        return teacher
+    return LiveTeacher(teacher)
