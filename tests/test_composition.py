@@ -209,6 +209,19 @@ def test_fitnet_training_trains_adapters_keeps_teacher_frozen_and_exports_the_st
     ckpt = tmp_path / "student.ckpt"
     trainer.save_checkpoint(ckpt)
     assert any(k.startswith("loss_mix.features.adapters.") for k in torch.load(ckpt, weights_only=False)["state_dict"])
+    # a checkpoint written by kd_lightning 0.2 kept the adapters under "features.": they still load
+    old = torch.load(ckpt, weights_only=False)
+    old["state_dict"] = {k.removeprefix("loss_mix."): v for k, v in old["state_dict"].items()}
+    again = DistillationModule(DigitsCNN(width=8, hidden=16, dropout=0.0), teacher, num_classes=10,
+                               loss_mix=LossMix(features=[{"student": "features", "teacher": "features", "loss": "fitnet"},
+                                                          {"student": "classifier.3", "teacher": "classifier.3", "loss": "fitnet"}]))
+    again.loss_mix.features.attach(again.student, teacher)
+    again.loss_mix.features.build_adapters(again.student, teacher, torch.zeros(2, 1, 8, 8))
+    again.loss_mix.features.detach()
+    again.on_load_checkpoint(old)
+    assert not again.load_state_dict(old["state_dict"], strict=False).unexpected_keys
+    assert torch.equal(again.loss_mix.features.adapters["0"].weight, adapters["0"].weight)
+
     exported = export_student(ckpt, tmp_path / "student.pt", student=DigitsCNN(width=8, hidden=16, dropout=0.0))
     bare = DigitsCNN(width=8, hidden=16, dropout=0.0)
     bare.load_state_dict(torch.load(tmp_path / "student.pt"), strict=True)  # nothing but the student
