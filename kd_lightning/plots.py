@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from kd_lightning.files import atomic_write
+
 log = logging.getLogger(__name__)
 
 NO_MATPLOTLIB = "matplotlib is not installed, so no %s was drawn; pip install 'kd_lightning[plots]' to get it."
@@ -64,7 +66,7 @@ def plot_curves(output_dir: Path, teacher_acc: float | None = None) -> Path | No
         ax.legend(fontsize=8)
     figure.tight_layout()
     target = output_dir / "curves.png"
-    figure.savefig(target, dpi=100)
+    atomic_write(target, lambda tmp: figure.savefig(tmp, dpi=100))
     plt.close(figure)
     return target
 
@@ -93,6 +95,6 @@ def plot_sweep(rows: list[dict], target: Path) -> Path | None:
     ax.set(ylabel="test accuracy (%)", title="sweep")
     ax.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(target, dpi=100)
+    atomic_write(target, lambda tmp: figure.savefig(tmp, dpi=100))
     plt.close(figure)
     return target

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from kd_lightning.files import atomic_write
 from kd_lightning.plots import plot_sweep
 
 COLUMNS = [("teacher", "teacher"), ("baseline", "alone"), ("distilled", "distilled")]
@@ -65,10 +66,13 @@ def main(argv: list[str] | None = None) -> None:
     if not rows:
         raise SystemExit(f"error: no Hydra jobs under {args.sweep_dir} (expected */.hydra/overrides.yaml); "
                          "pass the directory a `python -m kd_lightning -m ...` sweep printed.")
-    with open(args.sweep_dir / "report.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    def write_csv(tmp: str) -> None:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(args.sweep_dir / "report.csv", write_csv)
     print(format_table(rows))
     picture = plot_sweep(rows, args.sweep_dir / "sweep.png")
     print(f"\nwritten: {args.sweep_dir / 'report.csv'}" + (f", {picture}" if picture else ""))
