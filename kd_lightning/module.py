@@ -90,7 +90,7 @@ class DistillationModule(L.LightningModule):
             if declared is not None and declared != num_classes:
                 raise KDError(f"the {name} is built for {declared} classes but the data has {num_classes}; "
                               f"set {name}.model.num_classes={num_classes}.")
-        if loss_mix.features is not None and not isinstance(self.teacher, LiveTeacher):
+        if loss_mix.features is not None and self.teacher is not None and not isinstance(self.teacher, LiveTeacher):
             raise KDError("feature distillation needs the live teacher's activations; set teacher.mode=live "
                           "(a recorded teacher has logits only).")
         self.save_hyperparameters({"num_classes": num_classes, "temperature": loss_mix.temperature, "alpha": loss_mix.alpha})
