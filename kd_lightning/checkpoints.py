@@ -7,20 +7,27 @@ and plain state_dicts. Loading is strict; a mismatch names the missing and unexp
 
 from __future__ import annotations
 
+import io
 import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import Tensor, nn
 
 from kd_lightning.errors import KDError
-from kd_lightning.files import atomic_write
+from kd_lightning.files import atomic_write_bytes
 
 
 def existing_checkpoint(path: str | os.PathLike) -> Path:
     """``path`` as a ``Path``; refused with the fix unless it is a file."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in {".pth", ".pt", ".ckpt"})[:3]
+        raise KDError(f"{path} is a directory, not a checkpoint file; point teacher.checkpoint at the file"
+                      + (f" (it holds {', '.join(inside)})." if inside else "."))
     if not path.is_file():
         raise KDError(f"checkpoint not found: {path}. Check teacher.checkpoint (relative paths are "
                       "resolved from the directory you ran the command in), or set it to null to train one.")
@@ -73,6 +80,36 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def save_torch(payload: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically. Serialised in memory first: torch's own file writer
+    reports a full disk as an anonymous ``RuntimeError``; a plain write raises ``OSError`` naming the file."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getbuffer())
+
+
 def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
-    """Write ``{'model': state_dict, **meta}`` atomically (temp file + rename)."""
-    atomic_write(path, lambda tmp: torch.save({"model": model.state_dict(), **meta}, tmp))
+    """Write ``{'model': state_dict, **meta}`` atomically."""
+    save_torch({"model": model.state_dict(), **meta}, path)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, through :func:`~kd_lightning.files.atomic_write`: a stage's
+    ``last.ckpt`` is the previous complete one or the new complete one, even on a full disk."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options.")
+        save_torch(checkpoint, path)
+
+
+def check_resumable(path: Path, stage: str) -> None:
+    """Refuse a damaged stage checkpoint before Lightning tries to resume from it."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (OSError, zipfile.BadZipFile) as exc:
+        damaged = str(exc)
+    if damaged is not None:
+        raise KDError(f"the {stage} stage's checkpoint {path} is damaged ({damaged}); delete it to restart that stage "
+                      "from its first epoch, or run without ckpt_path=last.")

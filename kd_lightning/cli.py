@@ -5,17 +5,26 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from kd_lightning.config import config_dir, register_configs
-from kd_lightning.errors import KDError
+from kd_lightning.errors import KDError, one_line
+from kd_lightning.files import atomic_write_text
+from kd_lightning.report import FAILURE_FILE
 
 register_configs()
+# Hydra's usual switch shows tracebacks; the entry point sets HYDRA_FULL_ERROR for its own use and keeps
+# the user's choice in KD_LIGHTNING_TRACEBACK, which processes it starts (DDP ranks) inherit
+os.environ.setdefault("KD_LIGHTNING_TRACEBACK", os.environ.get("HYDRA_FULL_ERROR", "0"))
+VERBOSE = os.environ["KD_LIGHTNING_TRACEBACK"] == "1"
 
 
 def format_summary(results: dict) -> str:
@@ -38,6 +47,14 @@ def format_summary(results: dict) -> str:
     return "\n".join(lines)
 
 
+def record_failure(output_dir: Path, line: str) -> None:
+    """A failed sweep job leaves its one-line reason in ``error.txt`` for ``kd_lightning.report``."""
+    try:
+        atomic_write_text(output_dir / FAILURE_FILE, line + "\n")
+    except OSError:
+        pass  # the job's directory itself is unwritable: the sweep's own log has the error
+
+
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from kd_lightning.stages import is_global_zero
@@ -45,10 +62,14 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         results = train(cfg)
-    except KDError as error:
+    except (KDError, OSError) as error:
+        if VERBOSE:
+            raise
+        line = one_line(error)
         if HydraConfig.get().mode == RunMode.MULTIRUN:
+            record_failure(Path(cfg.paths.output_dir), line)
             raise  # Hydra marks this job failed, runs the others, and reports it at the end
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(1) from None
     if is_global_zero():
         print(format_summary(results))
@@ -62,4 +83,23 @@ def entry() -> None:
 
         export_main(sys.argv[2:])
     else:
-        main()
+        run_reporting_errors(main)
+
+
+def run_reporting_errors(app) -> None:
+    """Run the Hydra app; a user or operator error anywhere, Hydra's own set-up included (a read-only
+    run directory), ends as one line on stderr and exit status 1. ``HYDRA_FULL_ERROR=1`` shows tracebacks."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises instead of printing a stripped traceback; we report
+    try:
+        app()
+    except HydraException as error:  # a bad override or an unknown option: Hydra's own message (its options listed)
+        if VERBOSE:
+            raise
+        cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ is not None and str(error.__cause__) else ""
+        print(f"error: {str(error).strip()}{cause}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (KDError, OSError) as error:
+        if VERBOSE:
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -13,12 +13,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning.errors import KDError
 
 MODEL_ROLES = ("teacher", "student")
 
@@ -54,6 +58,41 @@ def model_configs() -> dict[str, Any]:
     for path in sorted((Path(config_dir()) / "model").glob("*.yaml")):
         configs[path.stem] = OmegaConf.load(path)
     return configs
+
+
+def build(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate``, except that a :class:`KDError` raised while building stays itself
+    (Hydra wraps it in an ``InstantiationException`` with a traceback's worth of context)."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        cause = error.__cause__
+        while cause is not None and not isinstance(cause, KDError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+def check_known_keys(cfg: DictConfig) -> None:
+    """Refuse settings added with ``+`` where nothing reads them: at the top level and in ``teacher``.
+
+    The other groups take free keys on purpose: ``data``, ``teacher.model``/``student.model``,
+    ``optim``, ``trainer``, ``callbacks`` and ``logger`` pass them to the object they build,
+    ``distill.loss`` to the objective, ``distill.extra_terms/weights/schedules`` name terms.
+    """
+    conf = Path(config_dir())
+    run, teacher = OmegaConf.load(conf / "train.yaml"), OmegaConf.load(conf / "teacher.yaml")
+    groups = {name for entry in run.defaults for name in ([entry] if isinstance(entry, str) else entry)} - {"_self_"}
+    known = {"": set(run) - {"defaults"} | groups, "distill": {f.name for f in fields(DistillSchema)},
+             "teacher": set(teacher) | {"model"},
+             "teacher.fit": set(teacher.fit), "teacher.recording": set(teacher.recording)}
+    for where, allowed in known.items():
+        node = OmegaConf.select(cfg, where) if where else cfg
+        unknown = sorted(set(node) - allowed) if isinstance(node, DictConfig) else []
+        if unknown:
+            names = ", ".join(f"{where}.{key}" if where else key for key in unknown)
+            raise KDError(f"unknown setting {names}: nothing reads it; remove it (the settings here are {', '.join(sorted(allowed))}).")
 
 
 def register_configs() -> None:

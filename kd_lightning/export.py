@@ -22,7 +22,7 @@ from torch import nn
 
 from kd_lightning.checkpoints import load_weights
 from kd_lightning.files import atomic_write
-from kd_lightning.errors import KDError
+from kd_lightning.errors import KDError, one_line
 
 
 def find_run_config(checkpoint: Path) -> Path:
@@ -37,11 +37,13 @@ def find_run_config(checkpoint: Path) -> Path:
 
 def student_from_config(config: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
     """The (untrained) student of a run config, and the data's input shape when known."""
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import get_class
     from omegaconf import OmegaConf
 
+    from kd_lightning.config import build
+
     cfg = OmegaConf.load(config)
-    student = instantiate(cfg.student.model)
+    student = build(cfg.student.model)
     input_shape = getattr(get_class(cfg.data._target_), "input_shape", None) if cfg.get("data") else None
     return student, input_shape
 
@@ -113,8 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         student = export_student(args.checkpoint, args.out, config=args.config, torchscript=args.torchscript,
                                  torch_export=args.torch_export, overwrite=args.overwrite)
-    except KDError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (KDError, OSError) as error:
+        print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None
     params = sum(p.numel() for p in student.parameters())
     written = [str(p) for p in (args.out, args.torchscript, args.torch_export) if p]

@@ -118,19 +118,29 @@ class FeatureDistiller(nn.Module):
     def attached(self) -> bool:
         return bool(self.handles)
 
-    def attach(self, student: nn.Module, teacher: nn.Module) -> None:
-        """Register one forward hook per distinct layer path (idempotent)."""
-        self.detach()
+    def layers(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str, nn.Module]]:
+        """``(side, path, module)`` of every distinct hooked layer; a missing path is refused with the fix."""
+        found = []
         for side, model, paths in (("student", student, {t.student for t in self.terms}),
                                    ("teacher", teacher, {t.teacher for t in self.terms})):
             for path in sorted(paths):
                 try:
-                    layer = model.get_submodule(path)
+                    found.append((side, path, model.get_submodule(path)))
                 except AttributeError:
                     names = [n for n, _ in model.named_modules() if n and "." not in n]
                     raise KDError(f"the {side} has no module {path!r} for feature distillation; its top-level modules "
                                   f"are {names}. Use a path from model.named_modules(), e.g. layer3 or features.3.") from None
-                self.handles.append(layer.register_forward_hook(self._hook(side, path)))
+        return found
+
+    def check_paths(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Refuse a term whose layer path is in neither model (before anything trains)."""
+        self.layers(student, teacher)
+
+    def attach(self, student: nn.Module, teacher: nn.Module) -> None:
+        """Register one forward hook per distinct layer path (idempotent)."""
+        self.detach()
+        for side, path, layer in self.layers(student, teacher):
+            self.handles.append(layer.register_forward_hook(self._hook(side, path)))
 
     def _hook(self, side: str, path: str):
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:

@@ -17,14 +17,16 @@ exist, or an ``alpha`` that no term takes its weight from is refused when the mi
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Mapping
 
+import torch
 from torch import Tensor, nn
 
 from kd_lightning.data.batch import Batch
 from kd_lightning.errors import KDError
 from kd_lightning.features import FeatureDistiller, FeatureTerm
-from kd_lightning.losses import check_temperature, kd_loss, objective_name
+from kd_lightning.losses import MAX_TEMPERATURE, MIN_TEMPERATURE, check_temperature, kd_loss, objective_name, unwrap
 from kd_lightning.schedules import Schedule, build_schedules
 
 Objective = Callable[..., Tensor]  # (student_logits, teacher_logits, *, temperature, labels) -> scalar
@@ -37,6 +39,19 @@ def check_alpha(alpha: float) -> None:
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
         raise KDError(f"distill.alpha must be in [0, 1], got {alpha}: loss = (1 - alpha) * CE + alpha * KD, "
                       "so alpha=0 is plain training and alpha=1 pure distillation; set e.g. distill.alpha=0.9.")
+
+
+def check_objective_settings(where: str, objective: Objective) -> None:
+    """Call one of the library's objectives on a tiny batch, so its own settings (JSD's beta, a
+    misspelt keyword) are refused now, not after the teacher has trained. Your own objectives
+    are first called in the first training step."""
+    if getattr(unwrap(objective), "__module__", None) != "kd_lightning.losses":
+        return
+    logits = torch.zeros(2, 3)
+    try:
+        objective(logits, logits, temperature=1.0, labels=torch.zeros(2, dtype=torch.long))
+    except (TypeError, ValueError) as error:
+        raise KDError(f"{where} is set wrong: {error}") from None
 
 
 class LossMix(nn.Module):
@@ -90,6 +105,12 @@ class LossMix(nn.Module):
         self.weights = {name: float(w) for name, w in (weights or {}).items()}
         self.schedules = build_schedules(schedules)
         self._check_names_and_sources(extra_terms or {})
+        for name, weight in [*self.weights.items(), *((n, w) for n, w in self.defaults.items() if w is not None)]:
+            if not (math.isfinite(weight) and weight >= 0):
+                raise KDError(f"the weight of loss term {name!r} must be a finite number >= 0, got {weight}.")
+        check_objective_settings("distill.loss", self.objective)
+        for name, objective in self.extra_terms.items():
+            check_objective_settings(f"distill.extra_terms.{name}.objective", objective)
         self.scheduled: dict[str, float] = {}
 
     @classmethod
@@ -115,8 +136,9 @@ class LossMix(nn.Module):
                           "set each weight in one place.")
         for name, schedule in self.schedules.items():
             low, high = schedule.extremes()
-            if name == "temperature" and not low > 0:
-                raise KDError(f"distill.schedules.temperature reaches {low}; the temperature must stay > 0.")
+            if name == "temperature" and not MIN_TEMPERATURE <= low <= high <= MAX_TEMPERATURE:
+                raise KDError(f"distill.schedules.temperature spans [{low}, {high}]; the temperature must stay between "
+                              f"{MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}.")
             if name == "alpha" and not (0 <= low and high <= 1):
                 raise KDError(f"distill.schedules.alpha spans [{low}, {high}]; alpha must stay in [0, 1].")
         takes_alpha = self.terms_taking_alpha

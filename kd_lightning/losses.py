@@ -65,10 +65,17 @@ def mean_over_positions(per_position: Tensor, keep: Tensor | None) -> Tensor:
     return kept.sum() / keep.sum().clamp_min(1)
 
 
+# Beyond these the T²-scaled divergence is numerically meaningless: at large T the float32
+# rounding of KL (about 1e-7 of log C) times T² swamps the term (≈ Var(s − t)/2), at T = 100
+# already about 1%; at small T the T² factor (1e-4 at T = 0.01) makes it vanish.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
+
+
 def check_temperature(temperature: float) -> None:
-    """Raise :class:`~kd_lightning.KDError` (a ``ValueError``) unless ``temperature`` is a number > 0."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise KDError(f"distill.temperature must be > 0, got {temperature}. The usual values are 1-8 "
+    """Raise :class:`~kd_lightning.KDError` (a ``ValueError``) unless ``0.01 <= temperature <= 100``."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise KDError(f"distill.temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {temperature} "
+                      "(beyond them the T²-scaled term is rounding noise or vanishes). The usual values are 1-8 "
                       "(4 in the CIFAR recipe); set e.g. distill.temperature=4.")
 
 
@@ -97,8 +104,8 @@ def tempered_log_probs(student_logits: Tensor, teacher_logits: Tensor, temperatu
 
 
 def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p ‖ q) = Σ_c p (log p − log q)`` per row, from log-probabilities."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    """``KL(p ‖ q) = Σ_c p (log p − log q)`` per row, from log-probabilities; never below 0 (rounding)."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)
 
 
 def reduce_positions(per_position: Tensor, logits: Tensor, mask: Tensor | None, labels: Tensor | None,
@@ -130,7 +137,7 @@ def kd_loss(
         positions (``batchmean`` for ``(N, C)`` input), times ``T²`` by default.
     """
     log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
-    per_position = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1)
+    per_position = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1).clamp_min(0)
     return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2)
 
 
@@ -257,9 +264,15 @@ class KDLoss(torch.nn.Module):
         )
 
 
-def objective_name(objective) -> str:
-    """The name a loss term is logged under: ``kd_loss`` -> ``kd``, ``MyLoss`` -> ``MyLoss``."""
+def unwrap(objective):
+    """The function behind ``functools.partial`` layers (what Hydra's ``_partial_: true`` makes)."""
     while isinstance(objective, functools.partial):
         objective = objective.func
+    return objective
+
+
+def objective_name(objective) -> str:
+    """The name a loss term is logged under: ``kd_loss`` -> ``kd``, ``MyLoss`` -> ``MyLoss``."""
+    objective = unwrap(objective)
     name = getattr(objective, "__name__", None) or type(objective).__name__
     return name.removesuffix("_loss") if name.endswith("_loss") else name

@@ -75,6 +75,11 @@ class RecordingSettings:
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             raise KDError(f"teacher.recording.top_k must be a positive integer (or null for all classes), got {self.top_k!r}.")
 
+    def check_classes(self, num_classes: int) -> None:
+        """``top_k`` keeps at most all ``num_classes`` logits."""
+        if self.top_k is not None and self.top_k > num_classes:
+            raise KDError(f"teacher.recording.top_k={self.top_k} must be between 1 and the {num_classes} classes (or null for all).")
+
 
 def rebuild_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_classes: int) -> Tensor:
     """Full ``(N, C)`` logits from the top-k ``(N, k)`` and the full log-sum-exp ``(N,)``.
@@ -223,8 +228,7 @@ def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory
     example = datamodule.prepare_inputs(datamodule.splits["train"].inputs[:1])
     with torch.no_grad():
         num_classes = teacher.eval()(example.to(next(teacher.parameters()).device)).shape[-1]
-    if settings.top_k is not None and settings.top_k > num_classes:
-        raise KDError(f"teacher.recording.top_k={settings.top_k} must be between 1 and the {num_classes} classes (or null for all).")
+    settings.check_classes(num_classes)
     augment = datamodule.augment
     views = RecordedViews.draw(augment, len(datamodule.splits["train"]), settings.views_per_sample) if augment is not None else None
     started = time.perf_counter()

@@ -2,7 +2,8 @@
 
 Reads each job's ``metrics.json`` and the overrides Hydra recorded for it
 (``.hydra/overrides.yaml``), prints the table, writes ``report.csv`` into the sweep
-directory, and marks jobs that left no results as failed.
+directory, and marks jobs that left no results as failed, with the one-line reason they
+recorded (``error.txt``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import yaml
 from kd_lightning.files import atomic_write
 from kd_lightning.plots import plot_sweep
 
+FAILURE_FILE = "error.txt"  # written by kd_lightning.cli for a failed sweep job
 COLUMNS = [("teacher", "teacher"), ("baseline", "alone"), ("distilled", "distilled")]
 
 
@@ -31,6 +33,8 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
         results_file = job / "metrics.json"
         results = json.loads(results_file.read_text()) if results_file.is_file() else None
         row["status"] = "ok" if results else "FAILED"
+        failure = job / FAILURE_FILE
+        row["error"] = failure.read_text().strip() if not results and failure.is_file() else None
         for key, name in COLUMNS:
             acc = ((results or {}).get(key) or {}).get("test/acc")
             row[name] = None if acc is None else round(100 * acc, 2)
@@ -74,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
 
     atomic_write(args.sweep_dir / "report.csv", write_csv)
     print(format_table(rows))
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"job {row['job']} failed: {row['error'] or 'no reason recorded (see its log in the job directory)'}")
     picture = plot_sweep(rows, args.sweep_dir / "sweep.png")
     print(f"\nwritten: {args.sweep_dir / 'report.csv'}" + (f", {picture}" if picture else ""))
 

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from kd_lightning.checkpoints import AtomicCheckpointIO, check_resumable
+from kd_lightning.config import build
+from kd_lightning.errors import KDError
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.module import DistillationModule
 from kd_lightning.teacher import Teacher
@@ -36,11 +38,24 @@ def build_loss_mix(cfg: DictConfig) -> LossMix:
     def plain(node: Any) -> Any:
         return OmegaConf.to_container(node, resolve=True) if node is not None else None
 
-    extra_terms = {name: {**plain(spec), "objective": instantiate(spec.objective)} if spec.get("objective") else plain(spec)
+    extra_terms = {name: {**plain(spec), "objective": build(spec.objective)} if spec.get("objective") else plain(spec)
                    for name, spec in (distill.get("extra_terms") or {}).items()}
-    return LossMix(objective=instantiate(distill.loss) if distill.get("loss") else None, temperature=distill.temperature,
+    return LossMix(objective=build(distill.loss) if distill.get("loss") else None, temperature=distill.temperature,
                    alpha=distill.alpha, extra_terms=extra_terms, features=plain(distill.get("features")),
                    weights=plain(distill.get("weights")), schedules=plain(distill.get("schedules")))
+
+
+def check_trainer_settings(cfg: DictConfig) -> None:
+    """Every stage trains for a positive, finite number of epochs (``trainer`` and ``teacher.fit``)."""
+    max_steps = cfg.trainer.get("max_steps", -1)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1:
+        raise KDError(f"trainer.max_steps must be -1 (no limit) or a positive integer, got {max_steps!r}.")
+    for key, epochs in (("trainer.max_epochs", cfg.trainer.get("max_epochs")), ("teacher.fit.max_epochs", cfg.teacher.fit.max_epochs)):
+        if epochs is None or (epochs == -1 and max_steps > 0):
+            continue  # Lightning's default, or bounded by max_steps
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise KDError(f"{key} must be a positive integer, got {epochs!r}" + (" (-1 trains forever unless trainer.max_steps "
+                          "is set)" if epochs == -1 else "") + f"; set e.g. {key}=30.")
 
 
 class ReseedEveryEpoch(L.Callback):
@@ -61,12 +76,13 @@ def make_trainer(cfg: DictConfig, stage: str, **overrides: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` writing logs and checkpoints under ``<output_dir>/<stage>``."""
     stage_dir = Path(cfg.paths.output_dir) / stage
     callbacks = [ReseedEveryEpoch(cfg.seed)] + [
-        instantiate(conf, dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in conf._target_ else instantiate(conf)
+        build(conf, dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in conf._target_ else build(conf)
         for conf in (cfg.get("callbacks") or {}).values()
         if conf is not None
     ]
-    logger = instantiate(cfg.logger, save_dir=str(stage_dir), name="", version="") if cfg.get("logger") else False
-    return instantiate(cfg.trainer, default_root_dir=str(stage_dir), callbacks=callbacks, logger=logger, **overrides)
+    logger = build(cfg.logger, save_dir=str(stage_dir), name="", version="") if cfg.get("logger") else False
+    return build(cfg.trainer, default_root_dir=str(stage_dir), callbacks=callbacks, logger=logger,
+                 plugins=[AtomicCheckpointIO()], **overrides)
 
 
 def run_stage(cfg: DictConfig, stage: str, model: DictConfig, teacher: Teacher | None, loss_mix: LossMix, datamodule: Any,
@@ -78,14 +94,15 @@ def run_stage(cfg: DictConfig, stage: str, model: DictConfig, teacher: Teacher |
     """
     optim = optim if optim is not None else cfg.optim
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = DistillationModule(instantiate(model), teacher, num_classes=cfg.data.num_classes, loss_mix=loss_mix,
-                                optimizer=instantiate(optim.optimizer),
-                                scheduler=instantiate(optim.scheduler) if optim.get("scheduler") else None)
+    module = DistillationModule(build(model), teacher, num_classes=cfg.data.num_classes, loss_mix=loss_mix,
+                                optimizer=build(optim.optimizer),
+                                scheduler=build(optim.scheduler) if optim.get("scheduler") else None)
     log.info("stage %s: %s", stage, loss_mix.extra_repr())
     trainer = make_trainer(cfg, stage, **trainer_overrides)
     last = Path(cfg.paths.output_dir) / stage / "checkpoints" / "last.ckpt"
     resume = str(last) if cfg.get("ckpt_path") == "last" and last.is_file() else None
     if resume:
+        check_resumable(last, stage)
         log.info("stage %s: resuming from %s", stage, resume)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none

@@ -24,19 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from kd_lightning import __version__
 from kd_lightning.checkpoints import existing_checkpoint, load_weights, save_weights
+from kd_lightning.config import build
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
-from kd_lightning.files import content_key, file_sha256, job_lock
+from kd_lightning.features import FeatureDistiller
+from kd_lightning.files import content_key, file_sha256, job_lock, set_aside
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.module import check_same_classes
-from kd_lightning.recording import META_FILE, FORMAT_VERSION, RecordedTeacher, RecordingSettings, data_identity, \
-    describe_mismatch, record_teacher
+from kd_lightning.recording import (FORMAT_VERSION, META_FILE, RecordedTeacher, RecordingSettings, data_identity,
+                                    describe_mismatch, record_teacher)
 from kd_lightning.stages import is_global_zero, run_stage
 from kd_lightning.teacher import LiveTeacher, Teacher
 
@@ -59,7 +60,9 @@ def check_teacher_settings(cfg: DictConfig) -> RecordingSettings | None:
     if cfg.distill.get("features"):
         raise KDError("distill.features needs the live teacher's activations; set teacher.mode=live "
                       "(a recorded teacher has logits only).")
-    return RecordingSettings(**OmegaConf.to_container(cfg.teacher.recording, resolve=True))
+    settings = RecordingSettings(**OmegaConf.to_container(cfg.teacher.recording, resolve=True))
+    settings.check_classes(cfg.data.num_classes)
+    return settings
 
 
 def prepare_teacher(cfg: DictConfig, datamodule: Any) -> Teacher:
@@ -72,14 +75,15 @@ def prepare_teacher(cfg: DictConfig, datamodule: Any) -> Teacher:
 
 
 def check_models_agree(cfg: DictConfig, datamodule: Any) -> None:
-    """Fail before any training if teacher and student disagree on the number of classes."""
+    """Before any training: the feature terms' layers exist, teacher and student predict the same classes."""
+    teacher, student = build(cfg.teacher.model), build(cfg.student.model)
+    if cfg.distill.get("features"):
+        FeatureDistiller(OmegaConf.to_container(cfg.distill.features, resolve=True)).check_paths(student, teacher)
     if not hasattr(datamodule, "example_input"):
         return  # DistillationModule checks on the first batch instead
     x = datamodule.example_input()
     with torch.no_grad():
-        teacher_out = instantiate(cfg.teacher.model).eval()(x)
-        student_out = instantiate(cfg.student.model).eval()(x)
-    check_same_classes(student_out, teacher_out)
+        check_same_classes(student.eval()(x), teacher.eval()(x))
 
 
 # -- weights: a checkpoint, or trained once and cached ----------------------------------------------
@@ -111,14 +115,18 @@ def teacher_model(cfg: DictConfig, datamodule: Any) -> nn.Module:
     checkpoint = given_checkpoint(cfg)
     if checkpoint is not None:
         log.info("teacher: loading %s", checkpoint)
-        return load_weights(instantiate(cfg.teacher.model), checkpoint)
+        return load_weights(build(cfg.teacher.model), checkpoint)
     cached = trained_teacher_path(cfg)
     if not is_global_zero():  # the ranks of one DDP job train it together; rank 0 holds the lock and saves
-        return train_teacher(cfg, datamodule, cached) if not cached.exists() else load_weights(instantiate(cfg.teacher.model), cached)
+        return train_teacher(cfg, datamodule, cached) if not cached.exists() else load_weights(build(cfg.teacher.model), cached)
     with job_lock(cached):
         if cached.exists():
             log.info("teacher: reusing %s", cached)
-            return load_weights(instantiate(cfg.teacher.model), cached)
+            try:
+                return load_weights(build(cfg.teacher.model), cached)
+            except KDError as error:
+                log.warning("teacher: the cached teacher is unusable (%s); set aside as %s, training it again",
+                            error, set_aside(cached).name)
         return train_teacher(cfg, datamodule, cached)
 
 

@@ -6,15 +6,15 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from kd_lightning.config import build, check_known_keys
 from kd_lightning.errors import KDError
 from kd_lightning.files import atomic_write_text
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.plots import plot_curves
-from kd_lightning.stages import build_loss_mix, is_global_zero, run_stage
-from kd_lightning.teacher_source import prepare_teacher
+from kd_lightning.stages import build_loss_mix, check_trainer_settings, is_global_zero, run_stage
+from kd_lightning.teacher_source import check_teacher_settings, prepare_teacher
 
 RESULTS_FILE = "metrics.json"
 
@@ -28,9 +28,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     4. ``metrics.json`` (and ``curves.png``) in ``paths.output_dir``.
     """
     output_dir = Path(cfg.paths.output_dir)
+    # every setting is checked before anything is built or trained
+    check_known_keys(cfg)
     check_run_settings(cfg, output_dir)
-    loss_mix = build_loss_mix(cfg)  # every distillation setting checked before anything trains
-    datamodule = instantiate(cfg.data)
+    check_trainer_settings(cfg)
+    loss_mix = build_loss_mix(cfg)
+    check_teacher_settings(cfg)
+    datamodule = build(cfg.data)
     datamodule.setup("fit")
     teacher = prepare_teacher(cfg, datamodule)
 
@@ -49,7 +53,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 
 def check_run_settings(cfg: DictConfig, output_dir: Path) -> None:
-    """``ckpt_path`` is null or ``last``; the run directory holds no results unless ``overwrite``."""
+    """An integer seed; ``ckpt_path`` null or ``last``; the run directory holds no results unless ``overwrite``."""
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int):
+        raise KDError(f"seed must be an integer, got {cfg.seed!r}; set e.g. seed=0.")
     if cfg.get("ckpt_path") not in (None, "last"):
         raise KDError(f"ckpt_path must be null or 'last', got {cfg.ckpt_path!r}: 'last' resumes every stage of the "
                       "run in hydra.run.dir from <stage>/checkpoints/last.ckpt.")

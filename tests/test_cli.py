@@ -46,7 +46,7 @@ def test_two_by_two_sweep(tmp_path: Path) -> None:
 def test_bad_temperature_is_one_clear_line(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "distill.temperature=-1", "hydra.run.dir=run")
     assert out.returncode == 1
-    assert "error: distill.temperature must be > 0, got -1" in out.stderr
+    assert "error: distill.temperature must be between 0.01 and 100, got -1" in out.stderr
     assert "Traceback" not in out.stderr
 
 

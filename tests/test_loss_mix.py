@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 
 from kd_lightning import KDError, LossMix, kd_loss
-from kd_lightning.losses import dkd_loss, reverse_kl_loss
+from kd_lightning.losses import dkd_loss, jsd_loss, reverse_kl_loss
 from kd_lightning.schedules import Schedule
 
 RKL = {"objective": reverse_kl_loss, "weight": 0.5}
@@ -23,9 +25,15 @@ RKL = {"objective": reverse_kl_loss, "weight": 0.5}
     ({"weights": {"ce": 1.0}, "schedules": {"kd": {"kind": "linear", "start": 0, "end": 1, "length": 5}}}, "distill.alpha has no effect"),
     ({"alpha": None}, r"distill.alpha is null but \['ce', 'kd'\] take their weight from it"),
     ({"alpha": None, "weights": {"ce": 1.0}}, r"distill.alpha is null but \['kd'\]"),
-    ({"temperature": 0.0}, "temperature must be > 0"),
+    ({"objective": partial(jsd_loss, beta=2.0)}, r"distill.loss is set wrong: beta must be in \[0, 1\], got 2.0"),
+    ({"objective": partial(jsd_loss, betta=0.5)}, "distill.loss is set wrong: jsd_loss.. got an unexpected keyword argument 'betta'"),
+    ({"extra_terms": {"rkl": {"objective": partial(reverse_kl_loss, scale=2)}}}, "distill.extra_terms.rkl.objective is set wrong"),
+    ({"weights": {"kd": -1.0}, "alpha": None, "schedules": {"ce": {"kind": "constant", "start": 1}}}, "the weight of loss term 'kd' must be a finite number >= 0"),
+    ({"temperature": 0.0}, "temperature must be between 0.01 and 100"),
+    ({"temperature": 1e6}, "temperature must be between 0.01 and 100"),
+    ({"temperature": 1e-9}, "temperature must be between 0.01 and 100"),
     ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
-    ({"schedules": {"temperature": {"kind": "linear", "start": 4, "end": 0, "length": 3}}}, "temperature reaches 0"),
+    ({"schedules": {"temperature": {"kind": "linear", "start": 4, "end": 0, "length": 3}}}, r"temperature spans \[0, 4\]; the temperature must stay between 0.01 and 100"),
     ({"schedules": {"alpha": {"kind": "step", "start": 0.5, "milestones": [2], "gamma": 3}}}, r"alpha spans \[0.5, 1.5\]"),
 ])
 def test_unknown_terms_and_conflicting_settings_are_refused_in_one_line(kwargs: dict, message: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.losses import KDLoss, kd_loss
+from kd_lightning.losses import KDLoss, jsd_loss, kd_loss, reverse_kl_loss
 
 TEACHER = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 STUDENT = torch.tensor([[1.2, 2.1, 2.9], [3.8, 5.2, 6.1]])
@@ -112,7 +112,7 @@ def test_bf16_inputs_are_computed_in_float32() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": 0.0}, "temperature must be between 0.01 and 100"),
         ({"temperature": 2.0, "mask": torch.ones(3, dtype=torch.bool)}, "mask shape"),
         ({"temperature": 2.0, "ignore_index": -100}, "ignore_index needs labels"),
     ],
@@ -129,3 +129,12 @@ def test_shape_mismatch_is_named() -> None:
 
 def test_module_wrapper_matches_function() -> None:
     assert torch.equal(KDLoss(2.0)(STUDENT, TEACHER), kd_loss(STUDENT, TEACHER, 2.0))
+
+
+@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, jsd_loss])
+def test_a_divergence_is_never_negative_even_at_the_largest_temperature(objective) -> None:
+    generator = torch.Generator().manual_seed(0)
+    teacher = torch.randn(64, 100, generator=generator) * 5
+    for student in (teacher.clone(), teacher + 1e-4 * torch.randn(64, 100, generator=generator)):
+        per_row = [objective(student[i:i + 1], teacher[i:i + 1], 100.0).item() for i in range(64)]
+        assert min(per_row) >= 0.0

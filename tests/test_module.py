@@ -130,8 +130,8 @@ def test_subclass_can_replace_one_hook() -> None:
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"temperature": 0.0}, "temperature must be > 0"),
-        ({"temperature": -1.0}, "temperature must be > 0"),
+        ({"temperature": 0.0}, "temperature must be between 0.01 and 100"),
+        ({"temperature": -1.0}, "temperature must be between 0.01 and 100"),
         ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
         ({"alpha": -0.1}, r"alpha must be in \[0, 1\]"),
         ({"num_classes": 100}, "built for 10 classes but the data has 100"),

@@ -21,11 +21,13 @@ def test_report_lists_every_job_and_marks_failures(tmp_path: Path, capsys) -> No
     job(tmp_path, "0", ["distill.temperature=1"], ok)
     job(tmp_path, "1", ["distill.temperature=4"], None)
     job(tmp_path, "2", ["distill.temperature=8"], {**ok, "distilled": {"test/acc": 0.99}, "gain": 0.03})
+    (tmp_path / "1" / "error.txt").write_text("no space left on device, /runs/1/distilled; free space there.\n")
     main([str(tmp_path)])
     printed = capsys.readouterr().out
     assert "FAILED" in printed and "distill.temperature=4" in printed
+    assert "job 1 failed: no space left on device, /runs/1/distilled; free space there." in printed
     assert "mean  2 ok" in printed and "98.0" in printed  # mean of 97 and 99
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
-    assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"]
+    assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"] and rows[1]["error"].startswith("no space left")
     assert rows[2]["distilled"] == "99.0" and rows[0]["gain"] == "1.0"
     assert (tmp_path / "sweep.png").stat().st_size > 5_000

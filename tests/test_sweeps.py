@@ -17,12 +17,14 @@ FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_
 def test_a_failing_job_leaves_the_others_and_is_reported(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "distill.temperature=2,-1,4", *FAST, "hydra.sweep.dir=sweep", multirun=True)
     assert out.returncode != 0  # the sweep says something failed...
-    assert "temperature must be > 0" in out.stderr
+    assert "temperature must be between 0.01 and 100" in out.stderr
     rows = collect(tmp_path / "sweep")  # ...and every other job finished and kept its results
     assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"]
     assert [next(o for o in r["overrides"].split() if o.startswith("distill.temperature")) for r in rows] == ["distill.temperature=2", "distill.temperature=-1", "distill.temperature=4"]
+    assert rows[1]["error"].startswith("distill.temperature must be between 0.01 and 100, got -1")
     report = subprocess.run([sys.executable, "-m", "kd_lightning.report", str(tmp_path / "sweep")], capture_output=True, text=True)
     assert report.returncode == 0 and "FAILED" in report.stdout
+    assert "job 1 failed: distill.temperature must be between 0.01 and 100, got -1" in report.stdout
     assert (tmp_path / "sweep" / "report.csv").is_file()
 
 

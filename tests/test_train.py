@@ -95,7 +95,7 @@ def test_existing_results_are_never_overwritten(make_cfg, tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("distill.temperature=0", "temperature must be > 0"),
+        ("distill.temperature=0", "temperature must be between 0.01 and 100"),
         ("distill.alpha=1.2", r"alpha must be in \[0, 1\]"),
         ("teacher.model.num_classes=7", "teacher 7, student 10"),
         ("teacher.checkpoint=/nonexistent/ckpt_epoch_240.pth", "checkpoint not found"),

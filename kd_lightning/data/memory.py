@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_lightning.data.augment import RandomCropFlip, RecordedViews
 from kd_lightning.data.batch import Batch
+from kd_lightning.errors import KDError
 
 class TensorSplit(Dataset):
     """One split held as tensors; ``__getitems__`` returns a whole batch at once."""
@@ -79,6 +80,9 @@ class InMemoryDataModule(L.LightningDataModule):
         augment: RandomCropFlip | None = None,
     ) -> None:
         super().__init__()
+        for key, size in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise KDError(f"{key} must be a positive integer, got {size!r}; set e.g. {key}=64.")
         self.augment = augment
         if num_classes is not None:
             self.num_classes = num_classes
