@@ -84,8 +84,17 @@ def at_least_float32(x: Tensor) -> Tensor:
 
 
 def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
-    """Z-score each row over its classes: ``(z − mean) / (std + eps)`` (unbiased std, as in Sun et al. 2024)."""
-    return (logits - logits.mean(-1, keepdim=True)) / (logits.std(-1, keepdim=True) + eps)
+    """Z-score each row over its classes: ``(z − mean) / (std + eps)`` (unbiased std, as in Sun et al. 2024).
+
+    ``-inf`` entries (masked classes) are left out of the mean and std and stay ``-inf``.
+    """
+    finite = torch.isfinite(logits)
+    count = finite.sum(-1, keepdim=True)
+    kept = torch.where(finite, logits, torch.zeros_like(logits))
+    mean = kept.sum(-1, keepdim=True) / count
+    centred = torch.where(finite, logits - mean, torch.zeros_like(logits))
+    std = (centred.pow(2).sum(-1, keepdim=True) / (count - 1).clamp_min(1)).sqrt()
+    return torch.where(finite, centred / (std + eps), logits)
 
 
 def tempered_log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float, standardize: bool) -> tuple[Tensor, Tensor]:
@@ -104,8 +113,24 @@ def tempered_log_probs(student_logits: Tensor, teacher_logits: Tensor, temperatu
 
 
 def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p ‖ q) = Σ_c p (log p − log q)`` per row, from log-probabilities; never below 0 (rounding)."""
-    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0)
+    """``KL(p ‖ q) = Σ_c p (log p − log q)`` per row, from log-probabilities; never below 0 (rounding).
+
+    A class with ``p = 0`` (a ``-inf`` logit: a masked or padded vocabulary row) contributes
+    exactly 0, also where ``q = 0`` too, and no NaN reaches the gradient.
+    """
+    p = log_p.exp()
+    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
+    return (p * log_ratio).sum(-1).clamp_min(0)
+
+
+def log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
+    """``log(weight·p + (1 − weight)·q)`` elementwise, finite gradients where both are 0 (``-inf``)."""
+    a = log_p + (math.log(weight) if weight > 0 else -math.inf)
+    b = log_q + (math.log1p(-weight) if weight < 1 else -math.inf)
+    both_zero = torch.isneginf(a) & torch.isneginf(b)
+    zero = torch.zeros_like(a)
+    mixed = torch.logaddexp(torch.where(both_zero, zero, a), torch.where(both_zero, zero, b))
+    return torch.where(both_zero, torch.full_like(a, -math.inf), mixed)
 
 
 def reduce_positions(per_position: Tensor, logits: Tensor, mask: Tensor | None, labels: Tensor | None,
@@ -137,7 +162,7 @@ def kd_loss(
         positions (``batchmean`` for ``(N, C)`` input), times ``T²`` by default.
     """
     log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
-    per_position = F.kl_div(log_p_student, log_p_teacher, reduction="none", log_target=True).sum(-1).clamp_min(0)
+    per_position = kl_rows(log_p_teacher, log_p_student)
     return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2)
 
 
@@ -188,9 +213,7 @@ def jsd_loss(
     if not 0 <= beta <= 1:
         raise ValueError(f"beta must be in [0, 1], got {beta}: 0 is forward KL, 1 reverse KL, 0.5 symmetric JSD.")
     log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
-    log_beta = math.log(beta) if beta > 0 else -math.inf
-    log_one_minus_beta = math.log1p(-beta) if beta < 1 else -math.inf
-    log_m = torch.logsumexp(torch.stack([log_p_teacher + log_beta, log_p_student + log_one_minus_beta]), dim=0)
+    log_m = log_mixture(log_p_teacher, log_p_student, beta)
     per_position = torch.zeros_like(log_m[..., 0])
     if beta < 1:
         per_position = per_position + (1 - beta) * kl_rows(log_p_teacher, log_m)

@@ -3,6 +3,8 @@ special cases, gradcheck, and masked positions contributing exactly nothing."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,6 +179,56 @@ def test_half_precision_inputs_are_computed_in_float32() -> None:
 
 
 def test_term_names() -> None:
-    from functools import partial
-
     assert [objective_name(f) for f in (kd_loss, partial(jsd_loss, beta=0.1), dkd_loss)] == ["kd", "jsd", "dkd"]
+
+
+# -- masked vocabulary entries: -inf logits ------------------------------------------------------
+
+INF = float("inf")
+
+
+def test_the_issue_example_is_finite_and_exact() -> None:
+    value = kd_loss(torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[2.0, 1.0, -INF]]), 1.0)
+    p_t = torch.tensor([2.0, 1.0]).softmax(-1)
+    log_p_s = torch.tensor([1.0, 2.0, 0.5]).log_softmax(-1)[:2]
+    assert value.item() == pytest.approx((p_t * (p_t.log() - log_p_s)).sum().item(), rel=1e-6)
+    assert value.item() == pytest.approx(0.6132, abs=1e-4)
+
+
+@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, partial(jsd_loss, beta=0.3), partial(dkd_loss, nckd_weight=2.0)])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_padded_vocabulary_rows_change_nothing(objective, standardize: bool) -> None:
+    """-inf in both models' padding rows: the value and gradient of the unpadded vocabulary, no NaN."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(2, 5, 7, generator=g, dtype=torch.float64), torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, 7, (2, 5), generator=g)
+    labels[0, 1] = -100
+    padding = torch.full((2, 5, 3), -INF, dtype=torch.float64)
+    s_small = s.clone().requires_grad_(True)
+    s_padded = torch.cat([s, padding], -1).requires_grad_(True)
+    kwargs = {"labels": labels, "ignore_index": -100, "standardize": standardize}
+    small = objective(s_small, t, 2.0, **kwargs)
+    padded = objective(s_padded, torch.cat([t, padding], -1), 2.0, **kwargs)
+    small.backward()
+    padded.backward()
+    torch.testing.assert_close(padded, small)
+    torch.testing.assert_close(s_padded.grad[..., :7], s_small.grad)
+    assert torch.equal(s_padded.grad[..., 7:], torch.zeros(2, 5, 3, dtype=torch.float64))
+
+
+def test_a_class_only_one_side_rules_out() -> None:
+    s = torch.tensor([[0.5, 1.0, -INF]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0, 2.0]])
+    assert reverse_kl_loss(s, t, 1.0).isfinite()  # the student puts no mass there: it contributes nothing
+    assert kd_loss(s, t, 1.0).item() == INF  # the teacher does: KL(p_t ‖ p_s) is truly infinite, not NaN
+    jsd = jsd_loss(s, t, 1.0, 0.5)
+    jsd.backward()
+    assert jsd.isfinite() and s.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, jsd_loss])
+def test_a_fully_masked_batch_is_zero_with_zero_gradients(objective) -> None:
+    s = torch.randn(2, 3, 5, requires_grad=True)
+    value = objective(s, torch.randn(2, 3, 5), 2.0, labels=torch.full((2, 3), -100), ignore_index=-100)
+    value.backward()
+    assert value.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
