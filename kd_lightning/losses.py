@@ -11,6 +11,9 @@ Shared keyword arguments:
     mask: optional bool ``(N,)`` / ``(N, L)``, True where a position counts.
     labels, ignore_index: positions whose label equals ``ignore_index`` are dropped.
     scale_by_t2: multiply by ``T²`` so gradient magnitudes do not shrink as ``1/T²``.
+    num_kept: divide the sum over kept positions by this count instead of the number kept in
+        this call: the kept tokens of a whole optimizer step (all micro-batches of a gradient
+        accumulation, all ranks), so that the loss and its gradients do not depend on the split.
     standardize: z-score each row of both logits before the temperature (logit
         standardisation, Sun et al. 2024); ``T`` then acts as a base temperature.
 
@@ -57,12 +60,15 @@ def positions_to_keep(
     return keep
 
 
-def mean_over_positions(per_position: Tensor, keep: Tensor | None) -> Tensor:
-    """Mean of ``per_position`` over kept positions; masked positions contribute exactly zero."""
-    if keep is None:
+def mean_over_positions(per_position: Tensor, keep: Tensor | None, num_kept: Tensor | float | None = None) -> Tensor:
+    """Sum of ``per_position`` over kept positions divided by ``num_kept`` (default: how many are kept
+    here, at least 1); masked positions contribute exactly zero."""
+    if keep is None and num_kept is None:
         return per_position.mean()
-    kept = torch.where(keep, per_position, torch.zeros_like(per_position))
-    return kept.sum() / keep.sum().clamp_min(1)
+    kept = per_position if keep is None else torch.where(keep, per_position, torch.zeros_like(per_position))
+    if num_kept is None:
+        num_kept = keep.sum().clamp_min(1)
+    return kept.sum() / num_kept
 
 
 # Beyond these the T²-scaled divergence is numerically meaningless: at large T the float32
@@ -134,8 +140,9 @@ def log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
 
 
 def reduce_positions(per_position: Tensor, logits: Tensor, mask: Tensor | None, labels: Tensor | None,
-                     ignore_index: int | None, temperature: float, scale_by_t2: bool) -> Tensor:
-    loss = mean_over_positions(per_position, positions_to_keep(logits, mask, labels, ignore_index))
+                     ignore_index: int | None, temperature: float, scale_by_t2: bool,
+                     num_kept: Tensor | float | None = None) -> Tensor:
+    loss = mean_over_positions(per_position, positions_to_keep(logits, mask, labels, ignore_index), num_kept)
     return loss * temperature**2 if scale_by_t2 else loss
 
 
@@ -149,6 +156,7 @@ def kd_loss(
     ignore_index: int | None = None,
     scale_by_t2: bool = True,
     standardize: bool = False,
+    num_kept: Tensor | float | None = None,
 ) -> Tensor:
     """Forward KL, Hinton KD (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``.
 
@@ -163,7 +171,7 @@ def kd_loss(
     """
     log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
     per_position = kl_rows(log_p_teacher, log_p_student)
-    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2)
+    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
 
 
 def reverse_kl_loss(
@@ -176,6 +184,7 @@ def reverse_kl_loss(
     ignore_index: int | None = None,
     scale_by_t2: bool = False,
     standardize: bool = False,
+    num_kept: Tensor | float | None = None,
 ) -> Tensor:
     """Reverse KL: ``KL(softmax(s/T) ‖ softmax(t/T)) = Σ p_s (log p_s − log p_t)``, mode-seeking.
 
@@ -183,7 +192,7 @@ def reverse_kl_loss(
     """
     log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
     per_position = kl_rows(log_p_student, log_p_teacher)
-    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2)
+    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
 
 
 def jsd_loss(
@@ -197,6 +206,7 @@ def jsd_loss(
     ignore_index: int | None = None,
     scale_by_t2: bool = False,
     standardize: bool = False,
+    num_kept: Tensor | float | None = None,
 ) -> Tensor:
     """Generalised Jensen-Shannon divergence between teacher and student, ``beta ∈ [0, 1]``.
 
@@ -219,7 +229,7 @@ def jsd_loss(
         per_position = per_position + (1 - beta) * kl_rows(log_p_teacher, log_m)
     if beta > 0:
         per_position = per_position + beta * kl_rows(log_p_student, log_m)
-    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2)
+    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
 
 
 def dkd_loss(
@@ -234,6 +244,7 @@ def dkd_loss(
     ignore_index: int | None = None,
     scale_by_t2: bool = True,
     standardize: bool = False,
+    num_kept: Tensor | float | None = None,
 ) -> Tensor:
     """Decoupled KD (Zhao et al. 2022): ``tckd_weight·TCKD + nckd_weight·NCKD`` (the paper's alpha, beta).
 
@@ -269,7 +280,8 @@ def dkd_loss(
 
     tckd = kl_rows(binary(log_p_teacher), binary(log_p_student))
     nckd = kl_rows(non_target(log_p_teacher), non_target(log_p_student))
-    return reduce_positions(tckd_weight * tckd + nckd_weight * nckd, student_logits, keep, None, None, temperature, scale_by_t2)
+    return reduce_positions(tckd_weight * tckd + nckd_weight * nckd, student_logits, keep, None, None, temperature, scale_by_t2,
+                            num_kept)
 
 
 class KDLoss(torch.nn.Module):

@@ -57,3 +57,12 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert out.returncode != 0 and "--device cpu" in out.stderr
     assert not (tmp_path / "gpu.json").exists()
+
+
+def test_lm_loss_benchmark_reports_memory_time_and_exactness() -> None:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "lm_loss.py"), "--vocab", "512", "--tokens", "64", "--hidden", "16",
+                          "--repeats", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout)
+    assert figures["peak_mem_ratio"] > 0 and figures["time_ratio"] > 0
+    assert figures["max_rel_loss_diff"] < 1e-5 and figures["max_abs_grad_diff"] < 1e-6
