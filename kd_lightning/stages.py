@@ -7,7 +7,7 @@ starts from the same seed, so the distilled student and the baseline begin alike
 from __future__ import annotations
 
 import logging
-import warnings
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from kd_lightning.config import build
 from kd_lightning.errors import KDError
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.module import DistillationModule
+from kd_lightning.progress import StageProgress, lightning_hushed
 from kd_lightning.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,34 @@ class ReseedEveryEpoch(L.Callback):
 def make_trainer(cfg: DictConfig, stage: str, **overrides: Any) -> L.Trainer:
     """A Trainer from ``cfg.trainer`` writing logs and checkpoints under ``<output_dir>/<stage>``."""
     stage_dir = Path(cfg.paths.output_dir) / stage
-    callbacks = [ReseedEveryEpoch(cfg.seed)] + [
+    callbacks = [ReseedEveryEpoch(cfg.seed)] + ([StageProgress(stage)] if cfg.trainer.get("enable_progress_bar", True) else []) + [
         build(conf, dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in conf._target_ else build(conf)
         for conf in (cfg.get("callbacks") or {}).values()
         if conf is not None
     ]
-    logger = build(cfg.logger, save_dir=str(stage_dir), name="", version="") if cfg.get("logger") else False
-    return build(cfg.trainer, default_root_dir=str(stage_dir), callbacks=callbacks, logger=logger,
+    return build(cfg.trainer, default_root_dir=str(stage_dir), callbacks=callbacks, logger=make_logger(cfg, stage),
                  plugins=[AtomicCheckpointIO()], **overrides)
+
+
+def end_logger_runs(trainer: L.Trainer) -> None:
+    """Close each stage's W&B run, so the next stage starts its own instead of writing into it."""
+    for logger in trainer.loggers:
+        if type(logger).__name__ == "WandbLogger" and trainer.is_global_zero:
+            logger.experiment.finish()
+
+
+def make_logger(cfg: DictConfig, stage: str) -> Any:
+    """The ``logger`` of ``cfg`` writing under ``<output_dir>/<stage>``; a ``name`` or ``group`` left null
+    becomes the stage's name and the run directory's name. ``False`` without a logger."""
+    if not cfg.get("logger"):
+        return False
+    if "WandbLogger" in cfg.logger._target_:
+        os.environ.setdefault("WANDB_SILENT", "true")  # its banners; WANDB_SILENT=false shows them
+    filled = {"save_dir": str(Path(cfg.paths.output_dir) / stage)}
+    for key, value in (("name", stage), ("group", Path(cfg.paths.output_dir).name)):
+        if key in cfg.logger and cfg.logger[key] is None:
+            filled[key] = value
+    return build(cfg.logger, **filled)
 
 
 def run_stage(cfg: DictConfig, stage: str, model: DictConfig, teacher: Teacher | None, loss_mix: LossMix, datamodule: Any,
@@ -98,16 +119,15 @@ def run_stage(cfg: DictConfig, stage: str, model: DictConfig, teacher: Teacher |
                                 optimizer=build(optim.optimizer),
                                 scheduler=build(optim.scheduler) if optim.get("scheduler") else None)
     log.info("stage %s: %s", stage, loss_mix.extra_repr())
-    trainer = make_trainer(cfg, stage, **trainer_overrides)
     last = Path(cfg.paths.output_dir) / stage / "checkpoints" / "last.ckpt"
     resume = str(last) if cfg.get("ckpt_path") == "last" and last.is_file() else None
     if resume:
         check_resumable(last, stage)
         log.info("stage %s: resuming from %s", stage, resume)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
-        warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")  # the frozen teacher
+    with lightning_hushed():
+        trainer = make_trainer(cfg, stage, **trainer_overrides)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
+        end_logger_runs(trainer)
     return {**val, **{k: float(v) for k, v in test.items()}}, module.student

@@ -1,0 +1,110 @@
+"""What a run prints while it trains: one progress bar per stage, and nothing else of Lightning's.
+
+On a terminal each stage shows a single bar over all its training steps, with the latest
+training loss and validation accuracy; validation and test get no bars of their own. On a pipe,
+in a file or in CI (no terminal) the same information comes as about five plain log lines per
+stage (and the last epoch's), so the output holds no carriage-return lines. Lightning's banners and tips ("GPU available", "💡
+Tip", "`Trainer.fit` stopped") are hushed unless Hydra's verbose switch asks for Lightning's
+debug output (``hydra.verbose=lightning`` or ``hydra.verbose=true``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import warnings
+from typing import Any, Iterator
+
+import lightning as L
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
+
+log = logging.getLogger(__name__)
+
+LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+SHOWN = {"train/loss": "loss", "val/acc": "val acc"}
+
+
+class StageProgress(ProgressBar):
+    """One bar per stage (a terminal) or a few log lines per stage (anything else).
+
+    Args:
+        stage: the stage's name, shown before the bar or at the start of each line.
+        terminal: draw a bar; default whether stderr is a terminal.
+        refresh_steps: steps between two updates of the bar's loss (reading it waits for the device).
+        lines_per_stage: about how many epochs of a stage get a line when there is no terminal.
+    """
+
+    def __init__(self, stage: str, terminal: bool | None = None, refresh_steps: int = 20, lines_per_stage: int = 5) -> None:
+        super().__init__()
+        self.stage = stage
+        self.lines_per_stage = lines_per_stage
+        self.terminal = sys.stderr.isatty() if terminal is None else terminal
+        self.refresh_steps = refresh_steps
+        self.enabled = True
+        self.bar: Any = None
+
+    def disable(self) -> None:
+        self.enabled = False
+
+    def enable(self) -> None:
+        self.enabled = True
+
+    def shown_metrics(self, trainer: L.Trainer) -> dict[str, str]:
+        metrics = trainer.progress_bar_metrics
+        shown = {name: metrics[key] for key, name in SHOWN.items() if key in metrics}
+        return {name: f"{100 * value:.2f}%" if name == "val acc" else f"{value:.4f}" for name, value in shown.items()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not (self.enabled and self.terminal and trainer.is_global_zero):
+            return
+        from tqdm.auto import tqdm
+
+        total = trainer.estimated_stepping_batches
+        self.bar = tqdm(total=None if math.isinf(total) else int(total), desc=self.stage, unit="step", file=sys.stderr,
+                        dynamic_ncols=True, leave=True)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.update(1)
+        if self.bar.n % self.refresh_steps == 0:
+            self.bar.set_postfix(self.shown_metrics(trainer), refresh=False)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None and not trainer.sanity_checking:
+            self.bar.set_postfix(self.shown_metrics(trainer))
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch, epochs = trainer.current_epoch + 1, trainer.max_epochs
+        every = max(1, math.ceil(epochs / self.lines_per_stage)) if epochs and epochs > 0 else 1
+        if self.enabled and not self.terminal and trainer.is_global_zero and (epoch % every == 0 or epoch == epochs):
+            shown = ", ".join(f"{name} {value}" for name, value in self.shown_metrics(trainer).items())
+            log.info("stage %s: epoch %d/%d%s", self.stage, epoch, epochs, f", {shown}" if shown else "")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(self.shown_metrics(trainer))
+            self.bar.close()
+            self.bar = None
+
+
+@contextlib.contextmanager
+def lightning_hushed() -> Iterator[None]:
+    """Lightning's info banners and known-harmless warnings off for the block (unless asked for)."""
+    loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        if not logger.isEnabledFor(logging.DEBUG):  # Hydra's verbose switch keeps everything
+            logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
+            warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")  # the frozen teacher
+            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")  # inside Lightning
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
