@@ -141,6 +141,8 @@ class LossMix(nn.Module):
                               f"{MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}.")
             if name == "alpha" and not (0 <= low and high <= 1):
                 raise KDError(f"distill.schedules.alpha spans [{low}, {high}]; alpha must stay in [0, 1].")
+            if name not in SCHEDULABLE_SETTINGS and not (low >= 0 and math.isfinite(high)):
+                raise KDError(f"distill.schedules.{name} spans [{low}, {high}]; a loss term's weight must stay a finite number >= 0.")
         takes_alpha = self.terms_taking_alpha
         if self.alpha is None and takes_alpha:
             raise KDError(f"distill.alpha is null but {takes_alpha} take their weight from it; set distill.alpha, or "

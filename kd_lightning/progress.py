@@ -96,8 +96,9 @@ def lightning_hushed() -> Iterator[None]:
     """Lightning's info banners and known-harmless warnings off for the block (unless asked for)."""
     loggers = [logging.getLogger(name) for name in LIGHTNING_LOGGERS]
     levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        if not logger.isEnabledFor(logging.DEBUG):  # Hydra's verbose switch keeps everything
+    asked = ("", "lightning", *LIGHTNING_LOGGERS)  # hydra.verbose=true / =lightning / =lightning.pytorch
+    if not any(logging.getLogger(name).getEffectiveLevel() <= logging.DEBUG for name in asked):
+        for logger in loggers:
             logger.setLevel(logging.WARNING)
     try:
         with warnings.catch_warnings():

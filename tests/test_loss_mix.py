@@ -30,6 +30,8 @@ RKL = {"objective": reverse_kl_loss, "weight": 0.5}
     ({"extra_terms": {"rkl": {"objective": partial(reverse_kl_loss, scale=2)}}}, "distill.extra_terms.rkl.objective is set wrong"),
     ({"weights": {"kd": -1.0}, "alpha": None, "schedules": {"ce": {"kind": "constant", "start": 1}}}, "the weight of loss term 'kd' must be a finite number >= 0"),
     ({"temperature": 0.0}, "temperature must be between 0.01 and 100"),
+    ({"schedules": {"kd": {"kind": "linear", "start": 1, "end": -1, "length": 3}}, "weights": {"ce": 1.0}, "alpha": None},
+     r"distill.schedules.kd spans \[-1, 1\]; a loss term's weight must stay a finite number >= 0"),
     ({"temperature": 1e6}, "temperature must be between 0.01 and 100"),
     ({"temperature": 1e-9}, "temperature must be between 0.01 and 100"),
     ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),

@@ -81,3 +81,22 @@ def test_the_metric_names_are_the_same_in_every_logger(make_cfg, tmp_path: Path)
         names["tensorboard"] |= set(accumulator.Tags()["scalars"]) - {"epoch"}
     assert names["csv"] == names["tensorboard"]
     assert {"train/loss", "train/kd", "val/acc", "test/acc", "test/agreement"} <= names["csv"]
+
+
+def test_lightning_is_hushed_unless_hydra_verbose_asks() -> None:
+    import logging
+
+    from kd_lightning.progress import lightning_hushed
+
+    pytorch_logger, asked = logging.getLogger("lightning.pytorch"), logging.getLogger("lightning")
+    before = pytorch_logger.level, asked.level
+    try:
+        with lightning_hushed():
+            assert not pytorch_logger.isEnabledFor(logging.INFO)
+        asked.setLevel(logging.DEBUG)  # what hydra.verbose=lightning does
+        with lightning_hushed():
+            assert pytorch_logger.isEnabledFor(logging.INFO)
+    finally:
+        pytorch_logger.setLevel(before[0])
+        asked.setLevel(before[1])
+    assert pytorch_logger.level == before[0]
