@@ -73,7 +73,7 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(1) from None
     if is_global_zero():
         print(format_summary(results))
-    return results["distilled"]["test/acc"]
+    return results["objective"]
 
 
 def entry() -> None:

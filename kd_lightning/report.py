@@ -3,7 +3,7 @@
 Reads each job's ``metrics.json`` and the overrides Hydra recorded for it
 (``.hydra/overrides.yaml``), prints the table, writes ``report.csv`` into the sweep
 directory, and marks jobs that left no results as failed, with the one-line reason they
-recorded (``error.txt``).
+recorded (``error.txt``). For an Optuna search it also names the best trial.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ COLUMNS = [("teacher", "teacher"), ("baseline", "alone"), ("distilled", "distill
 
 
 def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
-    """One row per job directory: its overrides, test accuracies (%) and status."""
+    """One row per job directory: its overrides, test accuracies (%), the distilled student's validation accuracy (``val``, what a search maximises) and status."""
     rows = []
     jobs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=lambda p: (len(p.name), p.name))
     for job in jobs:
@@ -39,18 +39,31 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
             acc = ((results or {}).get(key) or {}).get("test/acc")
             row[name] = None if acc is None else round(100 * acc, 2)
         row["gain"] = None if not results or "gain" not in results else round(100 * results["gain"], 2)
+        row["val"] = None if not results or results.get("objective") is None else round(100 * results["objective"], 2)
         rows.append(row)
     return rows
 
 
+def best_trial(sweep_dir: Path, rows: list[dict]) -> str | None:
+    """The best trial of an Optuna search (``optimization_results.yaml``), by the distilled student's validation accuracy."""
+    results_file = sweep_dir / "optimization_results.yaml"
+    if not results_file.is_file():
+        return None
+    found = yaml.safe_load(results_file.read_text())
+    settings = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in found["best_params"].items())
+    job = next((r["job"] for r in rows if r["val"] == round(100 * found["best_value"], 2)), None)
+    return (f"best of {len(rows)} trials: validation accuracy {100 * found['best_value']:.2f}% with {settings}"
+            + (f" (job {job})" if job is not None else ""))
+
+
 def format_table(rows: list[dict]) -> str:
     """Rows as aligned text, with a mean row over the successful jobs."""
-    names = ["job", "status", "teacher", "alone", "distilled", "gain", "overrides"]
+    names = ["job", "status", "teacher", "alone", "distilled", "val", "gain", "overrides"]
     ok = [r for r in rows if r["status"] == "ok"]
     table = list(rows)
     if len(ok) > 1:
         mean = {"job": "mean", "status": f"{len(ok)} ok", "overrides": ""}
-        for n in ("teacher", "alone", "distilled", "gain"):
+        for n in ("teacher", "alone", "distilled", "val", "gain"):
             values = [r[n] for r in ok]
             mean[n] = round(statistics.mean(values), 2) if None not in values else None
         table.append(mean)
@@ -78,6 +91,9 @@ def main(argv: list[str] | None = None) -> None:
 
     atomic_write(args.sweep_dir / "report.csv", write_csv)
     print(format_table(rows))
+    best = best_trial(args.sweep_dir, rows)
+    if best:
+        print(best)
     for row in rows:
         if row["status"] != "ok":
             print(f"job {row['job']} failed: {row['error'] or 'no reason recorded (see its log in the job directory)'}")

@@ -25,7 +25,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     1. the teacher: loaded, trained once and cached, or recorded (:mod:`kd_lightning.teacher_source`);
     2. the student distilled from it, tested;
     3. with ``baseline=true``, the same student trained alone (same seed, init and schedule), tested;
-    4. ``metrics.json`` (and ``curves.png``) in ``paths.output_dir``.
+    4. ``metrics.json`` (and ``curves.png``) in ``paths.output_dir``; ``results["objective"]``, the
+       distilled student's validation accuracy, is what ``python -m kd_lightning`` hands a sweeper.
     """
     output_dir = Path(cfg.paths.output_dir)
     # every setting is checked before anything is built or trained
@@ -44,6 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         # CE alone: the teacher never runs in training, it is only scored against for the fidelity metrics
         results["baseline"] = run_stage(cfg, "baseline", cfg.student.model, teacher, LossMix.task_only(), datamodule)[0]
         results["gain"] = results["distilled"]["test/acc"] - results["baseline"]["test/acc"]
+    results["objective"] = results["distilled"].get("val/acc")  # what a sweeper maximises: never the test split
     results["output_dir"] = str(output_dir.resolve())
 
     if is_global_zero():  # under DDP every rank runs train(); one writes

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 from kd_lightning.report import collect
 
 from test_cli import run_cli
@@ -43,3 +46,17 @@ def test_parallel_jobs_share_one_teacher_training(tmp_path: Path) -> None:
     assert sorted(trained) == [False, True]  # one job trained the teacher, the other waited and reused it
     assert len(list((tmp_path / "cache" / "trained_teachers").glob("*.pth"))) == 1
     assert not list((tmp_path / "cache" / "trained_teachers").glob(".*.pth.*"))  # no half-written temp file left
+
+
+def test_an_optuna_search_maximises_validation_accuracy_and_trains_the_teacher_once(tmp_path: Path) -> None:
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='the search needs pip install "kd_lightning[search]"')
+    out = run_cli(tmp_path, "+recipe=digits_search", "hydra.sweeper.n_trials=2", *FAST, "hydra.sweep.dir=search", multirun=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert log.count("teacher: no checkpoint given, training one") == 1 and log.count("teacher: reusing") == 1
+    trials = collect(tmp_path / "search")
+    assert len(trials) == 2 and all(t["status"] == "ok" and t["val"] is not None for t in trials)
+    best = yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())
+    assert round(100 * best["best_value"], 2) == max(t["val"] for t in trials)  # the validation accuracy, not the test's
+    report = subprocess.run([sys.executable, "-m", "kd_lightning.report", str(tmp_path / "search")], capture_output=True, text=True)
+    assert "best of 2 trials: validation accuracy" in report.stdout and "distill.temperature=" in report.stdout
