@@ -32,7 +32,7 @@ from torch import Tensor
 
 from kd_lightning.errors import KDError
 
-__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "dkd_loss", "standardize_logits", "KDLoss", "positions_to_keep", "check_temperature"]
+__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "standardize_logits", "KDLoss", "positions_to_keep", "check_temperature"]
 
 def positions_to_keep(
     logits: Tensor,
@@ -229,6 +229,53 @@ def jsd_loss(
         per_position = per_position + (1 - beta) * kl_rows(log_p_teacher, log_m)
     if beta > 0:
         per_position = per_position + beta * kl_rows(log_p_student, log_m)
+    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
+
+
+def skew_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    skew: float = 0.1,
+    reverse: bool = False,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = False,
+    standardize: bool = False,
+    num_kept: Tensor | float | None = None,
+) -> Tensor:
+    """Skew KL (DistiLLM, Ko et al. 2024): KL against a mixture that keeps the student's side finite.
+
+    Forward (``reverse=False``): ``KL(p_t ‖ skew·p_t + (1−skew)·p_s)``; reverse:
+    ``KL(p_s ‖ skew·p_s + (1−skew)·p_t)``. ``skew ∈ [0, 1)``: 0 is plain forward / reverse KL;
+    the paper's default is 0.1. Mixing in a little of the first distribution bounds the log-ratio
+    by ``−log(skew)``, so a token the student gives almost no probability cannot blow the loss up.
+    """
+    if not 0 <= skew < 1:
+        raise ValueError(f"skew must be in [0, 1), got {skew}: 0 is plain KL, the DistiLLM default 0.1 (at 1 the loss is always 0).")
+    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
+    first, second = (log_p_student, log_p_teacher) if reverse else (log_p_teacher, log_p_student)
+    per_position = kl_rows(first, log_mixture(first, second, skew))
+    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
+
+
+def tvd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = False,
+    standardize: bool = False,
+    num_kept: Tensor | float | None = None,
+) -> Tensor:
+    """Total variation distance ``½ Σ_c |p_t − p_s|`` (in [0, 1]), bounded and symmetric (Wen et al. 2023)."""
+    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
+    per_position = 0.5 * (log_p_teacher.exp() - log_p_student.exp()).abs().sum(-1)
     return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
 
 

@@ -81,4 +81,4 @@ def test_every_objective_config_builds_a_callable_objective(make_cfg, name: str)
     s, t = torch.randn(4, 10), torch.randn(4, 10)
     value = objective(s, t, temperature=cfg.distill.temperature, labels=torch.randint(0, 10, (4,)))
     assert value.dim() == 0 and value > 0
-    assert options("distill/loss") == ["dkd", "jsd", "kd", "reverse_kl"]
+    assert options("distill/loss") == ["dkd", "jsd", "kd", "reverse_kl", "skew_kl", "tvd"]

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.losses import dkd_loss, jsd_loss, kd_loss, objective_name, reverse_kl_loss, standardize_logits
+from kd_lightning.losses import (dkd_loss, jsd_loss, kd_loss, objective_name, reverse_kl_loss, skew_kl_loss, standardize_logits,
+                                 tvd_loss)
 
 SHAPES = [(5, 7), (3, 4, 6)]
 
@@ -39,6 +40,16 @@ def jsd_formula(s, t, T, beta):
     p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
     m = beta * p + (1 - beta) * q
     return ((1 - beta) * (p * (p / m).log()).sum(-1) + beta * (q * (q / m).log()).sum(-1)).mean()
+
+
+def skew_kl_formula(s, t, T, skew, reverse):
+    p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    first, second = (q, p) if reverse else (p, q)
+    return (first * (first / (skew * first + (1 - skew) * second)).log()).sum(-1).mean()
+
+
+def tvd_formula(s, t, T):
+    return 0.5 * (torch.softmax(t / T, -1) - torch.softmax(s / T, -1)).abs().sum(-1).mean()
 
 
 def dkd_formula(s, t, target, alpha, beta, T):
@@ -90,6 +101,33 @@ def test_jsd_special_cases() -> None:
         jsd_loss(s, t, 2.0, 1.5)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("skew", [0.0, 0.1, 0.5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_skew_kl_matches_its_formula(shape, skew, reverse) -> None:
+    s, t = logits_pair(shape, seed=13)
+    torch.testing.assert_close(skew_kl_loss(s, t, 2.0, skew, reverse), skew_kl_formula(s, t, 2.0, skew, reverse),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_skew_kl_special_cases() -> None:
+    s, t = logits_pair((6, 5), seed=14)
+    torch.testing.assert_close(skew_kl_loss(s, t, 2.0, 0.0, scale_by_t2=True), kd_loss(s, t, 2.0))  # skew 0: forward KL
+    torch.testing.assert_close(skew_kl_loss(s, t, 2.0, 0.0, reverse=True), reverse_kl_loss(s, t, 2.0))
+    # the mixture bounds the log-ratio: at most -log(skew), however far apart the two are
+    assert 0 < skew_kl_loss(s * 100, t * 100, 1.0, 0.1) <= -torch.log(torch.tensor(0.1, dtype=torch.float64))
+    with pytest.raises(ValueError, match="skew must be in"):
+        skew_kl_loss(s, t, 2.0, 1.0)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tvd_matches_its_formula_and_is_bounded(shape) -> None:
+    s, t = logits_pair(shape, seed=15)
+    torch.testing.assert_close(tvd_loss(s, t, 2.0), tvd_formula(s, t, 2.0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(tvd_loss(s, t, 2.0), tvd_loss(t, s, 2.0))  # symmetric
+    assert tvd_loss(t, t, 2.0) == 0 and tvd_loss(s * 100, t * 100, 1.0) <= 1
+
+
 @pytest.mark.parametrize("T", [1.0, 4.0])
 def test_dkd_matches_the_reference_implementation(T) -> None:
     s, t = logits_pair((8, 10), seed=4)
@@ -137,6 +175,9 @@ OBJECTIVES = {
     "reverse_kl": lambda s, t, **kw: reverse_kl_loss(s, t, 2.0, **kw),
     "jsd": lambda s, t, **kw: jsd_loss(s, t, 2.0, 0.3, **kw),
     "dkd": lambda s, t, labels=None, **kw: dkd_loss(s, t, 2.0, labels=labels, **kw),
+    "skew_kl": lambda s, t, **kw: skew_kl_loss(s, t, 2.0, 0.1, **kw),
+    "skew_reverse_kl": lambda s, t, **kw: skew_kl_loss(s, t, 2.0, 0.1, reverse=True, **kw),
+    "tvd": lambda s, t, **kw: tvd_loss(s, t, 2.0, **kw),
 }
 
 
@@ -195,7 +236,8 @@ def test_the_issue_example_is_finite_and_exact() -> None:
     assert value.item() == pytest.approx(0.6132, abs=1e-4)
 
 
-@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, partial(jsd_loss, beta=0.3), partial(dkd_loss, nckd_weight=2.0)])
+@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, partial(jsd_loss, beta=0.3), partial(dkd_loss, nckd_weight=2.0),
+                                       skew_kl_loss, partial(skew_kl_loss, reverse=True), tvd_loss])
 @pytest.mark.parametrize("standardize", [False, True])
 def test_padded_vocabulary_rows_change_nothing(objective, standardize: bool) -> None:
     """-inf in both models' padding rows: the value and gradient of the unpadded vocabulary, no NaN."""
@@ -226,7 +268,7 @@ def test_a_class_only_one_side_rules_out() -> None:
     assert jsd.isfinite() and s.grad.isfinite().all()
 
 
-@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, jsd_loss])
+@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, jsd_loss, skew_kl_loss, tvd_loss])
 def test_a_fully_masked_batch_is_zero_with_zero_gradients(objective) -> None:
     s = torch.randn(2, 3, 5, requires_grad=True)
     value = objective(s, torch.randn(2, 3, 5), 2.0, labels=torch.full((2, 3), -100), ignore_index=-100)
