@@ -23,16 +23,24 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.data.batch import Batch
+from kd_lightning.data.batch import Batch, kept_tokens
 from kd_lightning.errors import KDError
 from kd_lightning.features import FeatureDistiller, FeatureTerm
 from kd_lightning.losses import MAX_TEMPERATURE, MIN_TEMPERATURE, check_temperature, kd_loss, objective_name, unwrap
 from kd_lightning.schedules import Schedule, build_schedules
+from kd_lightning.vocab import common_rows
 
 Objective = Callable[..., Tensor]  # (student_logits, teacher_logits, *, temperature, labels) -> scalar
 TaskLoss = Callable[[Tensor, Batch], Tensor]
 DistillationLoss = Callable[[Tensor, Tensor, Batch], Tensor]
 SCHEDULABLE_SETTINGS = ("temperature", "alpha")
+
+
+def objective_inputs(batch: Batch) -> dict[str, Tensor | None]:
+    """What every logit objective is called with besides the logits: ``labels``, and for tokens ``mask``
+    (the kept tokens: label not ``-100``, attention mask 1)."""
+    keep = kept_tokens(batch)
+    return {"labels": batch.get("labels")} if keep is None else {"labels": batch.get("labels"), "mask": keep}
 
 
 def check_alpha(alpha: float) -> None:
@@ -201,11 +209,15 @@ class LossMix(nn.Module):
         terms = {"ce": self.weight("ce") * task_loss(student_out, batch)}
         if teacher_out is None:
             return terms
+        # vocabularies padded to different widths: the logit terms compare the rows both share
+        # (the module checked on the first batch that the teacher's extra rows are unused)
+        width = min(student_out.shape[-1], teacher_out.shape[-1])
+        student_out, teacher_out = common_rows(student_out, width), common_rows(teacher_out, width)
         if self.is_active(self.objective_name):
             terms[self.objective_name] = self.weight(self.objective_name) * distillation_loss(student_out, teacher_out, batch)
         for name, objective in self.extra_terms.items():
             terms[name] = self.weight(name) * objective(student_out, teacher_out, temperature=self.temperature,
-                                                        labels=batch.get("labels"))
+                                                        **objective_inputs(batch))
         if self.features is not None:
             for name, loss in self.features.losses_from_captured().items():
                 terms[name] = self.weight(name) * loss

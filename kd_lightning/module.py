@@ -10,14 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
+from torchmetrics.text import Perplexity
 
-from kd_lightning.data.batch import Batch, as_batch
+from kd_lightning.data.batch import Batch, as_batch, kept_tokens
 from kd_lightning.errors import KDError
-from kd_lightning.loss_mix import LossMix
+from kd_lightning.loss_mix import LossMix, objective_inputs
+from kd_lightning.losses import kl_rows, mean_over_positions
+from kd_lightning.models.outputs import model_logits
 from kd_lightning.teacher import LiveTeacher, Teacher, as_teacher
+from kd_lightning.vocab import check_vocabularies, common_rows, labels_in_range
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+TASKS = ("classification", "tokens")
 
 
 def check_same_classes(student_logits: Tensor, teacher_logits: Tensor) -> None:
@@ -31,10 +36,8 @@ def check_same_classes(student_logits: Tensor, teacher_logits: Tensor) -> None:
 
 
 def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
-    """``KL(softmax(t) ‖ softmax(s))`` at T=1 for each row: ``(N, C)`` -> ``(N,)``."""
-    log_s = F.log_softmax(student_logits.float(), -1)
-    log_t = F.log_softmax(teacher_logits.float(), -1)
-    return F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
+    """``KL(softmax(t) ‖ softmax(s))`` at T=1 for each row: ``(N, C)`` -> ``(N,)`` (``-inf`` rows count 0)."""
+    return kl_rows(F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1))
 
 
 class DistillationModule(L.LightningModule):
@@ -48,18 +51,28 @@ class DistillationModule(L.LightningModule):
 
     Batches are :class:`~kd_lightning.data.batch.Batch` dicts (``inputs``, ``labels``, ...) or
     ``(x, y[, index])`` tuples, converted once per step by :func:`~kd_lightning.data.batch.as_batch`.
+
+    ``task="tokens"`` distils language models token by token: ``inputs`` are ``(N, L)`` token ids,
+    ``labels`` the ``(N, L)`` next tokens (``-100`` where a position does not count), an optional
+    ``attention_mask`` marks padding; the models return ``(N, L, V)`` logits (or a ``transformers``
+    output with ``.logits``). Every objective then averages over the kept tokens; a teacher and a
+    student whose vocabularies differ only by padding rows are compared on their common rows
+    (:mod:`kd_lightning.vocab`). The metrics are then token accuracy, perplexity, top-1 agreement
+    and the per-token KL instead of accuracy and calibration.
     Subclass and override one hook to change one thing: :meth:`teacher_forward`,
     :meth:`student_forward`, :meth:`task_loss`, :meth:`distillation_loss`, :meth:`loss_terms`.
 
     Args:
-        student: trainable model, ``inputs -> (N, C)`` logits.
+        student: trainable model, ``inputs -> (N, C)`` logits (``(N, L, V)`` for tokens).
         teacher: a :class:`~kd_lightning.teacher.Teacher`, a plain ``nn.Module`` (run live), or ``None``.
-        num_classes: ``C``, for the metrics; default the student's ``num_classes`` attribute.
+        num_classes: ``C``, for the metrics (for tokens: the tokenizer's vocabulary size); default the
+            student's ``num_classes`` attribute.
         temperature, alpha: the default mix ``(1 − alpha)·CE + alpha·kd_loss(T)`` (4.0 and 0.9);
             leave them unset when passing ``loss_mix``.
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); default SGD(lr=0.05, momentum 0.9).
         scheduler: ``optimizer -> LRScheduler`` or ``None``; stepped once per epoch.
         loss_mix: the loss terms, weights and schedules (:class:`~kd_lightning.loss_mix.LossMix`).
+        task: ``classification`` (one label per sample) or ``tokens`` (one label per token).
     """
 
     def __init__(
@@ -72,8 +85,11 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerFactory | None = None,
         scheduler: SchedulerFactory | None = None,
         loss_mix: LossMix | None = None,
+        task: str = "classification",
     ) -> None:
         super().__init__()
+        if task not in TASKS:
+            raise KDError(f"task must be one of {TASKS}, got {task!r}.")
         if loss_mix is None:
             loss_mix = LossMix(temperature=4.0 if temperature is None else temperature, alpha=0.9 if alpha is None else alpha)
         elif (temperature, alpha) not in ((None, None), (loss_mix.temperature, loss_mix.alpha)):
@@ -93,7 +109,9 @@ class DistillationModule(L.LightningModule):
         if loss_mix.features is not None and self.teacher is not None and not isinstance(self.teacher, LiveTeacher):
             raise KDError("feature distillation needs the live teacher's activations; set teacher.mode=live "
                           "(a recorded teacher has logits only).")
-        self.save_hyperparameters({"num_classes": num_classes, "temperature": loss_mix.temperature, "alpha": loss_mix.alpha})
+        self.save_hyperparameters({"num_classes": num_classes, "temperature": loss_mix.temperature, "alpha": loss_mix.alpha,
+                                   "task": task})
+        self.task = task
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.outputs_checked = False
@@ -101,7 +119,8 @@ class DistillationModule(L.LightningModule):
         # (on_load_checkpoint still insists on every student key).
         self.strict_loading = False
         # one set of torchmetrics objects per stage, so validation never mixes into test
-        self.metrics = nn.ModuleDict({stage: self._stage_metrics(num_classes, self.teacher is not None) for stage in ("val", "test")})
+        self.metrics = nn.ModuleDict({stage: self._stage_metrics(num_classes, self.teacher is not None, task)
+                                      for stage in ("val", "test")})
 
     @property
     def temperature(self) -> float:
@@ -112,8 +131,16 @@ class DistillationModule(L.LightningModule):
         return self.loss_mix.alpha
 
     @staticmethod
-    def _stage_metrics(num_classes: int, with_teacher: bool) -> nn.ModuleDict:
-        """Accuracy and calibration of the student, plus fidelity to the teacher when there is one."""
+    def _stage_metrics(num_classes: int, with_teacher: bool, task: str) -> nn.ModuleDict:
+        """Accuracy and calibration of the student (tokens: accuracy and perplexity), plus fidelity to the teacher."""
+        if task == "tokens":
+            metrics = {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro"), "ppl": Perplexity()}
+            if with_teacher:
+                metrics |= {"teacher_acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+                            "teacher_ppl": Perplexity(),
+                            "agreement": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+                            "kl_t1": MeanMetric()}
+            return nn.ModuleDict(metrics)
         metrics = {"acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
                    "ece": MulticlassCalibrationError(num_classes=num_classes, n_bins=15, norm="l1")}
         if with_teacher:
@@ -126,20 +153,23 @@ class DistillationModule(L.LightningModule):
     # -- hooks a subclass may override -------------------------------------------------
 
     def teacher_forward(self, batch: Batch) -> Tensor:
-        """Teacher logits ``(N, C)`` for ``batch`` (live: eval mode, no graph; recorded: looked up)."""
+        """Teacher logits ``(N, C)`` / ``(N, L, V)`` for ``batch`` (live: eval mode, no graph; recorded: looked up)."""
         return self.teacher.logits(batch, self.current_split)
 
     def student_forward(self, batch: Batch) -> Tensor:
-        """Student logits ``(N, C)`` for ``batch["inputs"]``."""
-        return self.student(batch["inputs"])
+        """Student logits ``(N, C)`` / ``(N, L, V)`` for ``batch["inputs"]``."""
+        return model_logits(self.student, batch)
 
     def task_loss(self, student_out: Tensor, batch: Batch) -> Tensor:
-        """Supervised loss on ``batch["labels"]``: cross-entropy."""
-        return F.cross_entropy(student_out.float(), batch["labels"])
+        """Supervised loss on ``batch["labels"]``: cross-entropy (for tokens: the mean over kept tokens)."""
+        if student_out.ndim == 2:
+            return F.cross_entropy(student_out.float(), batch["labels"])
+        per_token = F.cross_entropy(student_out.float().flatten(0, -2), batch["labels"].flatten(), reduction="none")
+        return mean_over_positions(per_token.view_as(batch["labels"]), kept_tokens(batch))
 
     def distillation_loss(self, student_out: Tensor, teacher_out: Tensor, batch: Batch) -> Tensor:
-        """The mix's objective at its current temperature (``T²``-scaled forward KL by default), batch mean."""
-        return self.loss_mix.objective(student_out, teacher_out, temperature=self.loss_mix.temperature, labels=batch["labels"])
+        """The mix's objective at its current temperature (``T²``-scaled forward KL by default), mean over samples or kept tokens."""
+        return self.loss_mix.objective(student_out, teacher_out, temperature=self.loss_mix.temperature, **objective_inputs(batch))
 
     def loss_terms(self, student_out: Tensor, teacher_out: Tensor | None, batch: Batch) -> dict[str, Tensor]:
         """Named, already weighted loss terms (``ce``, the objective, extra and feature terms); the loss is their sum."""
@@ -194,16 +224,27 @@ class DistillationModule(L.LightningModule):
             return "train"
         return "test" if self.trainer.testing else "val"
 
-    def _check_outputs_once(self, student_out: Tensor, teacher_out: Tensor | None) -> None:
-        """On the first batch: class counts agree, and the teacher's logits are finite."""
+    def _check_outputs_once(self, student_out: Tensor, teacher_out: Tensor | None, batch: Batch) -> None:
+        """On the first batch: class counts (vocabularies) agree, labels are in range, the teacher's logits are sound."""
         if self.outputs_checked:
             return
         if teacher_out is not None:
-            check_same_classes(student_out, teacher_out)
-            if not torch.isfinite(teacher_out).all():
+            if self.task == "tokens":
+                check_vocabularies(student_out, teacher_out, self.hparams.num_classes)
+            else:
+                check_same_classes(student_out, teacher_out)
+            if torch.isnan(teacher_out).any() or torch.isposinf(teacher_out).any():  # -inf: a masked class, allowed
                 raise KDError("the teacher's logits contain NaN or Inf; the teacher checkpoint is broken or "
                               "diverged. Retrain it or pass a different teacher.checkpoint.")
-        if student_out.shape[-1] != self.hparams.num_classes:
+        if self.task == "tokens":
+            if student_out.ndim != 3 or batch["labels"].shape != student_out.shape[:-1]:
+                raise KDError(f"task=tokens needs (N, L, V) logits and (N, L) labels; got logits {tuple(student_out.shape)} "
+                              f"and labels {tuple(batch['labels'].shape)}.")
+            labels_in_range(batch["labels"], kept_tokens(batch), self.hparams.num_classes)
+            if student_out.shape[-1] < self.hparams.num_classes:
+                raise KDError(f"the student predicts {student_out.shape[-1]} tokens but the vocabulary has "
+                              f"{self.hparams.num_classes}; build it for the data's tokenizer.")
+        elif student_out.shape[-1] != self.hparams.num_classes:
             raise KDError(f"the student predicts {student_out.shape[-1]} classes but num_classes="
                           f"{self.hparams.num_classes}; build it for the data's classes.")
         self.outputs_checked = True
@@ -224,7 +265,7 @@ class DistillationModule(L.LightningModule):
         finally:
             if features is not None:
                 features.capturing = False
-        self._check_outputs_once(student_out, teacher_out)
+        self._check_outputs_once(student_out, teacher_out, batch)
         terms = self.loss_terms(student_out, teacher_out, batch)
         loss = torch.stack(list(terms.values())).sum()
         self.log("train/loss", loss, prog_bar=True)
@@ -238,10 +279,34 @@ class DistillationModule(L.LightningModule):
         batch = as_batch(batch)
         teacher_out = self.teacher_forward(batch) if self.teacher is not None else None
         student_out = self.student_forward(batch)
-        self._check_outputs_once(student_out, teacher_out)
+        self._check_outputs_once(student_out, teacher_out, batch)
         labels = batch["labels"]
         metrics = self.metrics[stage]
         self.log(f"{stage}/loss", self.task_loss(student_out, batch), prog_bar=stage == "val", sync_dist=True)
+        if self.task == "tokens":
+            self._evaluate_tokens(student_out, teacher_out, batch, metrics)
+        else:
+            self._evaluate_classes(student_out, teacher_out, labels, metrics)
+        for name, metric in metrics.items():
+            self.log(f"{stage}/{name}", metric, prog_bar=stage == "val" and name in ("acc", "ppl"))
+
+    @staticmethod
+    def _evaluate_tokens(student_out: Tensor, teacher_out: Tensor | None, batch: Batch, metrics: nn.ModuleDict) -> None:
+        keep = kept_tokens(batch)
+        labels, student = batch["labels"][keep], student_out[keep].float()  # (K,), (K, V): the tokens that count
+        metrics["acc"](student.argmax(-1), labels)
+        metrics["ppl"](student[None], labels[None])
+        if teacher_out is not None:
+            teacher = teacher_out[keep].float()
+            metrics["teacher_acc"](teacher.argmax(-1), labels)
+            metrics["teacher_ppl"](teacher[None], labels[None])
+            width = min(student.shape[-1], teacher.shape[-1])
+            student, teacher = common_rows(student, width), common_rows(teacher, width)
+            metrics["agreement"](student.argmax(-1), teacher.argmax(-1))
+            metrics["kl_t1"](kl_per_sample(student, teacher))
+
+    @staticmethod
+    def _evaluate_classes(student_out: Tensor, teacher_out: Tensor | None, labels: Tensor, metrics: nn.ModuleDict) -> None:
         metrics["acc"](student_out, labels)
         metrics["ece"](student_out.float().softmax(-1), labels)
         if teacher_out is not None:
@@ -249,8 +314,6 @@ class DistillationModule(L.LightningModule):
             metrics["teacher_ece"](teacher_out.float().softmax(-1), labels)
             metrics["agreement"](student_out, teacher_out.argmax(-1))  # top-1 agreement
             metrics["kl_t1"](kl_per_sample(student_out, teacher_out))
-        for name, metric in metrics.items():
-            self.log(f"{stage}/{name}", metric, prog_bar=stage == "val" and name == "acc")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, "val")

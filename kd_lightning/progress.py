@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 log = logging.getLogger(__name__)
 
 LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
-SHOWN = {"train/loss": "loss", "val/acc": "val acc"}
+SHOWN = {"train/loss": "loss", "val/acc": "val acc", "val/ppl": "val ppl"}
 
 
 class StageProgress(ProgressBar):
@@ -54,7 +54,8 @@ class StageProgress(ProgressBar):
     def shown_metrics(self, trainer: L.Trainer) -> dict[str, str]:
         metrics = trainer.progress_bar_metrics
         shown = {name: metrics[key] for key, name in SHOWN.items() if key in metrics}
-        return {name: f"{100 * value:.2f}%" if name == "val acc" else f"{value:.4f}" for name, value in shown.items()}
+        return {name: f"{100 * value:.2f}%" if name == "val acc" else f"{value:.2f}" if name == "val ppl" else f"{value:.4f}"
+                for name, value in shown.items()}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not (self.enabled and self.terminal and trainer.is_global_zero):

@@ -117,7 +117,8 @@ def run_stage(cfg: DictConfig, stage: str, model: DictConfig, teacher: Teacher |
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillationModule(build(model), teacher, num_classes=cfg.data.num_classes, loss_mix=loss_mix,
                                 optimizer=build(optim.optimizer),
-                                scheduler=build(optim.scheduler) if optim.get("scheduler") else None)
+                                scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
+                                task=getattr(datamodule, "task", "classification"))
     log.info("stage %s: %s", stage, loss_mix.extra_repr())
     last = Path(cfg.paths.output_dir) / stage / "checkpoints" / "last.ckpt"
     resume = str(last) if cfg.get("ckpt_path") == "last" and last.is_file() else None

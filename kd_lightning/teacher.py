@@ -15,10 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.data.batch import Batch
+from kd_lightning.models.outputs import model_logits
 
 
 class Teacher(nn.Module):
-    """Answers one question: the teacher's logits ``(N, C)`` for a batch of a split.
+    """Answers one question: the teacher's logits ``(N, C)`` (``(N, L, V)`` for tokens) for a batch of a split.
 
     Subclasses implement :meth:`logits`; they hold no trainable parameters, never appear in
     a checkpoint, and ``split`` is ``train``, ``val`` or ``test``.
@@ -37,7 +38,7 @@ class LiveTeacher(Teacher):
 
     def logits(self, batch: Batch, split: str) -> Tensor:
         with torch.no_grad():
-            return self.model(batch["inputs"])
+            return model_logits(self.model, batch)
 
     def forward(self, inputs: Tensor) -> Tensor:
         with torch.no_grad():

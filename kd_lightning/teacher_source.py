@@ -35,11 +35,13 @@ from kd_lightning.errors import KDError
 from kd_lightning.features import FeatureDistiller
 from kd_lightning.files import content_key, file_sha256, job_lock, set_aside
 from kd_lightning.loss_mix import LossMix
+from kd_lightning.models.outputs import model_logits
 from kd_lightning.module import check_same_classes
 from kd_lightning.recording import (FORMAT_VERSION, META_FILE, RecordedTeacher, RecordingSettings, data_identity,
                                     describe_mismatch, record_teacher)
 from kd_lightning.stages import is_global_zero, run_stage
 from kd_lightning.teacher import LiveTeacher, Teacher
+from kd_lightning.vocab import check_vocabularies
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +83,13 @@ def check_models_agree(cfg: DictConfig, datamodule: Any) -> None:
         FeatureDistiller(OmegaConf.to_container(cfg.distill.features, resolve=True)).check_paths(student, teacher)
     if not hasattr(datamodule, "example_input"):
         return  # DistillationModule checks on the first batch instead
-    x = datamodule.example_input()
+    batch = {"inputs": datamodule.example_input()}
     with torch.no_grad():
-        check_same_classes(student.eval()(x), teacher.eval()(x))
+        student_logits, teacher_logits = model_logits(student.eval(), batch), model_logits(teacher.eval(), batch)
+    if getattr(datamodule, "task", "classification") == "tokens":
+        check_vocabularies(student_logits, teacher_logits, cfg.data.num_classes)
+    else:
+        check_same_classes(student_logits, teacher_logits)
 
 
 # -- weights: a checkpoint, or trained once and cached ----------------------------------------------

@@ -26,7 +26,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     2. the student distilled from it, tested;
     3. with ``baseline=true``, the same student trained alone (same seed, init and schedule), tested;
     4. ``metrics.json`` (and ``curves.png``) in ``paths.output_dir``; ``results["objective"]``, the
-       distilled student's validation accuracy, is what ``python -m kd_lightning`` hands a sweeper.
+       distilled student's validation accuracy (token accuracy for text), is what ``python -m kd_lightning``
+       hands a sweeper. For text, ``results["ppl_ratio"]`` is the distilled student's test perplexity
+       over the student alone's.
     """
     output_dir = Path(cfg.paths.output_dir)
     # every setting is checked before anything is built or trained
@@ -40,11 +42,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     teacher = prepare_teacher(cfg, datamodule)
 
     results: dict[str, Any] = {"distilled": run_stage(cfg, "distilled", cfg.student.model, teacher, loss_mix, datamodule)[0]}
-    results["teacher"] = {f"test/{k}": results["distilled"].get(f"test/teacher_{k}") for k in ("acc", "ece")}
+    results["teacher"] = {f"test/{k}": results["distilled"][f"test/teacher_{k}"] for k in ("acc", "ece", "ppl")
+                          if f"test/teacher_{k}" in results["distilled"]}
     if cfg.get("baseline", False):
         # CE alone: the teacher never runs in training, it is only scored against for the fidelity metrics
         results["baseline"] = run_stage(cfg, "baseline", cfg.student.model, teacher, LossMix.task_only(), datamodule)[0]
         results["gain"] = results["distilled"]["test/acc"] - results["baseline"]["test/acc"]
+        if "test/ppl" in results["distilled"]:  # language models: the distilled student's perplexity relative to alone's
+            results["ppl_ratio"] = results["distilled"]["test/ppl"] / results["baseline"]["test/ppl"]
     results["objective"] = results["distilled"].get("val/acc")  # what a sweeper maximises: never the test split
     results["output_dir"] = str(output_dir.resolve())
 

@@ -34,6 +34,19 @@ class Batch(TypedDict, total=False):
 
 
 TUPLE_FIELDS = ("inputs", "labels", "index")
+IGNORE_INDEX = -100  # a token label that does not count (PyTorch's and Hugging Face's convention)
+
+
+def kept_tokens(batch: Batch) -> Tensor | None:
+    """``(N, L)`` bool, True where a token counts: its label is not ``-100`` and its attention mask
+    (when present) is 1; ``None`` for a batch of class labels ``(N,)``, where every sample counts."""
+    labels = batch.get("labels")
+    if labels is None or labels.ndim < 2:
+        return None
+    keep = labels != IGNORE_INDEX
+    if batch.get("attention_mask") is not None:
+        keep = keep & batch["attention_mask"].to(bool)
+    return keep
 
 
 def as_batch(batch: Any) -> Batch:

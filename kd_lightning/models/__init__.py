@@ -1,5 +1,7 @@
-"""Model zoo: small nets for the digits demo (and CIFAR networks in ``models.cifar``)."""
+"""Model zoo: small nets for the digits demo, a small GPT for language models (and CIFAR networks in ``models.cifar``)."""
 
 from kd_lightning.models.digits import DigitsCNN
+from kd_lightning.models.gpt import GPT, hf_causal_lm
+from kd_lightning.models.outputs import model_logits
 
-__all__ = ["DigitsCNN"]
+__all__ = ["DigitsCNN", "GPT", "hf_causal_lm", "model_logits"]

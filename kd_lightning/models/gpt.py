@@ -1,0 +1,113 @@
+"""Causal language models: a small GPT in plain PyTorch, and ``transformers`` models built from a config.
+
+Both map token ids ``(N, L)`` to next-token logits ``(N, L, V)``; :class:`GPT` also exposes
+:meth:`GPT.hidden_states` and :attr:`GPT.head` for the chunked loss (:mod:`kd_lightning.chunked`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kd_lightning.errors import KDError
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.dropout = dropout
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, length, dim = x.shape
+        q, k, v = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(attended.transpose(1, 2).reshape(n, length, dim))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: attention, then a 4x MLP, each with a residual."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attention = CausalSelfAttention(dim, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attention(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class GPT(nn.Module):
+    """A GPT-2-style decoder: token + learned position embeddings, ``depth`` blocks, a tied output head.
+
+    Args:
+        vocab_size: output rows ``V`` (at least the tokenizer's size; more rows are padding).
+        context_length: the longest sequence it reads (positions it has embeddings for).
+        dim, depth, heads: width, number of blocks, attention heads (``dim % heads == 0``).
+        dropout: on attention weights and block outputs while training.
+    """
+
+    def __init__(self, vocab_size: int, context_length: int = 128, dim: int = 128, depth: int = 4, heads: int = 4,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise KDError(f"model.dim ({dim}) must be a multiple of model.heads ({heads}).")
+        self.vocab_size = vocab_size
+        self.context_length = context_length
+        self.token_embedding = nn.Embedding(vocab_size, dim)
+        self.position_embedding = nn.Embedding(context_length, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        self.head.weight = self.token_embedding.weight  # tied, as in GPT-2
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def hidden_states(self, tokens: Tensor) -> Tensor:
+        """Final hidden states ``(N, L, dim)`` of token ids ``(N, L)``."""
+        length = tokens.shape[1]
+        if length > self.context_length:
+            raise KDError(f"a sequence of {length} tokens is longer than the model's context of {self.context_length}; "
+                          f"set data.block_size={self.context_length} or less (or build the model with "
+                          f"context_length={length}).")
+        positions = torch.arange(length, device=tokens.device)
+        x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Next-token logits ``(N, L, V)`` of token ids ``(N, L)``."""
+        return self.head(self.hidden_states(tokens))
+
+
+def hf_causal_lm(model_type: str, **config: Any) -> nn.Module:
+    """A ``transformers`` causal LM built from a config, with fresh weights (nothing is downloaded).
+
+    ``hf_causal_lm("gpt2", vocab_size=2048, n_layer=2, n_embd=64, n_head=2, n_positions=128)``;
+    from Hydra: ``{_target_: kd_lightning.models.gpt.hf_causal_lm, model_type: llama, ...}``.
+    Needs the ``lm`` extra (``pip install kd_lightning[lm]``).
+    """
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise KDError("Hugging Face models need the transformers package: pip install 'kd_lightning[lm]'.") from None
+    try:
+        hf_config = AutoConfig.for_model(model_type, **config)
+    except ValueError as error:
+        raise KDError(f"model_type {model_type!r} is not a transformers model type ({error}).") from None
+    return AutoModelForCausalLM.from_config(hf_config)

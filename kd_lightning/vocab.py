@@ -1,0 +1,89 @@
+"""Teacher and student over one vocabulary: checked once, aligned where they differ only by padding.
+
+Token-level distillation compares the two models' probabilities of the *same token ids*, so both
+must use one tokenizer. Models often carry extra output rows beyond the tokenizer's tokens
+(vocabularies padded to a multiple of 64 or 128 for speed); those rows are not tokens. A teacher
+and a student whose widths differ are compared on their common first rows, after checking that
+the teacher puts (almost) no probability on the rows that are dropped: if it does, those rows
+are real tokens to it, and the two models do not share a tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor
+
+from kd_lightning.errors import KDError
+
+# Probability the teacher may put on the output rows dropped by alignment (per token, at T = 1).
+MAX_DROPPED_MASS = 1e-6
+
+
+def check_vocabularies(student_logits: Tensor, teacher_logits: Tensor, vocab_size: int,
+                       max_dropped_mass: float = MAX_DROPPED_MASS) -> int:
+    """The width both models are compared on, ``min(V_s, V_t)``; refuses what alignment cannot fix.
+
+    Args:
+        student_logits, teacher_logits: ``(..., V_s)`` and ``(..., V_t)`` logits of one batch.
+        vocab_size: the tokenizer's number of tokens; rows from here on are padding.
+        max_dropped_mass: the most probability the teacher may put on the rows it loses.
+
+    Raises:
+        KDError: a model has fewer rows than the tokenizer has tokens, or the teacher puts more than
+            ``max_dropped_mass`` on rows the student lacks.
+    """
+    widths = {"student": student_logits.shape[-1], "teacher": teacher_logits.shape[-1]}
+    for name, width in widths.items():
+        if width < vocab_size:
+            raise KDError(f"the {name} predicts {width} tokens but the tokenizer has {vocab_size}: it was built for another "
+                          f"tokenizer. Token-level KD compares both models' probabilities of the same token ids, so build "
+                          f"both for this tokenizer ({name}.model.vocab_size={vocab_size} or more).")
+    width = min(widths.values())
+    if widths["teacher"] > width:
+        dropped = teacher_logits.detach().float().softmax(-1)[..., width:].sum(-1).max().item()
+        if dropped > max_dropped_mass:
+            raise KDError(f"the teacher puts probability {dropped:.2g} on its output rows {width}-{widths['teacher'] - 1}, "
+                          f"which the student ({width} rows) lacks; rows beyond the tokenizer's {vocab_size} tokens must be "
+                          f"unused padding (at most {max_dropped_mass:g}). Teacher and student were likely built for "
+                          "different tokenizers; use one tokenizer for both (or retrain the teacher).")
+    return width
+
+
+def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+    """Refuse two tokenizers that give some token id different text (``tokenizers`` or ``transformers`` objects).
+
+    Token-level KD matches distributions id by id: if id 17 is ``"the"`` to the teacher and
+    ``"ing"`` to the student, the student learns nonsense. Sequence-level KD (train the student
+    on the teacher's generated text) is the method for models with different tokenizers.
+    """
+    teacher_vocab, student_vocab = teacher_tokenizer.get_vocab(), student_tokenizer.get_vocab()
+    if teacher_vocab == student_vocab:
+        return
+    by_id_teacher = {i: token for token, i in teacher_vocab.items()}
+    differing = [(i, by_id_teacher.get(i), token) for token, i in sorted(student_vocab.items(), key=lambda item: item[1])
+                 if by_id_teacher.get(i) != token]
+    i, theirs, ours = differing[0] if differing else (None, None, None)
+    detail = (f"token id {i} is {theirs!r} to the teacher and {ours!r} to the student" if differing
+              else f"the teacher has {len(teacher_vocab) - len(student_vocab)} more tokens")
+    raise KDError(f"teacher and student use different tokenizers ({detail}, {len(differing)} ids differ); token-level "
+                  "KD compares their probabilities id by id, so both must use one tokenizer (or distil on the teacher's "
+                  "generated text instead).")
+
+
+def common_rows(logits: Tensor, width: int) -> Tensor:
+    """``logits[..., :width]`` (a view): the rows both models share."""
+    return logits if logits.shape[-1] == width else logits[..., :width]
+
+
+def labels_in_range(labels: Tensor, keep: Tensor, vocab_size: int) -> None:
+    """Refuse token labels outside ``[0, vocab_size)`` among the kept positions (one host read)."""
+    kept = labels[keep]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= vocab_size):
+        bad = int(kept.max()) if int(kept.max()) >= vocab_size else int(kept.min())
+        raise KDError(f"a token label is {bad}, outside the vocabulary [0, {vocab_size}): the data was tokenized with "
+                      "another tokenizer, or padding is not marked -100. Tokenize with the models' tokenizer and label "
+                      "ignored positions -100.")
+
+
+__all__ = ["MAX_DROPPED_MASS", "check_same_tokenizer", "check_vocabularies", "common_rows", "labels_in_range"]

@@ -1,0 +1,235 @@
+"""Token-level distillation: text data split by work, the module on (N, L, V) logits, metrics,
+vocabulary alignment and its refusals, Hugging Face models from configs, the recipe end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_factory import make_corpus
+from kd_lightning import DistillationModule, KDError, LossMix
+from kd_lightning.data.batch import IGNORE_INDEX
+from kd_lightning.losses import kd_loss
+from kd_lightning.models import GPT
+from kd_lightning.vocab import check_same_tokenizer, check_vocabularies
+
+pytest.importorskip("tokenizers", reason="text data needs the 'lm' extra (tokenizers)")
+from kd_lightning.data import TextDataModule  # noqa: E402
+
+VOCAB = 300
+
+
+@pytest.fixture()
+def corpus(tmp_path: Path) -> Path:
+    return make_corpus(tmp_path / "corpus")
+
+
+def text_data(corpus: Path, **kwargs) -> TextDataModule:
+    settings = {"val_works": ["beta"], "test_works": ["gamma"], "vocab_size": VOCAB, "block_size": 16, "batch_size": 8} | kwargs
+    data = TextDataModule(str(corpus), **settings)
+    data.setup()
+    return data
+
+
+def tiny_gpt(vocab: int = VOCAB, dim: int = 16, depth: int = 1, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(vocab, context_length=16, dim=dim, depth=depth, heads=2)
+
+
+# -- the data ---------------------------------------------------------------------------------------
+
+def test_works_are_split_whole_and_blocks_predict_the_next_token(corpus: Path) -> None:
+    data = text_data(corpus)
+    tokenizer = data.tokenizer
+    for split, work in (("val", "beta"), ("test", "gamma")):
+        stream = tokenizer.encode((corpus / f"{work}.txt").read_text()).ids
+        x, y = data.splits[split].inputs, data.splits[split].targets
+        kept = y != IGNORE_INDEX
+        assert y[kept].tolist() == stream + [tokenizer.token_to_id("<|endoftext|>")]  # every token of the work, once, in order
+        assert torch.equal(x[:, 1:][kept[:, 1:]], y[:, :-1][kept[:, 1:]])  # the label of position i is the input at i + 1
+        assert not kept[-1].all()  # the last block is padded with -100
+    train = data.splits["train"]
+    assert train.inputs.shape[1] == 16 and (train.targets != IGNORE_INDEX).all()
+    assert torch.equal(text_data(corpus).splits["train"].inputs, train.inputs)  # the tokenizer and blocks are deterministic
+    assert len(text_data(corpus, train_tokens=100).splits["train"]) == 100 // 16
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"data_dir": "missing"}, "is not a folder"),
+    ({"val_works": ["hamlet"]}, "choose among the files"),
+    ({"test_works": ["beta"]}, "both a validation and a test work"),
+    ({"vocab_size": 100}, "data.vocab_size must be an integer >= 257"),
+    ({"num_classes": 10}, "must equal data.vocab_size"),
+])
+def test_bad_text_settings_are_one_line(corpus: Path, change: dict, message: str) -> None:
+    settings = {"data_dir": str(corpus), "val_works": ["beta"], "test_works": ["gamma"], "vocab_size": VOCAB} | change
+    with pytest.raises(KDError, match=message):
+        TextDataModule(**settings).setup()
+
+
+def test_a_folder_without_text_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "notes.md").write_text("no text here")
+    with pytest.raises(KDError, match="holds no .txt files"):
+        TextDataModule(str(tmp_path), ["a"], ["b"]).setup()
+
+
+# -- the module on tokens -------------------------------------------------------------------------
+
+def token_batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    inputs = torch.randint(0, VOCAB, (3, 16), generator=g)
+    labels = torch.randint(0, VOCAB, (3, 16), generator=g)
+    labels[0, :5] = IGNORE_INDEX
+    attention_mask = torch.ones(3, 16, dtype=torch.long)
+    attention_mask[2, 12:] = 0
+    return {"inputs": inputs, "labels": labels, "attention_mask": attention_mask}
+
+
+def test_the_token_loss_is_ce_and_kd_over_the_kept_tokens() -> None:
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(dim=32, seed=2)
+    module = DistillationModule(student, teacher, num_classes=VOCAB, loss_mix=LossMix(temperature=2.0, alpha=0.7), task="tokens")
+    batch = token_batch()
+    loss = module.training_step(batch, 0)
+    keep = (batch["labels"] != IGNORE_INDEX) & batch["attention_mask"].bool()
+    s, t = student(batch["inputs"]), teacher(batch["inputs"]).detach()
+    ce = F.cross_entropy(s[keep], batch["labels"][keep])
+    kd = kd_loss(s[keep], t[keep], 2.0)  # the kept tokens as rows
+    torch.testing.assert_close(loss, 0.3 * ce + 0.7 * kd)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_a_batch_without_kept_tokens_gives_zero_loss_not_nan() -> None:
+    module = DistillationModule(tiny_gpt(), tiny_gpt(seed=3), num_classes=VOCAB, task="tokens")
+    batch = token_batch()
+    batch["labels"] = torch.full_like(batch["labels"], IGNORE_INDEX)
+    assert module.training_step(batch, 0).item() == 0.0
+
+
+def test_token_metrics_are_perplexity_accuracy_agreement_and_kl(corpus: Path) -> None:
+    data = text_data(corpus)
+    student, teacher = tiny_gpt(seed=1), tiny_gpt(dim=32, seed=2)
+    module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens")
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.test(module, datamodule=data, verbose=False)
+    x, y = data.splits["test"].inputs, data.splits["test"].targets
+    keep = y != IGNORE_INDEX
+    with torch.no_grad():
+        s, t = student(x)[keep], teacher(x)[keep]
+    assert metrics["test/ppl"] == pytest.approx(math.exp(F.cross_entropy(s, y[keep]).item()), rel=1e-4)
+    assert metrics["test/teacher_ppl"] == pytest.approx(math.exp(F.cross_entropy(t, y[keep]).item()), rel=1e-4)
+    assert metrics["test/acc"] == pytest.approx((s.argmax(-1) == y[keep]).float().mean().item(), abs=1e-6)
+    assert metrics["test/agreement"] == pytest.approx((s.argmax(-1) == t.argmax(-1)).float().mean().item(), abs=1e-6)
+    assert metrics["test/kl_t1"] == pytest.approx(kd_loss(s, t, 1.0).item(), rel=1e-4)
+    assert "test/ece" not in metrics
+
+
+def test_token_labels_out_of_range_are_refused() -> None:
+    module = DistillationModule(tiny_gpt(), tiny_gpt(seed=3), num_classes=VOCAB, task="tokens")
+    batch = token_batch()
+    batch["labels"][1, 3] = VOCAB + 5
+    with pytest.raises(KDError, match=f"a token label is {VOCAB + 5}, outside the vocabulary"):
+        module.training_step(batch, 0)
+
+
+def test_sequences_longer_than_the_context_are_refused() -> None:
+    with pytest.raises(KDError, match="longer than the model's context of 16; set data.block_size=16"):
+        tiny_gpt()(torch.zeros(1, 17, dtype=torch.long))
+
+
+# -- vocabularies ------------------------------------------------------------------------------------
+
+def padded_teacher(extra_rows: int, bias: float) -> GPT:
+    """A teacher whose output head has ``extra_rows`` padding rows with bias ``bias`` (untied)."""
+    teacher = tiny_gpt(VOCAB + extra_rows, dim=32, seed=2)
+    teacher.head = torch.nn.Linear(32, VOCAB + extra_rows)
+    with torch.no_grad():
+        teacher.head.bias[VOCAB:] = bias
+    return teacher
+
+
+def test_vocabularies_padded_differently_are_compared_on_the_common_rows() -> None:
+    student, teacher = tiny_gpt(seed=1), padded_teacher(20, bias=-1e4)
+    batch = token_batch()
+    module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", loss_mix=LossMix(alpha=1.0, temperature=1.0))
+    loss = module.training_step(batch, 0)
+    keep = batch["labels"] != IGNORE_INDEX
+    keep &= batch["attention_mask"].bool()
+    expected = kd_loss(student(batch["inputs"])[keep], teacher(batch["inputs"])[keep][:, :VOCAB].detach(), 1.0)
+    torch.testing.assert_close(loss, expected)
+    # a wider student: its padding rows are left out of the comparison (and still trained by CE)
+    wide = DistillationModule(tiny_gpt(VOCAB + 20, seed=1), tiny_gpt(seed=2), num_classes=VOCAB, task="tokens")
+    assert torch.isfinite(wide.training_step(batch, 0))
+
+
+def test_a_teacher_that_uses_the_extra_rows_is_refused() -> None:
+    module = DistillationModule(tiny_gpt(seed=1), padded_teacher(20, bias=5.0), num_classes=VOCAB, task="tokens")
+    with pytest.raises(KDError, match="likely built for different tokenizers"):
+        module.training_step(token_batch(), 0)
+
+
+def test_a_model_narrower_than_the_tokenizer_is_refused() -> None:
+    with pytest.raises(KDError, match="the student predicts 200 tokens but the tokenizer has 300"):
+        check_vocabularies(torch.zeros(2, 200), torch.zeros(2, 300), VOCAB)
+
+
+def test_different_tokenizers_are_refused(corpus: Path, tmp_path: Path) -> None:
+    from kd_lightning.data.text import train_tokenizer
+
+    ours = text_data(corpus).tokenizer
+    check_same_tokenizer(ours, text_data(corpus).tokenizer)
+    other = train_tokenizer(["completely different text " * 50, "with other words entirely " * 50], VOCAB)
+    with pytest.raises(KDError, match="different tokenizers \\(token id"):
+        check_same_tokenizer(ours, other)
+
+
+# -- Hugging Face models built from configs -------------------------------------------------------------
+
+def test_a_hugging_face_teacher_and_student_from_configs(corpus: Path) -> None:
+    pytest.importorskip("transformers", reason="Hugging Face models need the 'lm' extra (transformers)")
+    from kd_lightning.models import hf_causal_lm
+
+    teacher = hf_causal_lm("gpt2", vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    student = hf_causal_lm("llama", vocab_size=VOCAB + 12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # 12 padding rows
+    data = text_data(corpus)
+    module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens")
+    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=1, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    before = [p.clone() for p in teacher.parameters()]
+    trainer.fit(module, datamodule=data)
+    (metrics,) = trainer.test(module, datamodule=data, verbose=False)
+    assert 1 < metrics["test/ppl"] < 10 * VOCAB and 1 < metrics["test/teacher_ppl"] and 0 <= metrics["test/agreement"] <= 1
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))  # the teacher never changes
+
+
+def test_a_hugging_face_teacher_padded_with_live_rows_is_refused() -> None:
+    pytest.importorskip("transformers", reason="Hugging Face models need the 'lm' extra (transformers)")
+    from kd_lightning.models import hf_causal_lm
+
+    # freshly initialised: its 20 extra rows get as much probability as any token, so they are not padding
+    teacher = hf_causal_lm("gpt2", vocab_size=VOCAB + 20, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    module = DistillationModule(tiny_gpt(), teacher, num_classes=VOCAB, task="tokens")
+    with pytest.raises(KDError, match=r"the teacher puts probability 0\.0\d+ on its output rows 300-319"):
+        module.training_step(token_batch(), 0)
+
+
+def test_hugging_face_models_get_the_attention_mask() -> None:
+    pytest.importorskip("transformers", reason="Hugging Face models need the 'lm' extra (transformers)")
+    from kd_lightning.models import hf_causal_lm, model_logits
+
+    model = hf_causal_lm("gpt2", vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2).eval()
+    batch = token_batch()
+    batch["attention_mask"][0, 8:] = 0  # right padding: positions before it see no padding, so their logits agree
+    with torch.no_grad():
+        masked = model_logits(model, batch)
+        plain = model(batch["inputs"]).logits
+    torch.testing.assert_close(masked[0, :8], plain[0, :8])
+    with pytest.raises(KDError, match="not a transformers model type"):
+        hf_causal_lm("no-such-model")
