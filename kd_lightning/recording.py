@@ -14,15 +14,29 @@ recorded views per step, so teacher and student still see the same pixels.
 ``views_per_sample="all"`` records every distinct view (162 for a 32x32 crop with padding 4
 and flips): a recorded teacher is then the live teacher, up to float16 rounding.
 
+Token sequences (``task="tokens"``) are recorded the same way, one entry per token: the arrays
+gain a position axis ``L`` after the view axis (one view: text is not augmented). With ``top_k``
+each token costs ``k·(2 + index bytes) + 4`` bytes (k=32, a vocabulary below 32,768: 132 B).
+
+Top-k error: the rebuilt distribution ``p̂`` keeps the teacher's k largest probabilities and
+spreads the remaining *tail mass* ``m = 1 − Σ_topk p`` evenly over the other classes, so at T=1
+``‖p − p̂‖₁ ≤ 2m`` per token; the gradient of forward KL with respect to the student's logits,
+``q − p``, is then off by at most ``2m`` in L1 norm. The recording logs the tail mass (mean and
+maximum over tokens, in ``meta.json``) so that k can be chosen from it.
+
+A killed recording resumes: the files are written in ``.<name>.partial/`` beside the recording,
+with ``progress.json`` saying how many samples of each split are done; the next run with the same
+key continues from there, and the directory is renamed into place only when complete.
+
 Layout of one recording::
 
-    meta.json                 identity (what was recorded from), shapes, top_k; written last
+    meta.json                 identity (what was recorded from), shapes, top_k, tail mass; written last
     views.offsets.npy         (N or 1, V, 2) uint8 crop offsets     } training views; absent
     views.flips.npy           (N or 1, V) bool                      } without augmentation
-    <split>.logits.npy        (N, V, C) float16                     (top_k null)
-    <split>.topk_values.npy   (N, V, k) float16                     } top_k set: the rest of the
-    <split>.topk_indices.npy  (N, V, k) int16/int32                 } distribution is rebuilt
-    <split>.logsumexp.npy     (N, V) float32                        } from the log-sum-exp
+    <split>.logits.npy        (N, V[, L], C) float16                (top_k null)
+    <split>.topk_values.npy   (N, V[, L], k) float16                } top_k set: the rest of the
+    <split>.topk_indices.npy  (N, V[, L], k) uint8/int16/uint16/int32 } distribution is rebuilt
+    <split>.logsumexp.npy     (N, V[, L]) float32                   } from the log-sum-exp
 """
 
 from __future__ import annotations
@@ -30,6 +44,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,13 +61,17 @@ from kd_lightning.data.augment import VIEW_SEED, RandomCropFlip, RecordedViews
 from kd_lightning.data.batch import Batch
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
-from kd_lightning.files import atomic_directory
+from kd_lightning.files import atomic_write_text
+from kd_lightning.models.outputs import model_logits
 from kd_lightning.teacher import Teacher
+from kd_lightning.vocab import check_padding_unused
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"
+PROGRESS_FILE = "progress.json"
+PROGRESS_EVERY_S = 10.0  # a killed recording loses at most about this much work
 
 
 @dataclass(frozen=True)
@@ -150,7 +170,7 @@ class RecordedTeacher(Teacher):
 
     def check_covers(self, datamodule: InMemoryDataModule, num_classes: int) -> None:
         """Refuse a recording whose classes or split sizes do not match this run's data."""
-        if self.num_classes != num_classes:
+        if self.num_classes != num_classes and not (getattr(datamodule, "task", None) == "tokens" and self.num_classes > num_classes):
             raise KDError(f"the teacher recording in {self.directory} has {self.num_classes} classes but the data has "
                           f"{num_classes}; record the teacher for this data (unset teacher.recording.dir).")
         for split, data in datamodule.splits.items():
@@ -167,7 +187,7 @@ class RecordedTeacher(Teacher):
         return arrays
 
     def logits(self, batch: Batch, split: str) -> Tensor:
-        """Float32 logits ``(N, C)`` of samples ``batch["index"]`` in views ``batch["view"]`` (training)."""
+        """Float32 logits ``(N, C)`` (``(N, L, V)`` for tokens) of samples ``batch["index"]`` in views ``batch["view"]``."""
         if "index" not in batch:
             raise KDError("a recorded teacher looks logits up by sample index: the DataModule's batches need an 'index' "
                           "entry (kd_lightning.data.InMemoryDataModule provides it), or use teacher.mode=live.")
@@ -185,86 +205,174 @@ class RecordedTeacher(Teacher):
                               arrays["logsumexp"][index, slot], self.num_classes)
 
 
-class _Recorder(L.LightningModule):
-    """``predict_step`` runs the teacher on every recorded view of a batch and writes the logits."""
+def index_dtype(num_classes: int) -> np.dtype:
+    """The smallest integer type that holds class (token) ids ``0 .. num_classes − 1``."""
+    for dtype in (np.uint8, np.int16, np.uint16, np.int32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
 
-    def __init__(self, teacher: nn.Module, datamodule: InMemoryDataModule, top_k: int | None) -> None:
+
+class _Recorder(L.LightningModule):
+    """``predict_step`` runs the teacher on every recorded view of a batch and writes the logits.
+
+    Batches of samples already recorded (``done``, from a killed run) are skipped; every
+    :data:`PROGRESS_EVERY_S` seconds the files are flushed and ``progress.json`` is rewritten.
+    """
+
+    def __init__(self, teacher: nn.Module, datamodule: InMemoryDataModule, top_k: int | None, width: int,
+                 vocab_size: int | None, progress: dict[str, Any], progress_file: Path) -> None:
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
         self.prepare_inputs = datamodule.prepare_inputs
         self.augment: RandomCropFlip | None = datamodule.augment
         self.top_k = top_k
+        self.width = width  # recorded classes: the teacher's, or the tokenizer's when the teacher has padding rows
+        self.vocab_size = vocab_size
+        self.progress, self.progress_file = progress, progress_file
+        self.split = ""
         self.views: RecordedViews | None = None  # of the split being recorded
         self.views_on_device: RecordedViews | None = None
         self.out: dict[str, np.ndarray] = {}
+        self.last_save = time.monotonic()
 
     def on_predict_start(self) -> None:
         self.views_on_device = self.views.to(self.device) if self.views is not None else None
 
+    def save_progress(self) -> None:
+        for array in self.out.values():
+            array.flush()
+        atomic_write_text(self.progress_file, json.dumps(self.progress) + "\n")
+        self.last_save = time.monotonic()
+
     def predict_step(self, batch: Batch, batch_idx: int) -> None:
-        images, index = batch["inputs"], batch["index"]
-        views = self.views_on_device
+        inputs, index = batch["inputs"], batch["index"]
         rows = index.cpu().numpy()
+        done = self.progress["done"]
+        if rows[-1] < done.get(self.split, 0):
+            return  # recorded before the run was killed
+        views = self.views_on_device
+        tail = self.progress["tail_mass"][self.split]
         for slot in range(views.num_views if views is not None else 1):
-            view = images if views is None else self.augment.apply(images, views.views(index, torch.full_like(index, slot)))
-            logits = self.teacher(self.prepare_inputs(view)).float()
+            view = inputs if views is None else self.augment.apply(inputs, views.views(index, torch.full_like(index, slot)))
+            logits = model_logits(self.teacher, {**batch, "inputs": self.prepare_inputs(view)}).float()
+            if logits.shape[-1] > self.width:
+                check_padding_unused(logits, self.width, self.vocab_size)
+                logits = logits[..., : self.width]
             if self.top_k is None:
                 self.out["logits"][rows, slot] = logits.half().cpu().numpy()
-            else:
-                values, indices = logits.topk(self.top_k, dim=-1)
-                self.out["topk_values"][rows, slot] = values.half().cpu().numpy()
-                self.out["topk_indices"][rows, slot] = indices.cpu().numpy()
-                self.out["logsumexp"][rows, slot] = logits.logsumexp(-1).cpu().numpy()
+                continue
+            values, indices = logits.topk(self.top_k, dim=-1)
+            logsumexp = logits.logsumexp(-1)
+            self.out["topk_values"][rows, slot] = values.half().cpu().numpy()
+            self.out["topk_indices"][rows, slot] = indices.cpu().numpy()
+            self.out["logsumexp"][rows, slot] = logsumexp.cpu().numpy()
+            mass = (1 - torch.exp(values - logsumexp[..., None]).sum(-1)).clamp_min(0)  # outside the top k, at T=1
+            tail["sum"] += float(mass.sum())
+            tail["count"] += mass.numel()
+            tail["max"] = max(tail["max"], float(mass.max()))
+        done[self.split] = int(rows[-1]) + 1
+        if time.monotonic() - self.last_save > PROGRESS_EVERY_S:
+            self.save_progress()
+
+
+def open_array(path: Path, dtype: Any, shape: tuple[int, ...], resume: bool) -> tuple[np.ndarray, bool]:
+    """A memory-mapped ``.npy`` file and whether it was reused: the existing one when resuming (same dtype and shape), else new."""
+    if resume and path.is_file():
+        try:
+            array = np.load(path, mmap_mode="r+")
+            if array.dtype == dtype and array.shape == shape:
+                return array, True
+        except (OSError, ValueError):
+            pass  # torn by the kill: its split is recorded again from the start
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape), False
 
 
 def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory: Path, identity: dict[str, Any],
-                   settings: RecordingSettings, accelerator: str = "auto", precision: Any = "32-true") -> None:
+                   settings: RecordingSettings, accelerator: str = "auto", precision: Any = "32-true",
+                   vocab_size: int | None = None) -> None:
     """Run ``teacher`` over every split of ``datamodule`` (training views included) and write a recording.
 
-    The files go to a temporary directory renamed to ``directory`` at the end, so a crash never
-    leaves a half-written recording that a later run would trust.
+    The files go to ``.<name>.partial/`` beside ``directory``, renamed to ``directory`` when
+    complete, so a later run never trusts a half-written recording; a killed recording of the same
+    identity resumes where it stopped. ``vocab_size`` (tokens): a teacher with more output rows
+    than the tokenizer has tokens is recorded on the tokenizer's rows, after checking the others
+    are unused padding.
     """
     datamodule.setup("fit")
-    example = datamodule.prepare_inputs(datamodule.splits["train"].inputs[:1])
+    example = {"inputs": datamodule.prepare_inputs(datamodule.splits["train"].inputs[:1]).to(next(teacher.parameters()).device)}
     with torch.no_grad():
-        num_classes = teacher.eval()(example.to(next(teacher.parameters()).device)).shape[-1]
-    settings.check_classes(num_classes)
+        example_logits = model_logits(teacher.eval(), example)
+    teacher_width = example_logits.shape[-1]
+    width = min(teacher_width, vocab_size) if vocab_size is not None else teacher_width
+    positions = tuple(example_logits.shape[1:-1])  # () for images, (L,) for tokens
+    settings.check_classes(width)
     augment = datamodule.augment
     views = RecordedViews.draw(augment, len(datamodule.splits["train"]), settings.views_per_sample) if augment is not None else None
     started = time.perf_counter()
-    with atomic_directory(directory) as tmp:
-        if views is not None:
-            np.save(tmp / "views.offsets.npy", views.offsets.numpy())
-            np.save(tmp / "views.flips.npy", views.flips.numpy())
-        recorder = _Recorder(teacher, datamodule, settings.top_k)
-        trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-        splits: dict[str, list[int]] = {}
-        for split, data in datamodule.splits.items():
-            recorder.views = views if split == "train" else None
-            shape = (len(data), views.num_views if recorder.views is not None else 1)
-            if settings.top_k is None:
-                files = {"logits": (shape + (num_classes,), np.float16)}
-            else:
-                index_type = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
-                files = {"topk_values": (shape + (settings.top_k,), np.float16),
-                         "topk_indices": (shape + (settings.top_k,), index_type),
-                         "logsumexp": (shape, np.float32)}
-            recorder.out = {name: np.lib.format.open_memmap(tmp / f"{split}.{name}.npy", mode="w+", dtype=dtype, shape=full)
-                            for name, (full, dtype) in files.items()}
+    partial = directory.with_name(f".{directory.name}.partial")
+    progress_file = partial / PROGRESS_FILE
+    fresh = {"identity": identity, "settings": [settings.views_per_sample, settings.top_k, width],
+             "done": {}, "tail_mass": {}}
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else None
+    resume = progress is not None and {k: progress.get(k) for k in ("identity", "settings")} == {
+        k: json.loads(json.dumps(fresh[k])) for k in ("identity", "settings")}
+    if resume:
+        log.info("teacher recording: resuming %s (%s done)", partial, progress["done"])
+    else:
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+        progress = fresh
+    if views is not None:
+        np.save(partial / "views.offsets.npy", views.offsets.numpy())
+        np.save(partial / "views.flips.npy", views.flips.numpy())
+    recorder = _Recorder(teacher, datamodule, settings.top_k, width, vocab_size, progress, progress_file)
+    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    splits: dict[str, list[int]] = {}
+    bytes_per_position = 0
+    for split, data in datamodule.splits.items():
+        recorder.split = split
+        recorder.views = views if split == "train" else None
+        shape = (len(data), views.num_views if recorder.views is not None else 1)
+        if settings.top_k is None:
+            files = {"logits": (shape + positions + (width,), np.dtype(np.float16))}
+        else:
+            files = {"topk_values": (shape + positions + (settings.top_k,), np.dtype(np.float16)),
+                     "topk_indices": (shape + positions + (settings.top_k,), index_dtype(width)),
+                     "logsumexp": (shape + positions, np.dtype(np.float32))}
+        bytes_per_position = sum(dtype.itemsize * (full[-1] if name != "logsumexp" else 1) for name, (full, dtype) in files.items())
+        opened = {name: open_array(partial / f"{split}.{name}.npy", dtype, full, progress["done"].get(split, 0) > 0)
+                  for name, (full, dtype) in files.items()}
+        recorder.out = {name: array for name, (array, _) in opened.items()}
+        if not all(reused for _, reused in opened.values()):
+            progress["done"][split] = 0
+            progress["tail_mass"][split] = {"sum": 0.0, "count": 0, "max": 0.0}
+        if progress["done"].get(split, 0) < len(data):
             log.info("teacher recording: recording %d x %d views of split %s", *shape, split)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*predict returned None.*")  # the outputs go to the files
                 trainer.predict(recorder, dataloaders=datamodule.loader(split, train=False), return_predictions=False)
-            for array in recorder.out.values():
-                array.flush()
-            recorder.out = {}
-            splits[split] = list(shape)
-        meta = {"format": FORMAT_VERSION, "identity": identity, "num_classes": num_classes, "top_k": settings.top_k,
-                "views_per_sample": settings.views_per_sample, "views": views is not None, "splits": splits,
-                "seconds": round(time.perf_counter() - started, 1)}
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    log.info("teacher recording: recorded in %.1f s at %s", meta["seconds"], directory)
+        recorder.save_progress()
+        recorder.out = {}
+        splits[split] = list(shape)
+    tails = progress["tail_mass"].values()
+    tail = {"sum": sum(t["sum"] for t in tails), "count": sum(t["count"] for t in tails), "max": max((t["max"] for t in tails), default=0.0)}
+    meta = {"format": FORMAT_VERSION, "identity": identity, "num_classes": width, "top_k": settings.top_k,
+            "views_per_sample": settings.views_per_sample, "views": views is not None, "splits": splits,
+            "positions": list(positions), "bytes_per_position": bytes_per_position,
+            "tail_mass": {"mean": tail["sum"] / tail["count"], "max": tail["max"]} if tail["count"] else None,
+            "seconds": round(time.perf_counter() - started, 1)}
+    (partial / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    progress_file.unlink()
+    if directory.exists():  # a stale, incomplete directory
+        shutil.rmtree(directory)
+    os.replace(partial, directory)
+    what = "token" if positions else "sample"
+    log.info("teacher recording: recorded in %.1f s at %s, %d bytes per %s%s", meta["seconds"], directory,
+             bytes_per_position, what, "" if meta["tail_mass"] is None else
+             f"; the top {settings.top_k} hold {100 * (1 - meta['tail_mass']['mean']):.2f}% of the teacher's probability "
+             f"on average (tail mass: mean {meta['tail_mass']['mean']:.4f}, max {meta['tail_mass']['max']:.4f})")
 
 
 def data_identity(datamodule: InMemoryDataModule) -> dict[str, Any]:

@@ -41,13 +41,19 @@ def check_vocabularies(student_logits: Tensor, teacher_logits: Tensor, vocab_siz
                           f"both for this tokenizer ({name}.model.vocab_size={vocab_size} or more).")
     width = min(widths.values())
     if widths["teacher"] > width:
-        dropped = teacher_logits.detach().float().softmax(-1)[..., width:].sum(-1).max().item()
-        if dropped > max_dropped_mass:
-            raise KDError(f"the teacher puts probability {dropped:.2g} on its output rows {width}-{widths['teacher'] - 1}, "
-                          f"which the student ({width} rows) lacks; rows beyond the tokenizer's {vocab_size} tokens must be "
-                          f"unused padding (at most {max_dropped_mass:g}). Teacher and student were likely built for "
-                          "different tokenizers; use one tokenizer for both (or retrain the teacher).")
+        check_padding_unused(teacher_logits, width, vocab_size, max_dropped_mass, f"which the student ({width} rows) lacks")
     return width
+
+
+def check_padding_unused(teacher_logits: Tensor, width: int, vocab_size: int | None,
+                         max_dropped_mass: float = MAX_DROPPED_MASS, why: str = "which are dropped") -> None:
+    """Refuse a teacher that puts more than ``max_dropped_mass`` (any token, T=1) on its rows from ``width`` on."""
+    dropped = teacher_logits.detach().float().softmax(-1)[..., width:].sum(-1).max().item()
+    if dropped > max_dropped_mass:
+        raise KDError(f"the teacher puts probability {dropped:.2g} on its output rows {width}-{teacher_logits.shape[-1] - 1}, "
+                      f"{why}; rows beyond the tokenizer's {vocab_size} tokens must be unused padding (at most "
+                      f"{max_dropped_mass:g}). Teacher and student were likely built for different tokenizers; use one "
+                      "tokenizer for both (or retrain the teacher).")
 
 
 def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
@@ -86,4 +92,4 @@ def labels_in_range(labels: Tensor, keep: Tensor, vocab_size: int) -> None:
                       "ignored positions -100.")
 
 
-__all__ = ["MAX_DROPPED_MASS", "check_same_tokenizer", "check_vocabularies", "common_rows", "labels_in_range"]
+__all__ = ["MAX_DROPPED_MASS", "check_padding_unused", "check_same_tokenizer", "check_vocabularies", "common_rows", "labels_in_range"]

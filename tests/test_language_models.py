@@ -233,3 +233,81 @@ def test_hugging_face_models_get_the_attention_mask() -> None:
     torch.testing.assert_close(masked[0, :8], plain[0, :8])
     with pytest.raises(KDError, match="not a transformers model type"):
         hf_causal_lm("no-such-model")
+
+
+# -- a recorded teacher for tokens ----------------------------------------------------------------
+
+def live_logits(teacher: GPT, data: TextDataModule, split: str) -> torch.Tensor:
+    with torch.no_grad():
+        return teacher(data.splits[split].inputs)
+
+
+def test_a_token_recording_keeps_the_top_k_and_bounds_the_rest(corpus: Path, tmp_path: Path) -> None:
+    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+
+    data, teacher = text_data(corpus), tiny_gpt(dim=32, seed=2)
+    record_teacher(teacher, data, tmp_path / "top8", {}, RecordingSettings(1, 8), accelerator="cpu", vocab_size=VOCAB)
+    record_teacher(teacher, data, tmp_path / "full", {}, RecordingSettings(1, None), accelerator="cpu", vocab_size=VOCAB)
+    top8, full = RecordedTeacher(tmp_path / "top8"), RecordedTeacher(tmp_path / "full")
+    n = len(data.splits["val"])
+    assert tuple(top8.arrays["val"]["topk_indices"].shape) == (n, 1, 16, 8)
+    assert top8.arrays["val"]["topk_indices"].dtype == torch.int16  # 300 token ids
+    assert top8.meta["bytes_per_position"] == 8 * 2 + 8 * 2 + 4  # values, indices, log-sum-exp per token
+    batch = {"index": torch.arange(n)}
+    p = live_logits(teacher, data, "val").softmax(-1)
+    torch.testing.assert_close(full.logits(batch, "val").softmax(-1), p, atol=2e-3, rtol=0)  # float16 logits
+    p_hat = top8.logits(batch, "val").softmax(-1)
+    kept = p.topk(8, -1).indices
+    torch.testing.assert_close(p_hat.gather(-1, kept), p.gather(-1, kept), atol=2e-3, rtol=0)
+    tail_mass = 1 - p.gather(-1, kept).sum(-1)
+    assert ((p - p_hat).abs().sum(-1) <= 2 * tail_mass + 2e-3).all()  # the stated bound, per token
+    assert top8.meta["tail_mass"]["max"] >= float(tail_mass.max()) - 2e-3
+
+
+class Killed(RuntimeError):
+    pass
+
+
+def test_a_killed_token_recording_resumes_and_matches_an_uninterrupted_one(corpus: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from kd_lightning import recording
+
+    data, teacher = text_data(corpus, batch_size=4, eval_batch_size=4), tiny_gpt(dim=32, seed=2)
+    settings = recording.RecordingSettings(1, 8)
+    recording.record_teacher(teacher, data, tmp_path / "whole", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
+    monkeypatch.setattr(recording, "PROGRESS_EVERY_S", 0.0)
+    calls = {"n": 0}
+    original = recording._Recorder.predict_step
+
+    def killed_after_three(self, batch, batch_idx):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise Killed("killed part-way")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(recording._Recorder, "predict_step", killed_after_three)
+    with pytest.raises(Killed):
+        recording.record_teacher(teacher, data, tmp_path / "resumed", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
+    assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "progress.json").is_file()
+    monkeypatch.setattr(recording._Recorder, "predict_step", original)
+    forwards = {"n": 0}
+    teacher.register_forward_hook(lambda *args: forwards.__setitem__("n", forwards["n"] + 1))
+    recording.record_teacher(teacher, data, tmp_path / "resumed", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
+    total_batches = sum(math.ceil(len(split) / 4) for split in data.splits.values())
+    assert forwards["n"] == total_batches - 3 + 1  # the 3 recorded batches are skipped (+1: the example forward)
+    whole, resumed = recording.RecordedTeacher(tmp_path / "whole"), recording.RecordedTeacher(tmp_path / "resumed")
+    for split in data.splits:
+        for name, array in whole.arrays[split].items():
+            assert torch.equal(resumed.arrays[split][name], array), (split, name)
+    assert resumed.meta["tail_mass"] == pytest.approx(whole.meta["tail_mass"])
+    assert not (tmp_path / ".resumed.partial").exists()
+
+
+def test_a_truncated_token_recording_is_named_with_the_fix(corpus: Path, tmp_path: Path) -> None:
+    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+
+    record_teacher(tiny_gpt(dim=32, seed=2), text_data(corpus), tmp_path / "rec", {}, RecordingSettings(1, 8), accelerator="cpu")
+    path = tmp_path / "rec" / "train.topk_values.npy"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(KDError, match=f"missing or corrupt .*delete {tmp_path / 'rec'} to record the teacher again"):
+        RecordedTeacher(tmp_path / "rec")

@@ -131,7 +131,9 @@ def test_top_k_recording_is_smaller_and_close(tiny_cifar: CIFARDataModule, tmp_p
     q = top3.logits({"index": index, "view": torch.zeros_like(index)}, "train").softmax(-1)
     kept = p.topk(3, -1).indices
     torch.testing.assert_close(q.gather(-1, kept), p.gather(-1, kept), **FP16_TOLERANCE)
-    assert top3.arrays["train"]["topk_indices"].dtype == torch.int16
+    assert top3.arrays["train"]["topk_indices"].dtype == torch.uint8  # the smallest type that holds 10 class ids
+    assert top3.meta["bytes_per_position"] == 3 * 2 + 3 * 1 + 4 and full.meta["bytes_per_position"] == 10 * 2
+    assert 0 <= top3.meta["tail_mass"]["mean"] <= top3.meta["tail_mass"]["max"] <= 1 and full.meta["tail_mass"] is None
 
 
 def test_a_run_from_the_cache_does_not_load_the_teacher(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
