@@ -12,7 +12,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 from torchmetrics.text import Perplexity
 
-from kd_lightning.data.batch import Batch, as_batch, kept_tokens
+from kd_lightning.data.batch import IGNORE_INDEX, Batch, as_batch, kept_tokens
 from kd_lightning.errors import KDError
 from kd_lightning.loss_mix import LossMix, objective_inputs
 from kd_lightning.losses import kl_rows, mean_over_positions
@@ -161,11 +161,12 @@ class DistillationModule(L.LightningModule):
         return model_logits(self.student, batch)
 
     def task_loss(self, student_out: Tensor, batch: Batch) -> Tensor:
-        """Supervised loss on ``batch["labels"]``: cross-entropy (for tokens: the mean over kept tokens)."""
-        if student_out.ndim == 2:
-            return F.cross_entropy(student_out.float(), batch["labels"])
-        per_token = F.cross_entropy(student_out.float().flatten(0, -2), batch["labels"].flatten(), reduction="none")
-        return mean_over_positions(per_token.view_as(batch["labels"]), kept_tokens(batch))
+        """Cross-entropy on ``batch["labels"]``, the mean over the labelled samples (tokens); ``-100`` labels do not
+        count, and a batch without any labelled one gives 0."""
+        labels = batch["labels"]
+        per_position = F.cross_entropy(student_out.float().flatten(0, -2), labels.flatten(), reduction="none").view_as(labels)
+        keep = kept_tokens(batch) if labels.ndim > 1 else labels != IGNORE_INDEX
+        return mean_over_positions(per_position, keep)
 
     def distillation_loss(self, student_out: Tensor, teacher_out: Tensor, batch: Batch) -> Tensor:
         """The mix's objective at its current temperature (``T²``-scaled forward KL by default), mean over samples or kept tokens."""

@@ -63,10 +63,12 @@ def format_table(rows: list[dict]) -> str:
     table = list(rows)
     if len(ok) > 1:
         mean = {"job": "mean", "status": f"{len(ok)} ok", "overrides": ""}
+        std = {"job": "std", "status": "", "overrides": "sample std over the jobs (e.g. seeds)"}
         for n in ("teacher", "alone", "distilled", "val", "gain"):
             values = [r[n] for r in ok]
             mean[n] = round(statistics.mean(values), 2) if None not in values else None
-        table.append(mean)
+            std[n] = round(statistics.stdev(values), 2) if None not in values else None
+        table += [mean, std]
 
     def cell(value) -> str:
         return "-" if value is None else str(value)

@@ -18,6 +18,7 @@ Parallel sweep jobs serialise on a file lock per cached thing, so each is made o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -106,7 +107,8 @@ def trained_teacher_path(cfg: DictConfig) -> Path:
         return OmegaConf.to_container(node, resolve=True)
 
     trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
-    identity = {"model": plain(cfg.teacher.model), "fit": plain(cfg.teacher.fit), "data": plain(cfg.data),
+    data = {k: v for k, v in plain(cfg.data).items() if k != "labeled_fraction"}  # the teacher trains on every label
+    identity = {"model": plain(cfg.teacher.model), "fit": plain(cfg.teacher.fit), "data": data,
                 "trainer": trainer, "seed": cfg.seed, "kd_lightning": __version__}  # a new release retrains
     return Path(cfg.paths.cache_dir) / "trained_teachers" / f"{teacher_name(cfg)}-{content_key(identity)}.pth"
 
@@ -136,12 +138,18 @@ def teacher_model(cfg: DictConfig, datamodule: Any) -> nn.Module:
         return train_teacher(cfg, datamodule, cached)
 
 
+def every_label(datamodule: Any) -> contextlib.AbstractContextManager:
+    """The datamodule's :meth:`~kd_lightning.data.InMemoryDataModule.every_label` block, if it has one."""
+    return datamodule.every_label() if hasattr(datamodule, "every_label") else contextlib.nullcontext()
+
+
 def train_teacher(cfg: DictConfig, datamodule: Any, cached: Path) -> nn.Module:
     """The teacher stage: train with ``teacher.fit``, keep the weights at ``cached``."""
     log.info("teacher: no checkpoint given, training one (cached at %s)", cached)
     fit = cfg.teacher.fit
-    metrics, model = run_stage(cfg, "teacher", cfg.teacher.model, None, LossMix.task_only(), datamodule, optim=fit,
-                               max_epochs=fit.max_epochs)
+    with every_label(datamodule):  # data.labeled_fraction hides labels from the students only
+        metrics, model = run_stage(cfg, "teacher", cfg.teacher.model, None, LossMix.task_only(), datamodule, optim=fit,
+                                   max_epochs=fit.max_epochs)
     if is_global_zero():
         save_weights(model, cached, epoch=fit.max_epochs, metrics=metrics)
     return model
@@ -189,7 +197,8 @@ def recorded_teacher(cfg: DictConfig, datamodule: Any, settings: RecordingSettin
                 else:
                     record_teacher(teacher_model(cfg, datamodule), datamodule, directory, identity, settings,
                                    accelerator=cfg.trainer.get("accelerator", "auto"),
-                                   precision=cfg.trainer.get("precision", "32-true"))
+                                   precision=cfg.trainer.get("precision", "32-true"),
+                                   vocab_size=cfg.data.num_classes if getattr(datamodule, "task", None) == "tokens" else None)
         wait_for_rank_zero(directory / META_FILE)
         teacher = RecordedTeacher(directory)
     teacher.check_covers(datamodule, cfg.data.num_classes)

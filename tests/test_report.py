@@ -27,6 +27,8 @@ def test_report_lists_every_job_and_marks_failures(tmp_path: Path, capsys) -> No
     assert "FAILED" in printed and "distill.temperature=4" in printed
     assert "job 1 failed: no space left on device, /runs/1/distilled; free space there." in printed
     assert "mean  2 ok" in printed and "98.0" in printed  # mean of 97 and 99
+    std_row = next(line for line in printed.splitlines() if line.startswith("std"))
+    assert "1.41" in std_row and "0.0" in std_row  # distilled 97 and 99: sample std 1.41; the teacher: 0
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
     assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"] and rows[1]["error"].startswith("no space left")
     assert rows[2]["distilled"] == "99.0" and rows[0]["gain"] == "1.0"

@@ -8,6 +8,7 @@ gathered in a single indexing operation.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Callable, Iterator, Sequence
 
@@ -17,7 +18,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_lightning.data.augment import RandomCropFlip, RecordedViews
-from kd_lightning.data.batch import Batch
+from kd_lightning.data.batch import IGNORE_INDEX, Batch
 from kd_lightning.errors import KDError
 
 class TensorSplit(Dataset):
@@ -65,8 +66,18 @@ def keep_batch(batch: Any) -> Any:
     return batch
 
 
+# The unlabelled training samples of labeled_fraction < 1 are drawn with this seed: the same for every run.
+UNLABELED_SEED = 0
+
+
 class InMemoryDataModule(L.LightningDataModule):
-    """Base class: subclasses implement :meth:`load_splits`; this class serves the batches."""
+    """Base class: subclasses implement :meth:`load_splits`; this class serves the batches.
+
+    ``labeled_fraction < 1`` makes a *transfer set* (Hinton et al. 2015): the students see the
+    labels of only this fraction of the training samples (a fixed random subset); the others are
+    labelled ``-100`` and teach the distilled student through the teacher's outputs alone. The
+    teacher stage trains on every label (:meth:`every_label`).
+    """
 
     num_classes: int
     input_shape: tuple[int, ...]
@@ -78,8 +89,14 @@ class InMemoryDataModule(L.LightningDataModule):
         drop_last: bool = False,
         num_classes: int | None = None,
         augment: RandomCropFlip | None = None,
+        labeled_fraction: float = 1.0,
     ) -> None:
         super().__init__()
+        if isinstance(labeled_fraction, bool) or not isinstance(labeled_fraction, (int, float)) or not 0 < labeled_fraction <= 1:
+            raise KDError(f"data.labeled_fraction must be in (0, 1], got {labeled_fraction!r}: the share of training samples "
+                          "whose labels the students see (1: all).")
+        self.labeled_fraction = float(labeled_fraction)
+        self.train_labels: Tensor | None = None  # every training label, for the teacher stage
         for key, size in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
                 raise KDError(f"{key} must be a positive integer, got {size!r}; set e.g. {key}=64.")
@@ -100,6 +117,27 @@ class InMemoryDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
             self.splits = {name: TensorSplit(x, y) for name, (x, y) in self.load_splits().items()}
+            if self.labeled_fraction < 1:
+                train = self.splits["train"]
+                self.train_labels = train.targets
+                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(UNLABELED_SEED))
+                unlabeled = order[round(self.labeled_fraction * len(train)):]
+                train.targets = train.targets.clone().index_fill_(0, unlabeled, IGNORE_INDEX)
+
+    @contextlib.contextmanager
+    def every_label(self) -> Iterator[None]:
+        """Within the block the training split has all its labels (the teacher stage), whatever ``labeled_fraction``."""
+        self.setup()
+        if self.train_labels is None:
+            yield
+            return
+        train = self.splits["train"]
+        students = train.targets
+        train.targets = self.train_labels
+        try:
+            yield
+        finally:
+            train.targets = students
 
     def example_input(self, batch_size: int = 2) -> Tensor:
         """A zero batch of the model's input shape, for checking models before training."""
