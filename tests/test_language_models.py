@@ -311,3 +311,45 @@ def test_a_truncated_token_recording_is_named_with_the_fix(corpus: Path, tmp_pat
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(KDError, match=f"missing or corrupt .*delete {tmp_path / 'rec'} to record the teacher again"):
         RecordedTeacher(tmp_path / "rec")
+
+
+# -- the recipe from the command line ------------------------------------------------------------------
+
+TINY = ["data.val_works=[beta]", "data.test_works=[gamma]", f"data.vocab_size={VOCAB}", "data.block_size=16",
+        "teacher.model.dim=32", "teacher.model.depth=1", "trainer.max_epochs=1", "teacher.fit.max_epochs=1"]
+
+
+def test_the_recipe_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, corpus: Path) -> None:
+    from test_cli import run_cli
+
+    out = run_cli(tmp_path, "+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "student.model.dim=16",
+                  "student.model.depth=1", "hydra.run.dir=run")
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for stage in ("teacher", "distilled", "baseline"):
+        assert 1 < results[stage]["test/ppl"] < 2 * VOCAB
+    assert results["ppl_ratio"] == pytest.approx(results["distilled"]["test/ppl"] / results["baseline"]["test/ppl"])
+    assert "ppl" in out.stdout.splitlines()[-7] and "gain from KD" in out.stdout
+
+
+def test_a_recorded_teacher_and_a_hugging_face_student_from_the_command_line(tmp_path: Path, corpus: Path) -> None:
+    pytest.importorskip("transformers", reason="Hugging Face models need the 'lm' extra (transformers)")
+    from test_cli import run_cli
+
+    out = run_cli(tmp_path, "+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "student=llama_student",
+                  "student.model.hidden_size=16", "student.model.intermediate_size=32", "student.model.num_hidden_layers=1",
+                  "teacher.mode=recorded", "teacher.recording.top_k=8", "baseline=false", "hydra.run.dir=run")
+    assert out.returncode == 0, out.stderr
+    assert "the top 8 hold" in out.stdout and "36 bytes per token" in out.stdout  # the tail mass, logged
+    results = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert 1 < results["distilled"]["test/ppl"] < 2 * VOCAB and results["teacher"]["test/ppl"] > 1
+
+
+def test_a_corpus_folder_without_text_is_one_line_from_the_command_line(tmp_path: Path) -> None:
+    from test_cli import run_cli
+
+    (tmp_path / "empty").mkdir()
+    out = run_cli(tmp_path, "+recipe=lm_shakespeare", f"data.data_dir={tmp_path / 'empty'}", "hydra.run.dir=run")
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [f"error: data.data_dir={tmp_path / 'empty'} holds no .txt files; point it at "
+                                               "a folder of .txt files, one work each."]
