@@ -1,6 +1,6 @@
 """kd_lightning: knowledge distillation with PyTorch Lightning and Hydra."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 from kd_lightning.errors import KDError  # noqa: E402
 from kd_lightning.loss_mix import LossMix  # noqa: E402

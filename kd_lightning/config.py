@@ -86,7 +86,7 @@ def check_known_keys(cfg: DictConfig) -> None:
     groups = {name for entry in run.defaults for name in ([entry] if isinstance(entry, str) else entry)} - {"_self_"}
     known = {"": set(run) - {"defaults"} | groups, "distill": {f.name for f in fields(DistillSchema)},
              "teacher": set(teacher) | {"model"},
-             "teacher.fit": set(teacher.fit), "teacher.recording": set(teacher.recording)}
+             "teacher.fit": set(teacher.fit), "teacher.recording": set(teacher.recording), "speed": set(run.speed)}
     for where, allowed in known.items():
         node = OmegaConf.select(cfg, where) if where else cfg
         unknown = sorted(set(node) - allowed) if isinstance(node, DictConfig) else []

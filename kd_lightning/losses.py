@@ -302,7 +302,8 @@ def dkd_loss(
     warm-up of the paper is a schedule on the term's weight (``distill/loss=dkd`` sets it).
 
     Args:
-        labels: ``(N,)`` / ``(N, L)`` class indices; required.
+        labels: ``(N,)`` / ``(N, L)`` class indices; required. Unlabelled positions (a negative label, e.g.
+            ``-100`` in a transfer set) do not count: DKD is defined around the label's class.
         tckd_weight, nckd_weight: the paper's alpha and beta, weights of TCKD and NCKD (1 and 8 in
             its CIFAR setting); named apart from ``distill.alpha``, the CE/objective mix.
     """
@@ -311,7 +312,9 @@ def dkd_loss(
         raise ValueError(f"dkd_loss needs labels of shape {tuple(student_logits.shape[:-1])} (one class per position).")
     num_classes = student_logits.shape[-1]
     keep = positions_to_keep(student_logits, mask, labels, ignore_index)
-    target = labels if keep is None else torch.where(keep, labels, torch.zeros_like(labels))  # ignored rows: any valid class
+    labelled = labels >= 0  # an unlabelled position (-100) has no target class to decouple around: it does not count
+    keep = labelled if keep is None else keep & labelled
+    target = torch.where(keep, labels, torch.zeros_like(labels))  # rows that do not count: any valid class
     target = target.long()[..., None]
 
     def binary(log_p: Tensor) -> Tensor:  # log [p_g, 1 − p_g], the second as a log-sum-exp over the other classes

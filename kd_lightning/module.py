@@ -70,7 +70,8 @@ class DistillationModule(L.LightningModule):
         temperature, alpha: the default mix ``(1 − alpha)·CE + alpha·kd_loss(T)`` (4.0 and 0.9);
             leave them unset when passing ``loss_mix``.
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); default SGD(lr=0.05, momentum 0.9).
-        scheduler: ``optimizer -> LRScheduler`` or ``None``; stepped once per epoch.
+        scheduler: ``optimizer -> LRScheduler`` or ``None``; stepped once per epoch, or per step when the
+            scheduler says ``interval = "step"`` (:class:`~kd_lightning.schedules.WarmupCosineLR`).
         loss_mix: the loss terms, weights and schedules (:class:`~kd_lightning.loss_mix.LossMix`).
         task: ``classification`` (one label per sample) or ``tokens`` (one label per token).
     """
@@ -219,6 +220,14 @@ class DistillationModule(L.LightningModule):
                           "to train the student alone.")
 
     @property
+    def logs_this_step(self) -> bool:
+        """Whether the loggers write this training step (every ``trainer.log_every_n_steps``)."""
+        if self._trainer is None:
+            return True
+        connector = getattr(self.trainer, "_logger_connector", None)  # Lightning's own test, as its loggers use it
+        return bool(getattr(connector, "should_update_logs", True))
+
+    @property
     def current_split(self) -> str:
         """The data split being run: ``train``, ``val``, ``test`` (``train`` outside a Trainer)."""
         if self._trainer is None or self.trainer.training:
@@ -269,11 +278,15 @@ class DistillationModule(L.LightningModule):
         self._check_outputs_once(student_out, teacher_out, batch)
         terms = self.loss_terms(student_out, teacher_out, batch)
         loss = torch.stack(list(terms.values())).sum()
-        self.log("train/loss", loss, prog_bar=True)
+        # Nothing here reads a device value on the host, so the step never waits for the device: the
+        # values stay tensors until a logger writes them (every log_every_n_steps). Not prog_bar=True:
+        # Lightning turns progress-bar values into Python numbers after every step.
+        self.log("train/loss", loss)
         for name, value in terms.items():
             self.log(f"train/{name}", value)
-        for name, value in self.loss_mix.scheduled.items():  # python floats: logging them never syncs the device
-            self.log(f"train/{name}" if name in ("temperature", "alpha") else f"train/weight/{name}", value)
+        if self.loss_mix.scheduled and self.logs_this_step:
+            for name, value in self.loss_mix.scheduled.items():  # python floats: logging one copies it to the device
+                self.log(f"train/{name}" if name in ("temperature", "alpha") else f"train/weight/{name}", value)
         return loss
 
     def _evaluate(self, batch: Any, stage: str) -> None:
@@ -283,7 +296,7 @@ class DistillationModule(L.LightningModule):
         self._check_outputs_once(student_out, teacher_out, batch)
         labels = batch["labels"]
         metrics = self.metrics[stage]
-        self.log(f"{stage}/loss", self.task_loss(student_out, batch), prog_bar=stage == "val", sync_dist=True)
+        self.log(f"{stage}/loss", self.task_loss(student_out, batch), sync_dist=True)
         if self.task == "tokens":
             self._evaluate_tokens(student_out, teacher_out, batch, metrics)
         else:
@@ -333,4 +346,7 @@ class DistillationModule(L.LightningModule):
             optimizer = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
+        scheduler = self.scheduler_factory(optimizer)
+        if getattr(scheduler, "total_steps", 0) is None:  # WarmupCosineLR: as long as the whole run
+            scheduler.total_steps = int(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": getattr(scheduler, "interval", "epoch")}}

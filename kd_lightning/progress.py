@@ -52,8 +52,9 @@ class StageProgress(ProgressBar):
         self.enabled = True
 
     def shown_metrics(self, trainer: L.Trainer) -> dict[str, str]:
-        metrics = trainer.progress_bar_metrics
-        shown = {name: metrics[key] for key, name in SHOWN.items() if key in metrics}
+        """The latest loss and validation metrics, read from the device only here (every ``refresh_steps`` steps)."""
+        metrics = trainer.callback_metrics
+        shown = {name: float(metrics[key]) for key, name in SHOWN.items() if key in metrics}
         return {name: f"{100 * value:.2f}%" if name == "val acc" else f"{value:.2f}" if name == "val ppl" else f"{value:.4f}"
                 for name, value in shown.items()}
 

@@ -6,6 +6,8 @@ A schedule maps training progress, counted in epochs or optimizer steps, to a va
     distill.schedules.alpha:       {kind: linear, start: 0, end: 0.9, length: 500, interval: step}
     distill.schedules.dkd:         {kind: warmup, start: 0, end: 1, length: 20}       # a term's weight
     distill.schedules.temperature: {kind: step, start: 8, milestones: [10, 20], gamma: 0.5}
+
+:class:`WarmupCosineLR` is the learning-rate schedule of the language-model recipe (``optim=adamw_warmup_cosine``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
+
+import torch
 
 from kd_lightning.errors import KDError
 
@@ -85,3 +89,33 @@ def build_schedules(config: Mapping[str, Any] | None) -> dict[str, Schedule]:
             raise KDError(f"distill.schedules.{name}: {exc}; a schedule takes kind, start, end, length, "
                           "milestones, gamma, interval.") from None
     return schedules
+
+
+class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
+    """Learning rate: a linear warm-up over ``warmup_steps``, then a cosine to ``min_lr_ratio``·lr at
+    ``total_steps``; stepped after every optimizer step (``interval = "step"``), as language models train.
+
+    ``total_steps=None`` means the whole run: :class:`~kd_lightning.DistillationModule` sets it from
+    ``trainer.estimated_stepping_batches`` when it builds the optimizer.
+    """
+
+    interval = "step"
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 100, total_steps: int | None = None,
+                 min_lr_ratio: float = 0.0, last_epoch: int = -1) -> None:
+        if warmup_steps < 0 or (total_steps is not None and total_steps < 1) or not 0 <= min_lr_ratio <= 1:
+            raise KDError(f"WarmupCosineLR needs warmup_steps >= 0, total_steps >= 1 (or null) and min_lr_ratio in [0, 1]; "
+                          f"got {warmup_steps}, {total_steps}, {min_lr_ratio}.")
+        self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, step: int) -> float:
+        """The multiplier of the base learning rate at optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        total = self.total_steps if self.total_steps is not None else step + 1
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]

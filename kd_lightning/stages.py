@@ -18,10 +18,12 @@ from torch import nn
 
 from kd_lightning.checkpoints import AtomicCheckpointIO, check_resumable
 from kd_lightning.config import build
+from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
+from kd_lightning.speed import SpeedSettings
 from kd_lightning.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -114,8 +116,11 @@ def run_stage(cfg: DictConfig, stage: str, model: DictConfig, teacher: Teacher |
     ``ckpt_path=last`` resumes the stage from its ``last.ckpt`` when there is one.
     """
     optim = optim if optim is not None else cfg.optim
+    speed = SpeedSettings.from_config(cfg.get("speed"))
+    if isinstance(datamodule, InMemoryDataModule):
+        datamodule.memory_format = speed.memory_format()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = DistillationModule(build(model), teacher, num_classes=cfg.data.num_classes, loss_mix=loss_mix,
+    module = DistillationModule(speed.prepare(build(model)), teacher, num_classes=cfg.data.num_classes, loss_mix=loss_mix,
                                 optimizer=build(optim.optimizer),
                                 scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
                                 task=getattr(datamodule, "task", "classification"))

@@ -41,6 +41,7 @@ from kd_lightning.module import check_same_classes
 from kd_lightning.recording import (FORMAT_VERSION, META_FILE, RecordedTeacher, RecordingSettings, data_identity,
                                     describe_mismatch, record_teacher)
 from kd_lightning.stages import is_global_zero, run_stage
+from kd_lightning.speed import SpeedSettings
 from kd_lightning.teacher import LiveTeacher, Teacher
 from kd_lightning.vocab import check_vocabularies
 
@@ -73,7 +74,7 @@ def prepare_teacher(cfg: DictConfig, datamodule: Any) -> Teacher:
     recording = check_teacher_settings(cfg)
     if recording is None:
         check_models_agree(cfg, datamodule)
-        return LiveTeacher(teacher_model(cfg, datamodule))
+        return LiveTeacher(SpeedSettings.from_config(cfg.get("speed")).prepare(teacher_model(cfg, datamodule)))
     return recorded_teacher(cfg, datamodule, recording)
 
 

@@ -13,6 +13,7 @@ from kd_lightning.errors import KDError
 from kd_lightning.files import atomic_write_text
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.plots import plot_curves
+from kd_lightning.speed import SpeedSettings
 from kd_lightning.stages import build_loss_mix, check_trainer_settings, is_global_zero, run_stage
 from kd_lightning.teacher_source import check_teacher_settings, prepare_teacher
 
@@ -35,6 +36,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_known_keys(cfg)
     check_run_settings(cfg, output_dir)
     check_trainer_settings(cfg)
+    SpeedSettings.from_config(cfg.get("speed"))
     loss_mix = build_loss_mix(cfg)
     check_teacher_settings(cfg)
     datamodule = build(cfg.data)

@@ -50,6 +50,9 @@ def test_gpu_check_dry_mode_on_cpu_writes_the_json(tmp_path: Path) -> None:
     assert summary["precision"] == "bf16-mixed" and summary["channels_last"] is True
     assert set(summary["images_per_s"]) == {"live", "recorded", "alone"}
     assert summary["lightning_over_plain_time"] > 0 and summary["recorded_over_alone_time"] > 0
+    assert set(summary["compiled_images_per_s"]) == {"eager"} and set(summary["concurrent_images_per_s"]) == {"1", "2"}
+    rounds = summary["details"]["concurrent_jobs"]["rounds"]
+    assert [len(r["per_job_images_per_s"]) for r in rounds] == [1, 2] and all(r["images_per_s"] > 0 for r in rounds)
 
 
 def test_gpu_check_without_a_gpu_says_so(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 import pytest
@@ -76,3 +77,39 @@ def test_terms_are_weighted_and_named() -> None:
     torch.testing.assert_close(terms["ce"], 0.75 * torch.nn.functional.cross_entropy(s, y))
     torch.testing.assert_close(terms["kd"], 0.25 * kd_loss(s, t, 2.0))
     torch.testing.assert_close(terms["rkl"], 0.5 * reverse_kl_loss(s, t, 2.0))
+
+
+def test_the_warmup_cosine_learning_rate_is_stepped_per_step_over_the_whole_stage(tmp_path) -> None:
+    import lightning as L
+    from functools import partial
+
+    from kd_lightning import DistillationModule
+    from kd_lightning.data import DigitsDataModule
+    from kd_lightning.models import DigitsCNN
+    from kd_lightning.schedules import WarmupCosineLR
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    schedule = WarmupCosineLR(optimizer, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    lrs = []
+    for _ in range(16):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])  # warm-up
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5) and lrs[14] == pytest.approx(0.1) and lrs[15] == pytest.approx(0.1)
+
+    seen = []
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, *args) -> None:
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    module = DistillationModule(DigitsCNN(width=8, hidden=16), None, num_classes=10, alpha=0.0,
+                                optimizer=partial(torch.optim.SGD, lr=1.0),
+                                scheduler=partial(WarmupCosineLR, warmup_steps=2, min_lr_ratio=0.0))
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=5, limit_val_batches=0, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[Record()], default_root_dir=str(tmp_path))
+    trainer.fit(module, datamodule=DigitsDataModule())
+    assert module.lr_schedulers().total_steps == 10  # set from the trainer: 2 epochs x 5 steps
+    assert seen[:2] == pytest.approx([0.5, 1.0]) and seen[-1] == pytest.approx((1 + math.cos(math.pi * 7 / 8)) / 2)

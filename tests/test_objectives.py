@@ -274,3 +274,14 @@ def test_a_fully_masked_batch_is_zero_with_zero_gradients(objective) -> None:
     value = objective(s, torch.randn(2, 3, 5), 2.0, labels=torch.full((2, 3), -100), ignore_index=-100)
     value.backward()
     assert value.item() == 0.0 and torch.equal(s.grad, torch.zeros_like(s))
+
+
+def test_dkd_leaves_unlabelled_samples_out() -> None:
+    """A transfer set's unlabelled samples (-100) have no class to decouple around: DKD is over the labelled ones."""
+    s, t = logits_pair((6, 5), seed=16)
+    y = labels_for((6, 5))
+    partly = y.clone()
+    partly[[1, 4]] = -100
+    kept = partly != -100
+    torch.testing.assert_close(dkd_loss(s, t, 2.0, labels=partly), dkd_loss(s[kept], t[kept], 2.0, labels=y[kept]))
+    assert dkd_loss(s, t, 2.0, labels=torch.full_like(y, -100)).item() == 0.0

@@ -108,6 +108,7 @@ class InMemoryDataModule(L.LightningDataModule):
         self.drop_last = drop_last
         self.splits: dict[str, TensorSplit] = {}
         self.recorded_views: RecordedViews | None = None  # training views replayed for a recorded teacher
+        self.memory_format: torch.memory_format | None = None  # speed.channels_last: image batches as NHWC
         self._views_on_device: dict[torch.device, RecordedViews] = {}
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -173,7 +174,10 @@ class InMemoryDataModule(L.LightningDataModule):
                 views = self._recorded_views_on(inputs.device)
                 batch["view"] = torch.randint(views.num_views, (len(inputs),), device=inputs.device)
                 inputs = self.augment.apply(inputs, views.views(batch["index"], batch["view"]))
-        batch["inputs"] = self.prepare_inputs(inputs)
+        inputs = self.prepare_inputs(inputs)
+        if self.memory_format is not None and inputs.ndim == 4:
+            inputs = inputs.contiguous(memory_format=self.memory_format)
+        batch["inputs"] = inputs
         return batch
 
     def current_epoch(self) -> int:

@@ -8,8 +8,8 @@ from torch import Tensor, nn
 class DigitsCNN(nn.Module):
     """Conv net for 8x8 digits: two conv blocks and a hidden layer.
 
-    The default size is the demo's teacher (~150k parameters); ``width=8, hidden=16,
-    dropout=0`` is its student (~5k parameters).
+    The default size is the demo's teacher (~150k parameters); ``width=16, hidden=64,
+    dropout=0`` is its student (~38k parameters).
     """
 
     def __init__(self, num_classes: int = 10, width: int = 32, hidden: int = 128, dropout: float = 0.3) -> None:

@@ -1,0 +1,57 @@
+"""Speed switches (``speed`` in the config): ``torch.compile`` of student and teacher, channels-last memory.
+
+None of them changes what is computed, only how: a compiled or channels-last step gives the eager
+step's results within float rounding (``tests/test_speed.py``).
+
+- ``speed.compile=true`` compiles the student's and the live teacher's ``forward`` in place
+  (``nn.Module.compile``: parameter names and checkpoints stay as they are) with
+  ``speed.compile_mode``: ``default``, ``reduce-overhead`` (CUDA graphs: the step replayed as one
+  graph, for small networks bound by kernel launches; needs static shapes, so set
+  ``data.drop_last=true``) or ``max-autotune``. On a CPU inductor generates C++ (a compiler is needed).
+- ``speed.channels_last=true`` stores 4-D weights and image batches as NHWC, the layout GPU
+  convolution kernels prefer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_lightning.errors import KDError
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """``speed``: how the networks run. Checked when the config is read."""
+
+    compile: bool = False
+    compile_mode: str = "default"
+    channels_last: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("compile", "channels_last"):
+            if not isinstance(getattr(self, key), bool):
+                raise KDError(f"speed.{key} must be true or false, got {getattr(self, key)!r}.")
+        if self.compile_mode not in COMPILE_MODES:
+            raise KDError(f"speed.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}.")
+
+    @classmethod
+    def from_config(cls, node: Any) -> SpeedSettings:
+        return cls(**dict(node)) if node else cls()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """``model`` in the chosen memory format, its ``forward`` compiled (in place; returns ``model``)."""
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if self.compile:
+            model.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
+        return model
+
+    def memory_format(self) -> torch.memory_format | None:
+        """The memory format image batches should have (``None``: leave them as they are)."""
+        return torch.channels_last if self.channels_last else None
