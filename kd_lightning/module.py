@@ -276,6 +276,8 @@ class DistillationModule(L.LightningModule):
             if features is not None:
                 features.capturing = False
         self._check_outputs_once(student_out, teacher_out, batch)
+        if teacher_out is not None:
+            teacher_out = self.teacher.complete(teacher_out, student_out, batch, "train")
         terms = self.loss_terms(student_out, teacher_out, batch)
         loss = torch.stack(list(terms.values())).sum()
         # Nothing here reads a device value on the host, so the step never waits for the device: the

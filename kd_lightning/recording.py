@@ -18,11 +18,13 @@ Token sequences (``task="tokens"``) are recorded the same way, one entry per tok
 gain a position axis ``L`` after the view axis (one view: text is not augmented). With ``top_k``
 each token costs ``k·(2 + index bytes) + 4`` bytes (k=32, a vocabulary below 32,768: 132 B).
 
-Top-k error: the rebuilt distribution ``p̂`` keeps the teacher's k largest probabilities and
-spreads the remaining *tail mass* ``m = 1 − Σ_topk p`` evenly over the other classes, so at T=1
-``‖p − p̂‖₁ ≤ 2m`` per token; the gradient of forward KL with respect to the student's logits,
-``q − p``, is then off by at most ``2m`` in L1 norm. The recording logs the tail mass (mean and
-maximum over tokens, in ``meta.json``) so that k can be chosen from it.
+Top-k error: the rebuilt distribution ``p̂`` keeps the teacher's k largest probabilities; the
+remaining *tail mass* ``m = 1 − Σ_topk p`` goes to the other classes evenly (:func:`rebuild_logits`)
+or, in training, in proportion to the student's probabilities (:func:`student_shaped_tail`,
+``tail="student"``). Either way ``‖p − p̂‖₁ ≤ 2m`` per token at T=1, so the gradient of forward KL
+with respect to the student's logits, ``q − p``, is off by at most ``2m`` in L1 norm. The
+recording logs the tail mass (mean and maximum over tokens, in ``meta.json``) so that k can be
+chosen from it.
 
 A killed recording resumes: the files are written in ``.<name>.partial/`` beside the recording,
 with ``progress.json`` saying how many samples of each split are done; the next run with the same
@@ -44,6 +46,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -72,6 +75,7 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 PROGRESS_EVERY_S = 10.0  # a killed recording loses at most about this much work
+TAILS = ("student", "uniform")
 
 
 @dataclass(frozen=True)
@@ -82,11 +86,16 @@ class RecordingSettings:
         views_per_sample: augmented views recorded per training image, or ``"all"`` distinct views.
         top_k: keep the k largest logits + the log-sum-exp per view (``None``: all, float16).
         dir: a recording to use instead of the one keyed under ``paths.cache_dir``.
+        tail: how training fills in the classes outside the top k (not part of the recording):
+            ``student``, the teacher's tail mass shared in proportion to the student's own
+            probabilities (the loss is then exactly the KL between the two distributions coarsened
+            to the top k plus one "rest" class); ``uniform``, spread evenly.
     """
 
     views_per_sample: int | str = 16
     top_k: int | None = None
     dir: str | None = None
+    tail: str = "student"
 
     def __post_init__(self) -> None:
         if self.views_per_sample != "all" and (isinstance(self.views_per_sample, bool) or not isinstance(self.views_per_sample, int)
@@ -94,11 +103,29 @@ class RecordingSettings:
             raise KDError(f"teacher.recording.views_per_sample must be a positive integer or 'all', got {self.views_per_sample!r}.")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
             raise KDError(f"teacher.recording.top_k must be a positive integer (or null for all classes), got {self.top_k!r}.")
+        if self.tail not in TAILS:
+            raise KDError(f"teacher.recording.tail must be one of {', '.join(TAILS)}, got {self.tail!r}.")
 
     def check_classes(self, num_classes: int) -> None:
         """``top_k`` keeps at most all ``num_classes`` logits."""
         if self.top_k is not None and self.top_k > num_classes:
             raise KDError(f"teacher.recording.top_k={self.top_k} must be between 1 and the {num_classes} classes (or null for all).")
+
+
+def student_shaped_tail(values: Tensor, indices: Tensor, logsumexp: Tensor, student_logits: Tensor) -> Tensor:
+    """Teacher log-probabilities ``(..., C)``: its exact top-k, and its tail mass ``m`` shared over the other
+    classes in proportion to the (detached) student's probabilities there.
+
+    Forward KL against it is ``Σ_topk p log(p/q) + m log(m / q_tail)``, the KL of the two distributions
+    coarsened to the top k and one "rest" class: nothing is assumed about the shape of the teacher's tail.
+    """
+    log_q = torch.log_softmax(student_logits.detach().float(), -1)
+    log_p_top = values.float() - logsumexp[..., None]
+    top = torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, indices.long(), True)
+    log_q_tail = torch.where(top, torch.full_like(log_q, -math.inf), log_q).logsumexp(-1, keepdim=True)
+    log_m = torch.log1p(-log_p_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-7))
+    tail = log_m + log_q - log_q_tail
+    return tail.scatter(-1, indices.long(), log_p_top)
 
 
 def rebuild_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_classes: int) -> Tensor:
@@ -125,7 +152,7 @@ class RecordedTeacher(Teacher):
     Pickles as its path (``ddp_spawn`` processes reopen the files instead of copying them).
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, tail: str = "student") -> None:
         super().__init__()
         self.directory = Path(directory)
         meta_path = self.directory / META_FILE
@@ -138,6 +165,7 @@ class RecordedTeacher(Teacher):
             raise KDError(f"{meta_path} is unreadable ({exc}); delete {self.directory} to record the teacher again.") from None
         self.num_classes: int = self.meta["num_classes"]
         self.top_k: int | None = self.meta["top_k"]
+        self.tail = tail
         self.arrays: dict[str, dict[str, Tensor]] = {}
         for split, shape in self.meta["splits"].items():
             names = ("logits",) if self.top_k is None else ("topk_values", "topk_indices", "logsumexp")
@@ -148,10 +176,10 @@ class RecordedTeacher(Teacher):
         self._on_device: dict[torch.device, dict[str, dict[str, Tensor]]] = {}
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"directory": self.directory}
+        return {"directory": self.directory, "tail": self.tail}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["directory"])
+        self.__init__(state["directory"], state.get("tail", "student"))
 
     def _open(self, name: str, samples_and_views: list[int] | None = None) -> Tensor:
         path = self.directory / name
@@ -203,6 +231,18 @@ class RecordedTeacher(Teacher):
             return arrays["logits"][index, slot].float()
         return rebuild_logits(arrays["topk_values"][index, slot], arrays["topk_indices"][index, slot],
                               arrays["logsumexp"][index, slot], self.num_classes)
+
+    def complete(self, teacher_logits: Tensor, student_logits: Tensor, batch: Batch, split: str) -> Tensor:
+        """For training with a top-k recording and ``tail="student"``: the teacher's distribution with its tail
+        mass shaped like the student's (:func:`student_shaped_tail`); otherwise ``teacher_logits``."""
+        if self.top_k is None or self.tail != "student" or self.top_k >= self.num_classes:
+            return teacher_logits
+        slot = batch.get("view")
+        index = batch["index"]
+        arrays = self._arrays(split, index.device)
+        slot = torch.zeros_like(index) if slot is None else slot
+        return student_shaped_tail(arrays["topk_values"][index, slot], arrays["topk_indices"][index, slot],
+                                   arrays["logsumexp"][index, slot], student_logits[..., : self.num_classes])
 
 
 def index_dtype(num_classes: int) -> np.dtype:

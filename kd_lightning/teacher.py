@@ -28,6 +28,11 @@ class Teacher(nn.Module):
     def logits(self, batch: Batch, split: str) -> Tensor:
         raise NotImplementedError
 
+    def complete(self, teacher_logits: Tensor, student_logits: Tensor, batch: Batch, split: str) -> Tensor:
+        """The teacher logits the loss compares the student with, once the student's are known: ``teacher_logits``
+        unchanged, except where a teacher knows only part of its distribution (a top-k recording)."""
+        return teacher_logits
+
 
 class LiveTeacher(Teacher):
     """A frozen network run on every batch: ``requires_grad=False``, always in eval mode, under ``no_grad``."""

@@ -37,6 +37,7 @@ from kd_lightning.features import FeatureDistiller
 from kd_lightning.files import content_key, file_sha256, job_lock, set_aside
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.models.outputs import model_logits
+from kd_lightning.progress import lightning_hushed
 from kd_lightning.module import check_same_classes
 from kd_lightning.recording import (FORMAT_VERSION, META_FILE, RecordedTeacher, RecordingSettings, data_identity,
                                     describe_mismatch, record_teacher)
@@ -177,7 +178,7 @@ def recorded_teacher(cfg: DictConfig, datamodule: Any, settings: RecordingSettin
         raise KDError(f"teacher.mode=recorded needs a datamodule derived from kd_lightning.data.InMemoryDataModule (batches "
                       f"carry each sample's index to look its logits up); {type(datamodule).__name__} is not. Use teacher.mode=live.")
     if settings.dir:
-        teacher = RecordedTeacher(settings.dir)
+        teacher = RecordedTeacher(settings.dir, settings.tail)
         wanted = recording_identity(cfg, datamodule, settings, given_checkpoint(cfg))
         recorded = teacher.meta["identity"]
         problems = describe_mismatch({k: recorded.get(k) for k in ("teacher", "data")}, {k: wanted[k] for k in ("teacher", "data")})
@@ -196,12 +197,14 @@ def recorded_teacher(cfg: DictConfig, datamodule: Any, settings: RecordingSettin
                 if (directory / META_FILE).is_file():
                     log.info("teacher recording: reusing %s", directory)
                 else:
-                    record_teacher(teacher_model(cfg, datamodule), datamodule, directory, identity, settings,
-                                   accelerator=cfg.trainer.get("accelerator", "auto"),
-                                   precision=cfg.trainer.get("precision", "32-true"),
-                                   vocab_size=cfg.data.num_classes if getattr(datamodule, "task", None) == "tokens" else None)
+                    model = teacher_model(cfg, datamodule)
+                    with lightning_hushed():
+                        record_teacher(model, datamodule, directory, identity, settings,
+                                       accelerator=cfg.trainer.get("accelerator", "auto"),
+                                       precision=cfg.trainer.get("precision", "32-true"),
+                                       vocab_size=cfg.data.num_classes if getattr(datamodule, "task", None) == "tokens" else None)
         wait_for_rank_zero(directory / META_FILE)
-        teacher = RecordedTeacher(directory)
+        teacher = RecordedTeacher(directory, settings.tail)
     teacher.check_covers(datamodule, cfg.data.num_classes)
     datamodule.replay_views(teacher.views)
     return teacher

@@ -353,3 +353,23 @@ def test_a_corpus_folder_without_text_is_one_line_from_the_command_line(tmp_path
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [f"error: data.data_dir={tmp_path / 'empty'} holds no .txt files; point it at "
                                                "a folder of .txt files, one work each."]
+
+
+def test_the_student_shaped_tail_is_the_coarsened_kl() -> None:
+    """Top-k exact, the tail mass m shared like the student's probabilities: forward KL against it is the KL of
+    both distributions coarsened to the top k and one 'rest' class, and ‖p − p̂‖₁ ≤ 2m still holds."""
+    from kd_lightning.recording import student_shaped_tail
+
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(5, 40, generator=g) * 2, torch.randn(5, 40, generator=g) * 2
+    values, indices = teacher.topk(6, -1)
+    log_p_hat = student_shaped_tail(values, indices, teacher.logsumexp(-1), student)
+    p, p_hat, q = teacher.softmax(-1), log_p_hat.exp(), student.softmax(-1)
+    torch.testing.assert_close(p_hat.sum(-1), torch.ones(5))
+    torch.testing.assert_close(p_hat.gather(-1, indices), p.gather(-1, indices))  # the top k, exactly
+    top = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, indices, True)
+    m, q_tail = (p * ~top).sum(-1), (q * ~top).sum(-1)
+    torch.testing.assert_close(p_hat * ~top, (m / q_tail)[:, None] * q * ~top)  # the tail, shaped like the student's
+    coarse = (p.gather(-1, indices) * (p.gather(-1, indices) / q.gather(-1, indices)).log()).sum(-1) + m * (m / q_tail).log()
+    torch.testing.assert_close(kd_loss(student, log_p_hat, 1.0, scale_by_t2=False), coarse.mean())
+    assert ((p - p_hat).abs().sum(-1) <= 2 * m + 1e-6).all()
