@@ -245,7 +245,7 @@ def test_export_command_writes_a_strictly_loadable_student(tmp_path: Path) -> No
     done = subprocess.run(export, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "DigitsCNN" in done.stdout
-    student = DigitsCNN(width=8, hidden=16, dropout=0.0)
+    student = DigitsCNN(width=16, hidden=64, dropout=0.0)  # the default student
     student.load_state_dict(torch.load(tmp_path / "student.pt"), strict=True)
     x = torch.rand(3, 1, 8, 8)
     expected = student.eval()(x)

@@ -18,7 +18,7 @@ FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=4"]
 
 
 def single_process_val_acc(checkpoint: Path) -> float:
-    module = DistillationModule.load_from_checkpoint(checkpoint, student=DigitsCNN(width=8, hidden=16, dropout=0.0))
+    module = DistillationModule.load_from_checkpoint(checkpoint, student=DigitsCNN(width=16, hidden=64, dropout=0.0))
     dm = DigitsDataModule()
     dm.setup()
     x, y = dm.splits["val"].inputs, dm.splits["val"].targets
