@@ -17,7 +17,6 @@ import argparse
 import copy
 import json
 import statistics
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,24 +28,10 @@ from kd_lightning import DistillationModule
 from kd_lightning.models.cifar import build_cifar_model
 from kd_lightning.speed import SpeedSettings
 
-from synthetic import SyntheticCIFAR, machine, on_device, quiet_lightning, synchronize
+from synthetic import StepWindow, SyntheticCIFAR, machine, on_device, quiet_lightning
 
 VARIANTS = {"eager": SpeedSettings(), "compiled": SpeedSettings(compile=True),
             "graphs": SpeedSettings(compile=True, compile_mode="reduce-overhead")}
-
-
-class StepTimer(L.Callback):
-    def __init__(self, warmup: int, device: str) -> None:
-        self.warmup, self.device, self.start, self.end = warmup, device, 0.0, 0.0
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.warmup:
-            synchronize(self.device)
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize(self.device)
-        self.end = time.perf_counter()
 
 
 def images_per_second(variant: str, student: torch.nn.Module, teacher: torch.nn.Module, data: SyntheticCIFAR,
@@ -54,7 +39,7 @@ def images_per_second(variant: str, student: torch.nn.Module, teacher: torch.nn.
     speed = VARIANTS[variant]
     module = DistillationModule(speed.prepare(copy.deepcopy(student)), speed.prepare(copy.deepcopy(teacher)), num_classes=10,
                                 temperature=4.0, alpha=0.9, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
-    timer = StepTimer(args.warmup, args.device)
+    timer = StepWindow(args.warmup, args.device)
     trainer = L.Trainer(accelerator="cuda" if args.device.startswith("cuda") else "cpu", devices=1, precision=args.precision,
                         max_steps=args.warmup + args.steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[timer])

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import time
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -28,25 +27,7 @@ import torch
 from kd_lightning import DistillationModule
 from kd_lightning.models.cifar import build_cifar_model
 
-from synthetic import SyntheticCIFAR, machine, on_device, quiet_lightning, synchronize
-
-
-class Window(L.Callback):
-    """Waits at ``barrier`` once ``warmup`` steps are done, then times the rest of the run."""
-
-    def __init__(self, warmup: int, barrier: Any, device: str) -> None:
-        self.warmup, self.barrier, self.device = warmup, barrier, device
-        self.start = self.end = 0.0
-
-    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.warmup:
-            synchronize(self.device)
-            self.barrier.wait()
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        synchronize(self.device)
-        self.end = time.perf_counter()
+from synthetic import StepWindow, SyntheticCIFAR, machine, on_device, quiet_lightning
 
 
 def job(args: argparse.Namespace, barrier: Any, results: Any) -> None:
@@ -60,7 +41,7 @@ def job(args: argparse.Namespace, barrier: Any, results: Any) -> None:
                           channels_last=args.channels_last)
     module = DistillationModule(student, teacher, num_classes=10, temperature=4.0, alpha=0.9,
                                 optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
-    window = Window(args.warmup, barrier, args.device)
+    window = StepWindow(args.warmup, args.device, barrier)
     trainer = L.Trainer(accelerator="cuda" if args.device.startswith("cuda") else "cpu", devices=1, precision=args.precision,
                         max_steps=args.warmup + args.steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[window])

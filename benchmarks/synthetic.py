@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import lightning as L
 import torch
@@ -60,6 +61,26 @@ class EpochTimer(L.Callback):
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         synchronize(self.device)
         self.times.append(time.perf_counter() - self.start)
+
+
+class StepWindow(L.Callback):
+    """Times a run from the start of step ``warmup`` (compilation and allocator warm-up left out) to its end;
+    with a ``barrier``, concurrent jobs all start their window together."""
+
+    def __init__(self, warmup: int, device: str, barrier: Any = None) -> None:
+        self.warmup, self.device, self.barrier = warmup, device, barrier
+        self.start = self.end = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.warmup:
+            synchronize(self.device)
+            if self.barrier is not None:
+                self.barrier.wait()
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        synchronize(self.device)
+        self.end = time.perf_counter()
 
 
 def machine(device: str) -> str:
