@@ -154,7 +154,8 @@ class DistillationModule(L.LightningModule):
     # -- hooks a subclass may override -------------------------------------------------
 
     def teacher_forward(self, batch: Batch) -> Tensor:
-        """Teacher logits ``(N, C)`` / ``(N, L, V)`` for ``batch`` (live: eval mode, no graph; recorded: looked up)."""
+        """Teacher logits ``(N, C)`` / ``(N, L, V)`` for ``batch`` (live: eval mode, no graph; recorded: looked up).
+        Not called in training for a :attr:`~kd_lightning.teacher.Teacher.deferred` teacher (a top-k recording)."""
         return self.teacher.logits(batch, self.current_split)
 
     def student_forward(self, batch: Batch) -> Tensor:
@@ -270,14 +271,14 @@ class DistillationModule(L.LightningModule):
         if features is not None:
             features.capturing = True
         try:
-            teacher_out = self.teacher_forward(batch) if needs_teacher else None
+            teacher_out = self.teacher_forward(batch) if needs_teacher and not self.teacher.deferred else None
             student_out = self.student_forward(batch)
         finally:
             if features is not None:
                 features.capturing = False
-        self._check_outputs_once(student_out, teacher_out, batch)
-        if teacher_out is not None:
+        if needs_teacher:
             teacher_out = self.teacher.complete(teacher_out, student_out, batch, "train")
+        self._check_outputs_once(student_out, teacher_out, batch)
         terms = self.loss_terms(student_out, teacher_out, batch)
         loss = torch.stack(list(terms.values())).sum()
         # Nothing here reads a device value on the host, so the step never waits for the device: the

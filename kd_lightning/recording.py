@@ -26,6 +26,13 @@ with respect to the student's logits, ``q − p``, is off by at most ``2m`` in L
 recording logs the tail mass (mean and maximum over tokens, in ``meta.json``) so that k can be
 chosen from it.
 
+``tail="sampled"`` removes that error in expectation: the recording also keeps ``tail_samples``
+draws (with replacement) from the teacher's distribution outside its top k, and training gives
+each drawn class ``m · count / tail_samples`` (:func:`sampled_tail`, the others 0). Its
+expectation is the teacher's exact distribution, so the forward-KL gradient ``q − p̂`` is
+unbiased at T=1 (the error left is the draws' variance, not a bias); each draw costs the bytes of
+one index.
+
 A killed recording resumes: the files are written in ``.<name>.partial/`` beside the recording,
 with ``progress.json`` saying how many samples of each split are done; the next run with the same
 key continues from there, and the directory is renamed into place only when complete.
@@ -39,6 +46,7 @@ Layout of one recording::
     <split>.topk_values.npy   (N, V[, L], k) float16                } top_k set: the rest of the
     <split>.topk_indices.npy  (N, V[, L], k) uint8/int16/uint16/int32 } distribution is rebuilt
     <split>.logsumexp.npy     (N, V[, L]) float32                   } from the log-sum-exp
+    <split>.tail_samples.npy  (N, V[, L], S) like the indices       tail="sampled": draws outside the top k
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ import os
 import shutil
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,7 +84,7 @@ FORMAT_VERSION = 1
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 PROGRESS_EVERY_S = 10.0  # a killed recording loses at most about this much work
-TAILS = ("student", "uniform")
+TAILS = ("student", "uniform", "sampled")
 
 
 @dataclass(frozen=True)
@@ -86,16 +95,24 @@ class RecordingSettings:
         views_per_sample: augmented views recorded per training image, or ``"all"`` distinct views.
         top_k: keep the k largest logits + the log-sum-exp per view (``None``: all, float16).
         dir: a recording to use instead of the one keyed under ``paths.cache_dir``.
-        tail: how training fills in the classes outside the top k (not part of the recording):
-            ``student``, the teacher's tail mass shared in proportion to the student's own
-            probabilities (the loss is then exactly the KL between the two distributions coarsened
-            to the top k plus one "rest" class); ``uniform``, spread evenly.
+        tail: how training fills in the classes outside the top k: ``student``, the teacher's tail
+            mass shared in proportion to the student's own probabilities (the loss is then exactly
+            the KL between the two distributions coarsened to the top k plus one "rest" class);
+            ``uniform``, spread evenly; ``sampled``, shared over ``tail_samples`` classes drawn from
+            the teacher's tail when recording (unbiased for forward KL; recorded with the top k).
+        tail_samples: draws per position from the teacher's tail, for ``tail="sampled"``.
     """
 
     views_per_sample: int | str = 16
     top_k: int | None = None
     dir: str | None = None
     tail: str = "student"
+    tail_samples: int = 32
+
+    @property
+    def samples(self) -> int:
+        """Tail draws recorded per position: ``tail_samples`` for ``tail="sampled"``, else none."""
+        return self.tail_samples if self.tail == "sampled" else 0
 
     def __post_init__(self) -> None:
         if self.views_per_sample != "all" and (isinstance(self.views_per_sample, bool) or not isinstance(self.views_per_sample, int)
@@ -105,11 +122,19 @@ class RecordingSettings:
             raise KDError(f"teacher.recording.top_k must be a positive integer (or null for all classes), got {self.top_k!r}.")
         if self.tail not in TAILS:
             raise KDError(f"teacher.recording.tail must be one of {', '.join(TAILS)}, got {self.tail!r}.")
+        if isinstance(self.tail_samples, bool) or not isinstance(self.tail_samples, int) or self.tail_samples < 1:
+            raise KDError(f"teacher.recording.tail_samples must be a positive integer, got {self.tail_samples!r}.")
+        if self.tail == "sampled" and self.top_k is None:
+            raise KDError("teacher.recording.tail=sampled draws from the classes outside the top k; set "
+                          "teacher.recording.top_k too (a recording of all logits has no tail).")
 
     def check_classes(self, num_classes: int) -> None:
         """``top_k`` keeps at most all ``num_classes`` logits."""
         if self.top_k is not None and self.top_k > num_classes:
             raise KDError(f"teacher.recording.top_k={self.top_k} must be between 1 and the {num_classes} classes (or null for all).")
+        if self.samples and self.top_k == num_classes:
+            raise KDError(f"teacher.recording.tail=sampled with top_k={self.top_k} of {num_classes} classes leaves no tail "
+                          "to draw from; lower top_k or use tail=student.")
 
 
 def student_shaped_tail(values: Tensor, indices: Tensor, logsumexp: Tensor, student_logits: Tensor) -> Tensor:
@@ -119,13 +144,35 @@ def student_shaped_tail(values: Tensor, indices: Tensor, logsumexp: Tensor, stud
     Forward KL against it is ``Σ_topk p log(p/q) + m log(m / q_tail)``, the KL of the two distributions
     coarsened to the top k and one "rest" class: nothing is assumed about the shape of the teacher's tail.
     """
+    indices = indices.long()
     log_q = torch.log_softmax(student_logits.detach().float(), -1)
     log_p_top = values.float() - logsumexp[..., None]
-    top = torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, indices.long(), True)
-    log_q_tail = torch.where(top, torch.full_like(log_q, -math.inf), log_q).logsumexp(-1, keepdim=True)
+    log_q_tail = log_q.scatter(-1, indices, -math.inf).logsumexp(-1, keepdim=True)
     log_m = torch.log1p(-log_p_top.exp().sum(-1, keepdim=True).clamp(max=1 - 1e-7))
-    tail = log_m + log_q - log_q_tail
-    return tail.scatter(-1, indices.long(), log_p_top)
+    return log_q.add_(log_m - log_q_tail).scatter_(-1, indices, log_p_top)
+
+
+def sampled_tail(values: Tensor, indices: Tensor, logsumexp: Tensor, samples: Tensor, num_classes: int) -> Tensor:
+    """Teacher log-probabilities ``(..., C)``: its exact top-k, and its tail mass ``m`` shared over the classes drawn
+    from its tail when recording (``samples``, ``(..., S)``), ``m · count / S`` each; the other classes get 0 (``-inf``).
+
+    Its expectation over the draws is the teacher's distribution, so forward KL's gradient ``q − p̂`` is unbiased.
+    """
+    log_p_top = values.float() - logsumexp[..., None]
+    counts = torch.zeros(values.shape[:-1] + (num_classes,), device=values.device)
+    counts.scatter_add_(-1, samples.long(), torch.ones(samples.shape, device=values.device))
+    tail_mass = (1 - log_p_top.exp().sum(-1, keepdim=True)).clamp_min(0)
+    return counts.log_().add_(torch.log(tail_mass / samples.shape[-1])).scatter_(-1, indices.long(), log_p_top)
+
+
+def draw_from_tail(logits: Tensor, top_indices: Tensor, num_draws: int, seed: int) -> Tensor:
+    """``num_draws`` class ids per position ``(..., S)``, drawn with replacement from the distribution of ``logits``
+    ``(..., C)`` (T=1) outside the classes ``top_indices`` ``(..., k)``; the same ``seed`` draws the same ids."""
+    tail = torch.softmax(logits.float(), -1).scatter_(-1, top_indices, 0).flatten(0, -2)
+    tail = torch.where(tail.sum(-1, keepdim=True) > 0, tail, 1)  # no mass outside the top k: any class (weighs 0)
+    generator = torch.Generator(device=tail.device).manual_seed(seed)
+    draws = torch.multinomial(tail, num_draws, replacement=True, generator=generator)
+    return draws.view(*logits.shape[:-1], num_draws)
 
 
 def rebuild_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_classes: int) -> Tensor:
@@ -165,10 +212,15 @@ class RecordedTeacher(Teacher):
             raise KDError(f"{meta_path} is unreadable ({exc}); delete {self.directory} to record the teacher again.") from None
         self.num_classes: int = self.meta["num_classes"]
         self.top_k: int | None = self.meta["top_k"]
+        self.tail_samples: int = self.meta.get("tail_samples", 0)
         self.tail = tail
+        if tail == "sampled" and self.top_k is not None and not self.tail_samples:
+            raise KDError(f"the teacher recording in {self.directory} holds no draws from the teacher's tail, which "
+                          "teacher.recording.tail=sampled needs; unset teacher.recording.dir to record them, or use tail=student.")
         self.arrays: dict[str, dict[str, Tensor]] = {}
         for split, shape in self.meta["splits"].items():
             names = ("logits",) if self.top_k is None else ("topk_values", "topk_indices", "logsumexp")
+            names += ("tail_samples",) if self.tail_samples else ()
             self.arrays[split] = {name: self._open(f"{split}.{name}.npy", shape) for name in names}
         self.views: RecordedViews | None = None
         if self.meta["views"]:
@@ -214,8 +266,13 @@ class RecordedTeacher(Teacher):
             raise KDError(f"the teacher recording in {self.directory} has no split {split!r} (recorded: {sorted(self.arrays)}).")
         return arrays
 
-    def logits(self, batch: Batch, split: str) -> Tensor:
-        """Float32 logits ``(N, C)`` (``(N, L, V)`` for tokens) of samples ``batch["index"]`` in views ``batch["view"]``."""
+    @property
+    def deferred(self) -> bool:
+        """A top-k recording whose tail training shapes by the student or by the draws: answered by :meth:`complete`."""
+        return self.top_k is not None and self.top_k < self.num_classes and self.tail in ("student", "sampled")
+
+    def _lookup(self, batch: Batch, split: str) -> dict[str, Tensor]:
+        """The recorded arrays of samples ``batch["index"]`` in views ``batch["view"]``."""
         if "index" not in batch:
             raise KDError("a recorded teacher looks logits up by sample index: the DataModule's batches need an 'index' "
                           "entry (kd_lightning.data.InMemoryDataModule provides it), or use teacher.mode=live.")
@@ -226,23 +283,28 @@ class RecordedTeacher(Teacher):
                 raise KDError("the teacher was recorded on augmented views but the batch says which view it shows nowhere; "
                               "call datamodule.replay_views(teacher.views) before training.")
             slot = torch.zeros_like(index)
-        arrays = self._arrays(split, index.device)
-        if self.top_k is None:
-            return arrays["logits"][index, slot].float()
-        return rebuild_logits(arrays["topk_values"][index, slot], arrays["topk_indices"][index, slot],
-                              arrays["logsumexp"][index, slot], self.num_classes)
+        return {name: array[index, slot] for name, array in self._arrays(split, index.device).items()}
 
-    def complete(self, teacher_logits: Tensor, student_logits: Tensor, batch: Batch, split: str) -> Tensor:
-        """For training with a top-k recording and ``tail="student"``: the teacher's distribution with its tail
-        mass shaped like the student's (:func:`student_shaped_tail`); otherwise ``teacher_logits``."""
-        if self.top_k is None or self.tail != "student" or self.top_k >= self.num_classes:
-            return teacher_logits
-        slot = batch.get("view")
-        index = batch["index"]
-        arrays = self._arrays(split, index.device)
-        slot = torch.zeros_like(index) if slot is None else slot
-        return student_shaped_tail(arrays["topk_values"][index, slot], arrays["topk_indices"][index, slot],
-                                   arrays["logsumexp"][index, slot], student_logits[..., : self.num_classes])
+    def logits(self, batch: Batch, split: str) -> Tensor:
+        """Float32 logits ``(N, C)`` (``(N, L, V)`` for tokens) of samples ``batch["index"]`` in views ``batch["view"]``;
+        a top-k recording's tail spread evenly (training completes it with :meth:`complete` instead)."""
+        found = self._lookup(batch, split)
+        if self.top_k is None:
+            return found["logits"].float()
+        return rebuild_logits(found["topk_values"], found["topk_indices"], found["logsumexp"], self.num_classes)
+
+    def complete(self, teacher_logits: Tensor | None, student_logits: Tensor, batch: Batch, split: str) -> Tensor:
+        """In training, when :attr:`deferred`: the teacher's top k with its tail mass shaped like the
+        student's probabilities (:func:`student_shaped_tail`) or shared over the recorded draws (:func:`sampled_tail`),
+        looked up here (``teacher_logits`` is not needed); otherwise ``teacher_logits``."""
+        if not self.deferred:
+            return teacher_logits if teacher_logits is not None else self.logits(batch, split)
+        found = self._lookup(batch, split)
+        if self.tail == "sampled":
+            return sampled_tail(found["topk_values"], found["topk_indices"], found["logsumexp"], found["tail_samples"],
+                                self.num_classes)
+        return student_shaped_tail(found["topk_values"], found["topk_indices"], found["logsumexp"],
+                                   student_logits[..., : self.num_classes])
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -260,13 +322,14 @@ class _Recorder(L.LightningModule):
     :data:`PROGRESS_EVERY_S` seconds the files are flushed and ``progress.json`` is rewritten.
     """
 
-    def __init__(self, teacher: nn.Module, datamodule: InMemoryDataModule, top_k: int | None, width: int,
+    def __init__(self, teacher: nn.Module, datamodule: InMemoryDataModule, top_k: int | None, tail_samples: int, width: int,
                  vocab_size: int | None, progress: dict[str, Any], progress_file: Path) -> None:
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
         self.prepare_inputs = datamodule.prepare_inputs
         self.augment: RandomCropFlip | None = datamodule.augment
         self.top_k = top_k
+        self.tail_samples = tail_samples
         self.width = width  # recorded classes: the teacher's, or the tokenizer's when the teacher has padding rows
         self.vocab_size = vocab_size
         self.progress, self.progress_file = progress, progress_file
@@ -307,6 +370,9 @@ class _Recorder(L.LightningModule):
             self.out["topk_values"][rows, slot] = values.half().cpu().numpy()
             self.out["topk_indices"][rows, slot] = indices.cpu().numpy()
             self.out["logsumexp"][rows, slot] = logsumexp.cpu().numpy()
+            if self.tail_samples:
+                draws = draw_from_tail(logits, indices, self.tail_samples, seed=zlib.crc32(f"{self.split}:{rows[0]}:{slot}".encode()))
+                self.out["tail_samples"][rows, slot] = draws.cpu().numpy()
             mass = (1 - torch.exp(values - logsumexp[..., None]).sum(-1)).clamp_min(0)  # outside the top k, at T=1
             tail["sum"] += float(mass.sum())
             tail["count"] += mass.numel()
@@ -352,7 +418,7 @@ def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory
     started = time.perf_counter()
     partial = directory.with_name(f".{directory.name}.partial")
     progress_file = partial / PROGRESS_FILE
-    fresh = {"identity": identity, "settings": [settings.views_per_sample, settings.top_k, width],
+    fresh = {"identity": identity, "settings": [settings.views_per_sample, settings.top_k, settings.samples, width],
              "done": {}, "tail_mass": {}}
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else None
     resume = progress is not None and {k: progress.get(k) for k in ("identity", "settings")} == {
@@ -366,7 +432,7 @@ def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory
     if views is not None:
         np.save(partial / "views.offsets.npy", views.offsets.numpy())
         np.save(partial / "views.flips.npy", views.flips.numpy())
-    recorder = _Recorder(teacher, datamodule, settings.top_k, width, vocab_size, progress, progress_file)
+    recorder = _Recorder(teacher, datamodule, settings.top_k, settings.samples, width, vocab_size, progress, progress_file)
     trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     splits: dict[str, list[int]] = {}
@@ -381,6 +447,8 @@ def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory
             files = {"topk_values": (shape + positions + (settings.top_k,), np.dtype(np.float16)),
                      "topk_indices": (shape + positions + (settings.top_k,), index_dtype(width)),
                      "logsumexp": (shape + positions, np.dtype(np.float32))}
+            if settings.samples:
+                files["tail_samples"] = (shape + positions + (settings.samples,), index_dtype(width))
         bytes_per_position = sum(dtype.itemsize * (full[-1] if name != "logsumexp" else 1) for name, (full, dtype) in files.items())
         opened = {name: open_array(partial / f"{split}.{name}.npy", dtype, full, progress["done"].get(split, 0) > 0)
                   for name, (full, dtype) in files.items()}
@@ -399,6 +467,7 @@ def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory
     tails = progress["tail_mass"].values()
     tail = {"sum": sum(t["sum"] for t in tails), "count": sum(t["count"] for t in tails), "max": max((t["max"] for t in tails), default=0.0)}
     meta = {"format": FORMAT_VERSION, "identity": identity, "num_classes": width, "top_k": settings.top_k,
+            "tail_samples": settings.samples,
             "views_per_sample": settings.views_per_sample, "views": views is not None, "splits": splits,
             "positions": list(positions), "bytes_per_position": bytes_per_position,
             "tail_mass": {"mean": tail["sum"] / tail["count"], "max": tail["max"]} if tail["count"] else None,
@@ -412,7 +481,8 @@ def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory
     log.info("teacher recording: recorded in %.1f s at %s, %d bytes per %s%s", meta["seconds"], directory,
              bytes_per_position, what, "" if meta["tail_mass"] is None else
              f"; the top {settings.top_k} hold {100 * (1 - meta['tail_mass']['mean']):.2f}% of the teacher's probability "
-             f"on average (tail mass: mean {meta['tail_mass']['mean']:.4f}, max {meta['tail_mass']['max']:.4f})")
+             f"on average (tail mass: mean {meta['tail_mass']['mean']:.4f}, max {meta['tail_mass']['max']:.4f})"
+             + (f", {settings.samples} draws from the tail per {what}" if settings.samples else ""))
 
 
 def data_identity(datamodule: InMemoryDataModule) -> dict[str, Any]:

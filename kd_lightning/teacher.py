@@ -25,13 +25,18 @@ class Teacher(nn.Module):
     a checkpoint, and ``split`` is ``train``, ``val`` or ``test``.
     """
 
+    deferred: bool = False
+    """True for a teacher whose training logits depend on the student's (a top-k recording): training then skips
+    :meth:`logits` and asks :meth:`complete` alone, after the student's forward pass."""
+
     def logits(self, batch: Batch, split: str) -> Tensor:
         raise NotImplementedError
 
-    def complete(self, teacher_logits: Tensor, student_logits: Tensor, batch: Batch, split: str) -> Tensor:
+    def complete(self, teacher_logits: Tensor | None, student_logits: Tensor, batch: Batch, split: str) -> Tensor:
         """The teacher logits the loss compares the student with, once the student's are known: ``teacher_logits``
-        unchanged, except where a teacher knows only part of its distribution (a top-k recording)."""
-        return teacher_logits
+        unchanged, except where a teacher knows only part of its distribution (a top-k recording, :attr:`deferred`:
+        ``teacher_logits`` is then ``None``)."""
+        return teacher_logits if teacher_logits is not None else self.logits(batch, split)
 
 
 class LiveTeacher(Teacher):

@@ -49,6 +49,7 @@ from kd_lightning.vocab import check_vocabularies
 log = logging.getLogger(__name__)
 
 MODES = ("live", "recorded")
+FORWARD_KL = "kd_lightning.losses.kd_loss"
 # Trainer settings that do not change what a trained teacher is; all others (fast_dev_run,
 # limit_train_batches, precision, devices, ...) are part of the trained-teacher key.
 DISPLAY_ONLY_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir"}
@@ -67,6 +68,15 @@ def check_teacher_settings(cfg: DictConfig) -> RecordingSettings | None:
                       "(a recorded teacher has logits only).")
     settings = RecordingSettings(**OmegaConf.to_container(cfg.teacher.recording, resolve=True))
     settings.check_classes(cfg.data.num_classes)
+    if settings.samples:
+        objectives = {"distill.loss": cfg.distill.loss} | {
+            f"distill.extra_terms.{name}.objective": term.get("objective") for name, term in (cfg.distill.get("extra_terms") or {}).items()}
+        for where, objective in objectives.items():
+            target = objective.get("_target_") if objective is not None else None
+            if target != FORWARD_KL or objective.get("standardize"):
+                what = "standardized" if target == FORWARD_KL else target
+                raise KDError(f"teacher.recording.tail=sampled stands in for the teacher in forward KL only (distill/loss=kd, "
+                              f"standardize=false), but {where} is {what}; use teacher.recording.tail=student.")
     return settings
 
 
@@ -162,8 +172,9 @@ def train_teacher(cfg: DictConfig, datamodule: Any, cached: Path) -> nn.Module:
 def recording_identity(cfg: DictConfig, datamodule: InMemoryDataModule, settings: RecordingSettings,
                        teacher_file: Path | None) -> dict[str, Any]:
     """What a recording depends on: teacher weights, data, views, top-k, precision."""
+    tail = {"tail_samples": settings.samples} if settings.samples else {}  # the other tails are not recorded
     return {"teacher": file_sha256(teacher_file)[:16] if teacher_file else None, "data": data_identity(datamodule),
-            "views_per_sample": settings.views_per_sample, "top_k": settings.top_k,
+            "views_per_sample": settings.views_per_sample, "top_k": settings.top_k, **tail,
             "precision": str(cfg.trainer.get("precision", "32-true")), "format": FORMAT_VERSION}
 
 

@@ -273,7 +273,7 @@ def test_a_killed_token_recording_resumes_and_matches_an_uninterrupted_one(corpu
     from kd_lightning import recording
 
     data, teacher = text_data(corpus, batch_size=4, eval_batch_size=4), tiny_gpt(dim=32, seed=2)
-    settings = recording.RecordingSettings(1, 8)
+    settings = recording.RecordingSettings(1, 8, tail="sampled", tail_samples=4)  # the draws too must resume identically
     recording.record_teacher(teacher, data, tmp_path / "whole", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
     monkeypatch.setattr(recording, "PROGRESS_EVERY_S", 0.0)
     calls = {"n": 0}
@@ -338,9 +338,10 @@ def test_a_recorded_teacher_and_a_hugging_face_student_from_the_command_line(tmp
 
     out = run_cli(tmp_path, "+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "student=llama_student",
                   "student.model.hidden_size=16", "student.model.intermediate_size=32", "student.model.num_hidden_layers=1",
-                  "teacher.mode=recorded", "teacher.recording.top_k=8", "baseline=false", "hydra.run.dir=run")
+                  "teacher.mode=recorded", "teacher.recording.top_k=8", "teacher.recording.tail=sampled",
+                  "teacher.recording.tail_samples=4", "baseline=false", "hydra.run.dir=run")
     assert out.returncode == 0, out.stderr
-    assert "the top 8 hold" in out.stdout and "36 bytes per token" in out.stdout  # the tail mass, logged
+    assert "44 bytes per token; the top 8 hold" in out.stdout and "4 draws from the tail per token" in out.stdout
     results = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert 1 < results["distilled"]["test/ppl"] < 2 * VOCAB and results["teacher"]["test/ppl"] > 1
 
@@ -373,3 +374,53 @@ def test_the_student_shaped_tail_is_the_coarsened_kl() -> None:
     coarse = (p.gather(-1, indices) * (p.gather(-1, indices) / q.gather(-1, indices)).log()).sum(-1) + m * (m / q_tail).log()
     torch.testing.assert_close(kd_loss(student, log_p_hat, 1.0, scale_by_t2=False), coarse.mean())
     assert ((p - p_hat).abs().sum(-1) <= 2 * m + 1e-6).all()
+
+
+def test_the_sampled_tail_is_the_teacher_exactly_when_the_draws_match_and_in_expectation() -> None:
+    """Top-k exact, the tail mass m shared over the recorded draws (m · count / S): with draws in the tail's exact
+    proportions it is the teacher's distribution; over random draws its mean is (forward KL's gradient is unbiased)."""
+    from kd_lightning.recording import draw_from_tail, sampled_tail
+
+    p = torch.tensor([[0.4, 0.3, 0.1, 0.1, 0.05, 0.05]])
+    logits = p.log() + 1.5
+    values, indices = logits.topk(2, -1)
+    exact = sampled_tail(values, indices, logits.logsumexp(-1), torch.tensor([[2, 3, 2, 4, 3, 5]]), 6)
+    torch.testing.assert_close(exact.exp(), p)
+    unsampled = sampled_tail(values, indices, logits.logsumexp(-1), torch.tensor([[2, 2, 2, 2, 2, 2]]), 6)
+    assert unsampled[0, 3:].eq(-math.inf).all() and unsampled.exp()[0, 2] == pytest.approx(0.3)  # all the tail mass
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.randn(3, 40, generator=g) * 2
+    values, indices = teacher.topk(6, -1)
+    draws = draw_from_tail(teacher.expand(2000, 3, 40), indices.expand(2000, 3, 6), 8, seed=1)
+    assert not (draws[..., None] == indices[..., None, :]).any()  # never one of the top k
+    p_hat = sampled_tail(values.expand(2000, 3, 6), indices.expand(2000, 3, 6), teacher.logsumexp(-1).expand(2000, 3),
+                         draws, 40).exp()
+    torch.testing.assert_close(p_hat.sum(-1), torch.ones(2000, 3))
+    torch.testing.assert_close(p_hat.gather(-1, indices.expand(2000, 3, 6)), teacher.softmax(-1).gather(-1, indices).expand(2000, 3, 6))
+    torch.testing.assert_close(p_hat.mean(0), teacher.softmax(-1), atol=4e-3, rtol=0)  # 16,000 draws per row
+    torch.testing.assert_close(draw_from_tail(teacher, indices, 8, seed=1), draw_from_tail(teacher, indices, 8, seed=1))
+
+
+def test_training_from_a_top_k_recording_looks_the_teacher_up_once_per_step(corpus: Path, tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deferred teacher (top-k, tail shaped by the student or by the draws) is answered by complete() alone in
+    training: no evenly-spread rebuild that is thrown away; validation still asks logits()."""
+    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+
+    data = text_data(corpus)
+    record_teacher(tiny_gpt(dim=32, seed=2), data, tmp_path / "rec", {}, RecordingSettings(1, 8, tail="sampled", tail_samples=4),
+                   accelerator="cpu", vocab_size=VOCAB)
+    assert RecordedTeacher(tmp_path / "rec").meta["bytes_per_position"] == 8 * 2 + 8 * 2 + 4 + 4 * 2  # + 4 int16 draws
+    for tail in ("student", "sampled"):
+        teacher = RecordedTeacher(tmp_path / "rec", tail=tail)
+        asked: list[str] = []
+        monkeypatch.setattr(RecordedTeacher, "logits", lambda self, batch, split, original=RecordedTeacher.logits:
+                            asked.append(split) or original(self, batch, split))
+        module = DistillationModule(tiny_gpt(), teacher, num_classes=VOCAB, task="tokens", loss_mix=LossMix(alpha=0.5))
+        L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
+                  enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+                  default_root_dir=tmp_path).fit(module, datamodule=data)
+        assert "train" not in asked and "val" in asked, tail
+        assert math.isfinite(float(module.trainer.callback_metrics["train/loss"]))
+        monkeypatch.undo()
