@@ -39,13 +39,14 @@ def default_chunk_rows(num_rows: int, vocab_size: int) -> int:
     return max(1, min(math.ceil(num_rows / 8), max(1, 2**22 // vocab_size)))
 
 
-class _ChunkedDistillation(torch.autograd.Function):
+BlockLoss = Callable[[slice, Tensor], Tensor]  # (rows, their student logits (rows, V)) -> the loss share of those rows
+
+
+class _ChunkedLoss(torch.autograd.Function):
     """Forward computes the loss and, block by block, its gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, teacher_logits: TeacherLogits,
-                objective: Callable[..., Tensor], keep: Tensor, labels: Tensor | None, num_kept: Tensor,
-                chunk_rows: int) -> Tensor:
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, block_loss: BlockLoss, chunk_rows: int) -> Tensor:
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
@@ -55,10 +56,7 @@ class _ChunkedDistillation(torch.autograd.Function):
             block = hidden[rows]
             with torch.enable_grad():
                 logits = nn.functional.linear(block, weight, bias).detach().float().requires_grad_(True)
-                with torch.no_grad():
-                    teacher = teacher_logits(rows)
-                loss = objective(logits, teacher, mask=keep[rows], labels=None if labels is None else labels[rows],
-                                 num_kept=num_kept)
+                loss = block_loss(rows, logits)
                 (grad_logits,) = torch.autograd.grad(loss, logits)
             grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
             grad_weight += grad_logits.T @ block.float()
@@ -74,7 +72,25 @@ class _ChunkedDistillation(torch.autograd.Function):
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_output.to(grad_hidden.dtype)
         return (grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype),
-                None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype), None, None, None, None, None, None)
+                None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype), None, None)
+
+
+def chunked_loss(hidden: Tensor, head: nn.Linear | Tensor, block_loss: BlockLoss, chunk_rows: int | None = None) -> Tensor:
+    """``Σ_blocks block_loss(rows, head(hidden[rows]))`` over the flattened tokens, one block of logits at a time.
+
+    Args:
+        hidden: ``(N, L, H)`` or ``(M, H)`` final hidden states.
+        head: the output head, ``nn.Linear(H, V)`` or a ``(V, H)`` weight.
+        block_loss: ``(rows, logits (rows, V)) -> scalar``, the share of the loss of those rows
+            (normalised by the whole batch's count, so that the shares add up to the loss).
+        chunk_rows: tokens per block; default :func:`default_chunk_rows`.
+
+    Returns:
+        The scalar loss; gradients flow to ``hidden`` and the head only.
+    """
+    weight, bias = head_weights(head)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    return _ChunkedLoss.apply(flat, weight, bias, block_loss, chunk_rows or default_chunk_rows(flat.shape[0], weight.shape[0]))
 
 
 def chunked_distillation_loss(
@@ -134,9 +150,12 @@ def chunked_distillation_loss(
         def teacher_logits(rows: slice) -> Tensor:
             return nn.functional.linear(flat_teacher[rows], teacher_weight, teacher_bias)
 
-    def bound(student_logits: Tensor, teacher: Tensor, **kwargs: Any) -> Tensor:
-        return objective(student_logits, teacher, temperature, **kwargs)
+    divisor = torch.as_tensor(num_kept, dtype=torch.float32, device=hidden.device)
 
-    rows_per_chunk = chunk_rows or default_chunk_rows(num_rows, vocab_size)
-    return _ChunkedDistillation.apply(hidden, weight, bias, teacher_logits, bound, keep, flat_labels,
-                                      torch.as_tensor(num_kept, dtype=torch.float32, device=hidden.device), rows_per_chunk)
+    def block_loss(rows: slice, logits: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher = teacher_logits(rows)
+        return objective(logits, teacher, temperature, mask=keep[rows], labels=None if flat_labels is None else flat_labels[rows],
+                         num_kept=divisor)
+
+    return chunked_loss(hidden, student_head, block_loss, chunk_rows or default_chunk_rows(num_rows, vocab_size))

@@ -47,6 +47,7 @@ class DistillSchema:
     features: List[Any] = field(default_factory=list)
     weights: Dict[str, float] = field(default_factory=dict)
     schedules: Dict[str, Any] = field(default_factory=dict)
+    chunk_rows: Optional[int] = None  # language models: tokens per block of the chunked loss; None: the plain loss
 
 
 def model_configs() -> dict[str, Any]:

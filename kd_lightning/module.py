@@ -16,7 +16,8 @@ from kd_lightning.data.batch import IGNORE_INDEX, Batch, as_batch, kept_tokens
 from kd_lightning.errors import KDError
 from kd_lightning.loss_mix import LossMix, objective_inputs
 from kd_lightning.losses import kl_rows, mean_over_positions
-from kd_lightning.models.outputs import model_logits
+from kd_lightning.chunked import chunked_loss
+from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits
 from kd_lightning.teacher import LiveTeacher, Teacher, as_teacher
 from kd_lightning.vocab import check_vocabularies, common_rows, labels_in_range
 
@@ -33,6 +34,20 @@ def check_same_classes(student_logits: Tensor, teacher_logits: Tensor) -> None:
             f"{teacher_logits.shape[-1]}, student {student_logits.shape[-1]}. Build both for the "
             "data's classes (e.g. teacher.model.num_classes=${data.num_classes})."
         )
+
+
+def check_chunk_rows(chunk_rows: int | None, task: str, with_features: bool) -> None:
+    """``chunk_rows`` (``distill.chunk_rows``): ``None``, or a positive count of tokens per block for a language model
+    without feature terms."""
+    if chunk_rows is None:
+        return
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise KDError(f"distill.chunk_rows must be a positive integer (tokens per block) or null, got {chunk_rows!r}.")
+    if task != "tokens":
+        raise KDError("distill.chunk_rows is for language models (task=tokens), whose logits are (N, L, V); unset it.")
+    if with_features:
+        raise KDError("distill.chunk_rows cannot be combined with distill.features (the chunked loss sees the logits "
+                      "of one block of tokens at a time); unset one of them.")
 
 
 def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
@@ -74,6 +89,10 @@ class DistillationModule(L.LightningModule):
             scheduler says ``interval = "step"`` (:class:`~kd_lightning.schedules.WarmupCosineLR`).
         loss_mix: the loss terms, weights and schedules (:class:`~kd_lightning.loss_mix.LossMix`).
         task: ``classification`` (one label per sample) or ``tokens`` (one label per token).
+        chunk_rows: tokens: train with the chunked loss (:mod:`kd_lightning.chunked`), this many tokens per block:
+            the student's logits are made from its final hidden states and output head one block at a time and
+            never exist whole (nor a live teacher's); the loss and gradients are those of the plain step.
+            ``None``: the plain step.
     """
 
     def __init__(
@@ -87,10 +106,12 @@ class DistillationModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         loss_mix: LossMix | None = None,
         task: str = "classification",
+        chunk_rows: int | None = None,
     ) -> None:
         super().__init__()
         if task not in TASKS:
             raise KDError(f"task must be one of {TASKS}, got {task!r}.")
+        check_chunk_rows(chunk_rows, task, loss_mix is not None and loss_mix.features is not None)
         if loss_mix is None:
             loss_mix = LossMix(temperature=4.0 if temperature is None else temperature, alpha=0.9 if alpha is None else alpha)
         elif (temperature, alpha) not in ((None, None), (loss_mix.temperature, loss_mix.alpha)):
@@ -113,6 +134,7 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters({"num_classes": num_classes, "temperature": loss_mix.temperature, "alpha": loss_mix.alpha,
                                    "task": task})
         self.task = task
+        self.chunk_rows = chunk_rows
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.outputs_checked = False
@@ -267,6 +289,10 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch = as_batch(batch)
         needs_teacher = self.teacher is not None and self.loss_mix.uses_teacher
+        if self.chunk_rows is not None:
+            loss, terms = self._chunked_loss(batch, needs_teacher)
+            self._log_training(loss, terms)
+            return loss
         features = self.loss_mix.features
         if features is not None:
             features.capturing = True
@@ -281,6 +307,40 @@ class DistillationModule(L.LightningModule):
         self._check_outputs_once(student_out, teacher_out, batch)
         terms = self.loss_terms(student_out, teacher_out, batch)
         loss = torch.stack(list(terms.values())).sum()
+        self._log_training(loss, terms)
+        return loss
+
+    def _chunked_loss(self, batch: Batch, needs_teacher: bool) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss of :meth:`loss_terms` over the batch's tokens, made block by block from the student's final hidden
+        states and head (:func:`~kd_lightning.chunked.chunked_loss`); and its terms, detached, for the log.
+
+        Every term is a mean over a block's kept tokens; weighted by the block's share of the batch's kept tokens,
+        the blocks add up to the plain step's means."""
+        if not self.outputs_checked:
+            check_head_gives_logits(self.student, batch)
+        hidden, head = hidden_and_head(self.student, batch)
+        teacher_rows = self.teacher.block_logits(batch, "train") if needs_teacher else None
+        keep = kept_tokens(batch).reshape(1, -1)
+        flat = {name: batch[name].reshape(1, -1) for name in ("labels", "attention_mask") if name in batch}
+        num_kept = keep.sum().clamp_min(1)
+        logged: dict[str, Tensor] = {}
+
+        def block_loss(rows: slice, logits: Tensor) -> Tensor:
+            block = {name: value[:, rows] for name, value in flat.items()}
+            student_block = logits[None]  # (1, R, V): a batch of one sequence of the block's tokens
+            teacher_block = None if teacher_rows is None else teacher_rows(rows, logits.detach())[None]
+            self._check_outputs_once(student_block, teacher_block, block)
+            share = keep[:, rows].sum() / num_kept
+            terms = self.loss_terms(student_block, teacher_block, block)
+            for name, value in terms.items():
+                logged[name] = logged.get(name, 0) + value.detach() * share
+            return torch.stack(list(terms.values())).sum() * share
+
+        if not self.outputs_checked:
+            labels_in_range(batch["labels"], kept_tokens(batch), self.hparams.num_classes)
+        return chunked_loss(hidden, head, block_loss, self.chunk_rows), logged
+
+    def _log_training(self, loss: Tensor, terms: dict[str, Tensor]) -> None:
         # Nothing here reads a device value on the host, so the step never waits for the device: the
         # values stay tensors until a logger writes them (every log_every_n_steps). Not prog_bar=True:
         # Lightning turns progress-bar values into Python numbers after every step.
@@ -290,7 +350,6 @@ class DistillationModule(L.LightningModule):
         if self.loss_mix.scheduled and self.logs_this_step:
             for name, value in self.loss_mix.scheduled.items():  # python floats: logging one copies it to the device
                 self.log(f"train/{name}" if name in ("temperature", "alpha") else f"train/weight/{name}", value)
-        return loss
 
     def _evaluate(self, batch: Any, stage: str) -> None:
         batch = as_batch(batch)

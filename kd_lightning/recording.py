@@ -75,7 +75,7 @@ from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
 from kd_lightning.files import atomic_write_text
 from kd_lightning.models.outputs import model_logits
-from kd_lightning.teacher import Teacher
+from kd_lightning.teacher import BlockLogits, Teacher
 from kd_lightning.vocab import check_padding_unused
 
 log = logging.getLogger(__name__)
@@ -299,12 +299,28 @@ class RecordedTeacher(Teacher):
         looked up here (``teacher_logits`` is not needed); otherwise ``teacher_logits``."""
         if not self.deferred:
             return teacher_logits if teacher_logits is not None else self.logits(batch, split)
-        found = self._lookup(batch, split)
+        return self._completed(self._lookup(batch, split), student_logits)
+
+    def _completed(self, found: dict[str, Tensor], student_logits: Tensor) -> Tensor:
         if self.tail == "sampled":
             return sampled_tail(found["topk_values"], found["topk_indices"], found["logsumexp"], found["tail_samples"],
                                 self.num_classes)
         return student_shaped_tail(found["topk_values"], found["topk_indices"], found["logsumexp"],
                                    student_logits[..., : self.num_classes])
+
+    def block_logits(self, batch: Batch, split: str) -> BlockLogits:
+        """The rows' logits rebuilt (and, in training, completed) from the recording, row block by row block."""
+        flat = {name: array.flatten(0, 1) for name, array in self._lookup(batch, split).items()}  # (N·L, ...)
+
+        def rows_logits(rows: slice, student_logits: Tensor) -> Tensor:
+            found = {name: array[rows] for name, array in flat.items()}
+            if self.top_k is None:
+                return found["logits"].float()
+            if split == "train" and self.deferred:
+                return self._completed(found, student_logits)
+            return rebuild_logits(found["topk_values"], found["topk_indices"], found["logsumexp"], self.num_classes)
+
+        return rows_logits
 
 
 def index_dtype(num_classes: int) -> np.dtype:

@@ -21,7 +21,8 @@ from kd_lightning.config import build
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
 from kd_lightning.loss_mix import LossMix
-from kd_lightning.module import DistillationModule
+from kd_lightning.models.outputs import output_head
+from kd_lightning.module import DistillationModule, check_chunk_rows
 from kd_lightning.progress import StageProgress, lightning_hushed
 from kd_lightning.speed import SpeedSettings
 from kd_lightning.teacher import Teacher
@@ -46,6 +47,21 @@ def build_loss_mix(cfg: DictConfig) -> LossMix:
     return LossMix(objective=build(distill.loss) if distill.get("loss") else None, temperature=distill.temperature,
                    alpha=distill.alpha, extra_terms=extra_terms, features=plain(distill.get("features")),
                    weights=plain(distill.get("weights")), schedules=plain(distill.get("schedules")))
+
+
+def check_chunked(cfg: DictConfig, task: str, loss_mix: LossMix) -> None:
+    """``distill.chunk_rows`` fits this run, and the models it trains give final hidden states and an output head:
+    the student, and the teacher when it may be trained here (no ``teacher.checkpoint``)."""
+    chunk_rows = cfg.distill.get("chunk_rows")
+    check_chunk_rows(chunk_rows, task, loss_mix.features is not None)
+    if chunk_rows is None:
+        return
+    for role in ("student",) if cfg.teacher.get("checkpoint") else ("student", "teacher"):
+        model = build(cfg[role].model)
+        if output_head(model) is None:
+            raise KDError(f"distill.chunk_rows trains from final hidden states and an output head, but the {role} "
+                          f"({type(model).__name__}) has neither hidden_states() and head (as kd_lightning.models.GPT) nor "
+                          "get_output_embeddings() (as transformers causal LMs); unset distill.chunk_rows.")
 
 
 def check_trainer_settings(cfg: DictConfig) -> None:
@@ -123,8 +139,9 @@ def run_stage(cfg: DictConfig, stage: str, model: DictConfig, teacher: Teacher |
     module = DistillationModule(speed.prepare(build(model)), teacher, num_classes=cfg.data.num_classes, loss_mix=loss_mix,
                                 optimizer=build(optim.optimizer),
                                 scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
-                                task=getattr(datamodule, "task", "classification"))
-    log.info("stage %s: %s", stage, loss_mix.extra_repr())
+                                task=getattr(datamodule, "task", "classification"), chunk_rows=cfg.distill.get("chunk_rows"))
+    chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
+    log.info("stage %s: %s%s", stage, loss_mix.extra_repr(), chunked)
     last = Path(cfg.paths.output_dir) / stage / "checkpoints" / "last.ckpt"
     resume = str(last) if cfg.get("ckpt_path") == "last" and last.is_file() else None
     if resume:

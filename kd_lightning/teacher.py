@@ -11,11 +11,15 @@ recorded) is :mod:`kd_lightning.teacher_source`.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
 from kd_lightning.data.batch import Batch
-from kd_lightning.models.outputs import model_logits
+from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits, output_head
+
+BlockLogits = Callable[[slice, Tensor], Tensor]  # (rows, the student's logits there (R, V)) -> the teacher's (R, V)
 
 
 class Teacher(nn.Module):
@@ -38,6 +42,12 @@ class Teacher(nn.Module):
         ``teacher_logits`` is then ``None``)."""
         return teacher_logits if teacher_logits is not None else self.logits(batch, split)
 
+    def block_logits(self, batch: Batch, split: str) -> BlockLogits:
+        """For the chunked loss (:mod:`kd_lightning.chunked`): the teacher's logits of some rows of the batch's flattened
+        ``(N·L)`` tokens. This default slices the whole :meth:`logits` (which then exist at once, without a graph)."""
+        whole = self.logits(batch, split).flatten(0, -2)
+        return lambda rows, student_logits: whole[rows]
+
 
 class LiveTeacher(Teacher):
     """A frozen network run on every batch: ``requires_grad=False``, always in eval mode, under ``no_grad``."""
@@ -45,10 +55,29 @@ class LiveTeacher(Teacher):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model.requires_grad_(False).eval()
+        self.head_checked = False
 
     def logits(self, batch: Batch, split: str) -> Tensor:
         with torch.no_grad():
             return model_logits(self.model, batch)
+
+    def block_logits(self, batch: Batch, split: str) -> BlockLogits:
+        """The head applied to the rows' final hidden states (a GPT or a ``transformers`` causal LM): the teacher's
+        full logits never exist; other models fall back to slicing :meth:`logits`."""
+        if output_head(self.model) is None:
+            return super().block_logits(batch, split)
+        with torch.no_grad():
+            if not self.head_checked:
+                check_head_gives_logits(self.model, batch)
+                self.head_checked = True
+            hidden, head = hidden_and_head(self.model, batch)
+        flat = hidden.flatten(0, -2)
+
+        def rows_logits(rows: slice, student_logits: Tensor) -> Tensor:
+            with torch.no_grad():
+                return head(flat[rows])
+
+        return rows_logits
 
     def forward(self, inputs: Tensor) -> Tensor:
         with torch.no_grad():

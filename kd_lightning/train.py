@@ -14,7 +14,7 @@ from kd_lightning.files import atomic_write_text
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.plots import plot_curves
 from kd_lightning.speed import SpeedSettings
-from kd_lightning.stages import build_loss_mix, check_trainer_settings, is_global_zero, run_stage
+from kd_lightning.stages import build_loss_mix, check_chunked, check_trainer_settings, is_global_zero, run_stage
 from kd_lightning.teacher_source import check_teacher_settings, prepare_teacher
 
 RESULTS_FILE = "metrics.json"
@@ -41,6 +41,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     check_teacher_settings(cfg)
     datamodule = build(cfg.data)
     datamodule.setup("fit")
+    check_chunked(cfg, getattr(datamodule, "task", "classification"), loss_mix)
     teacher = prepare_teacher(cfg, datamodule)
 
     results: dict[str, Any] = {"distilled": run_stage(cfg, "distilled", cfg.student.model, teacher, loss_mix, datamodule)[0]}

@@ -39,6 +39,7 @@ FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_
     (["teacher.mode=recorded", "teacher.recording.top_k=3", "teacher.recording.tail=sampled", "teacher.recording.tail_samples=0"],
      "tail_samples must be a positive integer, got 0"),
     (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
+    (["distill.chunk_rows=64"], "distill.chunk_rows is for language models"),
     (["seed=abc"], "seed must be an integer, got 'abc'"),
     (["+foo=1"], "unknown setting foo: nothing reads it"),
     (["+teacher.recording.topk=3"], "unknown setting teacher.recording.topk"),

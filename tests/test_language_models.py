@@ -323,13 +323,14 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, corpus: Pat
     from test_cli import run_cli
 
     out = run_cli(tmp_path, "+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "student.model.dim=16",
-                  "student.model.depth=1", "hydra.run.dir=run")
+                  "student.model.depth=1", "distill.chunk_rows=24", "hydra.run.dir=run")  # every stage chunked
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for stage in ("teacher", "distilled", "baseline"):
         assert 1 < results[stage]["test/ppl"] < 2 * VOCAB
     assert results["ppl_ratio"] == pytest.approx(results["distilled"]["test/ppl"] / results["baseline"]["test/ppl"])
     assert "ppl" in out.stdout.splitlines()[-7] and "gain from KD" in out.stdout
+    assert out.stdout.count("the chunked loss (24 tokens per block)") == 3  # teacher, distilled, alone
 
 
 def test_a_recorded_teacher_and_a_hugging_face_student_from_the_command_line(tmp_path: Path, corpus: Path) -> None:
@@ -424,3 +425,83 @@ def test_training_from_a_top_k_recording_looks_the_teacher_up_once_per_step(corp
         assert "train" not in asked and "val" in asked, tail
         assert math.isfinite(float(module.trainer.callback_metrics["train/loss"]))
         monkeypatch.undo()
+
+
+# -- the chunked loss inside the module (distill.chunk_rows) ----------------------------------------------
+
+def plain_and_chunked_step(student: torch.nn.Module, teacher, batch: dict, chunk_rows: int = 5,
+                           loss_mix: LossMix | None = None) -> None:
+    """One training step with and without ``chunk_rows``: the same loss, logged terms and student gradients."""
+    import copy
+
+    results = []
+    for rows in (None, chunk_rows):
+        model = copy.deepcopy(student)
+        module = DistillationModule(model, teacher, num_classes=VOCAB, task="tokens", chunk_rows=rows,
+                                    loss_mix=loss_mix or LossMix(temperature=2.0, alpha=0.7))
+        logged: dict[str, torch.Tensor] = {}
+        module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
+        loss = module.training_step(batch, 0)
+        loss.backward()
+        results.append((loss.detach(), logged, {n: p.grad for n, p in model.named_parameters()}))
+    (plain, plain_log, plain_grads), (chunked, chunked_log, chunked_grads) = results
+    torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-7)
+    assert chunked_log.keys() == plain_log.keys()
+    for name in plain_log:
+        torch.testing.assert_close(torch.as_tensor(chunked_log[name]), torch.as_tensor(plain_log[name]), rtol=1e-5, atol=1e-7)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_the_chunked_step_is_the_plain_step_with_a_live_teacher_and_alone() -> None:
+    batch = token_batch()
+    plain_and_chunked_step(tiny_gpt(seed=1), tiny_gpt(dim=32, seed=2), batch)  # the teacher's logits made per block too
+    plain_and_chunked_step(tiny_gpt(seed=1), None, batch, loss_mix=LossMix.task_only())  # CE alone (teacher stage, baseline)
+
+
+def test_the_chunked_step_is_the_plain_step_from_a_recording(corpus: Path, tmp_path: Path) -> None:
+    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+
+    data = text_data(corpus)
+    record_teacher(tiny_gpt(dim=32, seed=2), data, tmp_path / "rec", {}, RecordingSettings(1, 8, tail="sampled", tail_samples=4),
+                   accelerator="cpu", vocab_size=VOCAB)
+    train = data.splits["train"]
+    batch = {"inputs": train.inputs[:3], "labels": train.targets[:3].clone(), "index": torch.arange(3),
+             "attention_mask": torch.ones(3, 16, dtype=torch.long)}
+    batch["labels"][0, :5] = IGNORE_INDEX
+    batch["attention_mask"][2, 12:] = 0
+    for tail in ("student", "sampled", "uniform"):
+        plain_and_chunked_step(tiny_gpt(seed=1), RecordedTeacher(tmp_path / "rec", tail=tail), batch,
+                               loss_mix=LossMix(temperature=1.0, alpha=0.5))
+
+
+def test_the_chunked_step_with_hugging_face_models() -> None:
+    pytest.importorskip("transformers", reason="Hugging Face models need the 'lm' extra (transformers)")
+    from kd_lightning.models import hf_causal_lm
+
+    teacher = hf_causal_lm("gpt2", vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+    student = hf_causal_lm("llama", vocab_size=VOCAB + 12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16, bos_token_id=0,
+                           eos_token_id=0)  # 12 padding rows
+    plain_and_chunked_step(student, teacher.eval(), token_batch())
+
+
+class ScaledGPT(GPT):
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return 0.5 * super().forward(tokens)  # changes the logits after the head
+
+
+def test_chunk_rows_refusals_are_one_line() -> None:
+    with pytest.raises(KDError, match="distill.chunk_rows is for language models"):
+        DistillationModule(tiny_gpt(), None, num_classes=VOCAB, chunk_rows=8)
+    with pytest.raises(KDError, match="distill.chunk_rows must be a positive integer"):
+        DistillationModule(tiny_gpt(), None, num_classes=VOCAB, task="tokens", chunk_rows=0)
+    plain_lm = torch.nn.Sequential(torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, VOCAB))
+    module = DistillationModule(plain_lm, None, num_classes=VOCAB, task="tokens", chunk_rows=8, loss_mix=LossMix.task_only())
+    with pytest.raises(KDError, match="has neither hidden_states\\(\\) and head .* nor get_output_embeddings"):
+        module.training_step(token_batch(), 0)
+    torch.manual_seed(0)
+    scaled = ScaledGPT(VOCAB, context_length=16, dim=16, depth=1, heads=2)
+    module = DistillationModule(scaled, None, num_classes=VOCAB, task="tokens", chunk_rows=8, loss_mix=LossMix.task_only())
+    with pytest.raises(KDError, match="does not give its logits"):
+        module.training_step(token_batch(), 0)

@@ -92,7 +92,8 @@ def test_a_distillation_step_makes_no_host_reads(mix: str, tmp_path: Path) -> No
     assert watch.mode.reads == []
 
 
-def test_a_token_step_makes_no_host_reads(tmp_path: Path) -> None:
+@pytest.mark.parametrize("chunk_rows", [None, 12])
+def test_a_token_step_makes_no_host_reads(chunk_rows: int | None, tmp_path: Path) -> None:
     class Tokens(L.LightningDataModule):
         def train_dataloader(self):
             g = torch.Generator().manual_seed(0)
@@ -106,7 +107,7 @@ def test_a_token_step_makes_no_host_reads(tmp_path: Path) -> None:
 
     torch.manual_seed(0)
     module = DistillationModule(GPT(64, 8, dim=16, depth=1, heads=2), GPT(72, 8, dim=32, depth=1, heads=2), num_classes=64,
-                                task="tokens", loss_mix=LossMix(temperature=1.0, alpha=0.5))
+                                task="tokens", loss_mix=LossMix(temperature=1.0, alpha=0.5), chunk_rows=chunk_rows)
     with torch.no_grad():
         module.teacher.model.head.weight[64:] = 0  # padding rows the teacher never predicts ...
     module.teacher.model.head = torch.nn.Linear(32, 72)
