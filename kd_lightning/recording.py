@@ -24,7 +24,9 @@ or, in training, in proportion to the student's probabilities (:func:`student_sh
 ``tail="student"``). Either way ``‖p − p̂‖₁ ≤ 2m`` per token at T=1, so the gradient of forward KL
 with respect to the student's logits, ``q − p``, is off by at most ``2m`` in L1 norm. The
 recording logs the tail mass (mean and maximum over tokens, in ``meta.json``) so that k can be
-chosen from it.
+chosen from it. On the evaluation splits a top-k recording also keeps the teacher's logit of each
+label, so that its perplexity, accuracy and the other label metrics are exact (only ``kl_t1``,
+which needs the whole distribution, uses the evenly spread tail).
 
 ``tail="sampled"`` removes that error in expectation: the recording also keeps ``tail_samples``
 draws (with replacement) from the teacher's distribution outside its top k, and training gives
@@ -47,6 +49,7 @@ Layout of one recording::
     <split>.topk_indices.npy  (N, V[, L], k) uint8/int16/uint16/int32 } distribution is rebuilt
     <split>.logsumexp.npy     (N, V[, L]) float32                   } from the log-sum-exp
     <split>.tail_samples.npy  (N, V[, L], S) like the indices       tail="sampled": draws outside the top k
+    <split>.label_logits.npy  (N, V[, L]) float32                   top_k, val/test: the teacher's logit of the label
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ from kd_lightning.vocab import check_padding_unused
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: top-k recordings keep the teacher's logit of each evaluation label
 META_FILE = "meta.json"
 PROGRESS_FILE = "progress.json"
 PROGRESS_EVERY_S = 10.0  # a killed recording loses at most about this much work
@@ -175,20 +178,33 @@ def draw_from_tail(logits: Tensor, top_indices: Tensor, num_draws: int, seed: in
     return draws.view(*logits.shape[:-1], num_draws)
 
 
-def rebuild_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_classes: int) -> Tensor:
+def rebuild_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_classes: int, labels: Tensor | None = None,
+                   label_logits: Tensor | None = None) -> Tensor:
     """Full ``(N, C)`` logits from the top-k ``(N, k)`` and the full log-sum-exp ``(N,)``.
 
     The k kept classes keep their exact (float16) logits; the mass the teacher put on the
     others, ``1 − Σ_topk p``, is spread evenly over them. At T=1 the rebuilt distribution has
     the teacher's top-k probabilities and tail mass; at other T the tail is approximated.
+    With ``labels`` ``(N,)`` and the teacher's recorded ``label_logits`` ``(N,)`` (evaluation splits), a label
+    outside the top k gets its exact logit too and the rest of the tail mass is spread over the others:
+    the teacher's probability of the label, and so its perplexity and accuracy, are exact.
     """
     values = values.float()
     k = values.shape[-1]
     if k == num_classes:
         return torch.empty(values.shape[:-1] + (num_classes,), device=values.device).scatter_(-1, indices.long(), values)
     tail_mass = (1 - torch.exp(values - logsumexp[..., None]).sum(-1)).clamp_min(1e-12)
-    tail_logit = logsumexp + torch.log(tail_mass / (num_classes - k))
+    if labels is None or label_logits is None:
+        tail_logit = logsumexp + torch.log(tail_mass / (num_classes - k))
+        logits = tail_logit[..., None].expand(*values.shape[:-1], num_classes).clone()
+        return logits.scatter_(-1, indices.long(), values)
+    label = labels.clamp_min(0).long()[..., None]  # -100 (not counted): any class, left as the tail
+    exact = (labels >= 0) & ~(indices.long() == label).any(-1)  # a label outside the top k
+    label_mass = torch.where(exact, torch.exp(label_logits.float() - logsumexp), 0)
+    others = num_classes - k - exact.long()
+    tail_logit = logsumexp + torch.log((tail_mass - label_mass).clamp_min(1e-12) / others.clamp_min(1))
     logits = tail_logit[..., None].expand(*values.shape[:-1], num_classes).clone()
+    logits.scatter_(-1, label, torch.where(exact, label_logits.float(), tail_logit)[..., None])
     return logits.scatter_(-1, indices.long(), values)
 
 
@@ -221,6 +237,7 @@ class RecordedTeacher(Teacher):
         for split, shape in self.meta["splits"].items():
             names = ("logits",) if self.top_k is None else ("topk_values", "topk_indices", "logsumexp")
             names += ("tail_samples",) if self.tail_samples else ()
+            names += ("label_logits",) if self.top_k is not None and split != "train" and self.meta.get("label_logits") else ()
             self.arrays[split] = {name: self._open(f"{split}.{name}.npy", shape) for name in names}
         self.views: RecordedViews | None = None
         if self.meta["views"]:
@@ -291,7 +308,8 @@ class RecordedTeacher(Teacher):
         found = self._lookup(batch, split)
         if self.top_k is None:
             return found["logits"].float()
-        return rebuild_logits(found["topk_values"], found["topk_indices"], found["logsumexp"], self.num_classes)
+        return rebuild_logits(found["topk_values"], found["topk_indices"], found["logsumexp"], self.num_classes,
+                              batch.get("labels"), found.get("label_logits"))
 
     def complete(self, teacher_logits: Tensor | None, student_logits: Tensor, batch: Batch, split: str) -> Tensor:
         """In training, when :attr:`deferred`: the teacher's top k with its tail mass shaped like the
@@ -386,6 +404,9 @@ class _Recorder(L.LightningModule):
             self.out["topk_values"][rows, slot] = values.half().cpu().numpy()
             self.out["topk_indices"][rows, slot] = indices.cpu().numpy()
             self.out["logsumexp"][rows, slot] = logsumexp.cpu().numpy()
+            if "label_logits" in self.out:
+                label = batch["labels"].clamp_min(0)[..., None]  # -100: not counted, any class will do
+                self.out["label_logits"][rows, slot] = logits.gather(-1, label)[..., 0].cpu().numpy()
             if self.tail_samples:
                 draws = draw_from_tail(logits, indices, self.tail_samples, seed=zlib.crc32(f"{self.split}:{rows[0]}:{slot}".encode()))
                 self.out["tail_samples"][rows, slot] = draws.cpu().numpy()
@@ -465,7 +486,11 @@ def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory
                      "logsumexp": (shape + positions, np.dtype(np.float32))}
             if settings.samples:
                 files["tail_samples"] = (shape + positions + (settings.samples,), index_dtype(width))
-        bytes_per_position = sum(dtype.itemsize * (full[-1] if name != "logsumexp" else 1) for name, (full, dtype) in files.items())
+            if split != "train":  # the teacher's perplexity on the evaluation splits stays exact
+                files["label_logits"] = (shape + positions, np.dtype(np.float32))
+        if split == "train":
+            bytes_per_position = sum(dtype.itemsize * (full[-1] if name != "logsumexp" else 1)
+                                     for name, (full, dtype) in files.items())
         opened = {name: open_array(partial / f"{split}.{name}.npy", dtype, full, progress["done"].get(split, 0) > 0)
                   for name, (full, dtype) in files.items()}
         recorder.out = {name: array for name, (array, _) in opened.items()}
@@ -483,7 +508,7 @@ def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory
     tails = progress["tail_mass"].values()
     tail = {"sum": sum(t["sum"] for t in tails), "count": sum(t["count"] for t in tails), "max": max((t["max"] for t in tails), default=0.0)}
     meta = {"format": FORMAT_VERSION, "identity": identity, "num_classes": width, "top_k": settings.top_k,
-            "tail_samples": settings.samples,
+            "tail_samples": settings.samples, "label_logits": settings.top_k is not None,
             "views_per_sample": settings.views_per_sample, "views": views is not None, "splits": splits,
             "positions": list(positions), "bytes_per_position": bytes_per_position,
             "tail_mass": {"mean": tail["sum"] / tail["count"], "max": tail["max"]} if tail["count"] else None,

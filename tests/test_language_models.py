@@ -505,3 +505,24 @@ def test_chunk_rows_refusals_are_one_line() -> None:
     module = DistillationModule(scaled, None, num_classes=VOCAB, task="tokens", chunk_rows=8, loss_mix=LossMix.task_only())
     with pytest.raises(KDError, match="does not give its logits"):
         module.training_step(token_batch(), 0)
+
+
+def test_a_top_k_recording_gives_the_teacher_s_exact_perplexity(corpus: Path, tmp_path: Path) -> None:
+    """The evaluation splits keep the teacher's logit of every label: its perplexity and accuracy from a top-8
+    recording are the live teacher's (up to float16 logits), not those of the evenly spread tail."""
+    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+
+    data, teacher = text_data(corpus), tiny_gpt(dim=32, seed=2)
+    record_teacher(teacher, data, tmp_path / "top8", {}, RecordingSettings(1, 8), accelerator="cpu", vocab_size=VOCAB)
+    top8 = RecordedTeacher(tmp_path / "top8")
+    assert top8.meta["bytes_per_position"] == 8 * 2 + 8 * 2 + 4  # training's bytes: the label logits are val/test only
+    x, y = data.splits["test"].inputs, data.splits["test"].targets
+    keep = y != IGNORE_INDEX
+    rebuilt = top8.logits({"index": torch.arange(len(x)), "labels": y}, "test")
+    torch.testing.assert_close(rebuilt.softmax(-1).sum(-1), torch.ones(y.shape))
+    live = live_logits(teacher, data, "test")
+    live_nll = F.cross_entropy(live[keep], y[keep])
+    assert F.cross_entropy(rebuilt[keep], y[keep]).item() == pytest.approx(live_nll.item(), rel=1e-3)
+    spread = top8.logits({"index": torch.arange(len(x))}, "test")  # without labels: the tail spread evenly
+    assert abs(F.cross_entropy(spread[keep], y[keep]).item() - live_nll.item()) > 1e-2
+    assert torch.equal(rebuilt.argmax(-1), spread.argmax(-1))

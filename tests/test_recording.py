@@ -120,6 +120,21 @@ def test_top_k_rebuilds_the_teacher_distribution() -> None:
     torch.testing.assert_close((q * tail).sum(-1), (p * tail).sum(-1))  # and so is the tail's total mass
 
 
+def test_top_k_rebuilt_with_the_label_s_logit_keeps_the_label_s_probability() -> None:
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 100, generator=generator) * 3
+    lse = logits.logsumexp(-1)
+    values, indices = logits.topk(10, -1)
+    labels = torch.tensor([indices[0, 3].item(), 50, 51, -100, 7, 99])  # in the top k, outside, ..., not counted
+    rebuilt = rebuild_logits(values, indices, lse, 100, labels, logits.gather(-1, labels.clamp_min(0)[:, None])[:, 0])
+    p, q = logits.softmax(-1), rebuilt.softmax(-1)
+    counted = labels >= 0
+    torch.testing.assert_close(q[counted].gather(-1, labels[counted, None]), p[counted].gather(-1, labels[counted, None]))
+    torch.testing.assert_close(q.gather(-1, indices), p.gather(-1, indices))  # the top k, still exact
+    torch.testing.assert_close(q.sum(-1), torch.ones(6))
+    torch.testing.assert_close(q[3], rebuild_logits(values, indices, lse, 100)[3].softmax(-1))  # -100: the plain rebuild
+
+
 def test_top_k_recording_is_smaller_and_close(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
     teacher = teacher_model()
     record_teacher(teacher, tiny_cifar, tmp_path / "full", {}, RecordingSettings(2, None), accelerator="cpu")
