@@ -3,7 +3,8 @@
 Reads each job's ``metrics.json`` and the overrides Hydra recorded for it
 (``.hydra/overrides.yaml``), prints the table, writes ``report.csv`` into the sweep
 directory, and marks jobs that left no results as failed, with the one-line reason they
-recorded (``error.txt``). For an Optuna search it also names the best trial.
+recorded (``error.txt``), or as unfinished when they recorded none (still running, or killed).
+For an Optuna search it also names the best trial.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
         row: dict[str, str | float | None] = {"job": job.name, "overrides": " ".join(overrides)}
         results_file = job / "metrics.json"
         results = json.loads(results_file.read_text()) if results_file.is_file() else None
-        row["status"] = "ok" if results else "FAILED"
         failure = job / FAILURE_FILE
         row["error"] = failure.read_text().strip() if not results and failure.is_file() else None
+        row["status"] = "ok" if results else "FAILED" if row["error"] is not None else "unfinished"
         for key, name in COLUMNS:
             acc = ((results or {}).get(key) or {}).get("test/acc")
             row[name] = None if acc is None else round(100 * acc, 2)
@@ -97,8 +98,11 @@ def main(argv: list[str] | None = None) -> None:
     if best:
         print(best)
     for row in rows:
-        if row["status"] != "ok":
-            print(f"job {row['job']} failed: {row['error'] or 'no reason recorded (see its log in the job directory)'}")
+        if row["status"] == "FAILED":
+            print(f"job {row['job']} failed: {row['error']}")
+        elif row["status"] == "unfinished":
+            print(f"job {row['job']}: no results yet: still running, or killed before it could say why "
+                  "(see its log in the job directory)")
     picture = plot_sweep(rows, args.sweep_dir / "sweep.png")
     print(f"\nwritten: {args.sweep_dir / 'report.csv'}" + (f", {picture}" if picture else ""))
 

@@ -33,3 +33,13 @@ def test_report_lists_every_job_and_marks_failures(tmp_path: Path, capsys) -> No
     assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"] and rows[1]["error"].startswith("no space left")
     assert rows[2]["distilled"] == "99.0" and rows[0]["gain"] == "1.0"
     assert (tmp_path / "sweep.png").stat().st_size > 5_000
+
+
+def test_a_job_without_results_or_reason_is_unfinished_not_failed(tmp_path: Path, capsys) -> None:
+    ok = {"teacher": {"test/acc": 0.98}, "baseline": {"test/acc": 0.96}, "distilled": {"test/acc": 0.97}, "gain": 0.01}
+    job(tmp_path, "0", ["seed=0"], ok)
+    job(tmp_path, "1", ["seed=1"], None)  # still running (or killed): no metrics.json, no error.txt
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert "FAILED" not in printed and "unfinished" in printed
+    assert "job 1: no results yet: still running, or killed before it could say why" in printed
