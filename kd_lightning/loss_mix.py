@@ -225,5 +225,7 @@ class LossMix(nn.Module):
         return terms
 
     def extra_repr(self) -> str:
+        if not self.uses_teacher:  # the teacher stage and the student alone: T and zero weights say nothing
+            return f"ce={round(self.weight('ce'), 6)}, no teacher term"
         weights = ", ".join(f"{n}={'scheduled' if n in self.schedules else round(self.weight(n), 6)}" for n in self.term_names)
         return f"T={self.temperature}, {weights}"
