@@ -12,11 +12,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 from torchmetrics.text import Perplexity
 
+from kd_lightning.chunked import chunked_loss
 from kd_lightning.data.batch import IGNORE_INDEX, Batch, as_batch, kept_tokens
 from kd_lightning.errors import KDError
 from kd_lightning.loss_mix import LossMix, objective_inputs
 from kd_lightning.losses import kl_rows, mean_over_positions
-from kd_lightning.chunked import chunked_loss
 from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits
 from kd_lightning.teacher import LiveTeacher, Teacher, as_teacher
 from kd_lightning.vocab import check_vocabularies, common_rows, labels_in_range
@@ -91,8 +91,9 @@ class DistillationModule(L.LightningModule):
         task: ``classification`` (one label per sample) or ``tokens`` (one label per token).
         chunk_rows: tokens: train with the chunked loss (:mod:`kd_lightning.chunked`), this many tokens per block:
             the student's logits are made from its final hidden states and output head one block at a time and
-            never exist whole (nor a live teacher's); the loss and gradients are those of the plain step.
-            ``None``: the plain step.
+            never exist whole (nor a live teacher's); the loss and gradients are those of the plain step
+            (:meth:`student_forward` and :meth:`teacher_forward` are then not called in training). ``None``: the
+            plain step.
     """
 
     def __init__(
