@@ -61,7 +61,7 @@ def record_failure(output_dir: Path, line: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from kd_lightning.stages import is_global_zero
+    from kd_lightning.stages import is_global_zero, leave_process_group
     from kd_lightning.train import train  # import torch/Lightning after Hydra parsed the command line
 
     try:
@@ -77,6 +77,7 @@ def main(cfg: DictConfig) -> float | None:
         raise SystemExit(1) from None
     if is_global_zero():
         print(format_summary(results))
+    leave_process_group()
     return results["objective"]
 
 

@@ -30,6 +30,16 @@ from kd_lightning.teacher import Teacher
 log = logging.getLogger(__name__)
 
 
+def leave_process_group() -> None:
+    """After the last stage of a DDP run: the ranks wait for each other, then close the process group (a rank that
+    exits with it open can abort in the destructors of its communication threads)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def is_global_zero() -> bool:
     """True in the process that writes shared outputs (rank 0, or the only process)."""
     return rank_zero_only.rank == 0
