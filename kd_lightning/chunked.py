@@ -1,30 +1,34 @@
-"""Distillation over a large vocabulary without the full ``(N·L, V)`` logits: a chunked loss.
+"""Distillation over a large vocabulary without the full ``(N·L, V)`` logits: the chunked loss.
 
 A language model's output head turns ``(N·L, H)`` hidden states into ``(N·L, V)`` logits; with
 ``V`` = 32k-256k the float32 logits of two models, their softmaxes and their gradients dominate
-peak memory. :func:`chunked_distillation_loss` takes the student's hidden states and output head
-(and the teacher's, or any function that gives the teacher's logits for a block of rows) and
-computes logits, loss and gradients one block of rows at a time, inside one
+peak memory. The chunked loss evaluates the *same loss terms* as the plain step from the
+student's final hidden states and output head (:class:`HeadLogits`) and the teacher's logits of
+a block of rows (:class:`TeacherBlocks`), one block of rows at a time, inside one
 ``torch.autograd.Function``: at no point does more than one block of logits exist. The loss and
-the gradients are those of the plain computation (any objective of :mod:`kd_lightning.losses`
-applied to the full logits), up to floating-point summation order.
+gradients are those of the plain computation, up to floating-point summation order.
 
-Normalisation is by ``num_kept``, the count of kept tokens of the whole optimizer step (all
-micro-batches of a gradient accumulation, all ranks) when given: the loss and gradients are then
-the same with 1 x B or 4 x B/4 accumulation. Plain PyTorch: it runs on CPU and GPU alike.
+:func:`blockwise_terms` is the one builder: :class:`~kd_lightning.DistillationModule` uses it with
+``speed.chunk_rows`` (its hooks give each block's terms), :func:`chunked_distillation_loss` with one
+objective. Each block's terms are means over its kept rows; weighted by the block's share of
+the kept rows (``num_kept``: those of the whole optimizer step when given) they add up to the
+plain means. Plain PyTorch: it runs on CPU and GPU alike.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.losses import kd_loss
+from kd_lightning.losses import Objective, kd_loss
+from kd_lightning.reduction import count
 
-TeacherLogits = Callable[[slice], Tensor]  # rows -> (rows, V) teacher logits
+TeacherRows = Callable[[slice, Tensor], Tensor]  # (rows, the student's logits there (R, V)) -> the teacher's (R, V)
+BlockTerms = Callable[[Tensor, Tensor | None, dict[str, Tensor]], Mapping[str, Tensor]]  # (student, teacher, block) -> terms
 
 
 def head_weights(head: nn.Linear | Tensor) -> tuple[Tensor, Tensor | None]:
@@ -39,58 +43,109 @@ def default_chunk_rows(num_rows: int, vocab_size: int) -> int:
     return max(1, min(math.ceil(num_rows / 8), max(1, 2**22 // vocab_size)))
 
 
-BlockLoss = Callable[[slice, Tensor], Tensor]  # (rows, their student logits (rows, V)) -> the loss share of those rows
+@dataclass
+class HeadLogits:
+    """A language model's logits, not yet made: final hidden states ``(N, L, H)`` (or ``(M, H)``) and the output head.
+
+    What :meth:`~kd_lightning.DistillationModule.student_forward` gives in training with ``speed.chunk_rows``."""
+
+    hidden: Tensor
+    head: nn.Linear | Tensor
+    chunk_rows: int | None = None
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], head_weights(self.head)[0].shape[0]))
+
+
+@dataclass
+class TeacherBlocks:
+    """The teacher's logits of any rows of the flattened ``(N·L)`` positions, given the student's logits there
+    (a top-k recording completes its tail from them; a live teacher ignores them)."""
+
+    rows: TeacherRows
+
+    def whole(self, student_logits: Tensor) -> Tensor:
+        """All positions at once, ``(..., V)`` like ``student_logits``."""
+        flat = self.rows(slice(None), student_logits.detach().reshape(-1, student_logits.shape[-1]))
+        return flat.view(*student_logits.shape[:-1], flat.shape[-1])
+
+
+def resolved(teacher_out: Tensor | TeacherBlocks | None, student_logits: Tensor) -> Tensor | None:
+    """The teacher's logits as a tensor for all of ``student_logits``' positions."""
+    return teacher_out.whole(student_logits) if isinstance(teacher_out, TeacherBlocks) else teacher_out
 
 
 class _ChunkedLoss(torch.autograd.Function):
     """Forward computes the loss and, block by block, its gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, block_loss: BlockLoss, chunk_rows: int) -> Tensor:
+    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, block_loss: Callable[[slice, Tensor], Tensor],
+                chunk_rows: int) -> Tensor:
+        dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32 at least; float64 stays float64
         grad_hidden = torch.zeros_like(hidden)
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_weight = torch.zeros_like(weight, dtype=dtype)
+        grad_bias = None if bias is None else torch.zeros_like(bias, dtype=dtype)
+        total = torch.zeros((), dtype=dtype, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_rows):
             rows = slice(start, start + chunk_rows)
             block = hidden[rows]
             with torch.enable_grad():
-                logits = nn.functional.linear(block, weight, bias).detach().float().requires_grad_(True)
+                logits = nn.functional.linear(block, weight, bias).detach().to(dtype).requires_grad_(True)
                 loss = block_loss(rows, logits)
                 (grad_logits,) = torch.autograd.grad(loss, logits)
-            grad_hidden[rows] = (grad_logits @ weight.float()).to(hidden.dtype)
-            grad_weight += grad_logits.T @ block.float()
+            grad_hidden[rows] = (grad_logits @ weight.to(dtype)).to(hidden.dtype)
+            grad_weight += grad_logits.T @ block.to(dtype)
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             total += loss.detach()
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype),
-                              None if grad_bias is None else grad_bias.to(bias.dtype))
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(bias.dtype))
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        scale = grad_output.to(grad_hidden.dtype)
-        return (grad_hidden * scale, grad_weight * scale.to(grad_weight.dtype),
-                None if grad_bias is None else grad_bias * scale.to(grad_bias.dtype), None, None)
+        return (grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype),
+                None if grad_bias is None else grad_bias * grad_output.to(grad_bias.dtype), None, None)
 
 
-def chunked_loss(hidden: Tensor, head: nn.Linear | Tensor, block_loss: BlockLoss, chunk_rows: int | None = None) -> Tensor:
-    """``Σ_blocks block_loss(rows, head(hidden[rows]))`` over the flattened tokens, one block of logits at a time.
+def blockwise_terms(student: HeadLogits, teacher: Tensor | TeacherBlocks | None, fields: Mapping[str, Tensor],
+                    block_terms: BlockTerms, keep: Tensor | None, num_kept: Tensor | float | None = None
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of ``block_terms`` over all positions of ``student``, one block of rows at a time.
 
     Args:
-        hidden: ``(N, L, H)`` or ``(M, H)`` final hidden states.
-        head: the output head, ``nn.Linear(H, V)`` or a ``(V, H)`` weight.
-        block_loss: ``(rows, logits (rows, V)) -> scalar``, the share of the loss of those rows
-            (normalised by the whole batch's count, so that the shares add up to the loss).
-        chunk_rows: tokens per block; default :func:`default_chunk_rows`.
+        student: the student's hidden states and head.
+        teacher: the teacher's logits ``(N, L, V)``, or :class:`TeacherBlocks`, or ``None``.
+        fields: per-position tensors ``(N, L)`` (labels, masks) the terms read; each block gets its rows as ``(1, R)``.
+        block_terms: ``(student logits (1, R, V), teacher logits (1, R, V) or None, block fields) -> {name: term}``, each
+            term a mean over the block's kept rows.
+        keep: ``(N, L)`` bool, the positions that count (``None``: all); a block's share is its kept rows over
+            ``num_kept`` (default: the kept positions here).
 
     Returns:
-        The scalar loss; gradients flow to ``hidden`` and the head only.
+        The loss (gradients flow to the hidden states and the head only) and its terms, detached, for the log.
     """
-    weight, bias = head_weights(head)
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    return _ChunkedLoss.apply(flat, weight, bias, block_loss, chunk_rows or default_chunk_rows(flat.shape[0], weight.shape[0]))
+    weight, bias = head_weights(student.head)
+    hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
+    flat = {name: value.reshape(1, -1) for name, value in fields.items()}
+    kept = None if keep is None else keep.reshape(-1)
+    divisor = count(kept, hidden[:, 0], num_kept)
+    teacher_rows = teacher.rows if isinstance(teacher, TeacherBlocks) else (
+        None if teacher is None else (lambda rows, _, whole=teacher.reshape(-1, teacher.shape[-1]): whole[rows]))
+    logged: dict[str, Tensor] = {}
+
+    def block_loss(rows: slice, logits: Tensor) -> Tensor:
+        with torch.no_grad():
+            teacher_block = None if teacher_rows is None else teacher_rows(rows, logits.detach())[None]
+        terms = block_terms(logits[None], teacher_block, {name: value[:, rows] for name, value in flat.items()})
+        share = (logits.new_tensor(logits.shape[0]) if kept is None else kept[rows].sum()) / divisor
+        for name, value in terms.items():
+            logged[name] = logged.get(name, 0) + value.detach() * share
+        return torch.stack(list(terms.values())).sum() * share
+
+    rows = student.chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0])
+    return _ChunkedLoss.apply(hidden, weight, bias, block_loss, rows), logged
 
 
 def chunked_distillation_loss(
@@ -99,9 +154,9 @@ def chunked_distillation_loss(
     teacher_hidden: Tensor | None = None,
     teacher_head: nn.Linear | Tensor | None = None,
     *,
-    teacher_logits: TeacherLogits | None = None,
+    teacher_logits: Callable[[slice], Tensor] | None = None,
     objective: Callable[..., Tensor] = kd_loss,
-    temperature: float = 1.0,
+    temperature: float | None = None,
     labels: Tensor | None = None,
     ignore_index: int | None = -100,
     mask: Tensor | None = None,
@@ -116,9 +171,9 @@ def chunked_distillation_loss(
         teacher_hidden, teacher_head: the teacher's hidden states ``(…, H_t)`` and head ``(V, H_t)``;
             or ``teacher_logits``: a function ``rows -> (rows, V)`` over the flattened tokens
             (e.g. logits rebuilt from a recording).
-        objective: any objective of :mod:`kd_lightning.losses` (a ``functools.partial`` of one with
-            its settings bound, ``temperature`` included, e.g. ``partial(jsd_loss, beta=0.5)``).
-        temperature: passed to ``objective``.
+        objective: any objective of :mod:`kd_lightning.losses`, or a ``functools.partial`` of one with its settings
+            bound, e.g. ``partial(jsd_loss, beta=0.5)`` or ``partial(kd_loss, temperature=2.0)``.
+        temperature: passed to ``objective``; default the one bound to it, else the objective's own default.
         labels, ignore_index, mask: tokens whose label is ``ignore_index`` or whose mask is False
             do not count (``labels`` are also what DKD needs).
         num_kept: the divisor; default the number of kept tokens here.
@@ -127,35 +182,29 @@ def chunked_distillation_loss(
     Returns:
         The scalar loss; gradients flow to ``student_hidden`` and the student head only.
     """
-    weight, bias = head_weights(student_head)
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])
-    num_rows, vocab_size = hidden.shape[0], weight.shape[0]
-    flat_labels = None if labels is None else labels.reshape(-1)
-    flat_mask = None if mask is None else mask.reshape(-1)
-    keep = torch.ones(num_rows, dtype=torch.bool, device=hidden.device)
-    if flat_mask is not None:
-        keep = keep & flat_mask.to(torch.bool)
-    if flat_labels is not None and ignore_index is not None:
-        keep = keep & (flat_labels != ignore_index)
-    if num_kept is None:
-        num_kept = keep.sum().clamp_min(1)
+    rows = student_hidden.shape[:-1]
+    keep = torch.ones(rows, dtype=torch.bool, device=student_hidden.device) if mask is None else mask.reshape(rows).to(torch.bool)
+    if labels is not None and ignore_index is not None:
+        keep = keep & (labels.reshape(rows) != ignore_index)
     if teacher_logits is None:
         if teacher_hidden is None or teacher_head is None:
             raise ValueError("pass teacher_hidden and teacher_head, or teacher_logits=rows -> (rows, V) logits.")
         teacher_weight, teacher_bias = head_weights(teacher_head)
         flat_teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
-        if flat_teacher.shape[0] != num_rows:
-            raise ValueError(f"teacher hidden states have {flat_teacher.shape[0]} tokens, the student's {num_rows}.")
+        if flat_teacher.shape[0] != keep.numel():
+            raise ValueError(f"teacher hidden states have {flat_teacher.shape[0]} tokens, the student's {keep.numel()}.")
 
         def teacher_logits(rows: slice) -> Tensor:
             return nn.functional.linear(flat_teacher[rows], teacher_weight, teacher_bias)
 
-    divisor = torch.as_tensor(num_kept, dtype=torch.float32, device=hidden.device)
+    spec = Objective.of(objective)
+    if spec is None:
+        raise ValueError("objective must be one of kd_lightning.losses' objectives (or a functools.partial of one).")
+    fields = {"keep": keep} | ({} if labels is None else {"labels": labels.reshape(rows)})
 
-    def block_loss(rows: slice, logits: Tensor) -> Tensor:
-        with torch.no_grad():
-            teacher = teacher_logits(rows)
-        return objective(logits, teacher, temperature, mask=keep[rows], labels=None if flat_labels is None else flat_labels[rows],
-                         num_kept=divisor)
+    def block_terms(student: Tensor, teacher: Tensor | None, block: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"objective": spec(student, teacher, temperature, keep=block["keep"], labels=block.get("labels"))}
 
-    return chunked_loss(hidden, student_head, block_loss, chunk_rows or default_chunk_rows(num_rows, vocab_size))
+    loss, _ = blockwise_terms(HeadLogits(student_hidden, student_head, chunk_rows), TeacherBlocks(lambda rows, _: teacher_logits(rows)),
+                              fields, block_terms, keep, num_kept)
+    return loss

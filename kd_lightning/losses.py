@@ -1,12 +1,19 @@
-"""Distillation objectives as pure functions.
+"""Distillation objectives: a divergence per position, reduced once.
 
-Every objective takes raw logits, ``(N, C)`` for classification or ``(N, L, C)`` for
-sequences, and returns a scalar: the per-position divergence averaged over the kept
-positions (``batchmean`` for ``(N, C)``), optionally times ``T²``. The maths runs in at least
-float32 whatever the autocast dtype (float64 stays float64), and the distributions come from
-``log_softmax`` so a very confident teacher never produces ``log(0)``.
+Each divergence (:func:`forward_kl`, :func:`reverse_kl`, :func:`jsd`, :func:`skew_kl`,
+:func:`tvd`, :func:`dkd`) is a pure function of the two models' logits divided by the
+temperature, ``(..., C) -> (...)``: one value per row (a sample) or per token position. What
+happens around it is done in one place, :class:`Objective`: both logits in at least float32
+(float64 stays float64) whatever the autocast dtype, optionally z-scored (``standardize``) and
+divided by ``T``; then the values of the positions that count are summed and divided by their
+count (:func:`kd_lightning.reduction.reduce`), times ``T²`` when asked. The KL divergences work
+from ``log_softmax`` (a very confident teacher never gives ``log(0)``), the mixtures of JSD and
+skew KL from probabilities (more accurate in float32 at large ``T``).
 
-Shared keyword arguments:
+The public functions (:func:`kd_loss`, :func:`reverse_kl_loss`, :func:`jsd_loss`,
+:func:`skew_kl_loss`, :func:`tvd_loss`, :func:`dkd_loss`) take raw logits, ``(N, C)`` for
+classification or ``(N, L, C)`` for sequences, and return that scalar. Their shared keywords:
+
     temperature: ``T > 0``; both sides are divided by it before the softmax.
     mask: optional bool ``(N,)`` / ``(N, L)``, True where a position counts.
     labels, ignore_index: positions whose label equals ``ignore_index`` are dropped.
@@ -24,52 +31,20 @@ serve as an objective (``distill.loss._target_``); these all accept that call.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.errors import KDError
+from kd_lightning.errors import KDError, is_number
+from kd_lightning.reduction import both, counted, reduce
 
-__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "standardize_logits", "KDLoss", "positions_to_keep", "check_temperature"]
-
-def positions_to_keep(
-    logits: Tensor,
-    mask: Tensor | None = None,
-    labels: Tensor | None = None,
-    ignore_index: int | None = None,
-) -> Tensor | None:
-    """Boolean mask of the positions that count, shape ``logits.shape[:-1]``, or ``None`` for all.
-
-    ``mask`` is True where a position is kept; ``labels == ignore_index`` drops a position.
-    """
-    keep = None
-    if mask is not None:
-        keep = mask.to(torch.bool)
-    if ignore_index is not None:
-        if labels is None:
-            raise ValueError("ignore_index needs labels: pass labels=... of shape logits.shape[:-1].")
-        by_label = labels != ignore_index
-        keep = by_label if keep is None else keep & by_label
-    if keep is not None and keep.shape != logits.shape[:-1]:
-        raise ValueError(
-            f"mask shape {tuple(keep.shape)} does not match the logits' positions "
-            f"{tuple(logits.shape[:-1])}; it must have one entry per row of logits."
-        )
-    return keep
-
-
-def mean_over_positions(per_position: Tensor, keep: Tensor | None, num_kept: Tensor | float | None = None) -> Tensor:
-    """Sum of ``per_position`` over kept positions divided by ``num_kept`` (default: how many are kept
-    here, at least 1); masked positions contribute exactly zero."""
-    if keep is None and num_kept is None:
-        return per_position.mean()
-    kept = per_position if keep is None else torch.where(keep, per_position, torch.zeros_like(per_position))
-    if num_kept is None:
-        num_kept = keep.sum().clamp_min(1)
-    return kept.sum() / num_kept
-
+__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "standardize_logits", "KDLoss",
+           "positions_to_keep", "check_temperature", "Objective"]
 
 # Beyond these the T²-scaled divergence is numerically meaningless: at large T the float32
 # rounding of KL (about 1e-7 of log C) times T² swamps the term (≈ Var(s − t)/2), at T = 100
@@ -79,10 +54,27 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 
 def check_temperature(temperature: float) -> None:
     """Raise :class:`~kd_lightning.KDError` (a ``ValueError``) unless ``0.01 <= temperature <= 100``."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+    if not is_number(temperature) or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
         raise KDError(f"distill.temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {temperature} "
                       "(beyond them the T²-scaled term is rounding noise or vanishes). The usual values are 1-8 "
                       "(4 in the CIFAR recipe); set e.g. distill.temperature=4.")
+
+
+def positions_to_keep(logits: Tensor, mask: Tensor | None = None, labels: Tensor | None = None,
+                      ignore_index: int | None = None) -> Tensor | None:
+    """Boolean mask of the positions that count, shape ``logits.shape[:-1]``, or ``None`` for all.
+
+    ``mask`` is True where a position is kept; ``labels == ignore_index`` drops a position.
+    """
+    keep = None if mask is None else mask.to(torch.bool)
+    if ignore_index is not None:
+        if labels is None:
+            raise ValueError("ignore_index needs labels: pass labels=... of shape logits.shape[:-1].")
+        keep = both(keep, labels != ignore_index)
+    if keep is not None and keep.shape != logits.shape[:-1]:
+        raise ValueError(f"mask shape {tuple(keep.shape)} does not match the logits' positions "
+                         f"{tuple(logits.shape[:-1])}; it must have one entry per row of logits.")
+    return keep
 
 
 def at_least_float32(x: Tensor) -> Tensor:
@@ -103,20 +95,7 @@ def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
     return torch.where(finite, centred / (std + eps), logits)
 
 
-def tempered_log_probs(student_logits: Tensor, teacher_logits: Tensor, temperature: float, standardize: bool) -> tuple[Tensor, Tensor]:
-    """Check shapes and ``T``; return ``log softmax(s/T)``, ``log softmax(t/T)`` (teacher detached)."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(
-            f"student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in shape; teacher and student must "
-            "predict the same number of classes."
-        )
-    check_temperature(temperature)
-    s, t = at_least_float32(student_logits), at_least_float32(teacher_logits.detach())
-    if standardize:
-        s, t = standardize_logits(s), standardize_logits(t)
-    return F.log_softmax(s / temperature, dim=-1), F.log_softmax(t / temperature, dim=-1)
-
+# -- divergences per position, from tempered logits (..., C) -> (...) --------------------------------
 
 def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     """``KL(p ‖ q) = Σ_c p (log p − log q)`` per row, from log-probabilities; never below 0 (rounding).
@@ -129,209 +108,233 @@ def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
     return (p * log_ratio).sum(-1).clamp_min(0)
 
 
-def log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
-    """``log(weight·p + (1 − weight)·q)`` elementwise, finite gradients where both are 0 (``-inf``)."""
-    a = log_p + (math.log(weight) if weight > 0 else -math.inf)
-    b = log_q + (math.log1p(-weight) if weight < 1 else -math.inf)
-    both_zero = torch.isneginf(a) & torch.isneginf(b)
-    zero = torch.zeros_like(a)
-    mixed = torch.logaddexp(torch.where(both_zero, zero, a), torch.where(both_zero, zero, b))
-    return torch.where(both_zero, torch.full_like(a, -math.inf), mixed)
+def safe_log(p: Tensor) -> Tensor:
+    """``log p``, ``-inf`` with a zero gradient where ``p = 0``."""
+    return torch.where(p > 0, p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.full_like(p, -math.inf))
 
 
-def reduce_positions(per_position: Tensor, logits: Tensor, mask: Tensor | None, labels: Tensor | None,
-                     ignore_index: int | None, temperature: float, scale_by_t2: bool,
-                     num_kept: Tensor | float | None = None) -> Tensor:
-    loss = mean_over_positions(per_position, positions_to_keep(logits, mask, labels, ignore_index), num_kept)
-    return loss * temperature**2 if scale_by_t2 else loss
+def kl_to_mixture(p: Tensor, q: Tensor, weight: float) -> Tensor:
+    """``KL(p ‖ weight·p + (1 − weight)·q)`` per row, from probabilities.
+
+    Mixed and compared as probabilities (normalised by a sum, relative error ~1e-7), not as log-probabilities:
+    those are ``x − logsumexp(x)``, whose rounding near ``-log C`` is a bias per row that does not average out
+    over tokens, and adding ``log weight`` to them rounds again."""
+    log_ratio = torch.where(p > 0, safe_log(p) - safe_log(weight * p + (1 - weight) * q), torch.zeros_like(p))
+    return (p * log_ratio).sum(-1).clamp_min(0)
 
 
-def kd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    *,
-    mask: Tensor | None = None,
-    labels: Tensor | None = None,
-    ignore_index: int | None = None,
-    scale_by_t2: bool = True,
-    standardize: bool = False,
-    num_kept: Tensor | float | None = None,
-) -> Tensor:
-    """Forward KL, Hinton KD (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``.
-
-    Args:
-        student_logits: ``(N, C)`` or ``(N, L, C)``.
-        teacher_logits: same shape as ``student_logits``; no gradient flows into it.
-        temperature, mask, labels, ignore_index, scale_by_t2, standardize: see the module docstring.
-
-    Returns:
-        Scalar: the sum over classes of ``p_t (log p_t − log p_s)``, averaged over kept
-        positions (``batchmean`` for ``(N, C)`` input), times ``T²`` by default.
-    """
-    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
-    per_position = kl_rows(log_p_teacher, log_p_student)
-    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
+def forward_kl(student: Tensor, teacher: Tensor) -> Tensor:
+    """``KL(p_t ‖ p_s)`` per position: Hinton KD."""
+    return kl_rows(F.log_softmax(teacher, -1), F.log_softmax(student, -1))
 
 
-def reverse_kl_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    *,
-    mask: Tensor | None = None,
-    labels: Tensor | None = None,
-    ignore_index: int | None = None,
-    scale_by_t2: bool = False,
-    standardize: bool = False,
-    num_kept: Tensor | float | None = None,
-) -> Tensor:
-    """Reverse KL: ``KL(softmax(s/T) ‖ softmax(t/T)) = Σ p_s (log p_s − log p_t)``, mode-seeking.
-
-    Used for generative students (MiniLLM, Gu et al. 2024). ``T²`` scaling is off by default.
-    """
-    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
-    per_position = kl_rows(log_p_student, log_p_teacher)
-    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
+def reverse_kl(student: Tensor, teacher: Tensor) -> Tensor:
+    """``KL(p_s ‖ p_t)`` per position: mode-seeking (MiniLLM)."""
+    return kl_rows(F.log_softmax(student, -1), F.log_softmax(teacher, -1))
 
 
-def jsd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    *,
-    mask: Tensor | None = None,
-    labels: Tensor | None = None,
-    ignore_index: int | None = None,
-    scale_by_t2: bool = False,
-    standardize: bool = False,
-    num_kept: Tensor | float | None = None,
-) -> Tensor:
-    """Generalised Jensen-Shannon divergence between teacher and student, ``beta ∈ [0, 1]``.
-
-    Convention used here: the mixture is ``M = beta·p_t + (1−beta)·p_s`` and
-
-        ``JSD_beta = (1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``
-
-    so ``beta=0`` is exactly forward KL ``KL(p_t ‖ p_s)``, ``beta=1`` exactly reverse KL
-    ``KL(p_s ‖ p_t)``, ``beta=0.5`` the symmetric JSD, and the loss is continuous in between.
-    GKD (Agarwal et al. 2024) and TRL weight the two terms the other way round,
-    ``beta·KL(p_t ‖ M) + (1−beta)·KL(p_s ‖ M)``, which tends to 0 at both ends (TRL then
-    special-cases beta=0 and beta=1); the two agree at 0.5. ``T²`` scaling is off by default.
-    """
+def jsd(student: Tensor, teacher: Tensor, beta: float = 0.5) -> Tensor:
+    """``(1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``, ``M = beta·p_t + (1−beta)·p_s``, per position."""
     if not 0 <= beta <= 1:
         raise ValueError(f"beta must be in [0, 1], got {beta}: 0 is forward KL, 1 reverse KL, 0.5 symmetric JSD.")
-    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
-    log_m = log_mixture(log_p_teacher, log_p_student, beta)
-    per_position = torch.zeros_like(log_m[..., 0])
+    p_s, p_t = student.softmax(-1), teacher.softmax(-1)
+    per_position = torch.zeros_like(p_s[..., 0])
     if beta < 1:
-        per_position = per_position + (1 - beta) * kl_rows(log_p_teacher, log_m)
+        per_position = per_position + (1 - beta) * kl_to_mixture(p_t, p_s, beta)
     if beta > 0:
-        per_position = per_position + beta * kl_rows(log_p_student, log_m)
-    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
+        per_position = per_position + beta * kl_to_mixture(p_s, p_t, 1 - beta)
+    return per_position
 
 
-def skew_kl_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    skew: float = 0.1,
-    reverse: bool = False,
-    *,
-    mask: Tensor | None = None,
-    labels: Tensor | None = None,
-    ignore_index: int | None = None,
-    scale_by_t2: bool = False,
-    standardize: bool = False,
-    num_kept: Tensor | float | None = None,
-) -> Tensor:
-    """Skew KL (DistiLLM, Ko et al. 2024): KL against a mixture that keeps the student's side finite.
-
-    Forward (``reverse=False``): ``KL(p_t ‖ skew·p_t + (1−skew)·p_s)``; reverse:
-    ``KL(p_s ‖ skew·p_s + (1−skew)·p_t)``. ``skew ∈ [0, 1)``: 0 is plain forward / reverse KL;
-    the paper's default is 0.1. Mixing in a little of the first distribution bounds the log-ratio
-    by ``−log(skew)``, so a token the student gives almost no probability cannot blow the loss up.
-    """
+def skew_kl(student: Tensor, teacher: Tensor, skew: float = 0.1, reverse: bool = False) -> Tensor:
+    """``KL(p_t ‖ skew·p_t + (1−skew)·p_s)`` (reverse: the roles swapped) per position."""
     if not 0 <= skew < 1:
         raise ValueError(f"skew must be in [0, 1), got {skew}: 0 is plain KL, the DistiLLM default 0.1 (at 1 the loss is always 0).")
-    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
-    first, second = (log_p_student, log_p_teacher) if reverse else (log_p_teacher, log_p_student)
-    per_position = kl_rows(first, log_mixture(first, second, skew))
-    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
+    p_s, p_t = student.softmax(-1), teacher.softmax(-1)
+    return kl_to_mixture(p_s, p_t, skew) if reverse else kl_to_mixture(p_t, p_s, skew)
 
 
-def tvd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 1.0,
-    *,
-    mask: Tensor | None = None,
-    labels: Tensor | None = None,
-    ignore_index: int | None = None,
-    scale_by_t2: bool = False,
-    standardize: bool = False,
-    num_kept: Tensor | float | None = None,
-) -> Tensor:
-    """Total variation distance ``½ Σ_c |p_t − p_s|`` (in [0, 1]), bounded and symmetric (Wen et al. 2023)."""
-    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
-    per_position = 0.5 * (log_p_teacher.exp() - log_p_student.exp()).abs().sum(-1)
-    return reduce_positions(per_position, student_logits, mask, labels, ignore_index, temperature, scale_by_t2, num_kept)
+def tvd(student: Tensor, teacher: Tensor) -> Tensor:
+    """``½ Σ_c |p_t − p_s|`` per position."""
+    return 0.5 * (teacher.softmax(-1) - student.softmax(-1)).abs().sum(-1)
 
 
-def dkd_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    temperature: float = 4.0,
-    *,
-    labels: Tensor,
-    tckd_weight: float = 1.0,
-    nckd_weight: float = 8.0,
-    mask: Tensor | None = None,
-    ignore_index: int | None = None,
-    scale_by_t2: bool = True,
-    standardize: bool = False,
-    num_kept: Tensor | float | None = None,
-) -> Tensor:
-    """Decoupled KD (Zhao et al. 2022): ``tckd_weight·TCKD + nckd_weight·NCKD`` (the paper's alpha, beta).
-
-    With ``g`` the label's class, TCKD is the KL between the binary distributions
-    ``[p_g, 1 − p_g]`` of teacher and student; NCKD the KL between their distributions over
-    the other ``C − 1`` classes, renormalised (``softmax`` of the logits without class ``g``).
-    Both at temperature ``T``, times ``T²`` by default, as in the reference code. The linear
-    warm-up of the paper is a schedule on the term's weight (``distill/loss=dkd`` sets it).
-
-    Args:
-        labels: ``(N,)`` / ``(N, L)`` class indices; required. Unlabelled positions (a negative label, e.g.
-            ``-100`` in a transfer set) do not count: DKD is defined around the label's class.
-        tckd_weight, nckd_weight: the paper's alpha and beta, weights of TCKD and NCKD (1 and 8 in
-            its CIFAR setting); named apart from ``distill.alpha``, the CE/objective mix.
-    """
-    log_p_student, log_p_teacher = tempered_log_probs(student_logits, teacher_logits, temperature, standardize)
-    if labels is None or labels.shape != student_logits.shape[:-1]:
-        raise ValueError(f"dkd_loss needs labels of shape {tuple(student_logits.shape[:-1])} (one class per position).")
-    num_classes = student_logits.shape[-1]
-    keep = positions_to_keep(student_logits, mask, labels, ignore_index)
-    labelled = labels >= 0  # an unlabelled position (-100) has no target class to decouple around: it does not count
-    keep = labelled if keep is None else keep & labelled
-    target = torch.where(keep, labels, torch.zeros_like(labels))  # rows that do not count: any valid class
-    target = target.long()[..., None]
+def dkd(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, tckd_weight: float = 1.0,
+        nckd_weight: float = 8.0) -> Tensor:
+    """``tckd_weight·TCKD + nckd_weight·NCKD`` per position, decoupled around each position's label."""
+    if labels is None or labels.shape != student.shape[:-1]:
+        raise ValueError(f"dkd_loss needs labels of shape {tuple(student.shape[:-1])} (one class per position).")
+    target = torch.where(counted(labels), labels, torch.zeros_like(labels)).long()[..., None]  # uncounted: any class
 
     def binary(log_p: Tensor) -> Tensor:  # log [p_g, 1 − p_g], the second as a log-sum-exp over the other classes
-        log_target = log_p.gather(-1, target)
-        log_rest = log_p.scatter(-1, target, -math.inf).logsumexp(-1, keepdim=True)
-        return torch.cat([log_target, log_rest], dim=-1)
+        return torch.cat([log_p.gather(-1, target), log_p.scatter(-1, target, -math.inf).logsumexp(-1, keepdim=True)], -1)
 
-    classes = torch.arange(num_classes - 1, device=target.device)
+    classes = torch.arange(student.shape[-1] - 1, device=target.device)
     others = classes + (classes >= target).long()  # the C − 1 classes other than the target, per position
 
     def non_target(log_p: Tensor) -> Tensor:  # log softmax over the other classes (renormalised)
         return F.log_softmax(log_p.gather(-1, others), dim=-1)
 
+    log_p_student, log_p_teacher = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
     tckd = kl_rows(binary(log_p_teacher), binary(log_p_student))
     nckd = kl_rows(non_target(log_p_teacher), non_target(log_p_student))
-    return reduce_positions(tckd_weight * tckd + nckd_weight * nckd, student_logits, keep, None, None, temperature, scale_by_t2,
-                            num_kept)
+    return tckd_weight * tckd + nckd_weight * nckd
+
+
+# -- an objective: a divergence with its settings, evaluated and reduced in one place ---------------
+
+@dataclass(frozen=True)
+class Objective:
+    """A divergence of this module with its settings bound, and how it is reduced.
+
+    Args:
+        divergence: one of the per-position divergences above.
+        settings: its own settings (``beta``, ``skew``, ``tckd_weight``, ...).
+        scale_by_t2: multiply the reduced value by ``T²``.
+        standardize: z-score both logits before the temperature.
+        temperature: a temperature bound to the objective (``None``: the caller's).
+    """
+
+    divergence: Callable[..., Tensor]
+    settings: dict[str, Any] = field(default_factory=dict)
+    scale_by_t2: bool = False
+    standardize: bool = False
+    temperature: float | None = None
+
+    @property
+    def by_label(self) -> bool:
+        """Whether the divergence is defined around each position's label (DKD): unlabelled positions then do not count."""
+        return "labels" in inspect.signature(self.divergence).parameters
+
+    @classmethod
+    def of(cls, objective: Callable[..., Tensor]) -> Objective | None:
+        """The :class:`Objective` behind a public function of this module, or a ``functools.partial`` of one with
+        settings bound (what Hydra's ``_partial_: true`` builds); ``None`` for anything else (your own function)."""
+        keywords: dict[str, Any] = {}
+        while isinstance(objective, functools.partial):
+            if objective.args:
+                return None
+            keywords = {**objective.keywords, **keywords}
+            objective = objective.func
+        spec = getattr(objective, "objective", None)
+        if not isinstance(spec, Objective):
+            return None
+        unknown = keywords.keys() & {"mask", "labels", "ignore_index", "num_kept"}
+        if unknown:
+            raise TypeError(f"{objective.__name__} takes {sorted(unknown)} per call, not as a setting")
+        reduction = {key: keywords.pop(key) for key in ("scale_by_t2", "standardize", "temperature") if key in keywords}
+        check_settings(objective.__name__, spec.divergence, keywords)
+        return cls(spec.divergence, {**spec.settings, **keywords}, **{"scale_by_t2": spec.scale_by_t2, "temperature": spec.temperature, **reduction})
+
+    def per_position(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float,
+                     labels: Tensor | None = None) -> Tensor:
+        """The divergence at each position ``(...)`` of ``(..., C)`` logits (the teacher's detached)."""
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+                             "differ in shape; teacher and student must predict the same number of classes.")
+        check_temperature(temperature)
+        s, t = at_least_float32(student_logits), at_least_float32(teacher_logits.detach())
+        if self.standardize:
+            s, t = standardize_logits(s), standardize_logits(t)
+        label = {"labels": labels} if self.by_label else {}
+        return self.divergence(s / temperature, t / temperature, **self.settings, **label)
+
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float | None = None, *,
+                 keep: Tensor | None = None, labels: Tensor | None = None, num_kept: Tensor | float | None = None) -> Tensor:
+        """The scalar loss: the divergence summed over the kept positions (``keep``, and for DKD the labelled ones),
+        divided by their count or ``num_kept``, times ``T²`` if :attr:`scale_by_t2`."""
+        temperature = temperature if temperature is not None else self.temperature
+        per_position = self.per_position(student_logits, teacher_logits, temperature, labels)
+        if self.by_label:
+            keep = both(keep, counted(labels))
+        return reduce(per_position, keep, num_kept, temperature**2 if self.scale_by_t2 else 1.0)
+
+
+def check_settings(name: str, divergence: Callable[..., Tensor], settings: dict[str, Any]) -> None:
+    """A misspelt or unknown setting of objective ``name``: ``TypeError`` naming it, before anything is computed."""
+    try:
+        inspect.signature(divergence).bind(None, None, **settings)
+    except TypeError as error:
+        raise TypeError(f"{name}() {error}") from None
+
+
+def public_loss(name: str, divergence: Callable[..., Tensor], scale_by_t2: bool, temperature: float, doc: str) -> Callable[..., Tensor]:
+    """``name(student_logits, teacher_logits, temperature, <settings>, *, mask, labels, ignore_index, scale_by_t2,
+    standardize, num_kept)``: the divergence as a scalar loss of raw logits, through :class:`Objective`."""
+    settings = list(inspect.signature(divergence).parameters.values())[2:]
+    positional = ["temperature"] + [p.name for p in settings if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+
+    def loss(student_logits: Tensor, teacher_logits: Tensor, *args: Any, mask: Tensor | None = None,
+             labels: Tensor | None = None, ignore_index: int | None = None, scale_by_t2: bool = scale_by_t2,
+             standardize: bool = False, num_kept: Tensor | float | None = None, **given: Any) -> Tensor:
+        if len(args) > len(positional):
+            raise TypeError(f"{name}() takes at most {2 + len(positional)} positional arguments")
+        twice = given.keys() & set(positional[: len(args)])
+        if twice:
+            raise TypeError(f"{name}() got multiple values for argument {sorted(twice)[0]!r}")
+        given |= dict(zip(positional, args))
+        chosen = given.pop("temperature", temperature)
+        check_settings(name, divergence, given)
+        objective = Objective(divergence, given, scale_by_t2=scale_by_t2, standardize=standardize)
+        keep = positions_to_keep(student_logits, mask, labels, ignore_index)
+        return objective(student_logits, teacher_logits, chosen, keep=keep, labels=labels, num_kept=num_kept)
+
+    P = inspect.Parameter
+    params = [P("student_logits", P.POSITIONAL_OR_KEYWORD, annotation=Tensor),
+              P("teacher_logits", P.POSITIONAL_OR_KEYWORD, annotation=Tensor),
+              P("temperature", P.POSITIONAL_OR_KEYWORD, default=temperature, annotation=float), *settings]
+    params += [P(key, P.KEYWORD_ONLY, default=default) for key, default in
+               (("mask", None), ("labels", None), ("ignore_index", None), ("scale_by_t2", scale_by_t2),
+                ("standardize", False), ("num_kept", None)) if key not in {p.name for p in settings}]
+    loss.__signature__ = inspect.Signature(params, return_annotation=Tensor)
+    loss.__name__ = loss.__qualname__ = name
+    loss.__doc__ = doc + "\n\nThe keywords ``mask``, ``labels``, ``ignore_index``, ``scale_by_t2``, ``standardize`` and " \
+                         "``num_kept`` are those of :mod:`kd_lightning.losses`."
+    loss.objective = Objective(divergence, scale_by_t2=scale_by_t2, temperature=temperature)
+    return loss
+
+
+kd_loss = public_loss("kd_loss", forward_kl, scale_by_t2=True, temperature=1.0, doc="""Forward KL, Hinton KD (Hinton et al. 2015):
+``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over kept positions (``batchmean`` for ``(N, C)`` input).""")
+
+reverse_kl_loss = public_loss("reverse_kl_loss", reverse_kl, scale_by_t2=False, temperature=1.0, doc="""Reverse KL:
+``KL(softmax(s/T) ‖ softmax(t/T)) = Σ p_s (log p_s − log p_t)``, mode-seeking. Used for generative students (MiniLLM,
+Gu et al. 2024). ``T²`` scaling is off by default.""")
+
+jsd_loss = public_loss("jsd_loss", jsd, scale_by_t2=False, temperature=1.0, doc="""Generalised Jensen-Shannon divergence
+between teacher and student, ``beta ∈ [0, 1]``.
+
+Convention used here: the mixture is ``M = beta·p_t + (1−beta)·p_s`` and
+``JSD_beta = (1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``, so ``beta=0`` is exactly forward KL ``KL(p_t ‖ p_s)``,
+``beta=1`` exactly reverse KL ``KL(p_s ‖ p_t)``, ``beta=0.5`` the symmetric JSD, and the loss is continuous in between.
+GKD (Agarwal et al. 2024) and TRL weight the two terms the other way round, ``beta·KL(p_t ‖ M) + (1−beta)·KL(p_s ‖ M)``,
+which tends to 0 at both ends (TRL then special-cases beta=0 and beta=1); the two agree at 0.5. ``T²`` scaling is off
+by default.""")
+
+skew_kl_loss = public_loss("skew_kl_loss", skew_kl, scale_by_t2=False, temperature=1.0, doc="""Skew KL (DistiLLM, Ko et
+al. 2024): KL against a mixture that keeps the student's side finite.
+
+Forward (``reverse=False``): ``KL(p_t ‖ skew·p_t + (1−skew)·p_s)``; reverse: ``KL(p_s ‖ skew·p_s + (1−skew)·p_t)``.
+``skew ∈ [0, 1)``: 0 is plain forward / reverse KL; the paper's default is 0.1. Mixing in a little of the first
+distribution bounds the log-ratio by ``−log(skew)``, so a token the student gives almost no probability cannot blow the
+loss up.""")
+
+tvd_loss = public_loss("tvd_loss", tvd, scale_by_t2=False, temperature=1.0, doc="""Total variation distance
+``½ Σ_c |p_t − p_s|`` (in [0, 1]), bounded and symmetric (Wen et al. 2023).""")
+
+dkd_loss = public_loss("dkd_loss", dkd, scale_by_t2=True, temperature=4.0, doc="""Decoupled KD (Zhao et al. 2022):
+``tckd_weight·TCKD + nckd_weight·NCKD`` (the paper's alpha, beta).
+
+With ``g`` the label's class, TCKD is the KL between the binary distributions ``[p_g, 1 − p_g]`` of teacher and student;
+NCKD the KL between their distributions over the other ``C − 1`` classes, renormalised (``softmax`` of the logits without
+class ``g``). Both at temperature ``T``, times ``T²`` by default, as in the reference code. The linear warm-up of the
+paper is a schedule on the term's weight (``distill/loss=dkd`` sets it).
+
+Args:
+    labels: ``(N,)`` / ``(N, L)`` class indices; required. Unlabelled positions (``-100``, e.g. in a transfer set) do
+        not count: DKD is defined around the label's class.
+    tckd_weight, nckd_weight: the paper's alpha and beta, weights of TCKD and NCKD (1 and 8 in its CIFAR setting);
+        named apart from ``distill.alpha``, the CE/objective mix.""")
 
 
 class KDLoss(torch.nn.Module):
@@ -344,9 +347,7 @@ class KDLoss(torch.nn.Module):
         self.scale_by_t2 = scale_by_t2
 
     def forward(self, student_logits: Tensor, teacher_logits: Tensor, **kwargs) -> Tensor:
-        return kd_loss(
-            student_logits, teacher_logits, self.temperature, scale_by_t2=self.scale_by_t2, **kwargs
-        )
+        return kd_loss(student_logits, teacher_logits, self.temperature, scale_by_t2=self.scale_by_t2, **kwargs)
 
 
 def unwrap(objective):
@@ -361,3 +362,15 @@ def objective_name(objective) -> str:
     objective = unwrap(objective)
     name = getattr(objective, "__name__", None) or type(objective).__name__
     return name.removesuffix("_loss") if name.endswith("_loss") else name
+
+
+def check_objective_settings(where: str, objective: Callable[..., Tensor]) -> None:
+    """Evaluate one of this module's objectives on a tiny batch, so its own settings (JSD's beta, a misspelt keyword)
+    are refused now, not after the teacher has trained. Your own objectives are first called in the first step."""
+    try:
+        spec = Objective.of(objective)
+        if spec is not None:
+            logits = torch.zeros(2, 3)
+            spec(logits, logits, spec.temperature or 1.0, labels=torch.zeros(2, dtype=torch.long))
+    except (TypeError, ValueError) as error:
+        raise KDError(f"{where} is set wrong: {error}") from None

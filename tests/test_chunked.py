@@ -123,3 +123,28 @@ def test_the_full_logits_never_exist() -> None:
     with Watch():
         chunked_distillation_loss(hidden, head, teacher_hidden, teacher, chunk_rows=32).backward()
     assert largest <= 32 * vocab
+
+
+def test_float64_stays_float64_and_nothing_kept_is_zero() -> None:
+    """The plain path keeps float64; so does the chunked one. A step whose count of kept tokens is 0 gives 0, not NaN."""
+    student, teacher, h_s, h_t, labels = models()
+    head, teacher_head = student.double(), teacher.double()
+    hidden = h_s.double().requires_grad_(True)
+    loss = chunked_distillation_loss(hidden, head, h_t.double(), teacher_head, labels=labels, temperature=2.0, chunk_rows=4)
+    loss.backward()
+    assert loss.dtype == hidden.grad.dtype == head.weight.grad.dtype == torch.float64
+    with torch.no_grad():
+        plain = kd_loss(head(hidden), teacher_head(h_t.double()), 2.0, labels=labels, ignore_index=-100)
+    torch.testing.assert_close(loss.detach(), plain, rtol=1e-12, atol=1e-14)
+    nothing = torch.full_like(labels, -100)
+    assert chunked_distillation_loss(hidden, head, h_t.double(), teacher_head, labels=nothing, num_kept=0).item() == 0.0
+    assert kd_loss(head(hidden), teacher_head(h_t.double()), labels=nothing, ignore_index=-100, num_kept=0).item() == 0.0
+
+
+def test_a_temperature_bound_to_the_objective_is_used() -> None:
+    """``objective=partial(kd_loss, temperature=2.0)`` (the docstring's example): that temperature, no TypeError."""
+    student, teacher, h_s, h_t, labels = models()
+    bound = chunked_distillation_loss(h_s, student, h_t, teacher, objective=partial(kd_loss, temperature=2.0), labels=labels)
+    given = chunked_distillation_loss(h_s, student, h_t, teacher, temperature=2.0, labels=labels)
+    torch.testing.assert_close(bound, given)
+    assert not torch.allclose(bound, chunked_distillation_loss(h_s, student, h_t, teacher, labels=labels))  # not T=1
