@@ -28,7 +28,7 @@ import torch
 
 from kd_lightning import DistillationModule
 from kd_lightning.models.cifar import build_cifar_model
-from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 
 from synthetic import EpochTimer, SyntheticCIFAR, machine, on_device, quiet_lightning, synchronize
 

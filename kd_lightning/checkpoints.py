@@ -113,3 +113,19 @@ def check_resumable(path: Path, stage: str) -> None:
     if damaged is not None:
         raise KDError(f"the {stage} stage's checkpoint {path} is damaged ({damaged}); delete it to restart that stage "
                       "from its first epoch, or run without ckpt_path=last.")
+
+
+def student_only(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A :class:`~kd_lightning.DistillationModule`'s state without the frozen teacher (never checkpointed)."""
+    return {k: v for k, v in state_dict.items() if not k.startswith("teacher.")}
+
+
+def check_student_state(state_dict: dict[str, Any], student: nn.Module) -> None:
+    """Refuse a checkpoint that lacks some of ``student``'s weights; move kd_lightning 0.2's feature adapters
+    (``features.*``) to where they live now (``loss_mix.features.*``)."""
+    for key in [k for k in state_dict if k.startswith("features.")]:
+        state_dict[f"loss_mix.{key}"] = state_dict.pop(key)
+    missing = sorted({f"student.{k}" for k in student.state_dict()} - state_dict.keys())
+    if missing:
+        raise KDError(f"the checkpoint lacks {len(missing)} student weights (first: {missing[:5]}); "
+                      "it was not saved from a DistillationModule with this student architecture.")

@@ -78,7 +78,7 @@ def main(cfg: DictConfig) -> float | None:
     if is_global_zero():
         print(format_summary(results))
     leave_process_group()
-    return results["objective"]
+    return results["distilled_val_acc"]
 
 
 def entry() -> None:

@@ -14,6 +14,23 @@ class KDError(ValueError):
     """
 
 
+def is_integer(value: object) -> bool:
+    """An ``int`` that is not a ``bool`` (``True`` is an ``int`` to Python, never a count to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An ``int`` or ``float`` that is not a ``bool``."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_integer(key: str, value: object, least: int = 1, fix: str = "") -> None:
+    """Refuse ``value`` unless it is an integer ``>= least``: ``<key> must be an integer >= <least>, got ...``."""
+    if not is_integer(value) or value < least:
+        what = "a positive integer" if least == 1 else f"an integer >= {least}"
+        raise KDError(f"{key} must be {what}, got {value!r}{fix}.")
+
+
 FILE_SYSTEM_FIXES = {
     errno.ENOSPC: "free space there, or point the run (hydra.run.dir=...) or the caches (paths.cache_dir=..., "
                   "$KD_LIGHTNING_CACHE) at another file system; rerun with ckpt_path=last to continue",

@@ -158,6 +158,18 @@ class FeatureDistiller(nn.Module):
     def clear(self) -> None:
         self.captured = {"student": {}, "teacher": {}}
 
+    def prepare(self, student: nn.Module, teacher: nn.Module, datamodule: Any, fitting: bool) -> None:
+        """Hook the layers and, before fitting (the optimizer is built next), size the adapters from the datamodule's
+        ``example_input()``."""
+        if not self.attached:
+            self.attach(student, teacher)
+        if not fitting:
+            return
+        if not hasattr(datamodule, "example_input"):
+            raise KDError("feature distillation sizes its adapters from an example input: give the datamodule an "
+                          "example_input() method, or call module.loss_mix.features.build_adapters(student, teacher, x) first.")
+        self.build_adapters(student, teacher, datamodule.example_input())
+
     def build_adapters(self, student: nn.Module, teacher: nn.Module, example_input: Tensor) -> None:
         """Run both models once on ``example_input`` (eval mode, no grad) and create the missing adapters."""
         needed = [i for i, t in enumerate(self.terms) if t.loss == "fitnet" and str(i) not in self.adapters]
@@ -205,3 +217,10 @@ class FeatureDistiller(nn.Module):
                 loss = F.mse_loss(s, t)
             out[term.name] = loss
         return out
+
+
+def check_live_teacher(features: Any, live: bool) -> None:
+    """Feature terms read the live teacher's activations: refused with a recorded teacher."""
+    if features and not live:
+        raise KDError("distill.features needs the live teacher's activations; set teacher.mode=live "
+                      "(a recorded teacher has logits only).")

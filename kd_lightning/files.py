@@ -65,24 +65,29 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_directory(path: Path) -> Iterator[Path]:
-    """Yield an empty temporary directory beside ``path``; on success it replaces ``path``.
+def atomic_directory(path: Path, resumable: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path``.
 
-    On any error (or interruption) the temporary directory is removed, so ``path`` either
-    holds a complete result or does not exist. Hold :func:`job_lock` on ``path``: temporary
-    directories that killed writers left beside it are removed first.
+    ``path`` then either holds a complete result or does not exist. Hold :func:`job_lock` on ``path``.
+    Not ``resumable``: the directory starts empty and is removed on any error or interruption (and
+    those that killed writers left beside ``path`` are removed first). ``resumable``: the directory
+    is ``.<name>.partial`` and is kept on failure with what it holds, for the next writer to resume from.
     """
-    for stale in path.parent.glob(f".{path.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True)
+    if resumable:
+        tmp = path.with_name(f".{path.name}.partial")
+    else:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=resumable)
     try:
         yield tmp
         if path.exists():  # a stale, incomplete directory from a killed writer
             shutil.rmtree(path)
         os.replace(tmp, path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @contextlib.contextmanager

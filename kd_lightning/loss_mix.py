@@ -3,8 +3,9 @@
     loss = w_ce·CE + w_obj·objective(student, teacher; T) + Σ w_i·extra_i + Σ w_j·feature_j
 
 Each term is logged as ``train/<name>``: ``ce``, the objective under its own name (``kd``,
-``reverse_kl``, ``jsd``, ``dkd``, or your function's), each extra term and feature term under
-its key. A term's weight comes from exactly one place:
+``reverse_kl``, ``jsd``, ``skew_kl``, ``tvd``, ``dkd``, or your function's), each extra term and feature
+term under its key. The library's objectives are divergences per position; the mix reduces them
+over the positions that count (:meth:`LossMix.evaluate`, :mod:`kd_lightning.reduction`). A term's weight comes from exactly one place:
 
 1. ``schedules[name]`` (a :class:`~kd_lightning.schedules.Schedule`, updated every step), else
 2. ``weights[name]``, else
@@ -17,8 +18,9 @@ exist, or an ``alpha`` that no term takes its weight from is refused when the mi
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -26,40 +28,29 @@ from torch import Tensor, nn
 from kd_lightning.data.batch import Batch, kept_tokens
 from kd_lightning.errors import KDError
 from kd_lightning.features import FeatureDistiller, FeatureTerm
-from kd_lightning.losses import MAX_TEMPERATURE, MIN_TEMPERATURE, check_temperature, kd_loss, objective_name, unwrap
+from kd_lightning.losses import (MAX_TEMPERATURE, MIN_TEMPERATURE, Objective, check_objective_settings, check_temperature,
+                                 kd_loss, objective_name)
 from kd_lightning.schedules import Schedule, build_schedules
-from kd_lightning.vocab import common_rows
 
-Objective = Callable[..., Tensor]  # (student_logits, teacher_logits, *, temperature, labels) -> scalar
-TaskLoss = Callable[[Tensor, Batch], Tensor]
-DistillationLoss = Callable[[Tensor, Tensor, Batch], Tensor]
+ObjectiveFn = Callable[..., Tensor]  # (student_logits, teacher_logits, *, temperature, labels) -> scalar
 SCHEDULABLE_SETTINGS = ("temperature", "alpha")
 
 
-def objective_inputs(batch: Batch) -> dict[str, Tensor | None]:
-    """What every logit objective is called with besides the logits: ``labels``, and for tokens ``mask``
-    (the kept tokens: label not ``-100``, attention mask 1)."""
-    keep = kept_tokens(batch)
-    return {"labels": batch.get("labels")} if keep is None else {"labels": batch.get("labels"), "mask": keep}
+class Terms(dict):
+    """Named, weighted loss terms of one step; :attr:`total` is the loss.
+
+    Evaluated whole, the loss is the sum of the terms. Evaluated block by block (:mod:`kd_lightning.chunked`), the
+    terms are the detached values for the log and :attr:`total` the one value that carries the gradient."""
+
+    def __init__(self, terms: Mapping[str, Tensor], total: Tensor | None = None) -> None:
+        super().__init__(terms)
+        self.total = total if total is not None else torch.stack(list(terms.values())).sum()
 
 
 def check_alpha(alpha: float) -> None:
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
         raise KDError(f"distill.alpha must be in [0, 1], got {alpha}: loss = (1 - alpha) * CE + alpha * KD, "
                       "so alpha=0 is plain training and alpha=1 pure distillation; set e.g. distill.alpha=0.9.")
-
-
-def check_objective_settings(where: str, objective: Objective) -> None:
-    """Call one of the library's objectives on a tiny batch, so its own settings (JSD's beta, a
-    misspelt keyword) are refused now, not after the teacher has trained. Your own objectives
-    are first called in the first training step."""
-    if getattr(unwrap(objective), "__module__", None) != "kd_lightning.losses":
-        return
-    logits = torch.zeros(2, 3)
-    try:
-        objective(logits, logits, temperature=1.0, labels=torch.zeros(2, dtype=torch.long))
-    except (TypeError, ValueError) as error:
-        raise KDError(f"{where} is set wrong: {error}") from None
 
 
 class LossMix(nn.Module):
@@ -80,7 +71,7 @@ class LossMix(nn.Module):
 
     def __init__(
         self,
-        objective: Objective | None = None,
+        objective: ObjectiveFn | None = None,
         temperature: float = 4.0,
         alpha: float | None = 0.9,
         extra_terms: Mapping[str, Mapping[str, Any]] | None = None,
@@ -96,7 +87,7 @@ class LossMix(nn.Module):
         self.objective_name = objective_name(self.objective)
         self.temperature = float(temperature)
         self.alpha = None if alpha is None else float(alpha)
-        self.extra_terms: dict[str, Objective] = {}
+        self.extra_terms: dict[str, ObjectiveFn] = {}
         self.defaults: dict[str, float | None] = {"ce": None, self.objective_name: None}  # None: from alpha
         feature_terms = FeatureDistiller(features).terms if features else []
         names = ["ce", self.objective_name, *(extra_terms or {}), *(t.name for t in feature_terms)]
@@ -120,6 +111,8 @@ class LossMix(nn.Module):
         for name, objective in self.extra_terms.items():
             check_objective_settings(f"distill.extra_terms.{name}.objective", objective)
         self.scheduled: dict[str, float] = {}
+        # the library's objectives, as divergences per position reduced here (your own functions: called as they are)
+        self.specs = {name: Objective.of(f) for name, f in ((self.objective_name, self.objective), *self.extra_terms.items())}
 
     @classmethod
     def task_only(cls) -> LossMix:
@@ -197,32 +190,51 @@ class LossMix(nn.Module):
             self.alpha = self.scheduled.get("alpha", self.alpha)
         return self.scheduled
 
+    def scheduled_values(self) -> dict[str, float]:
+        """This step's scheduled values by their logged names: ``temperature``, ``alpha``, ``weight/<term>``."""
+        return {name if name in SCHEDULABLE_SETTINGS else f"weight/{name}": value for name, value in self.scheduled.items()}
+
     # -- the terms -----------------------------------------------------------------------------
 
-    def forward(self, student_out: Tensor, teacher_out: Tensor | None, batch: Batch, task_loss: TaskLoss,
-                distillation_loss: DistillationLoss) -> dict[str, Tensor]:
-        """``{name: weight · term}`` for this step (``ce`` alone without teacher logits); the loss is their sum.
+    def evaluate(self, name: str, student_logits: Tensor, teacher_logits: Tensor, batch: Batch) -> Tensor:
+        """Logit term ``name`` (the objective or an extra term), unweighted, at this step's temperature: the library's
+        objectives as a divergence per position reduced over the kept positions (:mod:`kd_lightning.reduction`); your
+        own called with ``temperature``, ``labels`` and, for tokens, ``mask`` (the kept tokens)."""
+        keep, labels = kept_tokens(batch), batch.get("labels")
+        spec = self.specs[name]
+        if spec is not None:
+            return spec(student_logits, teacher_logits, self.temperature, keep=keep, labels=labels)
+        objective = self.objective if name == self.objective_name else self.extra_terms[name]
+        mask = {} if keep is None else {"mask": keep}
+        return objective(student_logits, teacher_logits, temperature=self.temperature, labels=labels, **mask)
 
-        ``task_loss`` and ``distillation_loss`` are the module's hooks (CE on the labels, and
-        :attr:`objective` at :attr:`temperature`), so a subclass that overrides one changes its term.
-        """
-        terms = {"ce": self.weight("ce") * task_loss(student_out, batch)}
-        if teacher_out is None:
-            return terms
-        # vocabularies padded to different widths: the logit terms compare the rows both share
-        # (the module checked on the first batch that the teacher's extra rows are unused)
-        width = min(student_out.shape[-1], teacher_out.shape[-1])
-        student_out, teacher_out = common_rows(student_out, width), common_rows(teacher_out, width)
-        if self.is_active(self.objective_name):
-            terms[self.objective_name] = self.weight(self.objective_name) * distillation_loss(student_out, teacher_out, batch)
-        for name, objective in self.extra_terms.items():
-            terms[name] = self.weight(name) * objective(student_out, teacher_out, temperature=self.temperature,
-                                                        **objective_inputs(batch))
-        if self.features is not None:
-            for name, loss in self.features.losses_from_captured().items():
-                terms[name] = self.weight(name) * loss
-            self.features.clear()
-        return terms
+    def extra_losses(self, student_logits: Tensor, teacher_logits: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """The extra logit terms, unweighted."""
+        return {name: self.evaluate(name, student_logits, teacher_logits, batch) for name in self.extra_terms}
+
+    @contextlib.contextmanager
+    def capturing_features(self) -> Iterator[None]:
+        """Within the block, the feature terms' hooks keep the activations of the forward passes."""
+        if self.features is None:
+            yield
+            return
+        self.features.capturing = True
+        try:
+            yield
+        finally:
+            self.features.capturing = False
+
+    def feature_losses(self) -> dict[str, Tensor]:
+        """The feature terms, unweighted, from the activations captured in this step (then cleared)."""
+        if self.features is None:
+            return {}
+        losses = self.features.losses_from_captured()
+        self.features.clear()
+        return losses
+
+    def weighted(self, losses: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """``{name: weight · loss}`` with this step's weights."""
+        return {name: self.weight(name) * loss for name, loss in losses.items()}
 
     def extra_repr(self) -> str:
         if not self.uses_teacher:  # the teacher stage and the student alone: T and zero weights say nothing

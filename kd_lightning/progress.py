@@ -111,3 +111,9 @@ def lightning_hushed() -> Iterator[None]:
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def logs_this_step(trainer: L.Trainer | None) -> bool:
+    """Whether the loggers write this training step (every ``trainer.log_every_n_steps``; always outside a Trainer)."""
+    connector = getattr(trainer, "_logger_connector", None)  # Lightning's own test, as its loggers use it
+    return trainer is None or bool(getattr(connector, "should_update_logs", True))

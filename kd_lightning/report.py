@@ -40,7 +40,8 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
             acc = ((results or {}).get(key) or {}).get("test/acc")
             row[name] = None if acc is None else round(100 * acc, 2)
         row["gain"] = None if not results or "gain" not in results else round(100 * results["gain"], 2)
-        row["val"] = None if not results or results.get("objective") is None else round(100 * results["objective"], 2)
+        val = results.get("distilled_val_acc", results.get("objective")) if results else None  # "objective": before 0.5
+        row["val"] = None if val is None else round(100 * val, 2)
         rows.append(row)
     return rows
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -119,3 +119,15 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
 
     def get_lr(self) -> list[float]:
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+
+def optimizer_config(optimizer: torch.optim.Optimizer, scheduler_factory: Any, stepping_batches: Callable[[], int]) -> Any:
+    """What ``configure_optimizers`` returns: the optimizer, with its scheduler stepped once per epoch or once per
+    optimizer step (a scheduler whose ``interval`` is ``"step"``); a :class:`WarmupCosineLR` without ``total_steps``
+    lasts ``stepping_batches()``, the whole run."""
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer)
+    if getattr(scheduler, "total_steps", 0) is None:
+        scheduler.total_steps = int(stepping_batches())
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": getattr(scheduler, "interval", "epoch")}}

@@ -1,4 +1,5 @@
-"""Speed switches (``speed`` in the config): ``torch.compile`` of student and teacher, channels-last memory.
+"""Speed switches (``speed`` in the config): ``torch.compile`` of student and teacher, channels-last memory, the
+chunked loss of language models.
 
 None of them changes what is computed, only how: a compiled or channels-last step gives the eager
 step's results within float rounding (``tests/test_speed.py``).
@@ -10,17 +11,20 @@ step's results within float rounding (``tests/test_speed.py``).
   ``data.drop_last=true``) or ``max-autotune``. On a CPU inductor generates C++ (a compiler is needed).
 - ``speed.channels_last=true`` stores 4-D weights and image batches as NHWC, the layout GPU
   convolution kernels prefer.
+- ``speed.chunk_rows=R`` (language models) evaluates the training loss R tokens at a time from the
+  student's final hidden states and output head (:mod:`kd_lightning.chunked`): the same loss and
+  gradients without the whole ``(N·L, V)`` logits of either model. ``distill.chunk_rows``, its
+  earlier key, is still read (with a one-line hint).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from kd_lightning.errors import KDError
+from kd_lightning.errors import KDError, check_integer
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -32,6 +36,7 @@ class SpeedSettings:
     compile: bool = False
     compile_mode: str = "default"
     channels_last: bool = False
+    chunk_rows: int | None = None
 
     def __post_init__(self) -> None:
         for key in ("compile", "channels_last"):
@@ -39,10 +44,8 @@ class SpeedSettings:
                 raise KDError(f"speed.{key} must be true or false, got {getattr(self, key)!r}.")
         if self.compile_mode not in COMPILE_MODES:
             raise KDError(f"speed.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}.")
-
-    @classmethod
-    def from_config(cls, node: Any) -> SpeedSettings:
-        return cls(**dict(node)) if node else cls()
+        if self.chunk_rows is not None:
+            check_integer("speed.chunk_rows", self.chunk_rows, fix=" (tokens per block) or null")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """``model`` in the chosen memory format, its ``forward`` compiled (in place; returns ``model``)."""
@@ -55,3 +58,15 @@ class SpeedSettings:
     def memory_format(self) -> torch.memory_format | None:
         """The memory format image batches should have (``None``: leave them as they are)."""
         return torch.channels_last if self.channels_last else None
+
+
+def check_chunk_rows(chunk_rows: int | None, task: str, with_features: bool) -> None:
+    """``chunk_rows``: ``None``, or a positive count of tokens per block for a language model without feature terms."""
+    if chunk_rows is None:
+        return
+    SpeedSettings(chunk_rows=chunk_rows)
+    if task != "tokens":
+        raise KDError("speed.chunk_rows is for language models (task=tokens), whose logits are (N, L, V); unset it.")
+    if with_features:
+        raise KDError("speed.chunk_rows cannot be combined with distill.features (the chunked loss sees the logits "
+                      "of one block of tokens at a time); unset one of them.")

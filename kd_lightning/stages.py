@@ -8,23 +8,20 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import nn
 
 from kd_lightning.checkpoints import AtomicCheckpointIO, check_resumable
 from kd_lightning.config import build
 from kd_lightning.data.memory import InMemoryDataModule
-from kd_lightning.errors import KDError
 from kd_lightning.loss_mix import LossMix
-from kd_lightning.models.outputs import output_head
-from kd_lightning.module import DistillationModule, check_chunk_rows
+from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
-from kd_lightning.speed import SpeedSettings
+from kd_lightning.settings import RunSettings, Settings
 from kd_lightning.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -45,48 +42,6 @@ def is_global_zero() -> bool:
     return rank_zero_only.rank == 0
 
 
-def build_loss_mix(cfg: DictConfig) -> LossMix:
-    """The distilled stage's :class:`LossMix` from ``cfg.distill`` (every setting checked here)."""
-    distill = cfg.distill
-
-    def plain(node: Any) -> Any:
-        return OmegaConf.to_container(node, resolve=True) if node is not None else None
-
-    extra_terms = {name: {**plain(spec), "objective": build(spec.objective)} if spec.get("objective") else plain(spec)
-                   for name, spec in (distill.get("extra_terms") or {}).items()}
-    return LossMix(objective=build(distill.loss) if distill.get("loss") else None, temperature=distill.temperature,
-                   alpha=distill.alpha, extra_terms=extra_terms, features=plain(distill.get("features")),
-                   weights=plain(distill.get("weights")), schedules=plain(distill.get("schedules")))
-
-
-def check_chunked(cfg: DictConfig, task: str, loss_mix: LossMix) -> None:
-    """``distill.chunk_rows`` fits this run, and the models it trains give final hidden states and an output head:
-    the student, and the teacher when it may be trained here (no ``teacher.checkpoint``)."""
-    chunk_rows = cfg.distill.get("chunk_rows")
-    check_chunk_rows(chunk_rows, task, loss_mix.features is not None)
-    if chunk_rows is None:
-        return
-    for role in ("student",) if cfg.teacher.get("checkpoint") else ("student", "teacher"):
-        model = build(cfg[role].model)
-        if output_head(model) is None:
-            raise KDError(f"distill.chunk_rows trains from final hidden states and an output head, but the {role} "
-                          f"({type(model).__name__}) has neither hidden_states() and head (as kd_lightning.models.GPT) nor "
-                          "get_output_embeddings() (as transformers causal LMs); unset distill.chunk_rows.")
-
-
-def check_trainer_settings(cfg: DictConfig) -> None:
-    """Every stage trains for a positive, finite number of epochs (``trainer`` and ``teacher.fit``)."""
-    max_steps = cfg.trainer.get("max_steps", -1)
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1:
-        raise KDError(f"trainer.max_steps must be -1 (no limit) or a positive integer, got {max_steps!r}.")
-    for key, epochs in (("trainer.max_epochs", cfg.trainer.get("max_epochs")), ("teacher.fit.max_epochs", cfg.teacher.fit.max_epochs)):
-        if epochs is None or (epochs == -1 and max_steps > 0):
-            continue  # Lightning's default, or bounded by max_steps
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            raise KDError(f"{key} must be a positive integer, got {epochs!r}" + (" (-1 trains forever unless trainer.max_steps "
-                          "is set)" if epochs == -1 else "") + f"; set e.g. {key}=30.")
-
-
 class ReseedEveryEpoch(L.Callback):
     """Seed all RNGs with ``seed + epoch`` when an epoch starts.
 
@@ -101,15 +56,16 @@ class ReseedEveryEpoch(L.Callback):
         L.seed_everything(self.seed + trainer.current_epoch, workers=True, verbose=False)
 
 
-def make_trainer(cfg: DictConfig, stage: str, **overrides: Any) -> L.Trainer:
-    """A Trainer from ``cfg.trainer`` writing logs and checkpoints under ``<output_dir>/<stage>``."""
-    stage_dir = Path(cfg.paths.output_dir) / stage
-    callbacks = [ReseedEveryEpoch(cfg.seed)] + ([StageProgress(stage)] if cfg.trainer.get("enable_progress_bar", True) else []) + [
+def make_trainer(run: RunSettings, stage: str, **overrides: Any) -> L.Trainer:
+    """A Trainer from ``trainer`` writing logs and checkpoints under ``<output_dir>/<stage>``."""
+    stage_dir = run.output_dir / stage
+    progress = [StageProgress(stage)] if run.trainer.get("enable_progress_bar", True) else []
+    callbacks = [ReseedEveryEpoch(run.seed), *progress] + [
         build(conf, dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in conf._target_ else build(conf)
-        for conf in (cfg.get("callbacks") or {}).values()
+        for conf in (run.callbacks or {}).values()
         if conf is not None
     ]
-    return build(cfg.trainer, default_root_dir=str(stage_dir), callbacks=callbacks, logger=make_logger(cfg, stage),
+    return build(run.trainer, default_root_dir=str(stage_dir), callbacks=callbacks, logger=make_logger(run, stage),
                  plugins=[AtomicCheckpointIO()], **overrides)
 
 
@@ -120,45 +76,45 @@ def end_logger_runs(trainer: L.Trainer) -> None:
             logger.experiment.finish()
 
 
-def make_logger(cfg: DictConfig, stage: str) -> Any:
-    """The ``logger`` of ``cfg`` writing under ``<output_dir>/<stage>``; a ``name`` or ``group`` left null
-    becomes the stage's name and the run directory's name. ``False`` without a logger."""
-    if not cfg.get("logger"):
+def make_logger(run: RunSettings, stage: str) -> Any:
+    """The ``logger`` writing under ``<output_dir>/<stage>``; a ``name`` or ``group`` left null becomes the stage's name
+    and the run directory's name. ``False`` without a logger."""
+    if run.logger is None:
         return False
-    if "WandbLogger" in cfg.logger._target_:
+    if "WandbLogger" in run.logger._target_:
         os.environ.setdefault("WANDB_SILENT", "true")  # its banners; WANDB_SILENT=false shows them
-    filled = {"save_dir": str(Path(cfg.paths.output_dir) / stage)}
-    for key, value in (("name", stage), ("group", Path(cfg.paths.output_dir).name)):
-        if key in cfg.logger and cfg.logger[key] is None:
+    filled = {"save_dir": str(run.output_dir / stage)}
+    for key, value in (("name", stage), ("group", run.output_dir.name)):
+        if key in run.logger and run.logger[key] is None:
             filled[key] = value
-    return build(cfg.logger, **filled)
+    return build(run.logger, **filled)
 
 
-def run_stage(cfg: DictConfig, stage: str, model: DictConfig, teacher: Teacher | None, loss_mix: LossMix, datamodule: Any,
+def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teacher | None, loss_mix: LossMix, datamodule: Any,
               optim: DictConfig | None = None, **trainer_overrides: Any) -> tuple[dict[str, float], nn.Module]:
     """Build ``model`` from the seed, fit it with ``loss_mix`` against ``teacher``, test it.
 
     Returns the stage's ``val/...`` and ``test/...`` metrics and the trained model.
     ``ckpt_path=last`` resumes the stage from its ``last.ckpt`` when there is one.
     """
-    optim = optim if optim is not None else cfg.optim
-    speed = SpeedSettings.from_config(cfg.get("speed"))
+    run, speed = settings.run, settings.speed
+    optim = optim if optim is not None else run.optim
     if isinstance(datamodule, InMemoryDataModule):
         datamodule.memory_format = speed.memory_format()
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = DistillationModule(speed.prepare(build(model)), teacher, num_classes=cfg.data.num_classes, loss_mix=loss_mix,
+    L.seed_everything(run.seed, workers=True, verbose=False)
+    module = DistillationModule(speed.prepare(build(model)), teacher, num_classes=run.num_classes, loss_mix=loss_mix,
                                 optimizer=build(optim.optimizer),
                                 scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
-                                task=getattr(datamodule, "task", "classification"), chunk_rows=cfg.distill.get("chunk_rows"))
+                                task=getattr(datamodule, "task", "classification"), chunk_rows=speed.chunk_rows)
     chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
     log.info("stage %s: %s%s", stage, loss_mix.extra_repr(), chunked)
-    last = Path(cfg.paths.output_dir) / stage / "checkpoints" / "last.ckpt"
-    resume = str(last) if cfg.get("ckpt_path") == "last" and last.is_file() else None
+    last = run.output_dir / stage / "checkpoints" / "last.ckpt"
+    resume = str(last) if run.resume and last.is_file() else None
     if resume:
         check_resumable(last, stage)
         log.info("stage %s: resuming from %s", stage, resume)
     with lightning_hushed():
-        trainer = make_trainer(cfg, stage, **trainer_overrides)
+        trainer = make_trainer(run, stage, **trainer_overrides)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)

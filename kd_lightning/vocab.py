@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from kd_lightning.errors import KDError
@@ -77,6 +78,53 @@ def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None
                   "generated text instead).")
 
 
+def check_same_classes(student_logits: Tensor, teacher_logits: Tensor) -> None:
+    """Raise :class:`KDError` if teacher and student predict different numbers of classes."""
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise KDError(f"teacher and student predict different numbers of classes: teacher {teacher_logits.shape[-1]}, "
+                      f"student {student_logits.shape[-1]}. Build both for the data's classes "
+                      "(e.g. teacher.model.num_classes=${data.num_classes}).")
+
+
+def declared_classes(num_classes: int | None, student: Any, teacher: Any) -> int:
+    """``num_classes``, or the student's ``num_classes`` attribute; refused where a model declares another count."""
+    num_classes = num_classes if num_classes is not None else getattr(student, "num_classes", None)
+    if num_classes is None:
+        raise KDError("pass num_classes=C: the student has no num_classes attribute to read it from.")
+    for name, model in (("teacher", teacher), ("student", student)):
+        declared = getattr(model, "num_classes", None)
+        if declared is not None and declared != num_classes:
+            raise KDError(f"the {name} is built for {declared} classes but the data has {num_classes}; "
+                          f"set {name}.model.num_classes={num_classes}.")
+    return num_classes
+
+
+def check_outputs(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, kept: Tensor | None,
+                  num_classes: int, task: str) -> None:
+    """On a module's first batch: class counts (vocabularies) agree, the teacher's logits are sound, token logits and
+    labels have the shapes ``(N, L, V)`` and ``(N, L)``, and the ``kept`` token labels are in the vocabulary."""
+    if teacher_logits is not None:
+        if task == "tokens":
+            check_vocabularies(student_logits, teacher_logits, num_classes)
+        else:
+            check_same_classes(student_logits, teacher_logits)
+        if torch.isnan(teacher_logits).any() or torch.isposinf(teacher_logits).any():  # -inf: a masked class, allowed
+            raise KDError("the teacher's logits contain NaN or Inf; the teacher checkpoint is broken or diverged. "
+                          "Retrain it or pass a different teacher.checkpoint.")
+    if task != "tokens":
+        if student_logits.shape[-1] != num_classes:
+            raise KDError(f"the student predicts {student_logits.shape[-1]} classes but num_classes={num_classes}; "
+                          "build it for the data's classes.")
+        return
+    if student_logits.ndim != 3 or labels.shape != student_logits.shape[:-1]:
+        raise KDError(f"task=tokens needs (N, L, V) logits and (N, L) labels; got logits {tuple(student_logits.shape)} "
+                      f"and labels {tuple(labels.shape)}.")
+    labels_in_range(labels, kept, num_classes)
+    if student_logits.shape[-1] < num_classes:
+        raise KDError(f"the student predicts {student_logits.shape[-1]} tokens but the vocabulary has {num_classes}; "
+                      "build it for the data's tokenizer.")
+
+
 def common_rows(logits: Tensor, width: int) -> Tensor:
     """``logits[..., :width]`` (a view): the rows both models share."""
     return logits if logits.shape[-1] == width else logits[..., :width]
@@ -92,4 +140,5 @@ def labels_in_range(labels: Tensor, keep: Tensor, vocab_size: int) -> None:
                       "ignored positions -100.")
 
 
-__all__ = ["MAX_DROPPED_MASS", "check_padding_unused", "check_same_tokenizer", "check_vocabularies", "common_rows", "labels_in_range"]
+__all__ = ["MAX_DROPPED_MASS", "check_outputs", "check_padding_unused", "check_same_classes", "check_same_tokenizer",
+           "check_vocabularies", "common_rows", "labels_in_range"]

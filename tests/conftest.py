@@ -10,9 +10,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.cli import config_dir
+from kd_lightning.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -48,3 +49,10 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
 
     yield make
     GlobalHydra.instance().clear()
+
+
+def settings_of(cfg: DictConfig) -> Settings:
+    """The typed settings of a composed config, also of a run that has finished (its results are no refusal here)."""
+    cfg = cfg.copy()
+    OmegaConf.update(cfg, "overwrite", True)
+    return Settings.from_config(cfg)

@@ -159,7 +159,7 @@ def test_batched_crop_flip_equals_per_image_reference() -> None:
     for i in range(16):
         expected = reference_crop_flip(images[i], int(views.offsets[i, 0]), int(views.offsets[i, 1]), bool(views.flips[i]), 4)
         assert torch.equal(out[i], expected), i
-    assert augment.num_views == 162  # 9 x 9 offsets x 2 flips
+    assert augment.distinct_views == 162  # 9 x 9 offsets x 2 flips
 
 
 def test_augmentation_only_in_training_and_inputs_normalised(tmp_path: Path) -> None:

@@ -13,7 +13,8 @@ import torch
 
 from kd_lightning import KDError
 from kd_lightning.files import atomic_directory
-from kd_lightning.teacher_source import trained_teacher_path
+from conftest import settings_of
+from kd_lightning.teacher.source import trained_teacher_path
 from kd_lightning.train import train
 
 from test_cli import run_cli
@@ -39,7 +40,9 @@ FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_
     (["teacher.mode=recorded", "teacher.recording.top_k=3", "teacher.recording.tail=sampled", "teacher.recording.tail_samples=0"],
      "tail_samples must be a positive integer, got 0"),
     (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
-    (["distill.chunk_rows=64"], "distill.chunk_rows is for language models"),
+    (["distill.chunk_rows=64"], "speed.chunk_rows is for language models"),  # the key before it moved to speed
+    (["speed.chunk_rows=64"], "speed.chunk_rows is for language models"),
+    (["speed.chunk_rows=0"], "speed.chunk_rows must be a positive integer"),
     (["seed=abc"], "seed must be an integer, got 'abc'"),
     (["+foo=1"], "unknown setting foo: nothing reads it"),
     (["+teacher.recording.topk=3"], "unknown setting teacher.recording.topk"),
@@ -98,7 +101,7 @@ def test_a_read_only_run_directory_is_one_line(tmp_path: Path) -> None:
 def test_a_corrupt_cached_teacher_is_set_aside_and_trained_again(make_cfg, tmp_path: Path, caplog) -> None:
     first = make_cfg(*FAST, "baseline=false", output_dir=tmp_path / "a")
     train(first)
-    cached = trained_teacher_path(first)
+    cached = trained_teacher_path(settings_of(first))
     cached.write_bytes(cached.read_bytes()[:100])
     results = train(make_cfg(*FAST, "baseline=false", output_dir=tmp_path / "b"))
     assert (tmp_path / "b" / "teacher").is_dir() and 0 <= results["teacher"]["test/acc"] <= 1

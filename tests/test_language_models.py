@@ -17,6 +17,7 @@ from kd_lightning import DistillationModule, KDError, LossMix
 from kd_lightning.data.batch import IGNORE_INDEX
 from kd_lightning.losses import kd_loss
 from kd_lightning.models import GPT
+from kd_lightning.teacher import Teacher
 from kd_lightning.vocab import check_same_tokenizer, check_vocabularies
 
 pytest.importorskip("tokenizers", reason="text data needs the 'lm' extra (tokenizers)")
@@ -243,7 +244,7 @@ def live_logits(teacher: GPT, data: TextDataModule, split: str) -> torch.Tensor:
 
 
 def test_a_token_recording_keeps_the_top_k_and_bounds_the_rest(corpus: Path, tmp_path: Path) -> None:
-    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+    from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 
     data, teacher = text_data(corpus), tiny_gpt(dim=32, seed=2)
     record_teacher(teacher, data, tmp_path / "top8", {}, RecordingSettings(1, 8), accelerator="cpu", vocab_size=VOCAB)
@@ -270,14 +271,15 @@ class Killed(RuntimeError):
 
 def test_a_killed_token_recording_resumes_and_matches_an_uninterrupted_one(corpus: Path, tmp_path: Path,
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from kd_lightning import recording
+    from kd_lightning import teacher as recording
+    from kd_lightning.teacher import recorder
 
     data, teacher = text_data(corpus, batch_size=4, eval_batch_size=4), tiny_gpt(dim=32, seed=2)
     settings = recording.RecordingSettings(1, 8, tail="sampled", tail_samples=4)  # the draws too must resume identically
     recording.record_teacher(teacher, data, tmp_path / "whole", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
-    monkeypatch.setattr(recording, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(recorder, "PROGRESS_EVERY_S", 0.0)
     calls = {"n": 0}
-    original = recording._Recorder.predict_step
+    original = recorder._Recorder.predict_step
 
     def killed_after_three(self, batch, batch_idx):
         calls["n"] += 1
@@ -285,11 +287,11 @@ def test_a_killed_token_recording_resumes_and_matches_an_uninterrupted_one(corpu
             raise Killed("killed part-way")
         return original(self, batch, batch_idx)
 
-    monkeypatch.setattr(recording._Recorder, "predict_step", killed_after_three)
+    monkeypatch.setattr(recorder._Recorder, "predict_step", killed_after_three)
     with pytest.raises(Killed):
         recording.record_teacher(teacher, data, tmp_path / "resumed", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "progress.json").is_file()
-    monkeypatch.setattr(recording._Recorder, "predict_step", original)
+    monkeypatch.setattr(recorder._Recorder, "predict_step", original)
     forwards = {"n": 0}
     teacher.register_forward_hook(lambda *args: forwards.__setitem__("n", forwards["n"] + 1))
     recording.record_teacher(teacher, data, tmp_path / "resumed", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
@@ -304,7 +306,7 @@ def test_a_killed_token_recording_resumes_and_matches_an_uninterrupted_one(corpu
 
 
 def test_a_truncated_token_recording_is_named_with_the_fix(corpus: Path, tmp_path: Path) -> None:
-    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+    from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 
     record_teacher(tiny_gpt(dim=32, seed=2), text_data(corpus), tmp_path / "rec", {}, RecordingSettings(1, 8), accelerator="cpu")
     path = tmp_path / "rec" / "train.topk_values.npy"
@@ -360,7 +362,7 @@ def test_a_corpus_folder_without_text_is_one_line_from_the_command_line(tmp_path
 def test_the_student_shaped_tail_is_the_coarsened_kl() -> None:
     """Top-k exact, the tail mass m shared like the student's probabilities: forward KL against it is the KL of
     both distributions coarsened to the top k and one 'rest' class, and ‖p − p̂‖₁ ≤ 2m still holds."""
-    from kd_lightning.recording import student_shaped_tail
+    from kd_lightning.teacher.format import student_shaped_tail
 
     g = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(5, 40, generator=g) * 2, torch.randn(5, 40, generator=g) * 2
@@ -380,7 +382,7 @@ def test_the_student_shaped_tail_is_the_coarsened_kl() -> None:
 def test_the_sampled_tail_is_the_teacher_exactly_when_the_draws_match_and_in_expectation() -> None:
     """Top-k exact, the tail mass m shared over the recorded draws (m · count / S): with draws in the tail's exact
     proportions it is the teacher's distribution; over random draws its mean is (forward KL's gradient is unbiased)."""
-    from kd_lightning.recording import draw_from_tail, sampled_tail
+    from kd_lightning.teacher.format import draw_from_tail, sampled_tail
 
     p = torch.tensor([[0.4, 0.3, 0.1, 0.1, 0.05, 0.05]])
     logits = p.log() + 1.5
@@ -407,7 +409,7 @@ def test_training_from_a_top_k_recording_looks_the_teacher_up_once_per_step(corp
                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """A deferred teacher (top-k, tail shaped by the student or by the draws) is answered by complete() alone in
     training: no evenly-spread rebuild that is thrown away; validation still asks logits()."""
-    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+    from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 
     data = text_data(corpus)
     record_teacher(tiny_gpt(dim=32, seed=2), data, tmp_path / "rec", {}, RecordingSettings(1, 8, tail="sampled", tail_samples=4),
@@ -430,15 +432,15 @@ def test_training_from_a_top_k_recording_looks_the_teacher_up_once_per_step(corp
 # -- the chunked loss inside the module (distill.chunk_rows) ----------------------------------------------
 
 def plain_and_chunked_step(student: torch.nn.Module, teacher, batch: dict, chunk_rows: int = 5,
-                           loss_mix: LossMix | None = None) -> None:
+                           loss_mix: LossMix | None = None, module_type: type = DistillationModule) -> dict[str, torch.Tensor]:
     """One training step with and without ``chunk_rows``: the same loss, logged terms and student gradients."""
     import copy
 
     results = []
     for rows in (None, chunk_rows):
         model = copy.deepcopy(student)
-        module = DistillationModule(model, teacher, num_classes=VOCAB, task="tokens", chunk_rows=rows,
-                                    loss_mix=loss_mix or LossMix(temperature=2.0, alpha=0.7))
+        module = module_type(model, teacher, num_classes=VOCAB, task="tokens", chunk_rows=rows,
+                             loss_mix=loss_mix or LossMix(temperature=2.0, alpha=0.7))
         logged: dict[str, torch.Tensor] = {}
         module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
         loss = module.training_step(batch, 0)
@@ -451,6 +453,7 @@ def plain_and_chunked_step(student: torch.nn.Module, teacher, batch: dict, chunk
         torch.testing.assert_close(torch.as_tensor(chunked_log[name]), torch.as_tensor(plain_log[name]), rtol=1e-5, atol=1e-7)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=0, atol=1e-6, msg=name)
+    return plain_log
 
 
 def test_the_chunked_step_is_the_plain_step_with_a_live_teacher_and_alone() -> None:
@@ -460,7 +463,7 @@ def test_the_chunked_step_is_the_plain_step_with_a_live_teacher_and_alone() -> N
 
 
 def test_the_chunked_step_is_the_plain_step_from_a_recording(corpus: Path, tmp_path: Path) -> None:
-    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+    from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 
     data = text_data(corpus)
     record_teacher(tiny_gpt(dim=32, seed=2), data, tmp_path / "rec", {}, RecordingSettings(1, 8, tail="sampled", tail_samples=4),
@@ -486,15 +489,45 @@ def test_the_chunked_step_with_hugging_face_models() -> None:
     plain_and_chunked_step(student, teacher.eval(), token_batch())
 
 
+def fixed_teacher_logits(batch: dict) -> torch.Tensor:
+    return 3 * torch.randn(*batch["inputs"].shape, VOCAB, generator=torch.Generator().manual_seed(5))
+
+
+class FixedTeacher(Teacher):
+    def logits(self, batch, split):
+        return fixed_teacher_logits(batch)
+
+
+class ThreeHooks(DistillationModule):
+    """Overrides three hooks; each must take effect in the chunked step as in the plain one."""
+
+    def task_loss(self, student_logits, batch):
+        return 2.0 * super().task_loss(student_logits, batch)
+
+    def distillation_loss(self, student_logits, teacher_logits, batch):
+        return 3.0 * super().distillation_loss(student_logits, teacher_logits, batch)
+
+    def teacher_forward(self, batch):
+        return fixed_teacher_logits(batch)  # a plain tensor, also in the chunked step
+
+
+def test_hooks_a_subclass_overrides_take_effect_in_the_chunked_step() -> None:
+    batch = token_batch()
+    ours = plain_and_chunked_step(tiny_gpt(seed=1), tiny_gpt(dim=32, seed=2), batch, module_type=ThreeHooks)
+    plain = plain_and_chunked_step(tiny_gpt(seed=1), FixedTeacher(), batch)
+    torch.testing.assert_close(ours["train/ce"], 2 * plain["train/ce"])
+    torch.testing.assert_close(ours["train/kd"], 3 * plain["train/kd"])
+
+
 class ScaledGPT(GPT):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return 0.5 * super().forward(tokens)  # changes the logits after the head
 
 
 def test_chunk_rows_refusals_are_one_line() -> None:
-    with pytest.raises(KDError, match="distill.chunk_rows is for language models"):
+    with pytest.raises(KDError, match="speed.chunk_rows is for language models"):
         DistillationModule(tiny_gpt(), None, num_classes=VOCAB, chunk_rows=8)
-    with pytest.raises(KDError, match="distill.chunk_rows must be a positive integer"):
+    with pytest.raises(KDError, match="speed.chunk_rows must be a positive integer"):
         DistillationModule(tiny_gpt(), None, num_classes=VOCAB, task="tokens", chunk_rows=0)
     plain_lm = torch.nn.Sequential(torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, VOCAB))
     module = DistillationModule(plain_lm, None, num_classes=VOCAB, task="tokens", chunk_rows=8, loss_mix=LossMix.task_only())
@@ -510,7 +543,7 @@ def test_chunk_rows_refusals_are_one_line() -> None:
 def test_a_top_k_recording_gives_the_teacher_s_exact_perplexity(corpus: Path, tmp_path: Path) -> None:
     """The evaluation splits keep the teacher's logit of every label: its perplexity and accuracy from a top-8
     recording are the live teacher's (up to float16 logits), not those of the evenly spread tail."""
-    from kd_lightning.recording import RecordedTeacher, RecordingSettings, record_teacher
+    from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 
     data, teacher = text_data(corpus), tiny_gpt(dim=32, seed=2)
     record_teacher(teacher, data, tmp_path / "top8", {}, RecordingSettings(1, 8), accelerator="cpu", vocab_size=VOCAB)

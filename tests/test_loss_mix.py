@@ -72,8 +72,8 @@ def test_terms_are_weighted_and_named() -> None:
     s, t, y = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g), torch.randint(0, 10, (4,), generator=g)
     mix = LossMix(temperature=2.0, alpha=0.25, extra_terms={"rkl": RKL})
     batch = {"inputs": s, "labels": y}
-    terms = mix(s, t, batch, task_loss=lambda out, b: torch.nn.functional.cross_entropy(out, b["labels"]),
-                distillation_loss=lambda out, teacher_out, b: mix.objective(out, teacher_out, temperature=mix.temperature))
+    terms = mix.weighted({"ce": torch.nn.functional.cross_entropy(s, y), "kd": mix.evaluate("kd", s, t, batch),
+                          **mix.extra_losses(s, t, batch)})
     torch.testing.assert_close(terms["ce"], 0.75 * torch.nn.functional.cross_entropy(s, y))
     torch.testing.assert_close(terms["kd"], 0.25 * kd_loss(s, t, 2.0))
     torch.testing.assert_close(terms["rkl"], 0.5 * reverse_kl_loss(s, t, 2.0))

@@ -15,6 +15,7 @@ from kd_lightning import DistillationModule
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.models import DigitsCNN
 from kd_lightning.progress import StageProgress
+from conftest import settings_of
 from kd_lightning.stages import make_logger, make_trainer
 from kd_lightning.train import train
 
@@ -49,7 +50,7 @@ def test_on_a_terminal_each_stage_has_one_bar_with_loss_and_validation_accuracy(
 
 def test_the_progress_bar_switch_still_works(make_cfg) -> None:
     def bars(*overrides: str) -> int:
-        return sum(isinstance(c, StageProgress) for c in make_trainer(make_cfg(*overrides), "distilled").callbacks)
+        return sum(isinstance(c, StageProgress) for c in make_trainer(settings_of(make_cfg(*overrides)).run, "distilled").callbacks)
 
     assert bars("trainer.enable_progress_bar=true") == 1
     assert bars("trainer.enable_progress_bar=false") == 0
@@ -59,7 +60,7 @@ def test_the_progress_bar_switch_still_works(make_cfg) -> None:
 def test_every_logger_config_constructs_under_the_stage_directory(make_cfg, tmp_path: Path, name: str, package: str | None) -> None:
     if package:
         pytest.importorskip(package, reason=f'logger={name} needs pip install "kd_lightning[{name}]"')
-    logger = make_logger(make_cfg(f"logger={name}"), "distilled")
+    logger = make_logger(settings_of(make_cfg(f"logger={name}")).run, "distilled")
     assert Path(logger.save_dir) == tmp_path / "run" / "distilled"
     if name == "wandb":
         assert logger._offline and logger._wandb_init["name"] == "distilled" and logger._wandb_init["group"] == "run"

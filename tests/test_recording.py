@@ -16,7 +16,8 @@ from kd_lightning import KDError
 from kd_lightning.data import CIFARDataModule
 from kd_lightning.models.cifar import build_cifar_model
 from kd_lightning.data.augment import RecordedViews
-from kd_lightning.recording import RecordedTeacher, RecordingSettings, rebuild_logits, record_teacher
+from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
+from kd_lightning.teacher.format import rebuild_logits
 from kd_lightning.train import train
 
 from data_factory import make_image_tree
@@ -40,7 +41,7 @@ def teacher_model() -> torch.nn.Module:
 
 def test_all_views_are_every_distinct_crop_and_flip(tiny_cifar: CIFARDataModule) -> None:
     bank = RecordedViews.draw(tiny_cifar.augment, len(tiny_cifar.splits["train"]), "all")
-    assert bank.num_views == tiny_cifar.augment.num_views == 162
+    assert bank.per_sample == tiny_cifar.augment.distinct_views == 162
     distinct = {(int(o[0]), int(o[1]), bool(f)) for o, f in zip(bank.offsets[0], bank.flips[0])}
     assert len(distinct) == 162
 
@@ -54,9 +55,9 @@ def test_a_recorded_teacher_with_all_views_is_the_live_teacher(tiny_cifar: CIFAR
     images = tiny_cifar.splits["train"].inputs
     index = torch.arange(len(images))
     bank = outputs.views
-    assert bank.num_views == 162
+    assert bank.per_sample == 162
     with torch.no_grad():
-        for slot in range(bank.num_views):  # every recorded view of every image is the teacher's output on it
+        for slot in range(bank.per_sample):  # every recorded view of every image is the teacher's output on it
             slots = torch.full_like(index, slot)
             view = tiny_cifar.prepare_inputs(tiny_cifar.augment.apply(images, bank.views(index, slots)))
             torch.testing.assert_close(outputs.logits({"index": index, "view": slots}, "train"), teacher(view), **FP16_TOLERANCE)
@@ -161,9 +162,13 @@ def test_a_run_from_the_cache_does_not_load_the_teacher(make_cfg, tmp_path: Path
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded although its outputs are cached")
 
-    monkeypatch.setattr("kd_lightning.teacher_source.teacher_model", no_teacher)
-    monkeypatch.setattr("kd_lightning.teacher_source.check_models_agree", no_teacher)
-    second = train(make_cfg("teacher.mode=recorded", "distill.temperature=2", *FAST, output_dir=tmp_path / "b"))
+    from kd_lightning.teacher import source
+
+    cfg = make_cfg("teacher.mode=recorded", "distill.temperature=2", *FAST, output_dir=tmp_path / "b")
+    original_build = source.build
+    monkeypatch.setattr(source, "teacher_model", no_teacher)
+    monkeypatch.setattr(source, "build", lambda node, **kw: no_teacher() if node == cfg.teacher.model else original_build(node, **kw))
+    second = train(cfg)
     assert second["teacher"] == first["teacher"]
     assert len(list((tmp_path / "cache" / "recordings").glob("*/meta.json"))) == 1
 
@@ -236,13 +241,30 @@ def test_recorded_outputs_pickle_by_path(tiny_cifar: CIFARDataModule, tmp_path: 
     assert torch.equal(again.logits(batch, "train"), outputs.logits(batch, "train"))
 
 
+def test_a_teacher_pickled_by_kd_lightning_0_4_unpickles_and_its_import_paths_stay(tiny_cifar: CIFARDataModule,
+                                                                                     tmp_path: Path) -> None:
+    """0.4 kept the recording in kd_lightning.recording and the run's teacher in kd_lightning.teacher_source."""
+    import pickle
+
+    from kd_lightning import recording, teacher_source
+    from kd_lightning.teacher import source
+
+    record_teacher(teacher_model(), tiny_cifar, tmp_path / "outputs", {}, RecordingSettings(2, None), accelerator="cpu")
+    payload = pickle.dumps(RecordedTeacher(tmp_path / "outputs"), protocol=0)  # text: names can be swapped
+    old = payload.replace(b"kd_lightning.teacher.recorded", b"kd_lightning.recording")  # what 0.4 wrote
+    assert old != payload and isinstance(pickle.loads(old), RecordedTeacher)
+    assert recording.RecordedTeacher is RecordedTeacher and recording.record_teacher is record_teacher
+    assert teacher_source.prepare_teacher is source.prepare_teacher
+
+
 def test_a_datamodule_without_sample_indices_is_refused(make_cfg) -> None:
     import lightning as L
 
-    from kd_lightning.teacher_source import prepare_teacher
+    from conftest import settings_of
+    from kd_lightning.teacher.source import prepare_teacher
 
     with pytest.raises(KDError, match="needs a datamodule derived from kd_lightning.data.InMemoryDataModule"):
-        prepare_teacher(make_cfg("teacher.mode=recorded"), L.LightningDataModule())
+        prepare_teacher(settings_of(make_cfg("teacher.mode=recorded")), L.LightningDataModule())
 
 
 def test_a_failed_recording_leaves_nothing_behind(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:

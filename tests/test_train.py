@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from kd_lightning import KDError
-from kd_lightning.teacher_source import trained_teacher_path
+from conftest import settings_of
+from kd_lightning.teacher.source import trained_teacher_path
 from kd_lightning.train import train
 
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
@@ -26,7 +27,7 @@ def test_train_runs_all_stages_and_writes_metrics(make_cfg, tmp_path: Path) -> N
     for stage in ("teacher", "distilled", "baseline"):
         assert (tmp_path / "run" / stage / "metrics.csv").is_file(), stage
         assert (tmp_path / "run" / stage / "checkpoints" / "last.ckpt").is_file(), stage
-    assert trained_teacher_path(cfg).is_file()
+    assert trained_teacher_path(settings_of(cfg)).is_file()
     assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
     for key in ("test/ece", "test/agreement", "test/kl_t1"):
         assert key in results["distilled"] and key in results["baseline"]
@@ -45,27 +46,27 @@ def test_without_matplotlib_the_run_works_and_says_how_to_get_plots(make_cfg, tm
 def test_a_sweep_over_distillation_settings_trains_the_teacher_once(make_cfg, tmp_path: Path) -> None:
     first = make_cfg(*FAST, "distill.temperature=2", output_dir=tmp_path / "a")
     second = make_cfg(*FAST, "distill.temperature=8", "distill.alpha=0.5", output_dir=tmp_path / "b")
-    assert trained_teacher_path(first) == trained_teacher_path(second)
+    assert trained_teacher_path(settings_of(first)) == trained_teacher_path(settings_of(second))
     train(first)
-    stamp = trained_teacher_path(first).stat().st_mtime_ns
+    stamp = trained_teacher_path(settings_of(first)).stat().st_mtime_ns
     results = train(second)
     assert not (tmp_path / "b" / "teacher").exists()  # no teacher stage the second time
-    assert trained_teacher_path(first).stat().st_mtime_ns == stamp
+    assert trained_teacher_path(settings_of(first)).stat().st_mtime_ns == stamp
     assert results["teacher"]["test/acc"] == json.loads((tmp_path / "a" / "metrics.json").read_text())["teacher"]["test/acc"]
 
 
 def test_teacher_key_changes_with_what_defines_the_teacher(make_cfg) -> None:
-    base = trained_teacher_path(make_cfg())
-    assert trained_teacher_path(make_cfg("seed=1")) != base
-    assert trained_teacher_path(make_cfg("teacher.model.hidden=64")) != base
-    assert trained_teacher_path(make_cfg("trainer.fast_dev_run=true")) != base  # a smoke test never poisons real runs
-    assert trained_teacher_path(make_cfg("trainer.enable_progress_bar=true")) == base
+    base = trained_teacher_path(settings_of(make_cfg()))
+    assert trained_teacher_path(settings_of(make_cfg("seed=1"))) != base
+    assert trained_teacher_path(settings_of(make_cfg("teacher.model.hidden=64"))) != base
+    assert trained_teacher_path(settings_of(make_cfg("trainer.fast_dev_run=true"))) != base  # a smoke test never poisons real runs
+    assert trained_teacher_path(settings_of(make_cfg("trainer.enable_progress_bar=true"))) == base
 
 
 def test_teacher_checkpoint_is_loaded_instead_of_trained(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(*FAST, output_dir=tmp_path / "a")
     train(cfg)
-    cached = trained_teacher_path(cfg)
+    cached = trained_teacher_path(settings_of(cfg))
     copy = tmp_path / "my_teacher.pth"
     copy.write_bytes(cached.read_bytes())
     cached.unlink()

@@ -36,7 +36,7 @@ class RandomCropFlip:
         self.flip = flip
 
     @property
-    def num_views(self) -> int:
+    def distinct_views(self) -> int:
         """How many distinct views of one image exist: ``(2·pad + 1)²`` offsets × 2 flips."""
         return (2 * self.padding + 1) ** 2 * (2 if self.flip else 1)
 
@@ -97,7 +97,8 @@ class RecordedViews:
                    drawn.flips.view(num_samples, views_per_sample))
 
     @property
-    def num_views(self) -> int:
+    def per_sample(self) -> int:
+        """Views recorded per sample."""
         return self.flips.shape[1]
 
     def views(self, index: Tensor, slot: Tensor) -> CropFlipViews:

@@ -13,6 +13,7 @@ from typing import Any, TypedDict
 from torch import Tensor
 
 from kd_lightning.errors import KDError
+from kd_lightning.reduction import IGNORE_INDEX, kept_positions
 
 
 class Batch(TypedDict, total=False):
@@ -24,6 +25,8 @@ class Batch(TypedDict, total=False):
         index: ``(N,)`` each sample's position in its split (a recorded teacher looks it up).
         view: ``(N,)`` which recorded augmentation view of each sample the inputs show.
         attention_mask: ``(N, L)`` 1 where a token is real, 0 for padding.
+        kept: ``(N, L)`` bool, the tokens that count (label not ``-100``, attention mask 1); derived once per step
+            by :func:`as_batch` for token batches, never given by a DataModule.
     """
 
     inputs: Tensor
@@ -31,22 +34,19 @@ class Batch(TypedDict, total=False):
     index: Tensor
     view: Tensor
     attention_mask: Tensor
+    kept: Tensor
 
 
 TUPLE_FIELDS = ("inputs", "labels", "index")
-IGNORE_INDEX = -100  # a token label that does not count (PyTorch's and Hugging Face's convention)
+__all__ = ["IGNORE_INDEX", "Batch", "as_batch", "kept_tokens"]
 
 
 def kept_tokens(batch: Batch) -> Tensor | None:
     """``(N, L)`` bool, True where a token counts: its label is not ``-100`` and its attention mask
     (when present) is 1; ``None`` for a batch of class labels ``(N,)``, where every sample counts."""
-    labels = batch.get("labels")
-    if labels is None or labels.ndim < 2:
-        return None
-    keep = labels != IGNORE_INDEX
-    if batch.get("attention_mask") is not None:
-        keep = keep & batch["attention_mask"].to(bool)
-    return keep
+    if "kept" in batch:
+        return batch["kept"]
+    return kept_positions(batch.get("labels"), batch.get("attention_mask"))
 
 
 def as_batch(batch: Any) -> Batch:
@@ -54,8 +54,14 @@ def as_batch(batch: Any) -> Batch:
     if isinstance(batch, Mapping):
         if "inputs" not in batch:
             raise KDError(f"a batch mapping needs an 'inputs' entry (and 'labels'); got keys {sorted(batch)}.")
-        return batch  # type: ignore[return-value]
+        return with_kept(batch)  # type: ignore[arg-type]
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and 2 <= len(batch) <= len(TUPLE_FIELDS):
-        return Batch(**dict(zip(TUPLE_FIELDS, batch)))
+        return with_kept(Batch(**dict(zip(TUPLE_FIELDS, batch))))
     raise KDError(f"cannot read a batch of type {type(batch).__name__}: yield a dict with 'inputs' and 'labels', "
                   "or an (inputs, labels) / (inputs, labels, index) tuple.")
+
+
+def with_kept(batch: Batch) -> Batch:
+    """``batch`` with its ``kept`` tokens (a new dict; a batch of class labels is returned as it is)."""
+    keep = kept_tokens(batch)
+    return batch if keep is None or "kept" in batch else {**batch, "kept": keep}

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd_lightning.data.augment import RandomCropFlip, RecordedViews
 from kd_lightning.data.batch import IGNORE_INDEX, Batch
-from kd_lightning.errors import KDError
+from kd_lightning.errors import KDError, check_integer, is_number
 
 class TensorSplit(Dataset):
     """One split held as tensors; ``__getitems__`` returns a whole batch at once."""
@@ -92,14 +92,14 @@ class InMemoryDataModule(L.LightningDataModule):
         labeled_fraction: float = 1.0,
     ) -> None:
         super().__init__()
-        if isinstance(labeled_fraction, bool) or not isinstance(labeled_fraction, (int, float)) or not 0 < labeled_fraction <= 1:
+        if not is_number(labeled_fraction) or not 0 < labeled_fraction <= 1:
             raise KDError(f"data.labeled_fraction must be in (0, 1], got {labeled_fraction!r}: the share of training samples "
                           "whose labels the students see (1: all).")
         self.labeled_fraction = float(labeled_fraction)
         self.train_labels: Tensor | None = None  # every training label, for the teacher stage
         for key, size in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
-            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-                raise KDError(f"{key} must be a positive integer, got {size!r}; set e.g. {key}=64.")
+            if size is not None:
+                check_integer(key, size, fix=f"; set e.g. {key}=64")
         self.augment = augment
         if num_classes is not None:
             self.num_classes = num_classes
@@ -172,7 +172,7 @@ class InMemoryDataModule(L.LightningDataModule):
                 inputs = self.augment(inputs)
             else:
                 views = self._recorded_views_on(inputs.device)
-                batch["view"] = torch.randint(views.num_views, (len(inputs),), device=inputs.device)
+                batch["view"] = torch.randint(views.per_sample, (len(inputs),), device=inputs.device)
                 inputs = self.augment.apply(inputs, views.views(batch["index"], batch["view"]))
         inputs = self.prepare_inputs(inputs)
         if self.memory_format is not None and inputs.ndim == 4:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from kd_lightning.data.batch import IGNORE_INDEX
 from kd_lightning.data.memory import InMemoryDataModule
-from kd_lightning.errors import KDError
+from kd_lightning.errors import KDError, check_integer, is_integer
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +85,9 @@ class TextDataModule(InMemoryDataModule):
             raise KDError(f"data.num_classes ({num_classes}) must equal data.vocab_size ({vocab_size}) for text: the "
                           "models predict one class per token; set data.num_classes=${{data.vocab_size}}.")
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_classes=vocab_size, **kwargs)
-        for key, value, least in (("data.vocab_size", vocab_size, 257), ("data.block_size", block_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise KDError(f"{key} must be an integer >= {least}, got {value!r}" +
-                              (" (a byte-level tokenizer has 256 byte tokens + <|endoftext|>)" if least == 257 else "") + ".")
-        if train_tokens is not None and (isinstance(train_tokens, bool) or not isinstance(train_tokens, int) or train_tokens <= block_size):
+        check_integer("data.vocab_size", vocab_size, 257, " (a byte-level tokenizer has 256 byte tokens + <|endoftext|>)")
+        check_integer("data.block_size", block_size)
+        if train_tokens is not None and (not is_integer(train_tokens) or train_tokens <= block_size):
             raise KDError(f"data.train_tokens must be null or an integer above data.block_size ({block_size}), got {train_tokens!r}.")
         self.data_dir = Path(data_dir)
         self.val_works, self.test_works = list(val_works), list(test_works)

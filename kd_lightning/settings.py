@@ -1,0 +1,195 @@
+"""A run's settings: the config parsed once into typed parts, every rule checked before anything is built.
+
+:func:`~kd_lightning.train.train` calls :meth:`Settings.from_config` first; each part is validated where it
+is built and then passed on instead of the config:
+
+- ``run`` (:class:`RunSettings`): seed, resume and overwrite, the baseline stage, where outputs and caches go,
+  how long a stage trains;
+- ``teacher`` (:class:`TeacherSettings`): where the teacher comes from (a checkpoint, trained once, recorded);
+- ``loss_mix`` (:class:`~kd_lightning.loss_mix.LossMix`): ``distill``, the loss terms, weights and schedules;
+- ``speed`` (:class:`~kd_lightning.speed.SpeedSettings`): how the networks run, not what they compute.
+
+The objects Hydra builds per stage (data, models, optimizer, trainer, callbacks, logger) stay config nodes,
+built with :func:`~kd_lightning.config.build` where they are needed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from kd_lightning import __version__
+from kd_lightning.checkpoints import existing_checkpoint
+from kd_lightning.config import build, check_known_keys
+from kd_lightning.errors import KDError, is_integer
+from kd_lightning.features import check_live_teacher
+from kd_lightning.loss_mix import LossMix
+from kd_lightning.losses import Objective, forward_kl, unwrap
+from kd_lightning.speed import SpeedSettings
+from kd_lightning.teacher.format import RecordingSettings
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "metrics.json"
+TEACHER_MODES = ("live", "recorded")
+# Trainer settings that do not change what a trained teacher is; all others (fast_dev_run,
+# limit_train_batches, precision, devices, ...) are part of the trained-teacher key.
+DISPLAY_ONLY_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps", "default_root_dir"}
+
+
+def plain(node: Any) -> Any:
+    """A config node as plain Python values (interpolations resolved)."""
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def check_epochs(key: str, epochs: Any, max_steps: int) -> None:
+    """A stage trains for a positive number of epochs (``None``: Lightning's default; -1 only with ``max_steps``)."""
+    if epochs is None or (epochs == -1 and max_steps > 0):
+        return
+    if not is_integer(epochs) or epochs < 1:
+        raise KDError(f"{key} must be a positive integer, got {epochs!r}" + (" (-1 trains forever unless trainer.max_steps "
+                      "is set)" if epochs == -1 else "") + f"; set e.g. {key}=30.")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The run as a whole: what every stage shares."""
+
+    seed: int
+    output_dir: Path
+    cache_dir: Path
+    resume: bool  # ckpt_path=last: each stage continues from its last.ckpt
+    baseline: bool  # also train the student alone
+    num_classes: int
+    trainer: DictConfig  # built once per stage
+    optim: DictConfig
+    callbacks: DictConfig | None
+    logger: DictConfig | None
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> RunSettings:
+        """An integer seed; ``ckpt_path`` null or ``last``; no results in the run directory unless ``overwrite``;
+        stages that train for a positive number of epochs or steps."""
+        if not is_integer(cfg.seed):
+            raise KDError(f"seed must be an integer, got {cfg.seed!r}; set e.g. seed=0.")
+        if cfg.get("ckpt_path") not in (None, "last"):
+            raise KDError(f"ckpt_path must be null or 'last', got {cfg.ckpt_path!r}: 'last' resumes every stage of the "
+                          "run in hydra.run.dir from <stage>/checkpoints/last.ckpt.")
+        output_dir = Path(cfg.paths.output_dir)
+        if (output_dir / RESULTS_FILE).exists() and not cfg.get("overwrite", False):
+            raise KDError(f"{output_dir} already holds the results of a run ({RESULTS_FILE}). Choose another "
+                          "directory (hydra.run.dir=...) or pass overwrite=true to replace them.")
+        max_steps = cfg.trainer.get("max_steps", -1)
+        if not is_integer(max_steps) or max_steps == 0 or max_steps < -1:
+            raise KDError(f"trainer.max_steps must be -1 (no limit) or a positive integer, got {max_steps!r}.")
+        check_epochs("trainer.max_epochs", cfg.trainer.get("max_epochs"), max_steps)
+        return cls(seed=cfg.seed, output_dir=output_dir, cache_dir=Path(cfg.paths.cache_dir), resume=cfg.get("ckpt_path") == "last",
+                   baseline=bool(cfg.get("baseline", False)), num_classes=cfg.data.num_classes, trainer=cfg.trainer,
+                   optim=cfg.optim, callbacks=cfg.get("callbacks"), logger=cfg.get("logger") or None)
+
+    @property
+    def max_steps(self) -> int:
+        return self.trainer.get("max_steps", -1)
+
+
+@dataclass(frozen=True)
+class TeacherSettings:
+    """``teacher``: the network, and where its weights and logits come from (``conf/teacher.yaml``)."""
+
+    model: DictConfig
+    fit: DictConfig  # the teacher stage's epochs, optimizer and scheduler
+    mode: str
+    checkpoint: Path | None
+    recording: RecordingSettings | None  # recorded mode only
+    cache_identity: dict[str, Any]  # what a teacher trained here depends on: the key of the trained-teacher cache
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, loss_mix: LossMix, max_steps: int) -> TeacherSettings:
+        """Every rule of ``teacher``: a known mode, an existing checkpoint file, a positive number of epochs, and in
+        recorded mode recording settings that fit the data and the loss (no feature terms; draws: forward KL only)."""
+        teacher = cfg.teacher
+        mode = teacher.get("mode", "live")
+        if mode not in TEACHER_MODES:
+            hint = " (teacher.mode=cached is now teacher.mode=recorded)" if mode == "cached" else ""
+            raise KDError(f"teacher.mode must be live or recorded, got {mode!r}{hint}.")
+        check_epochs("teacher.fit.max_epochs", teacher.fit.max_epochs, max_steps)
+        recording = None
+        if mode == "recorded":
+            check_live_teacher(loss_mix.features, live=False)
+            recording = RecordingSettings(**plain(teacher.recording))
+            recording.check_classes(cfg.data.num_classes)
+            if recording.samples:
+                check_forward_kl_only(loss_mix)
+        trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
+        data = {k: v for k, v in plain(cfg.data).items() if k != "labeled_fraction"}  # the teacher trains on every label
+        identity = {"model": plain(teacher.model), "fit": plain(teacher.fit), "data": data, "trainer": trainer,
+                    "seed": cfg.seed, "kd_lightning": __version__}  # a new release retrains
+        checkpoint = existing_checkpoint(teacher.checkpoint) if teacher.get("checkpoint") else None
+        return cls(model=teacher.model, fit=teacher.fit, mode=mode, checkpoint=checkpoint, recording=recording,
+                   cache_identity=identity)
+
+    @property
+    def name(self) -> str:
+        """The teacher model's name (zoo name, else class name), for cache file names."""
+        return self.model.get("name") or self.model._target_.rsplit(".", 1)[-1]
+
+
+def check_forward_kl_only(loss_mix: LossMix) -> None:
+    """Draws from the teacher's tail (``teacher.recording.tail=sampled``) stand in for it in forward KL only."""
+    objectives = {"distill.loss": loss_mix.objective} | {f"distill.extra_terms.{name}.objective": objective
+                                                          for name, objective in loss_mix.extra_terms.items()}
+    for where, objective in objectives.items():
+        spec = Objective.of(objective)
+        if spec is None or spec.divergence is not forward_kl or spec.standardize:
+            function = unwrap(objective)
+            what = "standardized" if spec is not None and spec.divergence is forward_kl else \
+                f"{getattr(function, '__module__', '')}.{getattr(function, '__name__', type(function).__name__)}"
+            raise KDError(f"teacher.recording.tail=sampled stands in for the teacher in forward KL only (distill/loss=kd, "
+                          f"standardize=false), but {where} is {what}; use teacher.recording.tail=student.")
+
+
+def build_loss_mix(distill: DictConfig) -> LossMix:
+    """The distilled stage's :class:`LossMix` from ``distill`` (every setting checked where the mix is built)."""
+    extra_terms = {name: {**plain(spec), "objective": build(spec.objective)} if spec.get("objective") else plain(spec)
+                   for name, spec in (distill.get("extra_terms") or {}).items()}
+    return LossMix(objective=build(distill.loss) if distill.get("loss") else None, temperature=distill.temperature,
+                   alpha=distill.alpha, extra_terms=extra_terms, features=plain(distill.get("features")),
+                   weights=plain(distill.get("weights")), schedules=plain(distill.get("schedules")))
+
+
+def speed_settings(cfg: DictConfig) -> SpeedSettings:
+    """``speed``. ``distill.chunk_rows``, the chunked loss's key before it moved to ``speed``, is ``${speed.chunk_rows}``
+    unless a command or recipe sets it: then it replaces ``speed.chunk_rows``, with a hint."""
+    speed = dict(plain(cfg.get("speed")) or {})
+    distill = cfg.distill
+    if "chunk_rows" in distill and not OmegaConf.is_interpolation(distill, "chunk_rows"):
+        speed["chunk_rows"] = distill.chunk_rows
+        log.warning("distill.chunk_rows is now speed.chunk_rows (how the loss is computed, not what); using %s",
+                    distill.chunk_rows)
+    return SpeedSettings(**speed)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A run's settings, parsed once (:meth:`from_config`)."""
+
+    run: RunSettings
+    teacher: TeacherSettings
+    loss_mix: LossMix
+    speed: SpeedSettings
+    data: DictConfig  # built once, by train()
+    student: DictConfig  # the student model, built fresh in each stage
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> Settings:
+        """Parse and check every setting of ``cfg``, before anything is built or trained."""
+        check_known_keys(cfg)
+        run = RunSettings.from_config(cfg)
+        speed = speed_settings(cfg)
+        loss_mix = build_loss_mix(cfg.distill)
+        teacher = TeacherSettings.from_config(cfg, loss_mix, run.max_steps)
+        return cls(run=run, teacher=teacher, loss_mix=loss_mix, speed=speed, data=cfg.data, student=cfg.student.model)
