@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.data.batch import Batch, kept_tokens
+from kd_lightning.data.batch import Batch
 from kd_lightning.errors import KDError
 from kd_lightning.features import FeatureDistiller, FeatureTerm
 from kd_lightning.losses import (MAX_TEMPERATURE, MIN_TEMPERATURE, Objective, check_objective_settings, check_temperature,
@@ -200,7 +200,7 @@ class LossMix(nn.Module):
         """Logit term ``name`` (the objective or an extra term), unweighted, at this step's temperature: the library's
         objectives as a divergence per position reduced over the kept positions (:mod:`kd_lightning.reduction`); your
         own called with ``temperature``, ``labels`` and, for tokens, ``mask`` (the kept tokens)."""
-        keep, labels = kept_tokens(batch), batch.get("labels")
+        keep, labels = batch.get("kept"), batch.get("labels")
         spec = self.specs[name]
         if spec is not None:
             return spec(student_logits, teacher_logits, self.temperature, keep=keep, labels=labels)

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kd_lightning.errors import KDError, is_number
-from kd_lightning.reduction import both, counted, reduce
+from kd_lightning.data.batch import counted
+from kd_lightning.reduction import both, reduce
 
 __all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "standardize_logits", "KDLoss",
            "positions_to_keep", "check_temperature", "Objective"]

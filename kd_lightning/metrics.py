@@ -18,7 +18,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 from torchmetrics.text import Perplexity
 
-from kd_lightning.data.batch import Batch, kept_tokens
+from kd_lightning.data.batch import Batch
 from kd_lightning.losses import kl_rows
 from kd_lightning.vocab import common_rows
 
@@ -54,7 +54,7 @@ class SplitMetrics(nn.ModuleDict):
     def add_batch(self, student_logits: Tensor, teacher_logits: Tensor | None, batch: Batch) -> None:
         """Add one batch: logits ``(N, C)`` / ``(N, L, V)`` and its labels."""
         if self.tokens:
-            keep = kept_tokens(batch)
+            keep = batch["kept"]
             labels, student = batch["labels"][keep], student_logits[keep].float()  # (K,), (K, V): the tokens that count
             self["acc"](student.argmax(-1), labels)
             self["ppl"](student[None], labels[None])

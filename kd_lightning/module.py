@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd_lightning.chunked import HeadLogits, TeacherBlocks, blockwise_terms, resolved
-from kd_lightning.data.batch import Batch, as_batch, kept_tokens
+from kd_lightning.data.batch import Batch, as_batch, counted
 from kd_lightning.checkpoints import check_student_state, student_only
 from kd_lightning.errors import KDError
 from kd_lightning.features import check_live_teacher
@@ -18,7 +18,7 @@ from kd_lightning.loss_mix import LossMix, Terms
 from kd_lightning.metrics import SPLITS, SplitMetrics
 from kd_lightning.progress import logs_this_step
 from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits
-from kd_lightning.reduction import counted, reduce
+from kd_lightning.reduction import reduce
 from kd_lightning.schedules import optimizer_config
 from kd_lightning.speed import check_chunk_rows
 from kd_lightning.teacher import LiveTeacher, Teacher, as_teacher
@@ -105,7 +105,7 @@ class DistillationModule(L.LightningModule):
         without any gives 0)."""
         labels = batch["labels"]
         per_position = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(), reduction="none")
-        keep = kept_tokens(batch)
+        keep = batch.get("kept")
         return reduce(per_position.view_as(labels), keep if keep is not None else counted(labels))
 
     def distillation_loss(self, student_logits: Tensor, teacher_logits: Tensor, batch: Batch) -> Tensor:
@@ -120,9 +120,9 @@ class DistillationModule(L.LightningModule):
             features = self.loss_mix.feature_losses() if teacher_out is not None else {}
             return Terms(terms | self.loss_mix.weighted(features))
         if not self.outputs_checked:
-            labels_in_range(batch["labels"], kept_tokens(batch), self.hparams.num_classes)
+            labels_in_range(batch["labels"], batch.get("kept"), self.hparams.num_classes)
         fields = {name: batch[name] for name in ("labels", "kept") if name in batch}
-        total, terms = blockwise_terms(student_out, teacher_out, fields, self.logit_terms, kept_tokens(batch))
+        total, terms = blockwise_terms(student_out, teacher_out, fields, self.logit_terms, batch.get("kept"))
         return Terms(terms, total=total)
 
     # -- the terms of some logits (all of a batch's, or one block's) ---------------------------------
@@ -143,7 +143,7 @@ class DistillationModule(L.LightningModule):
     def check_outputs_once(self, student_logits: Tensor, teacher_logits: Tensor | None, batch: Batch) -> None:
         """On the first batch (or block): class counts and vocabularies agree, token labels are in range."""
         if not self.outputs_checked:
-            check_outputs(student_logits, teacher_logits, batch["labels"], kept_tokens(batch), self.hparams.num_classes, self.task)
+            check_outputs(student_logits, teacher_logits, batch["labels"], batch.get("kept"), self.hparams.num_classes, self.task)
             self.outputs_checked = True
 
     # -- steps -------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""The reduction: which positions count, and what their sum is divided by.
+"""The reduction: the sum over the positions that count, and what it is divided by.
 
 Every loss term of the library is a value per position (a sample, or a token) reduced here:
-the sum over the positions that count, divided by a count. That count is the number of
+the sum over the positions that count (the batch says which: :func:`kd_lightning.data.batch.counted`,
+``batch["kept"]``), divided by a count. That count is the number of
 positions kept in the call, or ``num_kept`` when given: the kept positions of a whole optimizer
 step (all micro-batches of a gradient accumulation, all ranks), so that the loss and its
 gradients do not depend on how the same examples were split. The loss mix, the public
@@ -13,23 +14,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-IGNORE_INDEX = -100  # a label that does not count (PyTorch's and Hugging Face's convention)
-
-
-def counted(labels: Tensor) -> Tensor:
-    """True where a label counts: every label but :data:`IGNORE_INDEX`. The one test of "does this position count"."""
-    return labels != IGNORE_INDEX
-
-
-def kept_positions(labels: Tensor | None, attention_mask: Tensor | None = None) -> Tensor | None:
-    """``(N, L)`` bool, True where a token counts (its label counts and its attention mask, when given, is 1);
-    ``None`` for class labels ``(N,)``, where every sample counts for the teacher's terms."""
-    if labels is None or labels.ndim < 2:
-        return None
-    keep = counted(labels)
-    return keep if attention_mask is None else keep & attention_mask.to(torch.bool)
-
 
 def both(first: Tensor | None, second: Tensor | None) -> Tensor | None:
     """The positions kept by both masks (``None``: all positions)."""

@@ -13,7 +13,6 @@ from typing import Any, TypedDict
 from torch import Tensor
 
 from kd_lightning.errors import KDError
-from kd_lightning.reduction import IGNORE_INDEX, kept_positions
 
 
 class Batch(TypedDict, total=False):
@@ -38,12 +37,29 @@ class Batch(TypedDict, total=False):
 
 
 TUPLE_FIELDS = ("inputs", "labels", "index")
-__all__ = ["IGNORE_INDEX", "Batch", "as_batch", "kept_tokens"]
+IGNORE_INDEX = -100  # a label that does not count (PyTorch's and Hugging Face's convention)
+__all__ = ["IGNORE_INDEX", "Batch", "as_batch", "counted", "kept_tokens"]
+
+
+def counted(labels: Tensor) -> Tensor:
+    """True where a label counts: every label but :data:`IGNORE_INDEX`. The one test of "does this position count",
+    for the batch, the objectives (DKD) and the recordings."""
+    return labels != IGNORE_INDEX
+
+
+def kept_positions(labels: Tensor | None, attention_mask: Tensor | None = None) -> Tensor | None:
+    """``(N, L)`` bool, True where a token counts (its label counts and its attention mask, when given, is 1);
+    ``None`` for class labels ``(N,)``, where every sample counts for the teacher's terms."""
+    if labels is None or labels.ndim < 2:
+        return None
+    keep = counted(labels)
+    return keep if attention_mask is None else keep & attention_mask.to(bool)
 
 
 def kept_tokens(batch: Batch) -> Tensor | None:
     """``(N, L)`` bool, True where a token counts: its label is not ``-100`` and its attention mask
-    (when present) is 1; ``None`` for a batch of class labels ``(N,)``, where every sample counts."""
+    (when present) is 1; ``None`` for a batch of class labels ``(N,)``, where every sample counts.
+    A batch read by :func:`as_batch` holds it as ``batch["kept"]``."""
     if "kept" in batch:
         return batch["kept"]
     return kept_positions(batch.get("labels"), batch.get("attention_mask"))

@@ -69,7 +69,7 @@ from torch import Tensor
 from kd_lightning.data.augment import VIEW_SEED
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError, check_integer, is_integer
-from kd_lightning.reduction import counted
+from kd_lightning.data.batch import counted
 
 FORMAT_VERSION = 2  # 2: top-k recordings keep the teacher's logit of each evaluation label
 META_FILE = "meta.json"

@@ -26,7 +26,7 @@ from kd_lightning.data.batch import Batch
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.files import atomic_directory, atomic_write_text
 from kd_lightning.models.outputs import model_logits
-from kd_lightning.reduction import counted
+from kd_lightning.data.batch import counted
 from kd_lightning.teacher.format import (FORMAT_VERSION, META_FILE, PROGRESS_FILE, RecordingSettings, draw_from_tail,
                                          index_dtype)
 from kd_lightning.vocab import check_padding_unused
