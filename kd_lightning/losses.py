@@ -165,6 +165,10 @@ def dkd(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, tckd_
     """``tckd_weight·TCKD + nckd_weight·NCKD`` per position, decoupled around each position's label."""
     if labels is None or labels.shape != student.shape[:-1]:
         raise ValueError(f"dkd_loss needs labels of shape {tuple(student.shape[:-1])} (one class per position).")
+    for key, weight in (("tckd_weight", tckd_weight), ("nckd_weight", nckd_weight)):
+        if not (is_number(weight) and math.isfinite(weight) and weight >= 0):
+            raise ValueError(f"{key} must be a finite number >= 0, got {weight!r} (a negative weight drives the loss to "
+                             "-inf; the paper's CIFAR values are tckd_weight=1, nckd_weight=8).")
     target = torch.where(counted(labels), labels, torch.zeros_like(labels)).long()[..., None]  # uncounted: any class
 
     def binary(log_p: Tensor) -> Tensor:  # log [p_g, 1 − p_g], the second as a log-sum-exp over the other classes
@@ -230,9 +234,15 @@ class Objective:
     def per_position(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float,
                      labels: Tensor | None = None) -> Tensor:
         """The divergence at each position ``(...)`` of ``(..., C)`` logits (the teacher's detached)."""
-        if student_logits.shape != teacher_logits.shape:
-            raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
-                             "differ in shape; teacher and student must predict the same number of classes.")
+        shapes = f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)}"
+        if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+            raise ValueError(f"{shapes} must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}; "
+                             "pass the models' logits, not class indices.")
+        if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
+            raise ValueError(f"{shapes} are for different positions (batch or sequence shapes differ); pass both models' "
+                             "logits of the same batch.")
+        if student_logits.shape[-1] != teacher_logits.shape[-1]:
+            raise ValueError(f"{shapes} differ in classes; teacher and student must predict the same number of classes.")
         check_temperature(temperature)
         s, t = at_least_float32(student_logits), at_least_float32(teacher_logits.detach())
         if self.standardize:

@@ -16,10 +16,13 @@ built with :func:`~kd_lightning.config.build` where they are needed.
 from __future__ import annotations
 
 import logging
+import os
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning import __version__
@@ -44,6 +47,45 @@ DISPLAY_ONLY_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log
 def plain(node: Any) -> Any:
     """A config node as plain Python values (interpolations resolved)."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def lightning_precisions() -> set[str]:
+    """The ``trainer.precision`` values Lightning accepts (``32-true``, ``bf16-mixed``, ``16``, ...)."""
+    from lightning.fabric import connector
+
+    return {str(value) for name in ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS", "_PRECISION_INPUT_INT")
+            for value in typing.get_args(getattr(connector, name, None))}
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """``trainer``: a precision Lightning knows; on a CPU, no more processes than the machine has cores."""
+    precision, known = trainer.get("precision", "32-true"), lightning_precisions()
+    if known and str(precision) not in known:
+        raise KDError(f"trainer.precision must be one of {', '.join(sorted(known))}, got {precision!r}; 32-true on a CPU, "
+                      "bf16-mixed on recent GPUs.")
+    devices, accelerator = trainer.get("devices", 1), trainer.get("accelerator", "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    cores = os.cpu_count() or 1
+    if on_cpu and is_integer(devices) and devices > cores:
+        raise KDError(f"trainer.devices={devices} starts {devices} CPU processes but this machine has {cores} cores; set "
+                      f"trainer.devices={cores} or fewer.")
+
+
+def check_optimizer(key: str, optim: DictConfig) -> None:
+    """``<key>.optimizer`` (and its scheduler) built once on a placeholder parameter, so that a learning rate of NaN or
+    below 0, a misspelt argument or a bad schedule is refused now, in one line, not in the first stage's set-up."""
+    def refused(what: str, error: Exception) -> KDError:
+        return KDError(f"{key}.{what} is set wrong: {' '.join(str(error).split())}")
+
+    try:
+        optimizer = build(optim.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+    except (TypeError, ValueError) as error:
+        raise refused("optimizer", error) from None
+    try:
+        if optim.get("scheduler"):
+            build(optim.scheduler)(optimizer)
+    except (TypeError, ValueError) as error:
+        raise refused("scheduler", error) from None
 
 
 def check_epochs(key: str, epochs: Any, max_steps: int) -> None:
@@ -87,6 +129,8 @@ class RunSettings:
         if not is_integer(max_steps) or max_steps == 0 or max_steps < -1:
             raise KDError(f"trainer.max_steps must be -1 (no limit) or a positive integer, got {max_steps!r}.")
         check_epochs("trainer.max_epochs", cfg.trainer.get("max_epochs"), max_steps)
+        check_trainer(cfg.trainer)
+        check_optimizer("optim", cfg.optim)
         return cls(seed=cfg.seed, output_dir=output_dir, cache_dir=Path(cfg.paths.cache_dir), resume=cfg.get("ckpt_path") == "last",
                    baseline=bool(cfg.get("baseline", False)), num_classes=cfg.data.num_classes, trainer=cfg.trainer,
                    optim=cfg.optim, callbacks=cfg.get("callbacks"), logger=cfg.get("logger") or None)
@@ -117,6 +161,8 @@ class TeacherSettings:
             hint = " (teacher.mode=cached is now teacher.mode=recorded)" if mode == "cached" else ""
             raise KDError(f"teacher.mode must be live or recorded, got {mode!r}{hint}.")
         check_epochs("teacher.fit.max_epochs", teacher.fit.max_epochs, max_steps)
+        if teacher.fit.optimizer != cfg.optim.optimizer or teacher.fit.get("scheduler") != cfg.optim.get("scheduler"):
+            check_optimizer("teacher.fit", teacher.fit)
         recording = None
         if mode == "recorded":
             check_live_teacher(loss_mix.features, live=False)

@@ -111,7 +111,13 @@ def check_outputs(student_logits: Tensor, teacher_logits: Tensor | None, labels:
         if torch.isnan(teacher_logits).any() or torch.isposinf(teacher_logits).any():  # -inf: a masked class, allowed
             raise KDError("the teacher's logits contain NaN or Inf; the teacher checkpoint is broken or diverged. "
                           "Retrain it or pass a different teacher.checkpoint.")
+    if labels.is_floating_point() or labels.dtype == torch.bool:
+        raise KDError(f"labels must be class indices (an integer tensor), got {labels.dtype}; -100 marks a position that "
+                      "does not count.")
     if task != "tokens":
+        if labels.shape != student_logits.shape[:-1]:
+            raise KDError(f"the batch has labels of shape {tuple(labels.shape)} for logits {tuple(student_logits.shape)}; "
+                          "give one class index per sample (N,).")
         if student_logits.shape[-1] != num_classes:
             raise KDError(f"the student predicts {student_logits.shape[-1]} classes but num_classes={num_classes}; "
                           "build it for the data's classes.")

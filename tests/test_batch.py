@@ -32,6 +32,14 @@ def test_a_dict_batch_and_a_tuple_batch_give_the_same_loss() -> None:
     assert torch.equal(from_tuple, from_dict) and torch.equal(from_tuple, from_triple)
 
 
+def test_labels_of_another_batch_size_or_not_class_indices_are_refused() -> None:
+    x = torch.rand(4, 1, 8, 8)
+    with pytest.raises(KDError, match=r"labels of shape \(3,\) for logits \(4, 10\)"):
+        module().training_step((x, torch.zeros(3, dtype=torch.long)), 0)
+    with pytest.raises(KDError, match="labels must be class indices .* got torch.float32"):
+        module().training_step((x, torch.zeros(4)), 0)
+
+
 def test_built_in_datamodules_yield_named_batches() -> None:
     dm = DigitsDataModule(batch_size=16)
     batch = next(iter(dm.loader("train", train=True)))

@@ -11,12 +11,11 @@ from typing import Iterator
 import pytest
 import torch
 
+from conftest import settings_of
 from kd_lightning import KDError
 from kd_lightning.files import atomic_directory
-from conftest import settings_of
 from kd_lightning.teacher.source import trained_teacher_path
 from kd_lightning.train import train
-
 from test_cli import run_cli
 
 FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
@@ -44,6 +43,14 @@ FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_
     (["speed.chunk_rows=64"], "speed.chunk_rows is for language models"),
     (["speed.chunk_rows=0"], "speed.chunk_rows must be a positive integer"),
     (["seed=abc"], "seed must be an integer, got 'abc'"),
+    (["trainer.max_steps=0"], r"trainer.max_steps must be -1 \(no limit\) or a positive integer, got 0"),
+    (["optim.optimizer.lr=nan"], "optim.optimizer is set wrong: Invalid learning rate: nan"),
+    (["optim.optimizer.lr=-0.01"], "optim.optimizer is set wrong: Invalid learning rate: -0.01"),
+    (["+optim.optimizer.momentum=0.9"], "optim.optimizer is set wrong: .*unexpected keyword argument 'momentum'"),
+    (["+optim.scheduler.bogus=1"], "optim.scheduler is set wrong: .*unexpected keyword argument 'bogus'"),
+    (["trainer.precision=bogus"], "trainer.precision must be one of .*32-true.*, got 'bogus'"),
+    (["trainer.devices=999"], "trainer.devices=999 starts 999 CPU processes but this machine has"),
+    (["distill/loss=dkd", "distill.loss.nckd_weight=-8"], "distill.loss is set wrong: nckd_weight must be a finite number >= 0"),
     (["+foo=1"], "unknown setting foo: nothing reads it"),
     (["+teacher.recording.topk=3"], "unknown setting teacher.recording.topk"),
     (["+distill.tempreature=3"], "unknown setting distill.tempreature"),

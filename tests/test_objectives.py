@@ -306,3 +306,20 @@ def test_mixtures_at_a_high_temperature_are_as_accurate_as_the_textbook_float32_
         exact = loss(s.double(), t.double())
         ours_error, naive_error = abs(loss(s, t) - exact) / exact, abs(naive[name] - exact) / exact
         assert ours_error <= 1.5 * naive_error + 1e-7, (name, ours_error.item(), naive_error.item())
+
+
+def test_logits_that_are_not_logits_of_one_batch_are_named_as_such() -> None:
+    s, t = logits_pair((4, 6), seed=17)
+    with pytest.raises(ValueError, match="must be floating point, got torch.int64"):
+        kd_loss(s.long(), t)
+    with pytest.raises(ValueError, match=r"are for different positions \(batch or sequence shapes differ\)"):
+        kd_loss(s, t[:3])
+    with pytest.raises(ValueError, match="differ in classes"):
+        kd_loss(s, t[:, :5])
+
+
+@pytest.mark.parametrize("weights", [{"nckd_weight": -8.0}, {"tckd_weight": float("nan")}, {"nckd_weight": float("inf")}])
+def test_dkd_weights_must_be_finite_and_not_negative(weights) -> None:
+    s, t = logits_pair((4, 6), seed=18)
+    with pytest.raises(ValueError, match="must be a finite number >= 0"):
+        dkd_loss(s, t, 2.0, labels=labels_for((4, 6)), **weights)
