@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from kd_lightning.config import config_dir, register_configs
+from kd_lightning.config import config_dir, register_configs, unknown_setting
 from kd_lightning.errors import KDError, one_line
 from kd_lightning.files import atomic_write_text
 from kd_lightning.report import FAILURE_FILE
@@ -91,6 +92,15 @@ def entry() -> None:
         run_reporting_errors(main)
 
 
+def hydra_error_line(error: HydraException) -> str:
+    """Hydra's refusal on one line; an override of a setting that does not exist as our unknown-setting line."""
+    unknown = re.match(r"Could not override '([^']+)'", str(error))
+    if unknown and re.search(r"not in (struct|'\w+')", str(error.__cause__ or error)):
+        return one_line(unknown_setting(unknown.group(1)))
+    cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ is not None and str(error.__cause__) else ""
+    return " ".join(f"{str(error).strip()}{cause}".split())
+
+
 def run_reporting_errors(app) -> None:
     """Run the Hydra app; a user or operator error anywhere, Hydra's own set-up included (a read-only
     run directory), ends as one line on stderr and exit status 1. ``HYDRA_FULL_ERROR=1`` shows tracebacks."""
@@ -100,8 +110,7 @@ def run_reporting_errors(app) -> None:
     except HydraException as error:  # a bad override or an unknown option: Hydra's own message (its options listed)
         if VERBOSE:
             raise
-        cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ is not None and str(error.__cause__) else ""
-        print(f"error: {str(error).strip()}{cause}", file=sys.stderr)
+        print(f"error: {hydra_error_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None
     except (KDError, OSError) as error:
         if VERBOSE:

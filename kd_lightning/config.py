@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -82,18 +83,35 @@ def check_known_keys(cfg: DictConfig) -> None:
     ``optim``, ``trainer``, ``callbacks`` and ``logger`` pass them to the object they build,
     ``distill.loss`` to the objective, ``distill.extra_terms/weights/schedules`` name terms.
     """
-    conf = Path(config_dir())
-    run, teacher = OmegaConf.load(conf / "train.yaml"), OmegaConf.load(conf / "teacher.yaml")
-    groups = {name for entry in run.defaults for name in ([entry] if isinstance(entry, str) else entry)} - {"_self_"}
-    known = {"": set(run) - {"defaults"} | groups, "distill": {f.name for f in fields(DistillSchema)},
-             "teacher": set(teacher) | {"model"},
-             "teacher.fit": set(teacher.fit), "teacher.recording": set(teacher.recording), "speed": set(run.speed)}
-    for where, allowed in known.items():
+    for where, allowed in closed_settings().items():
         node = OmegaConf.select(cfg, where) if where else cfg
         unknown = sorted(set(node) - allowed) if isinstance(node, DictConfig) else []
         if unknown:
-            names = ", ".join(f"{where}.{key}" if where else key for key in unknown)
-            raise KDError(f"unknown setting {names}: nothing reads it; remove it (the settings here are {', '.join(sorted(allowed))}).")
+            raise unknown_setting(f"{where}.{unknown[0]}" if where else unknown[0], allowed)
+
+
+def closed_settings() -> dict[str, set[str]]:
+    """``{where: the settings there}`` for the nodes whose keys are all read by the library (no free keys)."""
+    conf = Path(config_dir())
+    run, teacher = OmegaConf.load(conf / "train.yaml"), OmegaConf.load(conf / "teacher.yaml")
+    groups = {name for entry in run.defaults for name in ([entry] if isinstance(entry, str) else entry)} - {"_self_"}
+    return {"": set(run) - {"defaults"} | groups, "distill": {f.name for f in fields(DistillSchema)},
+            "teacher": set(teacher) | {"model"}, "teacher.fit": set(teacher.fit), "teacher.recording": set(teacher.recording),
+            "speed": set(run.speed)}
+
+
+def unknown_setting(key: str, allowed: set[str] | None = None) -> KDError:
+    """The one line for a setting nothing reads, with the known names closest to it (``trainer``'s from its defaults)."""
+    where, _, name = key.rpartition(".")
+    closed = allowed if allowed is not None else closed_settings().get(where)
+    known = closed
+    if known is None and where == "trainer":
+        known = set(OmegaConf.load(Path(config_dir()) / "trainer" / "default.yaml")) - {"_target_", "defaults"}
+    prefix = f"{where}." if where else ""
+    close = difflib.get_close_matches(name, sorted(known or ()), n=2, cutoff=0.75)
+    hint = f"did you mean {' or '.join(prefix + c for c in close)}? Otherwise remove it" if close else "remove it"
+    listing = f" (the settings here are {', '.join(sorted(closed))})" if closed else ""
+    return KDError(f"unknown setting {key}: nothing reads it; {hint}{listing}.")
 
 
 def register_configs() -> None:

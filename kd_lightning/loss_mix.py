@@ -5,7 +5,8 @@
 Each term is logged as ``train/<name>``: ``ce``, the objective under its own name (``kd``,
 ``reverse_kl``, ``jsd``, ``skew_kl``, ``tvd``, ``dkd``, or your function's), each extra term and feature
 term under its key. The library's objectives are divergences per position; the mix reduces them
-over the positions that count (:meth:`LossMix.evaluate`, :mod:`kd_lightning.reduction`). A term's weight comes from exactly one place:
+over the positions that count (:meth:`LossMix.evaluate`, :mod:`kd_lightning.reduction`). A term's
+weight comes from exactly one place:
 
 1. ``schedules[name]`` (a :class:`~kd_lightning.schedules.Schedule`, updated every step), else
 2. ``weights[name]``, else

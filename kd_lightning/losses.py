@@ -229,7 +229,8 @@ class Objective:
             raise TypeError(f"{objective.__name__} takes {sorted(unknown)} per call, not as a setting")
         reduction = {key: keywords.pop(key) for key in ("scale_by_t2", "standardize", "temperature") if key in keywords}
         check_settings(objective.__name__, spec.divergence, keywords)
-        return cls(spec.divergence, {**spec.settings, **keywords}, **{"scale_by_t2": spec.scale_by_t2, "temperature": spec.temperature, **reduction})
+        reduction = {"scale_by_t2": spec.scale_by_t2, "temperature": spec.temperature, **reduction}
+        return cls(spec.divergence, {**spec.settings, **keywords}, **reduction)
 
     def per_position(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float,
                      labels: Tensor | None = None) -> Tensor:

@@ -3,8 +3,9 @@
 Reads each job's ``metrics.json`` and the overrides Hydra recorded for it
 (``.hydra/overrides.yaml``), prints the table, writes ``report.csv`` into the sweep
 directory, and marks jobs that left no results as failed, with the one-line reason they
-recorded (``error.txt``), or as unfinished when they recorded none (still running, or killed).
-For an Optuna search it also names the best trial.
+recorded (``error.txt``), or as unfinished when they recorded none (still running, or killed). A job
+whose ``metrics.json`` cannot be read (truncated, not what a run writes) is marked unreadable; the
+others are reported as usual. For an Optuna search it also names the best trial.
 """
 
 from __future__ import annotations
@@ -24,6 +25,27 @@ FAILURE_FILE = "error.txt"  # written by kd_lightning.cli for a failed sweep job
 COLUMNS = [("teacher", "teacher"), ("baseline", "alone"), ("distilled", "distilled")]
 
 
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def read_results(results_file: Path) -> tuple[dict | None, str | None]:
+    """A job's ``metrics.json``, or why it cannot be used: ``(results, None)``, ``(None, reason)``, or
+    ``(None, None)`` when there is none."""
+    if not results_file.is_file():
+        return None, None
+    try:
+        results = json.loads(results_file.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        return None, f"{results_file} is unreadable ({' '.join(str(error).split())}); delete it or rerun the job"
+    sections = [results.get(key) for key, _ in COLUMNS] if isinstance(results, dict) else [0]
+    numbers = [results.get(key) for key in ("gain", "distilled_val_acc", "objective")] if isinstance(results, dict) else []
+    if not all(section is None or (isinstance(section, dict) and all(is_number(v) for v in section.values()))
+               for section in sections) or not all(n is None or is_number(n) for n in numbers):
+        return None, f"{results_file} does not hold a run's results; delete it or rerun the job"
+    return results, None
+
+
 def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
     """One row per job directory: its overrides, test accuracies (%), the distilled student's validation accuracy (``val``, what a search maximises) and status."""
     rows = []
@@ -31,11 +53,10 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
     for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         row: dict[str, str | float | None] = {"job": job.name, "overrides": " ".join(overrides)}
-        results_file = job / "metrics.json"
-        results = json.loads(results_file.read_text()) if results_file.is_file() else None
+        results, unreadable = read_results(job / "metrics.json")
         failure = job / FAILURE_FILE
-        row["error"] = failure.read_text().strip() if not results and failure.is_file() else None
-        row["status"] = "ok" if results else "FAILED" if row["error"] is not None else "unfinished"
+        row["error"] = unreadable or (failure.read_text().strip() if not results and failure.is_file() else None)
+        row["status"] = "ok" if results else "unreadable" if unreadable else "FAILED" if row["error"] is not None else "unfinished"
         for key, name in COLUMNS:
             acc = ((results or {}).get(key) or {}).get("test/acc")
             row[name] = None if acc is None else round(100 * acc, 2)
@@ -101,6 +122,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         if row["status"] == "FAILED":
             print(f"job {row['job']} failed: {row['error']}")
+        elif row["status"] == "unreadable":
+            print(f"job {row['job']}: {row['error']}")
         elif row["status"] == "unfinished":
             print(f"job {row['job']}: no results yet: still running, or killed before it could say why "
                   "(see its log in the job directory)")

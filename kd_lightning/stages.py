@@ -113,6 +113,9 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
     if resume:
         check_resumable(last, stage)
         log.info("stage %s: resuming from %s", stage, resume)
+    elif run.resume:
+        log.warning("stage %s: ckpt_path=last, but there is no %s to resume from; training the stage from its start",
+                    stage, last)
     with lightning_hushed():
         trainer = make_trainer(run, stage, **trainer_overrides)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

@@ -53,7 +53,7 @@ FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_
     (["distill/loss=dkd", "distill.loss.nckd_weight=-8"], "distill.loss is set wrong: nckd_weight must be a finite number >= 0"),
     (["+foo=1"], "unknown setting foo: nothing reads it"),
     (["+teacher.recording.topk=3"], "unknown setting teacher.recording.topk"),
-    (["+distill.tempreature=3"], "unknown setting distill.tempreature"),
+    (["+distill.tempreature=3"], r"unknown setting distill.tempreature: nothing reads it; did you mean distill.temperature\?"),
 ])
 def test_bad_input_stops_before_any_stage_trains(make_cfg, tmp_path: Path, overrides: list[str], message: str) -> None:
     cfg = make_cfg(*FAST, *overrides)
@@ -61,6 +61,18 @@ def test_bad_input_stops_before_any_stage_trains(make_cfg, tmp_path: Path, overr
         train(cfg)
     assert not (tmp_path / "run").exists()  # no stage started, nothing written
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_unknown_setting_without_plus_gets_our_line_and_the_closest_names(tmp_path: Path) -> None:
+    """Hydra's own refusal ("Could not override ... To append to your config use +foo=1") sends users the wrong way."""
+    for override, line in (("distill.tempreature=3", "unknown setting distill.tempreature: nothing reads it; did you mean "
+                                                     "distill.temperature? Otherwise remove it (the settings here are "),
+                           ("trainer.max_epoch=3", "unknown setting trainer.max_epoch: nothing reads it; did you mean "
+                                                   "trainer.max_epochs? Otherwise remove it."),
+                           ("foo=1", "unknown setting foo: nothing reads it; remove it (the settings here are ")):
+        out = run_cli(tmp_path, override, "hydra.run.dir=run")
+        assert out.returncode == 1 and out.stderr.startswith(f"error: {line}"), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and "+" not in out.stderr
 
 
 def test_the_command_line_says_it_in_one_line(tmp_path: Path) -> None:

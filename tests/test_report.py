@@ -43,3 +43,17 @@ def test_a_job_without_results_or_reason_is_unfinished_not_failed(tmp_path: Path
     printed = capsys.readouterr().out
     assert "FAILED" not in printed and "unfinished" in printed
     assert "job 1: no results yet: still running, or killed before it could say why" in printed
+
+
+def test_a_job_whose_results_cannot_be_read_is_marked_and_the_others_reported(tmp_path: Path, capsys) -> None:
+    ok = {"teacher": {"test/acc": 0.98}, "baseline": {"test/acc": 0.96}, "distilled": {"test/acc": 0.97}, "gain": 0.01}
+    job(tmp_path, "0", ["seed=0"], ok)
+    job(tmp_path, "1", ["seed=1"], ok)
+    job(tmp_path, "2", ["seed=2"], {"teacher": 5})
+    (tmp_path / "1" / "metrics.json").write_text(json.dumps(ok)[:20])  # truncated
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert f"job 1: {tmp_path / '1' / 'metrics.json'} is unreadable" in printed
+    assert f"job 2: {tmp_path / '2' / 'metrics.json'} does not hold a run's results" in printed
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert [r["status"] for r in rows] == ["ok", "unreadable", "unreadable"] and rows[0]["distilled"] == "97.0"

@@ -19,7 +19,7 @@ def student_weights(run: Path, stage: str) -> dict[str, torch.Tensor]:
     return torch.load(run / stage / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_resume_after_a_crash_gives_the_uninterrupted_weights(make_cfg, tmp_path: Path) -> None:
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(make_cfg, tmp_path: Path, caplog) -> None:
     uninterrupted = train(make_cfg(*FAST, output_dir=tmp_path / "a"))
 
     with pytest.raises(Preempted):
@@ -28,7 +28,10 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(make_cfg, tmp_path
     assert saved["epoch"] == 0 and not any(k.startswith("teacher.") for k in saved["state_dict"])
     assert not (tmp_path / "b" / "metrics.json").exists()
 
-    resumed = train(make_cfg(*FAST, "ckpt_path=last", output_dir=tmp_path / "b"))
+    with caplog.at_level("WARNING", logger="kd_lightning"):
+        resumed = train(make_cfg(*FAST, "ckpt_path=last", output_dir=tmp_path / "b"))
+    assert "stage distilled: ckpt_path=last" not in caplog.text  # resumed
+    assert "stage baseline: ckpt_path=last, but there is no" in caplog.text  # killed before it started: said so
     for stage in ("distilled", "baseline"):
         a, b = student_weights(tmp_path / "a", stage), student_weights(tmp_path / "b", stage)
         assert a.keys() == b.keys()
