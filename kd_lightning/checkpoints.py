@@ -21,16 +21,17 @@ from kd_lightning.errors import KDError
 from kd_lightning.files import atomic_write_bytes
 
 
-def existing_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` as a ``Path``; refused with the fix unless it is a file."""
+def existing_checkpoint(path: str | os.PathLike, setting: str = "teacher.checkpoint") -> Path:
+    """``path`` as a ``Path``; refused with the fix unless it is a file. ``setting``: where the path was given."""
     path = Path(path)
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in {".pth", ".pt", ".ckpt"})[:3]
-        raise KDError(f"{path} is a directory, not a checkpoint file; point teacher.checkpoint at the file"
+        raise KDError(f"{path} is a directory, not a checkpoint file; point {setting} at the file"
                       + (f" (it holds {', '.join(inside)})." if inside else "."))
     if not path.is_file():
-        raise KDError(f"checkpoint not found: {path}. Check teacher.checkpoint (relative paths are "
-                      "resolved from the directory you ran the command in), or set it to null to train one.")
+        train_one = ", or set it to null to train one" if setting == "teacher.checkpoint" else ""
+        raise KDError(f"checkpoint not found: {path}. Check {setting} (relative paths are resolved from the directory "
+                      f"you ran the command in){train_one}.")
     return path
 
 

@@ -15,14 +15,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
-from kd_lightning.checkpoints import load_weights
-from kd_lightning.files import atomic_write
+from kd_lightning.checkpoints import existing_checkpoint, load_weights
 from kd_lightning.errors import KDError, one_line
+from kd_lightning.files import atomic_write
 
 
 def find_run_config(checkpoint: Path) -> Path:
@@ -48,11 +47,31 @@ def student_from_config(config: Path) -> tuple[nn.Module, tuple[int, ...] | None
     return student, input_shape
 
 
-def atomic_save(write: Callable[[str], None], out: Path, overwrite: bool) -> None:
-    """Write ``out`` through a temporary file; refuse to replace an existing file unless ``overwrite``."""
-    if out.exists() and not overwrite:
-        raise KDError(f"{out} already exists; choose another path or pass --overwrite to replace it.")
-    atomic_write(out, write)
+def check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool) -> None:
+    """Before anything is written: no output is the checkpoint itself or another output, and none exists unless
+    ``overwrite``."""
+    resolved = [out.resolve() for out in outputs]
+    for out, where in zip(outputs, resolved):
+        if where == checkpoint.resolve():
+            raise KDError(f"{out} is the checkpoint being exported; write the student to another path (the checkpoint is "
+                          "what ckpt_path=last resumes from).")
+        if resolved.count(where) > 1:
+            raise KDError(f"{out} is named for two outputs; give each of them its own path.")
+        if out.exists() and not overwrite:
+            raise KDError(f"{out} already exists; choose another path or pass --overwrite to replace it.")
+
+
+def check_stage(checkpoint: Path, config: Path) -> None:
+    """Refuse the teacher stage's checkpoint of a run: it holds the teacher, not the student of the run's config."""
+    run = config.resolve().parent.parent
+    try:
+        stage = checkpoint.resolve().relative_to(run).parts[0]
+    except (ValueError, IndexError):
+        return
+    if stage == "teacher":
+        raise KDError(f"{checkpoint} is the teacher stage's checkpoint: it holds the run's teacher, not its student. Export "
+                      f"{run / 'distilled' / 'checkpoints' / 'last.ckpt'} (the distilled student), or use this file as "
+                      "teacher.checkpoint=... of another run.")
 
 
 def export_student(
@@ -77,14 +96,17 @@ def export_student(
         torchscript, torch_export: also write a traced TorchScript module / an ``ExportedProgram`` here.
         overwrite: replace existing output files.
     """
-    checkpoint, out = Path(checkpoint), Path(out)
+    checkpoint, out = existing_checkpoint(checkpoint, "the checkpoint to export"), Path(out)
+    check_outputs(checkpoint, [Path(p) for p in (out, torchscript, torch_export) if p], overwrite)
     input_shape = None
     if student is None:
-        student, input_shape = student_from_config(Path(config) if config else find_run_config(checkpoint))
+        config = Path(config) if config else find_run_config(checkpoint)
+        check_stage(checkpoint, config)
+        student, input_shape = student_from_config(config)
     load_weights(student, checkpoint)  # strict: every student key, nothing else
     student.eval()
     state = {k: v.detach().clone() for k, v in student.state_dict().items()}
-    atomic_save(lambda tmp: torch.save(state, tmp), out, overwrite)
+    atomic_write(out, lambda tmp: torch.save(state, tmp))
 
     if torchscript or torch_export:
         if example_input is None:
@@ -95,11 +117,11 @@ def export_student(
         with torch.no_grad():
             if torchscript:
                 traced = torch.jit.trace(student, example_input)
-                atomic_save(lambda tmp: torch.jit.save(traced, tmp), Path(torchscript), overwrite)
+                atomic_write(Path(torchscript), lambda tmp: torch.jit.save(traced, tmp))
             if torch_export:
                 batch = torch.export.Dim("batch")  # any batch size, not just the example's
                 program = torch.export.export(student, (example_input,), dynamic_shapes=({0: batch},))
-                atomic_save(lambda tmp: torch.export.save(program, tmp), Path(torch_export), overwrite)
+                atomic_write(Path(torch_export), lambda tmp: torch.export.save(program, tmp))
     return student
 
 
