@@ -107,6 +107,8 @@ def lightning_hushed() -> Iterator[None]:
             warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
             warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")  # the frozen teacher
             warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")  # inside Lightning
+            warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")  # short epochs: logged at their end
+            warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # resume, overwrite
             yield
     finally:
         for logger, level in zip(loggers, levels):

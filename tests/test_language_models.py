@@ -333,6 +333,9 @@ def test_the_recipe_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, corpus: Pat
     assert results["ppl_ratio"] == pytest.approx(results["distilled"]["test/ppl"] / results["baseline"]["test/ppl"])
     assert "ppl" in out.stdout.splitlines()[-7] and "gain from KD" in out.stdout
     assert out.stdout.count("the chunked loss (24 tokens per block)") == 3  # teacher, distilled, alone
+    log = out.stdout + out.stderr
+    assert "distill.chunk_rows is now speed.chunk_rows" in log  # the key before it moved, with a one-line hint
+    assert "logging interval" not in log and "Warning" not in out.stderr  # nothing of Lightning's about short epochs
 
 
 def test_a_recorded_teacher_and_a_hugging_face_student_from_the_command_line(tmp_path: Path, corpus: Path) -> None:

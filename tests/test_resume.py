@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,8 +29,10 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(make_cfg, tmp_path
     assert saved["epoch"] == 0 and not any(k.startswith("teacher.") for k in saved["state_dict"])
     assert not (tmp_path / "b" / "metrics.json").exists()
 
-    with caplog.at_level("WARNING", logger="kd_lightning"):
+    with caplog.at_level("WARNING", logger="kd_lightning"), warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
         resumed = train(make_cfg(*FAST, "ckpt_path=last", output_dir=tmp_path / "b"))
+    assert not [w for w in warned if "Checkpoint directory" in str(w.message)]  # Lightning's, about the resumed stage
     assert "stage distilled: ckpt_path=last" not in caplog.text  # resumed
     assert "stage baseline: ckpt_path=last, but there is no" in caplog.text  # killed before it started: said so
     for stage in ("distilled", "baseline"):
