@@ -62,3 +62,15 @@ def test_the_library_reads_batches_by_name_and_locks_with_filelock() -> None:
         text = path.read_text()
         assert not re.search(r"batch\[\d", text), f"{path}: positional batch access"
         assert "fcntl" not in text, f"{path}: use kd_lightning.files.job_lock (filelock)"
+
+
+def test_an_empty_split_is_refused() -> None:
+    from kd_lightning.data import InMemoryDataModule
+
+    class NoValidation(InMemoryDataModule):
+        def load_splits(self):
+            x, y = torch.rand(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)
+            return {"train": (x, y), "val": (x[:0], y[:0]), "test": (x, y)}
+
+    with pytest.raises(KDError, match="the val split of NoValidation holds no samples"):
+        NoValidation(batch_size=2, num_classes=10).setup()

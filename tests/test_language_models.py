@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -313,6 +314,30 @@ def test_a_truncated_token_recording_is_named_with_the_fix(corpus: Path, tmp_pat
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(KDError, match=f"missing or corrupt .*delete {tmp_path / 'rec'} to record the teacher again"):
         RecordedTeacher(tmp_path / "rec")
+
+
+def test_a_corpus_that_is_not_text_in_its_encoding_or_too_short_is_refused_by_name(corpus: Path) -> None:
+    """Read with errors='replace', random bytes or UTF-16 trained as if they were text; a split of no block trained
+    zero steps and still wrote results."""
+    work = corpus / "delta.txt"
+    text = work.read_text()
+    work.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)))
+    with pytest.raises(KDError, match=r"delta.txt is not utf-8 text \(.* at byte \d+\); set data.encoding"):
+        text_data(corpus)
+    work.write_text(text, encoding="utf-16")
+    with pytest.raises(KDError, match=r"delta.txt is not utf-8 text"):
+        text_data(corpus)
+    with pytest.raises(KDError, match=r"delta.txt holds NUL characters"):
+        text_data(corpus, encoding="latin-1")
+    utf16 = make_corpus(corpus.parent / "utf16")
+    for path in utf16.glob("*.txt"):
+        path.write_text(path.read_text(), encoding="utf-16")
+    assert len(text_data(utf16, encoding="utf-16").splits["train"]) == len(text_data(make_corpus(corpus.parent / "plain")).splits["train"])
+    with pytest.raises(KDError, match="data.encoding='klingon' is not a text encoding"):
+        text_data(utf16, encoding="klingon")
+    work.write_text(text)
+    with pytest.raises(KDError, match=r"the train works \(.*\) give no block of data.block_size=100000 tokens"):
+        text_data(corpus, block_size=100_000)
 
 
 # -- the recipe from the command line ------------------------------------------------------------------

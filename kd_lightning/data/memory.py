@@ -117,7 +117,12 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            self.splits = {name: TensorSplit(x, y) for name, (x, y) in self.load_splits().items()}
+            splits = {name: TensorSplit(x, y) for name, (x, y) in self.load_splits().items()}
+            empty = [name for name, split in splits.items() if len(split) == 0]
+            if empty:
+                raise KDError(f"the {empty[0]} split of {type(self).__name__} holds no samples: a stage would train or "
+                              "test on nothing. Check the data's location and split settings.")
+            self.splits = splits
             if self.labeled_fraction < 1:
                 train = self.splits["train"]
                 self.train_labels = train.targets

@@ -9,6 +9,7 @@ names across the split). Batches are :class:`~kd_lightning.data.batch.Batch` dic
 
 from __future__ import annotations
 
+import codecs
 import logging
 from pathlib import Path
 from typing import Sequence
@@ -64,6 +65,8 @@ class TextDataModule(InMemoryDataModule):
         train_tokens: use only the first this many training tokens (``null``: all), to fit a budget.
         batch_size, eval_batch_size: sequences per batch.
         num_classes: must equal ``vocab_size`` when given (the config passes both).
+        encoding: the files' text encoding (``data.encoding``), decoded strictly: a file that is not text in it
+            (binary data, another encoding) is refused by name.
     """
 
     task = "tokens"
@@ -79,6 +82,7 @@ class TextDataModule(InMemoryDataModule):
         batch_size: int = 32,
         eval_batch_size: int | None = None,
         num_classes: int | None = None,
+        encoding: str = "utf-8",
         **kwargs,
     ) -> None:
         if num_classes not in (None, vocab_size):
@@ -89,6 +93,12 @@ class TextDataModule(InMemoryDataModule):
         check_integer("data.block_size", block_size)
         if train_tokens is not None and (not is_integer(train_tokens) or train_tokens <= block_size):
             raise KDError(f"data.train_tokens must be null or an integer above data.block_size ({block_size}), got {train_tokens!r}.")
+        try:
+            codecs.lookup(encoding)
+        except (LookupError, TypeError):
+            raise KDError(f"data.encoding={encoding!r} is not a text encoding Python knows; set e.g. data.encoding=utf-8 "
+                          "(or utf-16, latin-1).") from None
+        self.encoding = encoding
         self.data_dir = Path(data_dir)
         self.val_works, self.test_works = list(val_works), list(test_works)
         self.vocab_size = vocab_size
@@ -120,9 +130,21 @@ class TextDataModule(InMemoryDataModule):
     def example_input(self, batch_size: int = 2) -> Tensor:
         return torch.zeros(batch_size, self.block_size, dtype=torch.long)
 
+    def read(self, path: Path) -> str:
+        """The text of one work, decoded strictly; binary data or another encoding refused with the file's name."""
+        try:
+            text = path.read_bytes().decode(self.encoding)
+        except UnicodeDecodeError as error:
+            raise KDError(f"{path} is not {self.encoding} text ({error.reason} at byte {error.start}); set data.encoding "
+                          "to its encoding (e.g. utf-16, latin-1), or take the file out of data.data_dir.") from None
+        if "\x00" in text:
+            raise KDError(f"{path} holds NUL characters: it is binary data, or text in another encoding than "
+                          f"data.encoding={self.encoding}; take it out of data.data_dir, or set data.encoding.")
+        return text
+
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         works = self.works()
-        texts = {split: [path.read_text(encoding="utf-8", errors="replace") for path in paths] for split, paths in works.items()}
+        texts = {split: [self.read(path) for path in paths] for split, paths in works.items()}
         self.tokenizer = train_tokenizer(texts["train"], self.vocab_size)
         end = self.tokenizer.token_to_id(END_OF_TEXT)
         splits = {}
@@ -134,6 +156,10 @@ class TextDataModule(InMemoryDataModule):
             if split == "train" and self.train_tokens is not None:
                 stream = stream[: self.train_tokens + 1]
             splits[split] = to_blocks(stream, self.block_size, pad_last=split != "train")
+            if not len(splits[split][0]):
+                raise KDError(f"the {split} works ({', '.join(path.stem for path in works[split])}) give no block of "
+                              f"data.block_size={self.block_size} tokens ({len(stream) - 1} tokens); lower data.block_size, "
+                              "raise data.train_tokens, or give that split more text.")
         log.info("text: %s tokens (train/val/test), tokenizer of %d tokens", "/".join(str(int((y != IGNORE_INDEX).sum()))
                  for _, y in splits.values()), self.tokenizer.get_vocab_size())
         return splits
