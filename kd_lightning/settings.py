@@ -105,6 +105,7 @@ class RunSettings:
     output_dir: Path
     cache_dir: Path
     resume: bool  # ckpt_path=last: each stage continues from its last.ckpt
+    overwrite: bool  # replace an earlier run's outputs in output_dir
     baseline: bool  # also train the student alone
     num_classes: int
     trainer: DictConfig  # built once per stage
@@ -121,17 +122,21 @@ class RunSettings:
         if cfg.get("ckpt_path") not in (None, "last"):
             raise KDError(f"ckpt_path must be null or 'last', got {cfg.ckpt_path!r}: 'last' resumes every stage of the "
                           "run in hydra.run.dir from <stage>/checkpoints/last.ckpt.")
-        output_dir = Path(cfg.paths.output_dir)
-        if (output_dir / RESULTS_FILE).exists() and not cfg.get("overwrite", False):
+        output_dir, overwrite, resume = Path(cfg.paths.output_dir), bool(cfg.get("overwrite", False)), cfg.get("ckpt_path") == "last"
+        if (output_dir / RESULTS_FILE).exists() and not overwrite:
             raise KDError(f"{output_dir} already holds the results of a run ({RESULTS_FILE}). Choose another "
                           "directory (hydra.run.dir=...) or pass overwrite=true to replace them.")
+        earlier = sorted(output_dir.glob("*/checkpoints/*.ckpt"))
+        if earlier and not (resume or overwrite):
+            raise KDError(f"{output_dir} holds the checkpoints of an earlier run ({earlier[0].relative_to(output_dir)}); pass "
+                          "ckpt_path=last to resume it, overwrite=true to replace it, or choose another hydra.run.dir.")
         max_steps = cfg.trainer.get("max_steps", -1)
         if not is_integer(max_steps) or max_steps == 0 or max_steps < -1:
             raise KDError(f"trainer.max_steps must be -1 (no limit) or a positive integer, got {max_steps!r}.")
         check_epochs("trainer.max_epochs", cfg.trainer.get("max_epochs"), max_steps)
         check_trainer(cfg.trainer)
         check_optimizer("optim", cfg.optim)
-        return cls(seed=cfg.seed, output_dir=output_dir, cache_dir=Path(cfg.paths.cache_dir), resume=cfg.get("ckpt_path") == "last",
+        return cls(seed=cfg.seed, output_dir=output_dir, cache_dir=Path(cfg.paths.cache_dir), resume=resume, overwrite=overwrite,
                    baseline=bool(cfg.get("baseline", False)), num_classes=cfg.data.num_classes, trainer=cfg.trainer,
                    optim=cfg.optim, callbacks=cfg.get("callbacks"), logger=cfg.get("logger") or None)
 

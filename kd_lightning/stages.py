@@ -6,6 +6,7 @@ starts from the same seed, so the distilled student and the baseline begin alike
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from typing import Any
@@ -15,9 +16,10 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from torch import nn
 
-from kd_lightning.checkpoints import AtomicCheckpointIO, check_resumable
+from kd_lightning.checkpoints import AtomicCheckpointIO, check_resumable, load_weights
 from kd_lightning.config import build
 from kd_lightning.data.memory import InMemoryDataModule
+from kd_lightning.files import atomic_write_text
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
@@ -25,6 +27,36 @@ from kd_lightning.settings import RunSettings, Settings
 from kd_lightning.teacher import Teacher
 
 log = logging.getLogger(__name__)
+
+STAGE_RESULTS = "results.json"  # a stage's val/test metrics, written when it has finished
+# what a run of the library writes in a stage's folder (overwrite=true replaces these, and only these)
+STAGE_OUTPUTS = ("checkpoints/*.ckpt", "metrics.csv", "hparams.yaml", STAGE_RESULTS, "events.out.tfevents.*")
+RUN_OUTPUTS = ("metrics.json", "curves.png")
+
+
+def read_stage_results(path: Path) -> dict[str, float] | None:
+    """A finished stage's metrics (``results.json``); ``None`` when it has none, or one a kill left unreadable."""
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        log.warning("stage results %s are unreadable (%s); the stage is resumed from its checkpoint instead", path, error)
+        return None
+    return results if isinstance(results, dict) else None
+
+
+def clear_earlier_run(output_dir: Path) -> None:
+    """``overwrite=true``: remove what an earlier run wrote in ``output_dir`` (its stages' checkpoints, logs and
+    results, ``metrics.json``, ``curves.png``), so that the new run's files are one consistent set (no
+    ``last-v1.ckpt`` beside a stale ``last.ckpt``); files the library did not write stay."""
+    earlier = [path for stage in ("teacher", "distilled", "baseline") for pattern in STAGE_OUTPUTS
+               for path in (output_dir / stage).glob(pattern)] + [output_dir / name for name in RUN_OUTPUTS]
+    removed = [path for path in earlier if path.is_file()]
+    for path in removed:
+        path.unlink()
+    if removed:
+        log.info("overwrite: removed %d files of the earlier run in %s", len(removed), output_dir)
 
 
 def leave_process_group() -> None:
@@ -94,8 +126,9 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
               optim: DictConfig | None = None, **trainer_overrides: Any) -> tuple[dict[str, float], nn.Module]:
     """Build ``model`` from the seed, fit it with ``loss_mix`` against ``teacher``, test it.
 
-    Returns the stage's ``val/...`` and ``test/...`` metrics and the trained model.
-    ``ckpt_path=last`` resumes the stage from its ``last.ckpt`` when there is one.
+    Returns the stage's ``val/...`` and ``test/...`` metrics (also written to ``<stage>/results.json``) and the
+    trained model. ``ckpt_path=last`` resumes the stage from its ``last.ckpt`` when there is one, and reads a finished
+    stage (its ``results.json``) back instead of fitting it again.
     """
     run, speed = settings.run, settings.speed
     optim = optim if optim is not None else run.optim
@@ -109,9 +142,14 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
     chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
     log.info("stage %s: %s%s", stage, loss_mix.extra_repr(), chunked)
     last = run.output_dir / stage / "checkpoints" / "last.ckpt"
+    results = run.output_dir / stage / STAGE_RESULTS
     resume = str(last) if run.resume and last.is_file() else None
     if resume:
         check_resumable(last, stage)
+        finished = read_stage_results(results)
+        if finished is not None:  # read back, neither fitted nor logged again
+            log.info("stage %s: finished earlier; its results and weights are read back from %s", stage, results.parent)
+            return finished, load_weights(module.student, last)
         log.info("stage %s: resuming from %s", stage, resume)
     elif run.resume:
         log.warning("stage %s: ckpt_path=last, but there is no %s to resume from; training the stage from its start",
@@ -122,4 +160,7 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
         end_logger_runs(trainer)
-    return {**val, **{k: float(v) for k, v in test.items()}}, module.student
+    metrics = {**val, **{k: float(v) for k, v in test.items()}}
+    if is_global_zero():
+        atomic_write_text(results, json.dumps(metrics, indent=2) + "\n")
+    return metrics, module.student

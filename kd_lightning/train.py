@@ -12,7 +12,7 @@ from kd_lightning.files import atomic_write_text
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.plots import plot_curves
 from kd_lightning.settings import RESULTS_FILE, Settings
-from kd_lightning.stages import is_global_zero, run_stage
+from kd_lightning.stages import clear_earlier_run, is_global_zero, run_stage
 from kd_lightning.teacher.source import check_models, prepare_teacher
 
 __all__ = ["RESULTS_FILE", "train"]
@@ -34,6 +34,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(settings.data)
     datamodule.setup("fit")
     check_models(settings, datamodule)
+    if settings.run.overwrite and not settings.run.resume:
+        clear_earlier_run(settings.run.output_dir)
     teacher = prepare_teacher(settings, datamodule)
 
     distilled, _ = run_stage(settings, "distilled", settings.student, teacher, settings.loss_mix, datamodule)

@@ -42,6 +42,7 @@ def test_recorded_teacher_benchmark_prints_the_ratios(tmp_path: Path) -> None:
     assert result["top_k"]["classes"] == 100 and result["top_k"]["top_k"] == 3
 
 
+@pytest.mark.slow  # every GPU benchmark in its dry mode, concurrent jobs included
 def test_gpu_check_dry_mode_on_cpu_writes_the_json(tmp_path: Path) -> None:
     out = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path / "gpu.json")],
                          capture_output=True, text=True, timeout=300)

@@ -26,6 +26,7 @@ def single_process_val_acc(checkpoint: Path) -> float:
         return (module.student.eval()(x).argmax(-1) == y).float().mean().item()
 
 
+@pytest.mark.slow  # two processes
 @pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
 def test_two_process_run_end_to_end(tmp_path: Path, strategy: str) -> None:
     out = run_cli(tmp_path, "trainer.devices=2", f"trainer.strategy={strategy}", *FAST, "hydra.run.dir=run")

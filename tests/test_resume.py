@@ -48,3 +48,41 @@ def test_ckpt_path_other_than_last_is_explained(make_cfg) -> None:
 
     with pytest.raises(KDError, match="ckpt_path must be null or 'last'"):
         train(make_cfg("ckpt_path=/some/file.ckpt"))
+
+
+def test_a_run_killed_while_summarising_reads_its_finished_stages_back(make_cfg, tmp_path: Path, caplog) -> None:
+    """Killed after its stages finished, before metrics.json: ckpt_path=last must not fit them again (their
+    metrics.csv went from 23 lines to 2, curves.png was redrawn empty)."""
+    first = train(make_cfg(*FAST, output_dir=tmp_path / "a"))
+    (tmp_path / "a" / "metrics.json").unlink()
+    logs = {stage: (tmp_path / "a" / stage / "metrics.csv").read_bytes() for stage in ("distilled", "baseline")}
+    checkpoints = {stage: (tmp_path / "a" / stage / "checkpoints" / "last.ckpt").read_bytes() for stage in logs}
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        again = train(make_cfg(*FAST, "ckpt_path=last", output_dir=tmp_path / "a"))
+    for stage in logs:
+        assert f"stage {stage}: finished earlier; its results and weights are read back" in caplog.text
+        assert (tmp_path / "a" / stage / "metrics.csv").read_bytes() == logs[stage]
+        assert (tmp_path / "a" / stage / "checkpoints" / "last.ckpt").read_bytes() == checkpoints[stage]
+        assert again[stage] == first[stage]
+    assert again["gain"] == first["gain"] and (tmp_path / "a" / "metrics.json").is_file()
+
+
+def test_an_earlier_run_is_resumed_or_replaced_never_mixed_with(make_cfg, tmp_path: Path) -> None:
+    """Without ckpt_path=last or overwrite=true a killed run's folder is refused, untouched; overwrite=true replaces
+    what the library wrote as one set (no last-v1.ckpt beside a stale last.ckpt) and keeps the user's own files."""
+    from kd_lightning import KDError
+
+    run = tmp_path / "b"
+    with pytest.raises(Preempted):
+        train(make_cfg(*FAST, *CRASH, output_dir=run))
+    killed = (run / "distilled" / "checkpoints" / "last.ckpt").read_bytes()
+    with pytest.raises(KDError, match="holds the checkpoints of an earlier run .*pass ckpt_path=last to resume it, "
+                                      "overwrite=true to replace it"):
+        train(make_cfg(*FAST, output_dir=run))
+    assert (run / "distilled" / "checkpoints" / "last.ckpt").read_bytes() == killed
+    (run / "notes.txt").write_text("mine")
+    results = train(make_cfg(*FAST, "trainer.max_epochs=2", "overwrite=true", output_dir=run))
+    written = sorted(str(p.relative_to(run)) for p in run.rglob("*.ckpt"))
+    assert not [name for name in written if "-v1" in name], written
+    assert torch.load(run / "distilled" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 1
+    assert (run / "notes.txt").read_text() == "mine" and results["distilled"]["test/acc"] >= 0

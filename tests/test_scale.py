@@ -32,6 +32,7 @@ def test_slurm_launcher_config_composes_for_a_multinode_job() -> None:
     assert cfg.trainer.strategy == "ddp"
 
 
+@pytest.mark.slow  # a process per job
 def test_submitit_sweep_runs_each_job_in_its_own_process(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "hydra/launcher=local", "distill.temperature=2,4", *FAST, "baseline=false",
                   "hydra.sweep.dir=sweep", multirun=True)
@@ -40,6 +41,7 @@ def test_submitit_sweep_runs_each_job_in_its_own_process(tmp_path: Path) -> None
     assert len(results) == 2 and all("distilled" in json.loads(p.read_text()) for p in results)
 
 
+@pytest.mark.slow  # two processes
 def test_torchrun_launches_ddp_from_outside(tmp_path: Path) -> None:
     env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")}
     out = subprocess.run(
