@@ -19,6 +19,7 @@ def test_notebooks_are_stored_without_outputs() -> None:
         assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code"), path.name
 
 
+@pytest.mark.slow  # each notebook top to bottom in its own kernel
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPLBACKEND", "Agg")

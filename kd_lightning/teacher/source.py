@@ -60,17 +60,19 @@ def check_models(settings: Settings, datamodule: Any) -> None:
     """Before any training: ``speed.chunk_rows`` suits the task and the models trained here (final hidden states and
     an output head); with a live teacher, the feature terms' layers exist and teacher and student predict the same
     classes."""
-    task = getattr(datamodule, "task", "classification")
-    check_chunk_rows(settings.speed.chunk_rows, task, settings.loss_mix.features is not None)
+    task, live, chunked = getattr(datamodule, "task", "classification"), settings.teacher.mode == "live", settings.speed.chunk_rows
+    check_chunk_rows(chunked, task, settings.loss_mix.features is not None)
+    if not (live or chunked):
+        return  # a recorded teacher: the module checks the student's logits against the recording on the first batch
     student = build(settings.student)
-    teacher = build(settings.teacher.model) if settings.teacher.mode == "live" or settings.speed.chunk_rows else None
-    if settings.speed.chunk_rows is not None:
+    teacher = build(settings.teacher.model) if live or not settings.teacher.checkpoint else None
+    if chunked is not None:
         for role, model in (("student", student), ("teacher", None if settings.teacher.checkpoint else teacher)):
             if model is not None and output_head(model) is None:
                 raise KDError(f"speed.chunk_rows trains from final hidden states and an output head, but the {role} "
                               f"({type(model).__name__}) has neither hidden_states() and head (as kd_lightning.models.GPT) nor "
                               "get_output_embeddings() (as transformers causal LMs); unset speed.chunk_rows.")
-    if settings.teacher.mode != "live":
+    if not live:
         return
     if settings.loss_mix.features is not None:
         settings.loss_mix.features.check_paths(student, teacher)
