@@ -186,6 +186,12 @@ def dkd(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, tckd_
     return tckd_weight * tckd + nckd_weight * nckd
 
 
+@functools.lru_cache(maxsize=None)
+def takes_labels(divergence: Callable[..., Tensor]) -> bool:
+    """Whether ``divergence`` takes ``labels`` (read once per divergence, not in every step)."""
+    return "labels" in inspect.signature(divergence).parameters
+
+
 # -- an objective: a divergence with its settings, evaluated and reduced in one place ---------------
 
 @dataclass(frozen=True)
@@ -209,7 +215,7 @@ class Objective:
     @property
     def by_label(self) -> bool:
         """Whether the divergence is defined around each position's label (DKD): unlabelled positions then do not count."""
-        return "labels" in inspect.signature(self.divergence).parameters
+        return takes_labels(self.divergence)
 
     @classmethod
     def of(cls, objective: Callable[..., Tensor]) -> Objective | None:
