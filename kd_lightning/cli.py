@@ -14,9 +14,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.config import config_dir, register_configs, unknown_setting
+from kd_lightning.config import composed_node, config_dir, register_configs, unknown_setting
 from kd_lightning.errors import KDError, one_line
 from kd_lightning.files import atomic_write_text
 from kd_lightning.report import FAILURE_FILE
@@ -53,9 +53,13 @@ def format_summary(results: dict) -> str:
 
 
 def record_failure(output_dir: Path, line: str) -> None:
-    """A failed sweep job leaves its one-line reason in ``error.txt`` for ``kd_lightning.report``."""
+    """A failed sweep job leaves its one-line reason in ``error.txt`` for ``kd_lightning.report``, and its overrides
+    where a job refused before it started has none (``.hydra/overrides.yaml``)."""
     try:
         atomic_write_text(output_dir / FAILURE_FILE, line + "\n")
+        overrides = output_dir / ".hydra" / "overrides.yaml"
+        if not overrides.exists():
+            atomic_write_text(overrides, OmegaConf.to_yaml(HydraConfig.get().overrides.task))
     except OSError:
         pass  # the job's directory itself is unwritable: the sweep's own log has the error
 
@@ -96,7 +100,10 @@ def hydra_error_line(error: HydraException) -> str:
     """Hydra's refusal on one line; an override of a setting that does not exist as our unknown-setting line."""
     unknown = re.match(r"Could not override '([^']+)'", str(error))
     if unknown and re.search(r"not in (struct|'\w+')", str(error.__cause__ or error)):
-        return one_line(unknown_setting(unknown.group(1)))
+        key = unknown.group(1)
+        others = [arg for arg in sys.argv[1:] if not arg.startswith(("-", "hydra.", "hydra/"))
+                  and arg.lstrip("+~").split("=")[0] != key]
+        return one_line(unknown_setting(key, node=composed_node(key.rpartition(".")[0], others)))
     cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ is not None and str(error.__cause__) else ""
     return " ".join(f"{str(error).strip()}{cause}".split())
 

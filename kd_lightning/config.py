@@ -14,12 +14,15 @@
 from __future__ import annotations
 
 import difflib
+import inspect
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
+from hydra._internal.utils import _locate
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -63,55 +66,135 @@ def model_configs() -> dict[str, Any]:
 
 
 def build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, except that a :class:`KDError` raised while building stays itself
-    (Hydra wraps it in an ``InstantiationException`` with a traceback's worth of context)."""
+    """``hydra.utils.instantiate``, except that a :class:`KDError` raised while building stays itself (Hydra wraps it
+    in an ``InstantiationException`` with a traceback's worth of context), and a setting the built object takes no
+    argument for (added with ``+``) is our unknown-setting line."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
         cause = error.__cause__
         while cause is not None and not isinstance(cause, KDError):
             cause = cause.__cause__
-        if cause is None:
-            raise
-        raise cause from None
+        if cause is not None:
+            raise cause from None
+        where = re.search(r"full_key: ([\w.]+)", str(error))
+        if isinstance(error.__cause__, TypeError) and where and isinstance(node, DictConfig):
+            unknown = unexpected_argument(error.__cause__, where.group(1), OmegaConf.select(node._get_root(), where.group(1)))
+            if unknown is not None:
+                raise unknown from None
+        raise
+
+
+def unexpected_argument(error: TypeError, where: str, node: Any) -> KDError | None:
+    """``TypeError: ... got an unexpected keyword argument 'x'`` from building ``node`` (at ``where``) as our line."""
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(error))
+    return unknown_setting(f"{where}.{found.group(1)}", node=node) if found else None
+
+
+def target_parameters(node: Any) -> set[str]:
+    """The keyword arguments the ``_target_`` of ``node`` takes (a class's, through ``**kwargs`` handed to its bases)."""
+    return target_signature(node)[0]
+
+
+def target_signature(node: Any) -> tuple[set[str], bool]:
+    """``(argument names, whether it also takes any other keyword)`` of the ``_target_`` of ``node`` (``(set(), True)``
+    when there is none or it cannot be imported)."""
+    target = node.get("_target_") if isinstance(node, DictConfig) else None
+    try:
+        found = _locate(target) if isinstance(target, str) else None
+    except (ImportError, AttributeError, ValueError):
+        found = None
+    if found is None:
+        return set(), True
+    names: set[str] = set()
+    for function in ([klass.__init__ for klass in found.__mro__ if "__init__" in vars(klass)] if inspect.isclass(found) else [found]):
+        try:
+            parameters = inspect.signature(function).parameters.values()
+        except (TypeError, ValueError):
+            return names, True
+        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            return names, False
+    return names, True
+
+
+def check_arguments(where: str, node: Any) -> None:
+    """Refuse a setting of ``node`` (at ``where``) that what it builds takes no argument for, before anything is built."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return
+    names, open_ended = target_signature(node)
+    unknown = sorted(set(node) - names - {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"})
+    if unknown and not open_ended:
+        raise unknown_setting(f"{where}.{unknown[0]}", node=node)
 
 
 def check_known_keys(cfg: DictConfig) -> None:
-    """Refuse settings added with ``+`` where nothing reads them: at the top level and in ``teacher``.
+    """Refuse settings added with ``+`` where nothing reads them: in the nodes the library reads whole
+    (:func:`closed_settings`), and in those that build an object (``data``, the models, ``trainer``, ``logger``,
+    ``callbacks``) a setting the object takes no argument for (unless it takes any keyword).
 
-    The other groups take free keys on purpose: ``data``, ``teacher.model``/``student.model``,
-    ``optim``, ``trainer``, ``callbacks`` and ``logger`` pass them to the object they build,
-    ``distill.loss`` to the objective, ``distill.extra_terms/weights/schedules`` name terms.
+    ``distill.loss`` passes its keys to the objective (checked when it is built), ``distill.extra_terms/weights/
+    schedules`` name terms (checked by :class:`~kd_lightning.loss_mix.LossMix`), ``optim`` is built once on a
+    placeholder (:func:`~kd_lightning.settings.check_optimizer`).
     """
     for where, allowed in closed_settings().items():
         node = OmegaConf.select(cfg, where) if where else cfg
         unknown = sorted(set(node) - allowed) if isinstance(node, DictConfig) else []
         if unknown:
             raise unknown_setting(f"{where}.{unknown[0]}" if where else unknown[0], allowed)
+    callbacks = cfg.get("callbacks") or {}
+    for where in ("data", "student.model", "teacher.model", "trainer", "logger", *(f"callbacks.{name}" for name in callbacks)):
+        check_arguments(where, OmegaConf.select(cfg, where))
 
 
 def closed_settings() -> dict[str, set[str]]:
     """``{where: the settings there}`` for the nodes whose keys are all read by the library (no free keys)."""
     conf = Path(config_dir())
     run, teacher = OmegaConf.load(conf / "train.yaml"), OmegaConf.load(conf / "teacher.yaml")
-    groups = {name for entry in run.defaults for name in ([entry] if isinstance(entry, str) else entry)} - {"_self_"}
-    return {"": set(run) - {"defaults"} | groups, "distill": {f.name for f in fields(DistillSchema)},
+    groups = {name for entry in run.defaults for name in ([entry] if isinstance(entry, str) else entry)
+              if not name.startswith("override ")} - {"_self_"}
+    return {"": set(run) - {"defaults", "hydra"} | groups, "distill": {f.name for f in fields(DistillSchema)},
             "teacher": set(teacher) | {"model"}, "teacher.fit": set(teacher.fit), "teacher.recording": set(teacher.recording),
             "speed": set(run.speed)}
 
 
-def unknown_setting(key: str, allowed: set[str] | None = None) -> KDError:
-    """The one line for a setting nothing reads, with the known names closest to it (``trainer``'s from its defaults)."""
+def unknown_setting(key: str, allowed: set[str] | None = None, node: Any = None) -> KDError:
+    """The one line for a setting nothing reads, with the known names closest to it: those of a closed node
+    (:func:`closed_settings`), else those of ``node`` (the config node it was added to) and the arguments its
+    ``_target_`` takes (default: the node of the default config); an argument the target takes that the config does not
+    list is to be added with ``+``."""
     where, _, name = key.rpartition(".")
     closed = allowed if allowed is not None else closed_settings().get(where)
-    known = closed
-    if known is None and where == "trainer":
-        known = set(OmegaConf.load(Path(config_dir()) / "trainer" / "default.yaml")) - {"_target_", "defaults"}
+    if closed is None and node is None:
+        node = composed_node(where, [])  # the default config's node there
+    listed = set(node) - {"_target_", "_partial_", "defaults"} if isinstance(node, DictConfig) else set()
+    arguments = target_parameters(node)
+    if closed is None and name in arguments - listed:
+        return KDError(f"{key} is an argument of {node._target_.rpartition('.')[2]} that the config does not list: add it "
+                       f"with +{key}=VALUE.")
+    known = closed if closed is not None else listed | arguments
     prefix = f"{where}." if where else ""
-    close = difflib.get_close_matches(name, sorted(known or ()), n=2, cutoff=0.75)
+    close = difflib.get_close_matches(name, sorted(known - {name}), n=2, cutoff=0.75)
     hint = f"did you mean {' or '.join(prefix + c for c in close)}? Otherwise remove it" if close else "remove it"
     listing = f" (the settings here are {', '.join(sorted(closed))})" if closed else ""
-    return KDError(f"unknown setting {key}: nothing reads it; {hint}{listing}.")
+    built = f" ({node._target_.rpartition('.')[2]} takes no argument {name})" if closed is None and arguments else ""
+    return KDError(f"unknown setting {key}: nothing reads it{built}; {hint}{listing}.")
+
+
+def composed_node(where: str, overrides: list[str]) -> Any:
+    """The node at ``where`` of the run's config composed from ``overrides`` (``None`` if it cannot be composed):
+    what an override Hydra refused was meant to change."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            return OmegaConf.select(compose("train", overrides=overrides), where)
+    except Exception:  # noqa: BLE001 -- only suggestions are lost
+        return None
+    finally:
+        GlobalHydra.instance().clear()
 
 
 def register_configs() -> None:

@@ -143,7 +143,8 @@ class DistillationModule(L.LightningModule):
     def check_outputs_once(self, student_logits: Tensor, teacher_logits: Tensor | None, batch: Batch) -> None:
         """On the first batch (or block): class counts and vocabularies agree, token labels are in range."""
         if not self.outputs_checked:
-            check_outputs(student_logits, teacher_logits, batch["labels"], batch.get("kept"), self.hparams.num_classes, self.task)
+            check_outputs(student_logits, teacher_logits, batch["labels"], batch.get("kept"), self.hparams.num_classes, self.task,
+                          padding_known=self.teacher is not None and self.teacher.trained_here)
             self.outputs_checked = True
 
     # -- steps -------------------------------------------------------------------------

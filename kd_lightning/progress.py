@@ -3,7 +3,8 @@
 On a terminal each stage shows a single bar over all its training steps, with the latest
 training loss and validation accuracy; validation and test get no bars of their own. On a pipe,
 in a file or in CI (no terminal) the same information comes as about five plain log lines per
-stage (and the last epoch's), so the output holds no carriage-return lines. Lightning's banners and tips ("GPU available", "💡
+stage (and the last epoch's), and a line at least every minute within long epochs (steps done,
+loss, steps per second), so the output holds no carriage-return lines and never goes quiet. Lightning's banners and tips ("GPU available", "💡
 Tip", "`Trainer.fit` stopped") are hushed unless Hydra's verbose switch asks for Lightning's
 debug output (``hydra.verbose=lightning`` or ``hydra.verbose=true``).
 """
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import math
 import sys
+import time
 import warnings
 from typing import Any, Iterator
 
@@ -34,12 +36,16 @@ class StageProgress(ProgressBar):
         terminal: draw a bar; default whether stderr is a terminal.
         refresh_steps: steps between two updates of the bar's loss (reading it waits for the device).
         lines_per_stage: about how many epochs of a stage get a line when there is no terminal.
+        line_seconds: without a terminal, the most seconds between two lines while training.
     """
 
-    def __init__(self, stage: str, terminal: bool | None = None, refresh_steps: int = 20, lines_per_stage: int = 5) -> None:
+    def __init__(self, stage: str, terminal: bool | None = None, refresh_steps: int = 20, lines_per_stage: int = 5,
+                 line_seconds: float = 60.0) -> None:
         super().__init__()
         self.stage = stage
         self.lines_per_stage = lines_per_stage
+        self.line_seconds = line_seconds
+        self.last_line = (time.monotonic(), 0)  # when the last line was written, and at which step
         self.terminal = sys.stderr.isatty() if terminal is None else terminal
         self.refresh_steps = refresh_steps
         self.enabled = True
@@ -59,6 +65,7 @@ class StageProgress(ProgressBar):
                 for name, value in shown.items()}
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.last_line = (time.monotonic(), trainer.global_step)
         if not (self.enabled and self.terminal and trainer.is_global_zero):
             return
         from tqdm.auto import tqdm
@@ -70,6 +77,7 @@ class StageProgress(ProgressBar):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self.bar is None:
+            self.line_if_quiet(trainer)
             return
         self.bar.update(1)
         if self.bar.n % self.refresh_steps == 0:
@@ -79,12 +87,24 @@ class StageProgress(ProgressBar):
         if self.bar is not None and not trainer.sanity_checking:
             self.bar.set_postfix(self.shown_metrics(trainer))
 
+    def line_if_quiet(self, trainer: L.Trainer) -> None:
+        """Without a terminal: a line when the last one is ``line_seconds`` old (steps done, loss, rate)."""
+        now, (then, step_then) = time.monotonic(), self.last_line
+        if not (self.enabled and not self.terminal and trainer.is_global_zero and now - then >= self.line_seconds):
+            return
+        step, total = trainer.global_step, trainer.estimated_stepping_batches
+        shown = ", ".join(f"{name} {value}" for name, value in self.shown_metrics(trainer).items())
+        log.info("stage %s: step %d%s, epoch %d%s, %.2f steps/s", self.stage, step, "" if math.isinf(total) else f"/{int(total)}",
+                 trainer.current_epoch + 1, f", {shown}" if shown else "", (step - step_then) / max(now - then, 1e-9))
+        self.last_line = (now, step)
+
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch, epochs = trainer.current_epoch + 1, trainer.max_epochs
         every = max(1, math.ceil(epochs / self.lines_per_stage)) if epochs and epochs > 0 else 1
         if self.enabled and not self.terminal and trainer.is_global_zero and (epoch % every == 0 or epoch == epochs):
             shown = ", ".join(f"{name} {value}" for name, value in self.shown_metrics(trainer).items())
             log.info("stage %s: epoch %d/%d%s", self.stage, epoch, epochs, f", {shown}" if shown else "")
+            self.last_line = (time.monotonic(), trainer.global_step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.bar is not None:

@@ -26,18 +26,19 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning import __version__
+from kd_lightning import run_dir
 from kd_lightning.checkpoints import existing_checkpoint
-from kd_lightning.config import build, check_known_keys
+from kd_lightning.config import build, check_known_keys, unexpected_argument
 from kd_lightning.errors import KDError, is_integer
 from kd_lightning.features import check_live_teacher
 from kd_lightning.loss_mix import LossMix
+from kd_lightning.models.pretrained import check_pretrained, is_pretrained
 from kd_lightning.losses import Objective, forward_kl, unwrap
 from kd_lightning.speed import SpeedSettings
 from kd_lightning.teacher.format import RecordingSettings
 
 log = logging.getLogger(__name__)
 
-RESULTS_FILE = "metrics.json"
 TEACHER_MODES = ("live", "recorded")
 # Trainer settings that do not change what a trained teacher is; all others (fast_dev_run,
 # limit_train_batches, precision, devices, ...) are part of the trained-teacher key.
@@ -80,7 +81,8 @@ def check_optimizer(key: str, optim: DictConfig) -> None:
     try:
         optimizer = build(optim.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
     except (TypeError, ValueError) as error:
-        raise refused("optimizer", error) from None
+        unknown = unexpected_argument(error, f"{key}.optimizer", optim.optimizer) if isinstance(error, TypeError) else None
+        raise (unknown or refused("optimizer", error)) from None
     try:
         if optim.get("scheduler"):
             build(optim.scheduler)(optimizer)
@@ -123,13 +125,7 @@ class RunSettings:
             raise KDError(f"ckpt_path must be null or 'last', got {cfg.ckpt_path!r}: 'last' resumes every stage of the "
                           "run in hydra.run.dir from <stage>/checkpoints/last.ckpt.")
         output_dir, overwrite, resume = Path(cfg.paths.output_dir), bool(cfg.get("overwrite", False)), cfg.get("ckpt_path") == "last"
-        if (output_dir / RESULTS_FILE).exists() and not overwrite:
-            raise KDError(f"{output_dir} already holds the results of a run ({RESULTS_FILE}). Choose another "
-                          "directory (hydra.run.dir=...) or pass overwrite=true to replace them.")
-        earlier = sorted(output_dir.glob("*/checkpoints/*.ckpt"))
-        if earlier and not (resume or overwrite):
-            raise KDError(f"{output_dir} holds the checkpoints of an earlier run ({earlier[0].relative_to(output_dir)}); pass "
-                          "ckpt_path=last to resume it, overwrite=true to replace it, or choose another hydra.run.dir.")
+        run_dir.check(cfg, output_dir, resume=resume, overwrite=overwrite)
         max_steps = cfg.trainer.get("max_steps", -1)
         if not is_integer(max_steps) or max_steps == 0 or max_steps < -1:
             raise KDError(f"trainer.max_steps must be -1 (no limit) or a positive integer, got {max_steps!r}.")
@@ -155,6 +151,18 @@ class TeacherSettings:
     checkpoint: Path | None
     recording: RecordingSettings | None  # recorded mode only
     cache_identity: dict[str, Any]  # what a teacher trained here depends on: the key of the trained-teacher cache
+    pretrained: bool = False  # read with from_pretrained (teacher=hf)
+
+    @property
+    def trains(self) -> bool:
+        """Whether the run trains the teacher (the teacher stage): neither a checkpoint nor a pretrained model used as
+        it is (``teacher.fit.pretrained=true`` fine-tunes a pretrained one)."""
+        return self.checkpoint is None and (not self.pretrained or bool(self.fit.get("pretrained", False)))
+
+    @property
+    def trained_here(self) -> bool:
+        """Trained from scratch by this run on its data: for tokens, its rows beyond the tokenizer are padding by construction."""
+        return self.checkpoint is None and not self.pretrained
 
     @classmethod
     def from_config(cls, cfg: DictConfig, loss_mix: LossMix, max_steps: int) -> TeacherSettings:
@@ -180,8 +188,9 @@ class TeacherSettings:
         identity = {"model": plain(teacher.model), "fit": plain(teacher.fit), "data": data, "trainer": trainer,
                     "seed": cfg.seed, "kd_lightning": __version__}  # a new release retrains
         checkpoint = existing_checkpoint(teacher.checkpoint) if teacher.get("checkpoint") else None
+        check_pretrained("teacher.model", teacher.model)
         return cls(model=teacher.model, fit=teacher.fit, mode=mode, checkpoint=checkpoint, recording=recording,
-                   cache_identity=identity)
+                   cache_identity=identity, pretrained=is_pretrained(teacher.model))
 
     @property
     def name(self) -> str:
@@ -243,4 +252,5 @@ class Settings:
         speed = speed_settings(cfg)
         loss_mix = build_loss_mix(cfg.distill)
         teacher = TeacherSettings.from_config(cfg, loss_mix, run.max_steps)
+        check_pretrained("student.model", cfg.student.model)
         return cls(run=run, teacher=teacher, loss_mix=loss_mix, speed=speed, data=cfg.data, student=cfg.student.model)

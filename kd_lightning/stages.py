@@ -12,7 +12,6 @@ import os
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 from torch import nn
 
@@ -23,15 +22,13 @@ from kd_lightning.files import atomic_write_text
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
+from kd_lightning.run_dir import is_global_zero
 from kd_lightning.settings import RunSettings, Settings
 from kd_lightning.teacher import Teacher
 
 log = logging.getLogger(__name__)
 
 STAGE_RESULTS = "results.json"  # a stage's val/test metrics, written when it has finished
-# what a run of the library writes in a stage's folder (overwrite=true replaces these, and only these)
-STAGE_OUTPUTS = ("checkpoints/*.ckpt", "metrics.csv", "hparams.yaml", STAGE_RESULTS, "events.out.tfevents.*")
-RUN_OUTPUTS = ("metrics.json", "curves.png")
 
 
 def read_stage_results(path: Path) -> dict[str, float] | None:
@@ -46,19 +43,6 @@ def read_stage_results(path: Path) -> dict[str, float] | None:
     return results if isinstance(results, dict) else None
 
 
-def clear_earlier_run(output_dir: Path) -> None:
-    """``overwrite=true``: remove what an earlier run wrote in ``output_dir`` (its stages' checkpoints, logs and
-    results, ``metrics.json``, ``curves.png``), so that the new run's files are one consistent set (no
-    ``last-v1.ckpt`` beside a stale ``last.ckpt``); files the library did not write stay."""
-    earlier = [path for stage in ("teacher", "distilled", "baseline") for pattern in STAGE_OUTPUTS
-               for path in (output_dir / stage).glob(pattern)] + [output_dir / name for name in RUN_OUTPUTS]
-    removed = [path for path in earlier if path.is_file()]
-    for path in removed:
-        path.unlink()
-    if removed:
-        log.info("overwrite: removed %d files of the earlier run in %s", len(removed), output_dir)
-
-
 def leave_process_group() -> None:
     """After the last stage of a DDP run: the ranks wait for each other, then close the process group (a rank that
     exits with it open can abort in the destructors of its communication threads)."""
@@ -67,11 +51,6 @@ def leave_process_group() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def is_global_zero() -> bool:
-    """True in the process that writes shared outputs (rank 0, or the only process)."""
-    return rank_zero_only.rank == 0
 
 
 class ReseedEveryEpoch(L.Callback):

@@ -7,12 +7,14 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from kd_lightning import run_dir
 from kd_lightning.config import build
 from kd_lightning.files import atomic_write_text
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.plots import plot_curves
-from kd_lightning.settings import RESULTS_FILE, Settings
-from kd_lightning.stages import clear_earlier_run, is_global_zero, run_stage
+from kd_lightning.run_dir import RESULTS_FILE, is_global_zero
+from kd_lightning.settings import Settings
+from kd_lightning.stages import run_stage
 from kd_lightning.teacher.source import check_models, prepare_teacher
 
 __all__ = ["RESULTS_FILE", "train"]
@@ -21,7 +23,8 @@ __all__ = ["RESULTS_FILE", "train"]
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the recipe described by ``cfg``; return (and write) the metrics summary.
 
-    0. the settings, parsed once and checked before anything is built or trained (:mod:`kd_lightning.settings`);
+    0. the settings, parsed once and checked before anything is built or trained (:mod:`kd_lightning.settings`),
+       and only then the run directory written to (:func:`kd_lightning.run_dir.start`);
     1. the teacher: loaded, trained once and cached, or recorded (:mod:`kd_lightning.teacher.source`);
     2. the student distilled from it, tested;
     3. with ``baseline=true``, the same student trained alone (same seed, init and schedule), tested;
@@ -34,8 +37,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = build(settings.data)
     datamodule.setup("fit")
     check_models(settings, datamodule)
-    if settings.run.overwrite and not settings.run.resume:
-        clear_earlier_run(settings.run.output_dir)
+    with run_dir.start(cfg, settings.run.output_dir, resume=settings.run.resume, overwrite=settings.run.overwrite):
+        return distil(settings, datamodule)
+
+
+def distil(settings: Settings, datamodule: Any) -> dict[str, Any]:
+    """Steps 1-4 of :func:`train`, in a run directory that was accepted."""
     teacher = prepare_teacher(settings, datamodule)
 
     distilled, _ = run_stage(settings, "distilled", settings.student, teacher, settings.loss_mix, datamodule)

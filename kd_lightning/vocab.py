@@ -34,16 +34,21 @@ def check_vocabularies(student_logits: Tensor, teacher_logits: Tensor, vocab_siz
         KDError: a model has fewer rows than the tokenizer has tokens, or the teacher puts more than
             ``max_dropped_mass`` on rows the student lacks.
     """
-    widths = {"student": student_logits.shape[-1], "teacher": teacher_logits.shape[-1]}
-    for name, width in widths.items():
+    width = check_widths(student_logits.shape[-1], teacher_logits.shape[-1], vocab_size)
+    if teacher_logits.shape[-1] > width:
+        check_padding_unused(teacher_logits, width, vocab_size, max_dropped_mass, f"which the student ({width} rows) lacks")
+    return width
+
+
+def check_widths(student_width: int, teacher_width: int, vocab_size: int) -> int:
+    """The width both models are compared on, ``min(V_s, V_t)``; refuses a model with fewer rows than the tokenizer has
+    tokens. (Whether the teacher's extra rows are unused is a question for the trained teacher: :func:`check_vocabularies`.)"""
+    for name, width in (("student", student_width), ("teacher", teacher_width)):
         if width < vocab_size:
             raise KDError(f"the {name} predicts {width} tokens but the tokenizer has {vocab_size}: it was built for another "
                           f"tokenizer. Token-level KD compares both models' probabilities of the same token ids, so build "
                           f"both for this tokenizer ({name}.model.vocab_size={vocab_size} or more).")
-    width = min(widths.values())
-    if widths["teacher"] > width:
-        check_padding_unused(teacher_logits, width, vocab_size, max_dropped_mass, f"which the student ({width} rows) lacks")
-    return width
+    return min(student_width, teacher_width)
 
 
 def check_padding_unused(teacher_logits: Tensor, width: int, vocab_size: int | None,
@@ -100,11 +105,14 @@ def declared_classes(num_classes: int | None, student: Any, teacher: Any) -> int
 
 
 def check_outputs(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, kept: Tensor | None,
-                  num_classes: int, task: str) -> None:
+                  num_classes: int, task: str, padding_known: bool = False) -> None:
     """On a module's first batch: class counts (vocabularies) agree, the teacher's logits are sound, token logits and
-    labels have the shapes ``(N, L, V)`` and ``(N, L)``, and the ``kept`` token labels are in the vocabulary."""
+    labels have the shapes ``(N, L, V)`` and ``(N, L)``, and the ``kept`` token labels are in the vocabulary.
+    ``padding_known``: the teacher was trained here, on this tokenizer, so its rows beyond it are padding unchecked."""
     if teacher_logits is not None:
-        if task == "tokens":
+        if task == "tokens" and padding_known:
+            check_widths(student_logits.shape[-1], teacher_logits.shape[-1], num_classes)
+        elif task == "tokens":
             check_vocabularies(student_logits, teacher_logits, num_classes)
         else:
             check_same_classes(student_logits, teacher_logits)
@@ -147,4 +155,4 @@ def labels_in_range(labels: Tensor, keep: Tensor, vocab_size: int) -> None:
 
 
 __all__ = ["MAX_DROPPED_MASS", "check_outputs", "check_padding_unused", "check_same_classes", "check_same_tokenizer",
-           "check_vocabularies", "common_rows", "labels_in_range"]
+           "check_vocabularies", "check_widths", "common_rows", "labels_in_range"]

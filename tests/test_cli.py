@@ -31,6 +31,17 @@ def test_fast_dev_run_prints_the_table(tmp_path: Path) -> None:
     assert "distilled" in json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
+def test_a_refused_run_writes_nothing_into_the_run_it_was_refused_for(tmp_path: Path) -> None:
+    """The run directory is checked before Hydra or the run write to it: its .hydra/config.yaml (which export reads
+    the architecture from), overrides and log stay the finished run's."""
+    assert run_cli(tmp_path, "trainer.fast_dev_run=true", "hydra.run.dir=run").returncode == 0
+    before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "cli.log"} <= {str(p.relative_to(tmp_path / "run")) for p in before}
+    out = run_cli(tmp_path, "trainer.fast_dev_run=true", "student=digits_cnn", "hydra.run.dir=run")
+    assert out.returncode == 1 and "already holds the results of a run" in out.stderr
+    assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+
+
 def test_two_by_two_sweep(tmp_path: Path) -> None:
     out = run_cli(
         tmp_path, "distill.temperature=1,4", "distill.alpha=0.5,0.9", "trainer.fast_dev_run=true",

@@ -232,7 +232,7 @@ def test_fitnet_training_trains_adapters_keeps_teacher_frozen_and_exports_the_st
 
 # -- export from a run ---------------------------------------------------------------------------
 
-def test_export_command_writes_a_strictly_loadable_student(tmp_path: Path) -> None:
+def test_export_command_writes_a_strictly_loadable_student(tmp_path: Path, capsys) -> None:
     out = run_cli(tmp_path, "distill.features=[{student:features,teacher:features,loss:fitnet,weight:10}]",
                   "trainer.max_epochs=1", "trainer.limit_train_batches=2", "baseline=false", "hydra.run.dir=run")
     assert out.returncode == 0, out.stderr[-2000:]
@@ -252,23 +252,28 @@ def test_export_command_writes_a_strictly_loadable_student(tmp_path: Path) -> No
     torch.testing.assert_close(torch.jit.load(str(tmp_path / "student.ts"))(x), expected)
     torch.testing.assert_close(torch.export.load(str(tmp_path / "student.pt2")).module()(x), expected)
 
-    again = subprocess.run(export[:6], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert again.returncode == 1 and "already exists" in again.stderr and "--overwrite" in again.stderr
-    lost = subprocess.run([sys.executable, "-m", "kd_lightning", "export", str(tmp_path / "nowhere.ckpt"), str(tmp_path / "x.pt"),
-                           "--config", str(tmp_path / "run" / ".hydra" / "config.yaml")], capture_output=True, text=True, timeout=300)
-    assert lost.returncode == 1 and "checkpoint not found" in lost.stderr and "teacher.checkpoint" not in lost.stderr
-    missing = subprocess.run(export[:4] + [str(tmp_path / "nowhere.ckpt"), str(tmp_path / "y.pt")], capture_output=True, text=True,
-                             timeout=300)
-    assert missing.returncode == 1 and missing.stderr.startswith("error: checkpoint not found: ")  # not 'no .hydra/config.yaml'
+    # the refusals, in this process (the export command's main, as the CLI calls it)
+    from kd_lightning.export import main as export_main
+
+    def refused(*args: str) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_status:
+            export_main(list(args))
+        assert exit_status.value.code == 1
+        return capsys.readouterr().err
+
+    again = refused(*export[4:6])
+    assert "already exists" in again and "--overwrite" in again
+    lost = refused(str(tmp_path / "nowhere.ckpt"), str(tmp_path / "x.pt"), "--config", str(tmp_path / "run" / ".hydra" / "config.yaml"))
+    assert "checkpoint not found" in lost and "teacher.checkpoint" not in lost
+    assert refused(str(tmp_path / "nowhere.ckpt"), str(tmp_path / "y.pt")).startswith("error: checkpoint not found: ")  # not 'no .hydra/config.yaml'
 
     # refused before anything is written: onto its own checkpoint, onto an existing TorchScript file, the teacher's
     before = ckpt.read_bytes()
-    done = subprocess.run(export[:4] + [str(ckpt), str(ckpt), "--overwrite"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "is the checkpoint being exported" in done.stderr and ckpt.read_bytes() == before
-    done = subprocess.run(export[:4] + [str(ckpt), str(tmp_path / "other.pt"), "--torchscript", str(tmp_path / "student.ts")],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "student.ts already exists" in done.stderr and not (tmp_path / "other.pt").exists()
+    assert "is the checkpoint being exported" in refused(str(ckpt), str(ckpt), "--overwrite") and ckpt.read_bytes() == before
+    assert "student.ts already exists" in refused(str(ckpt), str(tmp_path / "other.pt"), "--torchscript", str(tmp_path / "student.ts"))
+    assert not (tmp_path / "other.pt").exists()
     stage = tmp_path / "run" / "teacher" / "checkpoints" / "last.ckpt"
-    done = subprocess.run(export[:4] + [str(stage), str(tmp_path / "teacher.pt")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "is the teacher stage's checkpoint" in done.stderr and "wrong shapes" not in done.stderr
+    teacher = refused(str(stage), str(tmp_path / "teacher.pt"))
+    assert "is the teacher stage's checkpoint" in teacher and "wrong shapes" not in teacher
     assert not (tmp_path / "teacher.pt").exists()

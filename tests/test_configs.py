@@ -41,15 +41,21 @@ def test_recipe_file_opens_with_its_command() -> None:
 
 
 @pytest.mark.parametrize("name", MODELS_OF_THE_GROUP)
-def test_every_model_serves_as_teacher_and_student(make_cfg, name: str) -> None:
+def test_every_model_serves_as_teacher_and_student(make_cfg, name: str, tmp_path: Path) -> None:
     model_file = CONF / "model" / f"{name}.yaml"
     language_model = model_file.is_file() and "data.vocab_size" in model_file.read_text()
-    if language_model and "hf_causal_lm" in model_file.read_text():
+    pretrained = model_file.is_file() and "pretrained_causal_lm" in model_file.read_text()
+    if pretrained or (language_model and "hf_causal_lm" in model_file.read_text()):
         pytest.importorskip("transformers", reason="transformers models need the 'lm' extra")
     data = ["data=shakespeare", "data.data_dir=unused"] if language_model else []  # sized by the tokenizer's vocabulary
     cfg = make_cfg(f"teacher={name}", f"student={name}", *data)
     assert cfg.teacher.model == cfg.student.model  # one model group for both roles
-    model = instantiate(cfg.teacher.model)
+    if pretrained:  # read from a folder: one the test writes
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "model")
+    model = instantiate(cfg.teacher.model, **({"path": str(tmp_path / "model")} if pretrained else {}))
     assert sum(p.numel() for p in model.parameters()) > 0
 
 

@@ -176,6 +176,22 @@ def test_a_teacher_that_uses_the_extra_rows_is_refused() -> None:
         module.training_step(token_batch(), 0)
 
 
+def test_the_padding_check_looks_at_the_teacher_that_is_distilled(make_cfg, corpus: Path, tmp_path: Path) -> None:
+    """A padded head (teacher.model.vocab_size=400 for 300 tokens) trained here is distilled, live or recorded: its rows
+    beyond the tokenizer are padding by construction (a freshly built teacher, checked before training, spread 1/4 of its
+    probability there and was refused). Loaded from a checkpoint, the same teacher is checked, on its real weights."""
+    from kd_lightning.train import train
+
+    tiny = ["+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "student.model.dim=16", "student.model.depth=1",
+            "teacher.model.vocab_size=400", "trainer.limit_train_batches=2", "baseline=false"]
+    live = train(make_cfg(*tiny, output_dir=tmp_path / "live"))
+    recorded = train(make_cfg(*tiny, "teacher.mode=recorded", output_dir=tmp_path / "recorded"))
+    assert math.isfinite(live["distilled"]["test/ppl"]) and math.isfinite(recorded["distilled"]["test/ppl"])
+    (trained,) = (tmp_path / "cache" / "trained_teachers").glob("*.pth")
+    with pytest.raises(KDError, match=r"the teacher puts probability .* on its output rows 300-399, which the student"):
+        train(make_cfg(*tiny, f"teacher.checkpoint={trained}", output_dir=tmp_path / "loaded"))
+
+
 def test_a_model_narrower_than_the_tokenizer_is_refused() -> None:
     with pytest.raises(KDError, match="the student predicts 200 tokens but the tokenizer has 300"):
         check_vocabularies(torch.zeros(2, 200), torch.zeros(2, 300), VOCAB)

@@ -48,6 +48,19 @@ def test_on_a_terminal_each_stage_has_one_bar_with_loss_and_validation_accuracy(
     assert "Validation" not in printed and "Sanity" not in printed
 
 
+def test_on_a_pipe_a_long_epoch_still_gets_a_line_every_so_often(tmp_path: Path, caplog) -> None:
+    """A pipe heard of a run only at epoch boundaries: hours of silence in a long epoch. A line comes when the last is
+    line_seconds old (here 0: every step), with the step, the loss and the rate."""
+    module = DistillationModule(DigitsCNN(width=4, hidden=8, dropout=0.0), DigitsCNN(), num_classes=10)
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=3, limit_val_batches=1, logger=False,
+                  enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                  callbacks=[StageProgress("distilled", terminal=False, line_seconds=0)]).fit(module, datamodule=DigitsDataModule())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stage distilled: step")]
+    assert [line.split(",")[0] for line in lines] == ["stage distilled: step 1/3", "stage distilled: step 2/3", "stage distilled: step 3/3"]
+    assert all(", epoch 1, loss " in line and line.endswith(" steps/s") for line in lines)
+
+
 def test_the_progress_bar_switch_still_works(make_cfg) -> None:
     def bars(*overrides: str) -> int:
         return sum(isinstance(c, StageProgress) for c in make_trainer(settings_of(make_cfg(*overrides)).run, "distilled").callbacks)

@@ -213,6 +213,44 @@ def test_a_corrupt_recording_is_named_with_the_fix(make_cfg, tmp_path: Path) -> 
         train(make_cfg("teacher.mode=recorded", f"teacher.recording.dir={tmp_path}", *FAST, output_dir=tmp_path / "d"))
 
 
+def damage(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+def test_a_recording_changed_after_it_was_written_is_refused_by_name(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
+    """Garbage written into a top-k recording trained on NaN and 6.5e4 (the values) or crashed with a 141-line traceback
+    (the indices): each file's SHA-256 is checked when the recording is opened, and its values' ranges always."""
+    import shutil
+
+    record_teacher(teacher_model(), tiny_cifar, tmp_path / "top3", {}, RecordingSettings(2, 3), accelerator="cpu")
+    RecordedTeacher(tmp_path / "top3")  # opens cleanly
+    values = tmp_path / "top3" / "train.topk_values.npy"
+    for garbage in (os.urandom(16), b"\x00" * 16):
+        damaged = tmp_path / "damaged"
+        shutil.copytree(tmp_path / "top3", damaged)
+        damage(damaged / values.name, values.stat().st_size - 16, garbage)
+        with pytest.raises(KDError, match=rf"{damaged / values.name} was changed after it was recorded .* delete {damaged} "
+                                          "and it is recorded again"):
+            RecordedTeacher(damaged)
+        shutil.rmtree(damaged)
+
+    # a recording from before digests were kept: its values are range-checked all the same
+    meta = json.loads((tmp_path / "top3" / "meta.json").read_text())
+    del meta["sha256"]
+    (tmp_path / "top3" / "meta.json").write_text(json.dumps(meta))
+    indices = tmp_path / "top3" / "train.topk_indices.npy"
+    good = indices.read_bytes()
+    damage(indices, len(good) - 1, bytes([200]))  # class 200 of 10
+    with pytest.raises(KDError, match=r"train.topk_indices.npy holds class ids outside 0..9 in samples from 0; delete"):
+        RecordedTeacher(tmp_path / "top3")
+    indices.write_bytes(good)
+    damage(values, values.stat().st_size - 2, np.array([np.nan], dtype=np.float16).tobytes())
+    with pytest.raises(KDError, match=r"train.topk_values.npy holds values that are not finite .*; delete"):
+        RecordedTeacher(tmp_path / "top3")
+
+
 def test_a_sweep_over_temperature_records_the_teacher_outputs_once(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "kd_lightning", "-m", "distill.temperature=1,2,4,8", "teacher.mode=recorded",
                           "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "baseline=false", *FAST,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
@@ -67,6 +67,9 @@ class TextDataModule(InMemoryDataModule):
         num_classes: must equal ``vocab_size`` when given (the config passes both).
         encoding: the files' text encoding (``data.encoding``), decoded strictly: a file that is not text in it
             (binary data, another encoding) is refused by name.
+        tokenizer: a pretrained tokenizer (a folder written by ``save_pretrained``, or a hub id; ``data.tokenizer``,
+            by default a pretrained teacher's folder) instead of one trained here; ``vocab_size`` must then be its
+            number of tokens, and its EOS token separates the works.
     """
 
     task = "tokens"
@@ -83,13 +86,16 @@ class TextDataModule(InMemoryDataModule):
         eval_batch_size: int | None = None,
         num_classes: int | None = None,
         encoding: str = "utf-8",
+        tokenizer: str | None = None,
         **kwargs,
     ) -> None:
         if num_classes not in (None, vocab_size):
             raise KDError(f"data.num_classes ({num_classes}) must equal data.vocab_size ({vocab_size}) for text: the "
                           "models predict one class per token; set data.num_classes=${{data.vocab_size}}.")
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_classes=vocab_size, **kwargs)
-        check_integer("data.vocab_size", vocab_size, 257, " (a byte-level tokenizer has 256 byte tokens + <|endoftext|>)")
+        if tokenizer is None:
+            check_integer("data.vocab_size", vocab_size, 257, " (a byte-level tokenizer has 256 byte tokens + <|endoftext|>)")
+        self.pretrained = tokenizer
         check_integer("data.block_size", block_size)
         if train_tokens is not None and (not is_integer(train_tokens) or train_tokens <= block_size):
             raise KDError(f"data.train_tokens must be null or an integer above data.block_size ({block_size}), got {train_tokens!r}.")
@@ -145,13 +151,12 @@ class TextDataModule(InMemoryDataModule):
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         works = self.works()
         texts = {split: [self.read(path) for path in paths] for split, paths in works.items()}
-        self.tokenizer = train_tokenizer(texts["train"], self.vocab_size)
-        end = self.tokenizer.token_to_id(END_OF_TEXT)
+        encode, end = self.tokenize(texts["train"])
         splits = {}
         for split, documents in texts.items():
             ids: list[int] = []
-            for encoding in self.tokenizer.encode_batch(documents):
-                ids += [end, *encoding.ids]
+            for document in encode(documents):
+                ids += [end, *document]
             stream = torch.tensor(ids + [end], dtype=torch.long)
             if split == "train" and self.train_tokens is not None:
                 stream = stream[: self.train_tokens + 1]
@@ -161,5 +166,22 @@ class TextDataModule(InMemoryDataModule):
                               f"data.block_size={self.block_size} tokens ({len(stream) - 1} tokens); lower data.block_size, "
                               "raise data.train_tokens, or give that split more text.")
         log.info("text: %s tokens (train/val/test), tokenizer of %d tokens", "/".join(str(int((y != IGNORE_INDEX).sum()))
-                 for _, y in splits.values()), self.tokenizer.get_vocab_size())
+                 for _, y in splits.values()), self.vocab_size)
         return splits
+
+    def tokenize(self, train_texts: list[str]) -> tuple[Any, int]:
+        """``(encode(documents) -> token ids per document, the id that separates documents)``: the pretrained tokenizer
+        (``data.tokenizer``) or a byte-level BPE tokenizer trained on ``train_texts``."""
+        if self.pretrained is None:
+            self.tokenizer = train_tokenizer(train_texts, self.vocab_size)
+            return (lambda documents: [e.ids for e in self.tokenizer.encode_batch(documents)]), self.tokenizer.token_to_id(END_OF_TEXT)
+        from kd_lightning.models.pretrained import pretrained_tokenizer
+
+        self.tokenizer = pretrained_tokenizer(self.pretrained)
+        if len(self.tokenizer) != self.vocab_size:
+            raise KDError(f"data.vocab_size={self.vocab_size} but the tokenizer {self.pretrained} has {len(self.tokenizer)} "
+                          f"tokens; set data.vocab_size={len(self.tokenizer)}.")
+        if self.tokenizer.eos_token_id is None:
+            raise KDError(f"the tokenizer {self.pretrained} has no EOS token to separate the works; use a tokenizer with one.")
+        return (lambda documents: self.tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]), \
+            self.tokenizer.eos_token_id

@@ -15,6 +15,10 @@ class Teacher(nn.Module):
     ``split`` is ``train``, ``val`` or ``test``.
     """
 
+    # trained in this run's teacher stage on this data: for tokens, its output rows beyond the tokenizer's are padding
+    # by construction, dropped without checking that it puts no probability there (an untrained row may hold some)
+    trained_here: bool = False
+
     def logits(self, batch: Batch, split: str) -> Tensor:
         raise NotImplementedError
 

@@ -14,9 +14,10 @@ from kd_lightning.teacher.interface import Teacher
 class LiveTeacher(Teacher):
     """A frozen network run on every batch: ``requires_grad=False``, always in eval mode, under ``no_grad``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, trained_here: bool = False) -> None:
         super().__init__()
         self.model = model.requires_grad_(False).eval()
+        self.trained_here = trained_here
         self.head_checked = False
 
     def logits(self, batch: Batch, split: str) -> Tensor:

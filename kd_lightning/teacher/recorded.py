@@ -15,7 +15,7 @@ from kd_lightning.data.augment import RecordedViews
 from kd_lightning.data.batch import Batch
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
-from kd_lightning.teacher.format import META_FILE, rebuild_logits, sampled_tail, student_shaped_tail
+from kd_lightning.teacher.format import META_FILE, check_file, rebuild_logits, sampled_tail, student_shaped_tail
 from kd_lightning.teacher.interface import Teacher
 
 
@@ -71,6 +71,7 @@ class RecordedTeacher(Teacher):
         if samples_and_views is not None and list(array.shape[:2]) != samples_and_views:
             raise KDError(f"{path} has shape {array.shape}, expected {tuple(samples_and_views)} samples x views; "
                           f"the file is truncated or from another recording. Delete {self.directory} to record again.")
+        check_file(path, array, None if name.startswith("views.") else self.num_classes, self.meta.get("sha256", {}).get(name))
         return torch.from_numpy(array)
 
     def num_samples(self, split: str) -> int:

@@ -27,7 +27,7 @@ from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.files import atomic_directory, atomic_write_text
 from kd_lightning.models.outputs import model_logits
 from kd_lightning.data.batch import counted
-from kd_lightning.teacher.format import (FORMAT_VERSION, META_FILE, PROGRESS_FILE, RecordingSettings, draw_from_tail,
+from kd_lightning.teacher.format import (FORMAT_VERSION, META_FILE, PROGRESS_FILE, RecordingSettings, draw_from_tail, file_digest,
                                          index_dtype)
 from kd_lightning.vocab import check_padding_unused
 
@@ -81,7 +81,8 @@ class _Recorder(L.LightningModule):
             view = inputs if views is None else self.augment.apply(inputs, views.views(index, torch.full_like(index, slot)))
             logits = model_logits(self.teacher, {**batch, "inputs": self.prepare_inputs(view)}).float()
             if logits.shape[-1] > self.width:
-                check_padding_unused(logits, self.width, self.vocab_size)
+                if self.vocab_size is not None:  # None: a teacher trained here, whose extra rows are padding by construction
+                    check_padding_unused(logits, self.width, self.vocab_size)
                 logits = logits[..., : self.width]
             if self.top_k is None:
                 self.out["logits"][rows, slot] = logits.half().cpu().numpy()
@@ -213,7 +214,8 @@ def finish(partial: Path, layout: Plan, settings: RecordingSettings, progress: d
             "splits": {split: list(next(iter(files.values()))[0][:2]) for split, files in layout.files.items()},
             "positions": list(layout.positions), "bytes_per_position": layout.bytes_per_position,
             "tail_mass": {"mean": tail["sum"] / tail["count"], "max": tail["max"]} if tail["count"] else None,
-            "seconds": round(seconds, 1)}
+            "seconds": round(seconds, 1),
+            "sha256": {path.name: file_digest(path) for path in sorted(partial.glob("*.npy"))}}
     atomic_write_text(partial / META_FILE, json.dumps(meta, indent=2) + "\n")
     (partial / PROGRESS_FILE).unlink()
     return meta
@@ -221,19 +223,21 @@ def finish(partial: Path, layout: Plan, settings: RecordingSettings, progress: d
 
 def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory: Path, identity: dict[str, Any],
                    settings: RecordingSettings, accelerator: str = "auto", precision: Any = "32-true",
-                   vocab_size: int | None = None) -> None:
+                   vocab_size: int | None = None, trained_here: bool = False) -> None:
     """Run ``teacher`` over every split of ``datamodule`` (training views included) and write a recording.
 
     The files go to ``.<name>.partial/`` beside ``directory``, renamed to ``directory`` when complete, so a later run
     never trusts a half-written recording; a killed recording of the same identity resumes where it stopped.
     ``vocab_size`` (tokens): a teacher with more output rows than the tokenizer has tokens is recorded on the
-    tokenizer's rows, after checking the others are unused padding.
+    tokenizer's rows, after checking the others are unused padding (unless the teacher was ``trained_here``, on this
+    tokenizer: its other rows are padding by construction).
     """
     started = time.perf_counter()
     layout = plan(teacher, datamodule, settings, vocab_size)
     with atomic_directory(Path(directory), resumable=True) as partial:
         progress = resume(partial, identity, settings, layout)
-        record(teacher, datamodule, partial, layout, settings, progress, accelerator, precision, vocab_size)
+        record(teacher, datamodule, partial, layout, settings, progress, accelerator, precision,
+               None if trained_here else vocab_size)
         meta = finish(partial, layout, settings, progress, identity, time.perf_counter() - started)
     what = "token" if layout.positions else "sample"
     tail = meta["tail_mass"]

@@ -35,6 +35,7 @@ from kd_lightning.errors import KDError
 from kd_lightning.files import content_key, file_sha256, job_lock, set_aside
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.models.outputs import model_logits, output_head
+from kd_lightning.models.pretrained import is_pretrained, pretrained_fingerprint, pretrained_tokenizer
 from kd_lightning.progress import lightning_hushed
 from kd_lightning.settings import Settings
 from kd_lightning.speed import check_chunk_rows
@@ -44,7 +45,7 @@ from kd_lightning.teacher.interface import Teacher
 from kd_lightning.teacher.live import LiveTeacher
 from kd_lightning.teacher.recorded import RecordedTeacher
 from kd_lightning.teacher.recorder import record_teacher
-from kd_lightning.vocab import check_same_classes, check_vocabularies
+from kd_lightning.vocab import check_same_classes, check_same_tokenizer, check_widths
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 def prepare_teacher(settings: Settings, datamodule: Any) -> Teacher:
     """The teacher of this run: live (loaded or trained once) or recorded (``teacher.mode``)."""
     if settings.teacher.mode == "live":
-        return LiveTeacher(settings.speed.prepare(teacher_model(settings, datamodule)))
+        return LiveTeacher(settings.speed.prepare(teacher_model(settings, datamodule)), trained_here=settings.teacher.trained_here)
     return recorded_teacher(settings, datamodule)
 
 
@@ -62,17 +63,19 @@ def check_models(settings: Settings, datamodule: Any) -> None:
     classes."""
     task, live, chunked = getattr(datamodule, "task", "classification"), settings.teacher.mode == "live", settings.speed.chunk_rows
     check_chunk_rows(chunked, task, settings.loss_mix.features is not None)
+    check_tokenizers(settings, datamodule)
     if not (live or chunked):
         return  # a recorded teacher: the module checks the student's logits against the recording on the first batch
     student = build(settings.student)
-    teacher = build(settings.teacher.model) if live or not settings.teacher.checkpoint else None
+    # a pretrained teacher is read once, by prepare_teacher; its logits are checked on the first batch
+    teacher = build(settings.teacher.model) if (live and not settings.teacher.pretrained) or settings.teacher.trains else None
     if chunked is not None:
-        for role, model in (("student", student), ("teacher", None if settings.teacher.checkpoint else teacher)):
+        for role, model in (("student", student), ("teacher", teacher if settings.teacher.trains else None)):
             if model is not None and output_head(model) is None:
                 raise KDError(f"speed.chunk_rows trains from final hidden states and an output head, but the {role} "
                               f"({type(model).__name__}) has neither hidden_states() and head (as kd_lightning.models.GPT) nor "
                               "get_output_embeddings() (as transformers causal LMs); unset speed.chunk_rows.")
-    if not live:
+    if not live or teacher is None:
         return
     if settings.loss_mix.features is not None:
         settings.loss_mix.features.check_paths(student, teacher)
@@ -81,10 +84,25 @@ def check_models(settings: Settings, datamodule: Any) -> None:
     batch = {"inputs": datamodule.example_input()}
     with torch.no_grad():
         student_logits, teacher_logits = model_logits(student.eval(), batch), model_logits(teacher.eval(), batch)
-    if task == "tokens":
-        check_vocabularies(student_logits, teacher_logits, settings.run.num_classes)
+    if task == "tokens":  # the teacher's padding rows are checked on the teacher distilled from, on the first batch
+        check_widths(student_logits.shape[-1], teacher_logits.shape[-1], settings.run.num_classes)
     else:
         check_same_classes(student_logits, teacher_logits)
+
+
+def check_tokenizers(settings: Settings, datamodule: Any) -> None:
+    """A pretrained teacher or student whose folder has a tokenizer other than the run's (``data.tokenizer``) is
+    refused: token-level KD compares the two models id by id."""
+    run_tokenizer, run_path = getattr(datamodule, "tokenizer", None), getattr(datamodule, "pretrained", None)
+    if run_tokenizer is None:
+        return
+    for role, model in (("teacher", settings.teacher.model), ("student", settings.student)):
+        folder = Path(str(model.get("path"))) if is_pretrained(model) else None
+        if folder is None or not folder.is_dir() or str(model.get("path")) == str(run_path) or not any(
+                (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+            continue
+        theirs = pretrained_tokenizer(str(folder))
+        check_same_tokenizer(theirs, run_tokenizer) if role == "teacher" else check_same_tokenizer(run_tokenizer, theirs)
 
 
 # -- weights: a checkpoint, or trained once and cached ----------------------------------------------
@@ -102,6 +120,9 @@ def teacher_model(settings: Settings, datamodule: Any) -> nn.Module:
     if teacher.checkpoint is not None:
         log.info("teacher: loading %s", teacher.checkpoint)
         return load_weights(build(teacher.model), teacher.checkpoint)
+    if not teacher.trains:
+        log.info("teacher: pretrained, read from %s; distilled from as it is", teacher.model.path)
+        return build(teacher.model)
     cached = trained_teacher_path(settings)
     if not is_global_zero():  # the ranks of one DDP job train it together; rank 0 holds the lock and saves
         return train_teacher(settings, datamodule, cached) if not cached.exists() else load_weights(build(teacher.model), cached)
@@ -139,7 +160,9 @@ def recording_identity(settings: Settings, datamodule: InMemoryDataModule, teach
     """What a recording depends on: teacher weights, data, views, top-k, precision."""
     recording = settings.teacher.recording
     tail = {"tail_samples": recording.samples} if recording.samples else {}  # the other tails are not recorded
-    return {"teacher": file_sha256(teacher_file)[:16] if teacher_file else None, "data": data_identity(datamodule),
+    weights = file_sha256(teacher_file)[:16] if teacher_file else pretrained_fingerprint(settings.teacher.model) \
+        if not settings.teacher.trains else None
+    return {"teacher": weights, "data": data_identity(datamodule),
             "views_per_sample": recording.views_per_sample, "top_k": recording.top_k, **tail,
             "precision": str(settings.run.trainer.get("precision", "32-true")), "format": FORMAT_VERSION}
 
@@ -164,19 +187,21 @@ def recorded_teacher(settings: Settings, datamodule: Any) -> RecordedTeacher:
             raise KDError(f"the teacher recording in {recording.dir} was recorded for another " + "; ".join(problems)
                           + ". Unset teacher.recording.dir to record the teacher for this run.")
     else:
-        directory = record_once(settings, datamodule, checkpoint or trained_teacher_path(settings))
+        directory = record_once(settings, datamodule, checkpoint or (trained_teacher_path(settings) if settings.teacher.trains else None))
         teacher = RecordedTeacher(directory, recording.tail)
     teacher.check_covers(datamodule, settings.run.num_classes)
     datamodule.replay_views(teacher.views)
     return teacher
 
 
-def record_once(settings: Settings, datamodule: InMemoryDataModule, teacher_file: Path) -> Path:
-    """The recording of the teacher in ``teacher_file`` (trained and cached first if needed) for this data, made by the
-    first job that needs it (rank 0, under a lock) and reused by every later one; its directory."""
-    if not teacher_file.is_file():
+def record_once(settings: Settings, datamodule: InMemoryDataModule, teacher_file: Path | None) -> Path:
+    """The recording of the teacher in ``teacher_file`` (trained and cached first if needed; ``None``: a pretrained
+    teacher used as it is) for this data, made by the first job that needs it (rank 0, under a lock) and reused by
+    every later one; its directory."""
+    if teacher_file is not None and not teacher_file.is_file():
         teacher_model(settings, datamodule)  # trains and caches it; recorded below from that file
-    wait_for_rank_zero(teacher_file)
+    if teacher_file is not None:
+        wait_for_rank_zero(teacher_file)
     identity = recording_identity(settings, datamodule, teacher_file)
     directory = settings.run.cache_dir / "recordings" / f"{settings.teacher.name}-{content_key(identity)}"
     if is_global_zero():
@@ -189,7 +214,8 @@ def record_once(settings: Settings, datamodule: InMemoryDataModule, teacher_file
                 with lightning_hushed():
                     record_teacher(model, datamodule, directory, identity, settings.teacher.recording,
                                    accelerator=trainer.get("accelerator", "auto"), precision=trainer.get("precision", "32-true"),
-                                   vocab_size=settings.run.num_classes if getattr(datamodule, "task", None) == "tokens" else None)
+                                   vocab_size=settings.run.num_classes if getattr(datamodule, "task", None) == "tokens" else None,
+                                   trained_here=settings.teacher.trained_here)
     wait_for_rank_zero(directory / META_FILE)
     return directory
 

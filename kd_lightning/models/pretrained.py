@@ -1,0 +1,146 @@
+"""Pretrained ``transformers`` causal LMs, read with ``from_pretrained`` from a folder or a hub id (``teacher=hf``,
+``student=hf``; the ``lm`` extra).
+
+A model read this way already has its weights: as the teacher it is distilled from as it is (no teacher stage,
+nothing trained or cached for it) unless ``teacher.fit.pretrained=true`` asks to fine-tune it on the run's data
+first. Its tokenizer, in the same folder, is the run's (``data.tokenizer``, default the teacher's folder).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from kd_lightning.errors import KDError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def offline() -> bool:
+    """Whether the hub cannot be reached (``HF_HUB_OFFLINE=1``): then only local folders and the local cache are read."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def where_looked(path: str) -> str:
+    """Where ``from_pretrained`` looked for ``path``: the folder, or for a hub id the local cache (and the hub)."""
+    if Path(path).expanduser().exists() or path.startswith((".", "/", "~")):
+        return f"the folder {Path(path).expanduser().resolve()}"
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return f"the hub cache {HF_HUB_CACHE}" + (" (offline: HF_HUB_OFFLINE=1)" if offline() else " and the Hugging Face hub")
+
+
+def pretrained_causal_lm(path: str, dtype: str = "float32", revision: str | None = None,
+                         attn_implementation: str | None = None, trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, ...)`` in train mode (``from_pretrained`` returns eval mode, in
+    which a student would train with its dropout off), every problem as one line.
+
+    Args:
+        path: a folder written by ``save_pretrained``, or a hub id (read from the local cache when offline).
+        dtype: ``float32``, ``bfloat16`` or ``float16``: the precision the weights are held in (a teacher may be held
+            lower than the student, which trains under ``trainer.precision``).
+        revision: a hub branch, tag or commit.
+        attn_implementation: ``eager``, ``sdpa``, ``flash_attention_2``, ...; ``None``: transformers' choice.
+        trust_remote_code: run the model code a folder or hub repository ships (off unless asked).
+    """
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise KDError("pretrained models need the transformers package: pip install 'kd_lightning[lm]'.") from None
+    if dtype not in DTYPES:
+        raise KDError(f"the model's dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if not isinstance(path, str) or not path:
+        raise KDError("set the pretrained model's path: teacher.model.path=DIR_OR_HUB_ID (or student.model.path=...).")
+    options = {"revision": revision, "trust_remote_code": bool(trust_remote_code)} | ({"local_files_only": True} if offline() else {})
+    try:
+        config = AutoConfig.from_pretrained(path, **options)
+    except OSError as error:
+        raise KDError(f"no pretrained model at {path!r}: looked in {where_looked(path)} ({first_line(error)}); point "
+                      "model.path at a folder written by save_pretrained (config.json and the weights), or a hub id in "
+                      "the local cache.") from None
+    except ValueError as error:
+        if "trust_remote_code" in str(error):
+            raise KDError(f"{path} ships its own model code, which runs only with trust_remote_code=true; read that code, "
+                          "then set model.trust_remote_code=true.") from None
+        raise KDError(f"{path} holds no model transformers knows ({first_line(error)}).") from None
+    if getattr(config, "auto_map", None) and not trust_remote_code:
+        raise KDError(f"{path} ships its own model code, which runs only with trust_remote_code=true; read that code, then "
+                      "set model.trust_remote_code=true.")
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype), **options, **kwargs)
+    except (OSError, ValueError) as error:
+        raise KDError(f"cannot read the pretrained model at {path!r} ({first_line(error)}); it needs its weights "
+                      "(model.safetensors or pytorch_model.bin) beside config.json.") from None
+    return model.train()
+
+
+def pretrained_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
+    """``AutoTokenizer.from_pretrained(path)``, every problem as one line."""
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise KDError("a pretrained tokenizer needs the transformers package: pip install 'kd_lightning[lm]'.") from None
+    options = {"revision": revision, "trust_remote_code": bool(trust_remote_code)} | ({"local_files_only": True} if offline() else {})
+    try:
+        return AutoTokenizer.from_pretrained(path, **options)
+    except (OSError, ValueError, TypeError) as error:
+        raise KDError(f"no tokenizer at {path!r}: looked in {where_looked(path)} ({first_line(error)}); the model folder "
+                      "needs its tokenizer files (tokenizer.json, tokenizer_config.json: save_pretrained them with the model), "
+                      "or point data.tokenizer at a folder that has them.") from None
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_pretrained(where: str, node: Any) -> None:
+    """Before anything is built: a pretrained model config (``<where>``) names a dtype we know and a model that is
+    there (for a folder: ``config.json`` and its weights; the model code it ships only with ``trust_remote_code``)."""
+    if not is_pretrained(node):
+        return
+    path, dtype = node.get("path"), node.get("dtype", "float32")
+    if dtype not in DTYPES:
+        raise KDError(f"{where}.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if not path:
+        raise KDError(f"set {where}.path to the pretrained model: a folder written by save_pretrained, or a hub id.")
+    folder = Path(str(path)).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise KDError(f"{where}.path={path} holds no model (no config.json in {folder.resolve()}); point it at a folder "
+                          "written by save_pretrained.")
+        if not any((folder / name).is_file() for name in WEIGHT_FILES):
+            raise KDError(f"{where}.path={path} holds a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+                          "save the model with save_pretrained, weights included.")
+    elif str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # a path, not a hub id (owner/name)
+        raise KDError(f"{where}.path={path}: no such folder (looked in {folder.resolve()}); point it at a folder written "
+                      "by save_pretrained, or a hub id.")
+
+
+def pretrained_fingerprint(node: Any) -> str:
+    """What a pretrained model's outputs depend on, for cache keys (a recording of it): for a folder the SHA-256 of its
+    config and weight files, for a hub id the id and revision; and the dtype it is held in."""
+    folder = Path(str(node.get("path"))).expanduser()
+    if folder.is_dir():
+        from kd_lightning.files import file_sha256
+
+        files = sorted(path for path in folder.iterdir() if path.name == "config.json" or path.suffix in (".safetensors", ".bin"))
+        digest = hashlib.sha256("".join(f"{path.name}:{file_sha256(path)};" for path in files).encode()).hexdigest()
+        return f"{digest[:16]}-{node.get('dtype', 'float32')}"
+    return f"{node.get('path')}@{node.get('revision') or 'main'}-{node.get('dtype', 'float32')}"
+
+
+def first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def is_pretrained(model_config: Any) -> bool:
+    """Whether a model config (``teacher.model``) reads its weights with ``from_pretrained``."""
+    target = model_config.get("_target_", "") if hasattr(model_config, "get") else ""
+    return str(target).endswith("pretrained_causal_lm")

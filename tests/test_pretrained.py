@@ -1,0 +1,116 @@
+"""Pretrained transformers models in: a teacher (or student) read with from_pretrained from a folder the test writes,
+its tokenizer the run's, distilled from as it is; every problem with the folder one line before training."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_factory import make_corpus
+from kd_lightning import KDError
+from kd_lightning.train import train
+
+pytest.importorskip("transformers", reason="pretrained models need the 'lm' extra (transformers)")
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from kd_lightning.data.text import train_tokenizer  # noqa: E402
+from kd_lightning.models import pretrained_causal_lm  # noqa: E402
+
+
+def save_tokenizer(corpus: Path, folder: Path, vocab_size: int = 300, works: tuple[str, ...] = ("alpha", "delta", "epsilon")) -> int:
+    """A byte-level BPE tokenizer trained on ``works``, saved as a transformers tokenizer; its number of tokens."""
+    bpe = train_tokenizer([(corpus / f"{work}.txt").read_text() for work in works], vocab_size)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(folder)
+    return len(tokenizer)
+
+
+def save_llama(folder: Path, vocab_size: int, seed: int = 0, **config) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
+                                            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                                            "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 0} | config))
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture()
+def teacher_dir(tmp_path: Path) -> tuple[Path, Path, int]:
+    """``(corpus, a pretrained teacher's folder with its tokenizer, the tokenizer's size)``."""
+    corpus = make_corpus(tmp_path / "corpus")
+    size = save_tokenizer(corpus, tmp_path / "teacher")
+    save_llama(tmp_path / "teacher", size)
+    return corpus, tmp_path / "teacher", size
+
+
+def run_settings(corpus: Path, teacher: Path, size: int, student: tuple[str, ...] = ("student.model.dim=16",
+                                                                                   "student.model.depth=1")) -> list[str]:
+    return ["+recipe=lm_shakespeare", f"data.data_dir={corpus}", "data.val_works=[beta]", "data.test_works=[gamma]",
+            f"data.vocab_size={size}", "data.block_size=16", "teacher=hf", f"teacher.model.path={teacher}", *student,
+            "trainer.max_epochs=1", "trainer.limit_train_batches=3", "baseline=false"]
+
+
+def test_a_pretrained_teacher_is_distilled_from_as_it_is_with_its_tokenizer(make_cfg, teacher_dir, tmp_path: Path,
+                                                                              caplog) -> None:
+    corpus, teacher, size = teacher_dir
+    weights = (teacher / "model.safetensors").read_bytes()
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        results = train(make_cfg(*run_settings(corpus, teacher, size), output_dir=tmp_path / "run"))
+    assert f"teacher: pretrained, read from {teacher}; distilled from as it is" in caplog.text
+    assert not (tmp_path / "run" / "teacher").exists() and not (tmp_path / "cache" / "trained_teachers").exists()
+    assert math.isfinite(results["distilled"]["test/ppl"]) and results["teacher"]["test/ppl"] > 1
+    # an untrained teacher: its perplexity on the test tokens is about the vocabulary's size
+    assert 0.5 * size < results["teacher"]["test/ppl"] < 2 * size
+    assert (teacher / "model.safetensors").read_bytes() == weights
+
+    recorded = train(make_cfg(*run_settings(corpus, teacher, size), "teacher.mode=recorded", output_dir=tmp_path / "recorded"))
+    assert recorded["teacher"]["test/ppl"] == pytest.approx(results["teacher"]["test/ppl"], rel=1e-2)  # float16 logits
+
+
+def test_a_model_read_with_from_pretrained_trains_in_train_mode(teacher_dir) -> None:
+    """from_pretrained returns eval mode, which Lightning 2.6 keeps for submodules: a student's dropout would be off."""
+    _, teacher, _ = teacher_dir
+    model = pretrained_causal_lm(str(teacher), dtype="bfloat16")
+    assert model.training and all(module.training for module in model.modules())
+    assert next(model.parameters()).dtype == torch.bfloat16
+
+
+def test_bad_pretrained_folders_are_one_line_before_training(make_cfg, teacher_dir, tmp_path: Path) -> None:
+    corpus, teacher, size = teacher_dir
+    def refused(*overrides: str, match: str) -> None:
+        student = tuple(o for o in overrides if o.startswith("student")) or ("student.model.dim=16", "student.model.depth=1")
+        settings = run_settings(corpus, teacher, size, student)
+        with pytest.raises(KDError, match=match) as error:
+            train(make_cfg(*settings, *(o for o in overrides if not o.startswith("student")), output_dir=tmp_path / "refused"))
+        assert "\n" not in str(error.value) and not (tmp_path / "refused").exists()
+
+    refused(f"teacher.model.path={tmp_path / 'nowhere'}", match=r"teacher.model.path=.*nowhere: no such folder \(looked in ")
+    refused("teacher.model.path=null", match="set teacher.model.path to the pretrained model")
+    refused("teacher.model.dtype=float64", match="teacher.model.dtype must be one of float32, bfloat16, float16, got 'float64'")
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text((teacher / "config.json").read_text())
+    refused(f"teacher.model.path={tmp_path / 'config_only'}", match="holds a config.json but no weights")
+    (tmp_path / "empty").mkdir()
+    refused(f"teacher.model.path={tmp_path / 'empty'}", match=r"holds no model \(no config.json in ")
+
+    # weights but no tokenizer
+    save_llama(tmp_path / "bare", size)
+    refused(f"teacher.model.path={tmp_path / 'bare'}", match=r"no tokenizer at .*bare.*: looked in the folder .*; the model "
+                                                              "folder needs its tokenizer files")
+    # model code of its own
+    save_llama(tmp_path / "remote", size)
+    config = json.loads((tmp_path / "remote" / "config.json").read_text())
+    (tmp_path / "remote" / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "modeling.Mine"}}))
+    refused("student=hf", f"student.model.path={tmp_path / 'remote'}", match="ships its own model code, which runs only with "
+                                                                             "trust_remote_code=true")
+    # a student whose folder has another tokenizer
+    other = save_tokenizer(corpus, tmp_path / "other_student", works=("beta", "gamma"))
+    save_llama(tmp_path / "other_student", other)
+    refused("student=hf", f"student.model.path={tmp_path / 'other_student'}", match="teacher and student use different tokenizers")
+    # the run's vocabulary is the tokenizer's
+    refused(f"data.vocab_size={size + 5}", match=rf"data.vocab_size={size + 5} but the tokenizer .* has {size} tokens; set "
+                                                 rf"data.vocab_size={size}")
