@@ -1,7 +1,14 @@
-"""Export the distilled student alone: a plain state_dict, optionally TorchScript / ``torch.export``.
+"""Export the distilled student alone: a plain state_dict, optionally TorchScript / ``torch.export``, or a
+``transformers`` model folder.
 
     python -m kd_lightning export RUN/distilled/checkpoints/last.ckpt student.pt [--torchscript student.ts]
                                   [--torch-export student.pt2] [--config RUN/.hydra/config.yaml] [--overwrite]
+    python -m kd_lightning export RUN/distilled/checkpoints/last.ckpt DIR --format hf [--overwrite]
+
+``--format hf`` writes the model with ``save_pretrained`` and the run's tokenizer beside it, so that
+``AutoModelForCausalLM.from_pretrained(DIR)`` and ``AutoTokenizer.from_pretrained(DIR)`` load it: a
+transformers student as it is, the built-in ``GPT`` as the GPT-2 model it is the same network as. The
+teacher stage's checkpoint exports the same way (the run's teacher).
 
 The student's architecture comes from the run's Hydra config (``.hydra/config.yaml``, found
 next to or above the checkpoint) or ``--config``. The teacher, the feature adapters and the
@@ -15,13 +22,14 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from kd_lightning.checkpoints import existing_checkpoint, load_weights
 from kd_lightning.errors import KDError, one_line
-from kd_lightning.files import atomic_write
+from kd_lightning.files import atomic_directory, atomic_write
 
 
 def find_run_config(checkpoint: Path) -> Path:
@@ -61,14 +69,18 @@ def check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool) -> Non
             raise KDError(f"{out} already exists; choose another path or pass --overwrite to replace it.")
 
 
+def stage_of(checkpoint: Path, config: Path) -> str | None:
+    """The stage (``teacher``, ``distilled``, ``baseline``) of the run of ``config`` that ``checkpoint`` belongs to."""
+    try:
+        return checkpoint.resolve().relative_to(config.resolve().parent.parent).parts[0]
+    except (ValueError, IndexError):
+        return None
+
+
 def check_stage(checkpoint: Path, config: Path) -> None:
     """Refuse the teacher stage's checkpoint of a run: it holds the teacher, not the student of the run's config."""
     run = config.resolve().parent.parent
-    try:
-        stage = checkpoint.resolve().relative_to(run).parts[0]
-    except (ValueError, IndexError):
-        return
-    if stage == "teacher":
+    if stage_of(checkpoint, config) == "teacher":
         raise KDError(f"{checkpoint} is the teacher stage's checkpoint: it holds the run's teacher, not its student. Export "
                       f"{run / 'distilled' / 'checkpoints' / 'last.ckpt'} (the distilled student), or use this file as "
                       "teacher.checkpoint=... of another run.")
@@ -125,6 +137,59 @@ def export_student(
     return student
 
 
+def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
+                        overwrite: bool = False) -> nn.Module:
+    """Write the model of ``checkpoint`` (the student; the teacher for the teacher stage's checkpoint) to the folder
+    ``out`` with ``save_pretrained``, and the run's tokenizer beside it; return the written transformers model.
+
+    A transformers model is written as it is; the built-in :class:`~kd_lightning.models.GPT` as the GPT-2 model of
+    the same network (:func:`~kd_lightning.models.gpt.gpt_to_transformers`). The tokenizer is the one the run saved
+    (``RUN/tokenizer``), or its ``data.tokenizer``.
+    """
+    from omegaconf import OmegaConf
+
+    from kd_lightning.config import build
+    from kd_lightning.models.gpt import GPT, gpt_to_transformers
+
+    checkpoint, out = existing_checkpoint(checkpoint, "the checkpoint to export"), Path(out)
+    check_outputs(checkpoint, [out], overwrite)
+    config = Path(config) if config else find_run_config(checkpoint)
+    cfg = OmegaConf.load(config)
+    role = "teacher" if stage_of(checkpoint, config) == "teacher" else "student"
+    model = load_weights(build(cfg[role].model), checkpoint)
+    if isinstance(model, GPT):
+        model = gpt_to_transformers(model)
+    if not hasattr(model, "save_pretrained"):
+        raise KDError(f"--format hf writes transformers models (and kd_lightning's GPT, as GPT-2); the {role} is a "
+                      f"{type(model).__name__}: export it as a state_dict instead (without --format).")
+    tokenizer = run_tokenizer(config, cfg)
+    model = model.eval()
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and getattr(model.config, "eos_token_id", None) is None:  # generate() stops at the tokenizer's EOS
+        model.config.eos_token_id = model.config.bos_token_id = eos
+        model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    if tokenizer is None:
+        print(f"warning: the run in {config.parent.parent} saved no tokenizer; {out} holds the model alone", file=sys.stderr)
+    return model
+
+
+def run_tokenizer(config: Path, cfg: Any) -> Any:
+    """The tokenizer a text run used: the one it saved (``RUN/tokenizer``), else its ``data.tokenizer``; else ``None``."""
+    from kd_lightning.models.pretrained import pretrained_tokenizer
+    from kd_lightning.run_dir import TOKENIZER_DIR
+
+    saved = config.parent.parent / TOKENIZER_DIR
+    if (saved / "tokenizer_config.json").is_file():
+        return pretrained_tokenizer(str(saved))
+    data = cfg.get("data")
+    path = data.get("tokenizer") if data is not None else None
+    return pretrained_tokenizer(str(path)) if path else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="kd_lightning export", description="Write the distilled student alone as a plain state_dict.")
     parser.add_argument("checkpoint", type=Path, help="e.g. outputs/DATE/TIME/distilled/checkpoints/last.ckpt")
@@ -133,8 +198,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--torchscript", type=Path, help="also write a traced TorchScript module here")
     parser.add_argument("--torch-export", type=Path, help="also write a torch.export ExportedProgram here (.pt2)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument("--format", choices=("state_dict", "hf"), default="state_dict",
+                        help="hf: a transformers model folder (save_pretrained) with the run's tokenizer")
     args = parser.parse_args(argv)
     try:
+        if args.format == "hf":
+            if args.torchscript or args.torch_export:
+                raise KDError("--format hf writes a transformers folder; export TorchScript / torch.export without --format.")
+            model = export_transformers(args.checkpoint, args.out, config=args.config, overwrite=args.overwrite)
+            print(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) and its tokenizer "
+                  f"written to {args.out}: AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+            return
         student = export_student(args.checkpoint, args.out, config=args.config, torchscript=args.torchscript,
                                  torch_export=args.torch_export, overwrite=args.overwrite)
     except (KDError, OSError) as error:

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 RESULTS_FILE = "metrics.json"
 SAVED_CONFIG = Path(".hydra") / "config.yaml"
 RESUMES_FILE = Path(".hydra") / "resumes.yaml"
+TOKENIZER_DIR = "tokenizer"  # a text run's tokenizer, saved with save_pretrained (export --format hf copies it)
 STAGES = ("teacher", "distilled", "baseline")
 # what a run of the library writes in a stage's folder (overwrite=true replaces these, and only these)
 STAGE_OUTPUTS = ("checkpoints/*.ckpt", "metrics.csv", "hparams.yaml", "results.json", "events.out.tfevents.*")

@@ -198,6 +198,14 @@ class TeacherSettings:
         return self.model.get("name") or self.model._target_.rsplit(".", 1)[-1]
 
 
+def check_student_from_teacher(cfg: DictConfig, teacher: TeacherSettings) -> None:
+    """``student=from_teacher`` takes its layers from a pretrained teacher (``teacher=hf``), the only teacher whose
+    weights exist before the run."""
+    if str(cfg.student.model.get("_target_", "")).endswith("student_from_teacher") and not teacher.pretrained:
+        raise KDError("student=from_teacher copies the layers of a pretrained teacher (teacher=hf teacher.model.path=...): a "
+                      "teacher trained or loaded in the run has no weights yet when the student is built.")
+
+
 def check_forward_kl_only(loss_mix: LossMix) -> None:
     """Draws from the teacher's tail (``teacher.recording.tail=sampled``) stand in for it in forward KL only."""
     objectives = {"distill.loss": loss_mix.objective} | {f"distill.extra_terms.{name}.objective": objective
@@ -247,10 +255,13 @@ class Settings:
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Settings:
         """Parse and check every setting of ``cfg``, before anything is built or trained."""
+        if str(cfg.teacher.model.get("_target_", "")).endswith("student_from_teacher"):
+            raise KDError("teacher=from_teacher names a student made from the teacher; choose the teacher itself (e.g. teacher=hf).")
         check_known_keys(cfg)
         run = RunSettings.from_config(cfg)
         speed = speed_settings(cfg)
         loss_mix = build_loss_mix(cfg.distill)
         teacher = TeacherSettings.from_config(cfg, loss_mix, run.max_steps)
         check_pretrained("student.model", cfg.student.model)
+        check_student_from_teacher(cfg, teacher)
         return cls(run=run, teacher=teacher, loss_mix=loss_mix, speed=speed, data=cfg.data, student=cfg.student.model)

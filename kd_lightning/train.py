@@ -12,7 +12,7 @@ from kd_lightning.config import build
 from kd_lightning.files import atomic_write_text
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.plots import plot_curves
-from kd_lightning.run_dir import RESULTS_FILE, is_global_zero
+from kd_lightning.run_dir import RESULTS_FILE, TOKENIZER_DIR, is_global_zero
 from kd_lightning.settings import Settings
 from kd_lightning.stages import run_stage
 from kd_lightning.teacher.source import check_models, prepare_teacher
@@ -43,6 +43,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def distil(settings: Settings, datamodule: Any) -> dict[str, Any]:
     """Steps 1-4 of :func:`train`, in a run directory that was accepted."""
+    if is_global_zero() and hasattr(datamodule, "save_tokenizer"):  # text: what export --format hf writes beside the model
+        datamodule.save_tokenizer(settings.run.output_dir / TOKENIZER_DIR)
     teacher = prepare_teacher(settings, datamodule)
 
     distilled, _ = run_stage(settings, "distilled", settings.student, teacher, settings.loss_mix, datamodule)

@@ -277,3 +277,5 @@ def test_export_command_writes_a_strictly_loadable_student(tmp_path: Path, capsy
     teacher = refused(str(stage), str(tmp_path / "teacher.pt"))
     assert "is the teacher stage's checkpoint" in teacher and "wrong shapes" not in teacher
     assert not (tmp_path / "teacher.pt").exists()
+    assert "--format hf writes transformers models" in refused(str(ckpt), str(tmp_path / "hf"), "--format", "hf")
+    assert not (tmp_path / "hf").exists()

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from conftest import settings_of
+from kd_lightning import KDError
 from kd_lightning.config import MODEL_ROLES, config_dir, model_configs
 from kd_lightning.models.cifar import MODELS
 
@@ -43,6 +45,10 @@ def test_recipe_file_opens_with_its_command() -> None:
 @pytest.mark.parametrize("name", MODELS_OF_THE_GROUP)
 def test_every_model_serves_as_teacher_and_student(make_cfg, name: str, tmp_path: Path) -> None:
     model_file = CONF / "model" / f"{name}.yaml"
+    if name == "from_teacher":  # a student made of a teacher's layers: tests/test_pretrained.py
+        with pytest.raises(KDError, match="teacher=from_teacher names a student made from the teacher"):
+            settings_of(make_cfg("teacher=from_teacher", "student=from_teacher"))
+        return
     language_model = model_file.is_file() and "data.vocab_size" in model_file.read_text()
     pretrained = model_file.is_file() and "pretrained_causal_lm" in model_file.read_text()
     if pretrained or (language_model and "hf_causal_lm" in model_file.read_text()):

@@ -114,3 +114,110 @@ def test_bad_pretrained_folders_are_one_line_before_training(make_cfg, teacher_d
     # the run's vocabulary is the tokenizer's
     refused(f"data.vocab_size={size + 5}", match=rf"data.vocab_size={size + 5} but the tokenizer .* has {size} tokens; set "
                                                  rf"data.vocab_size={size}")
+
+
+# -- a transformers model out --------------------------------------------------------------------
+
+def test_export_format_hf_writes_a_model_plain_transformers_loads_with_the_same_logits(make_cfg, tmp_path: Path, capsys) -> None:
+    """The built-in GPT as GPT-2, the teacher stage too, and a pretrained (transformers) student as it is; the run's
+    tokenizer beside each."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kd_lightning.checkpoints import load_weights
+    from kd_lightning.export import main as export_main
+    from kd_lightning.models import GPT
+
+    corpus = make_corpus(tmp_path / "corpus")
+    run = tmp_path / "run"
+    train(make_cfg("+recipe=lm_shakespeare", f"data.data_dir={corpus}", "data.val_works=[beta]", "data.test_works=[gamma]",
+                   "data.vocab_size=300", "data.block_size=16", "teacher.model.dim=32", "teacher.model.depth=1",
+                   "student.model.dim=16", "student.model.depth=1", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                   "baseline=false", output_dir=run))
+    tokens = torch.randint(0, 300, (2, 16))
+    for stage, width, depth, heads in (("distilled", 16, 1, 2), ("teacher", 32, 1, 4)):
+        export_main([str(run / stage / "checkpoints" / "last.ckpt"), str(tmp_path / stage), "--format", "hf"])
+        assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
+        ours = load_weights(GPT(300, 16, width, depth, heads), run / stage / "checkpoints" / "last.ckpt").eval()
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / stage)
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(tokens).logits, ours(tokens), atol=1e-5, rtol=1e-5)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "distilled")
+    text = (corpus / "gamma.txt").read_text()[:200]
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text and tokenizer.eos_token == "<|endoftext|>"
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id  # generate() stops at the end of a text
+
+    # refused before anything is written: an existing folder, TorchScript with --format hf
+    with pytest.raises(SystemExit):
+        export_main([str(run / "distilled" / "checkpoints" / "last.ckpt"), str(tmp_path / "distilled"), "--format", "hf"])
+    assert "already exists; choose another path or pass --overwrite" in capsys.readouterr().err
+
+
+def test_a_pretrained_student_exports_as_it_is(make_cfg, teacher_dir, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from kd_lightning.checkpoints import load_weights
+    from kd_lightning.export import export_transformers
+
+    corpus, teacher, size = teacher_dir
+    save_llama(tmp_path / "student", size, seed=1)
+    train(make_cfg(*run_settings(corpus, teacher, size, ("student=hf", f"student.model.path={tmp_path / 'student'}")),
+                   output_dir=tmp_path / "run"))
+    checkpoint = tmp_path / "run" / "distilled" / "checkpoints" / "last.ckpt"
+    export_transformers(checkpoint, tmp_path / "out")
+    trained = load_weights(pretrained_causal_lm(str(tmp_path / "student")), checkpoint).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    tokens = torch.randint(0, size, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, trained(tokens).logits)
+    assert not torch.equal(loaded.lm_head.weight, save_llama(tmp_path / "fresh", size, seed=1).lm_head.weight)  # it trained
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+# -- a student made from the teacher -------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_student_from_the_teacher_s_layers_keeps_their_weights(tmp_path: Path, family: str) -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from kd_lightning.models import student_from_teacher
+
+    if family == "llama":
+        teacher = save_llama(tmp_path / "t", 64, num_hidden_layers=4)
+        layers = lambda model: model.model.layers  # noqa: E731
+    else:
+        torch.manual_seed(0)
+        teacher = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=4, n_head=2))
+        teacher.save_pretrained(tmp_path / "t")
+        layers = lambda model: model.transformer.h  # noqa: E731
+    student = student_from_teacher(pretrained_causal_lm(str(tmp_path / "t")), keep_layers=[0, 3])
+    assert student.training and len(layers(student)) == 2 and student.config.num_hidden_layers == 2
+    for ours, theirs in ((layers(student)[0], layers(teacher)[0]), (layers(student)[1], layers(teacher)[3])):
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+    assert torch.equal(student.get_output_embeddings().weight, teacher.get_output_embeddings().weight)
+    assert torch.equal(student.get_input_embeddings().weight, teacher.get_input_embeddings().weight)
+    tokens = torch.randint(0, 64, (2, 8))
+    assert student.eval()(tokens).logits.shape == (2, 8, 64)
+    with torch.no_grad():  # generation's key/value cache is indexed by the new layer numbers
+        student.generate(tokens[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_student_from_teacher_end_to_end_and_its_refusals(make_cfg, teacher_dir, tmp_path: Path) -> None:
+    from kd_lightning.models import GPT, student_from_teacher
+
+    corpus, teacher, size = teacher_dir
+    save_llama(teacher, size, num_hidden_layers=3)  # a deeper teacher in the same folder
+    from_teacher = ("student=from_teacher", "student.model.keep_layers=[0,2]")
+    results = train(make_cfg(*run_settings(corpus, teacher, size, from_teacher), output_dir=tmp_path / "run"))
+    assert math.isfinite(results["distilled"]["test/ppl"])
+
+    for keep, message in (("[0,3]", r"keep_layers=\[0, 3\] must name distinct layers of the teacher's 3 \(0..2\); \[3\] are not"),
+                          ("[1,1]", "must name distinct layers"), ("null", "set student.model.keep_layers to the teacher's layers")):
+        with pytest.raises(KDError, match=message):
+            train(make_cfg(*run_settings(corpus, teacher, size, ("student=from_teacher", f"student.model.keep_layers={keep}")),
+                           output_dir=tmp_path / "refused"))
+    assert not (tmp_path / "refused").exists()
+    with pytest.raises(KDError, match="student=from_teacher copies the layers of a pretrained teacher"):
+        train(make_cfg("+recipe=lm_shakespeare", f"data.data_dir={corpus}", *from_teacher, output_dir=tmp_path / "refused"))
+    with pytest.raises(KDError, match="student=from_teacher takes the decoder layers of a transformers causal LM"):
+        student_from_teacher(GPT(64, 8, 16, 2, 2), keep_layers=[0])

@@ -169,6 +169,24 @@ class TextDataModule(InMemoryDataModule):
                  for _, y in splits.values()), self.vocab_size)
         return splits
 
+    def save_tokenizer(self, folder: Path) -> None:
+        """Write the run's tokenizer as a ``transformers`` tokenizer (``AutoTokenizer.from_pretrained(folder)``); without
+        the transformers package, the ``tokenizers`` file alone (``tokenizer.json``)."""
+        from kd_lightning.files import atomic_directory
+
+        tokenizer = self.tokenizer
+        if self.pretrained is None:
+            try:
+                from transformers import PreTrainedTokenizerFast
+            except ImportError:
+                with atomic_directory(folder) as tmp:
+                    tokenizer.save(str(tmp / "tokenizer.json"))
+                return
+            tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer, eos_token=END_OF_TEXT,
+                                                bos_token=END_OF_TEXT, model_max_length=self.block_size)
+        with atomic_directory(folder) as tmp:
+            tokenizer.save_pretrained(tmp)
+
     def tokenize(self, train_texts: list[str]) -> tuple[Any, int]:
         """``(encode(documents) -> token ids per document, the id that separates documents)``: the pretrained tokenizer
         (``data.tokenizer``) or a byte-level BPE tokenizer trained on ``train_texts``."""

@@ -111,3 +111,34 @@ def hf_causal_lm(model_type: str, **config: Any) -> nn.Module:
     except ValueError as error:
         raise KDError(f"model_type {model_type!r} is not a transformers model type ({error}).") from None
     return AutoModelForCausalLM.from_config(hf_config)
+
+
+def gpt_to_transformers(model: GPT) -> nn.Module:
+    """The same network as a ``transformers`` ``GPT2LMHeadModel`` (same logits; exact GELU, ``activation_function=gelu``),
+    for ``save_pretrained`` and plain ``AutoModelForCausalLM.from_pretrained``. GPT-2 keeps its linear weights as
+    ``(in, out)`` (``Conv1D``): ours are transposed into it."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        raise KDError("exporting as a transformers model needs the transformers package: pip install 'kd_lightning[lm]'.") from None
+    dim, blocks = model.token_embedding.embedding_dim, model.blocks
+    config = GPT2Config(vocab_size=model.vocab_size, n_positions=model.context_length, n_embd=dim, n_layer=len(blocks),
+                        n_head=blocks[0].attention.heads if len(blocks) else 1, n_inner=4 * dim, activation_function="gelu",
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=model.norm.eps,
+                        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    converted = GPT2LMHeadModel(config)
+    state = {"transformer.wte.weight": model.token_embedding.weight, "transformer.wpe.weight": model.position_embedding.weight,
+             "transformer.ln_f.weight": model.norm.weight, "transformer.ln_f.bias": model.norm.bias}
+    for i, block in enumerate(blocks):
+        ours = {"ln_1": block.norm1, "ln_2": block.norm2, "attn.c_attn": block.attention.qkv, "attn.c_proj": block.attention.proj,
+                "mlp.c_fc": block.mlp[0], "mlp.c_proj": block.mlp[2]}
+        for name, layer in ours.items():
+            transposed = isinstance(layer, nn.Linear)  # GPT-2's Conv1D holds (in, out)
+            state[f"transformer.h.{i}.{name}.weight"] = layer.weight.t() if transposed else layer.weight
+            state[f"transformer.h.{i}.{name}.bias"] = layer.bias
+    missing, unexpected = converted.load_state_dict({k: v.detach().clone().contiguous() for k, v in state.items()}, strict=False)
+    left = [key for key in missing if key != "lm_head.weight"]  # tied to wte
+    if left or unexpected:
+        raise KDError(f"GPT -> GPT-2 conversion left weights unset: {left or unexpected}; please report this.")
+    converted.tie_weights()
+    return converted.eval()

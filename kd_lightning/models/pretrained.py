@@ -144,3 +144,61 @@ def is_pretrained(model_config: Any) -> bool:
     """Whether a model config (``teacher.model``) reads its weights with ``from_pretrained``."""
     target = model_config.get("_target_", "") if hasattr(model_config, "get") else ""
     return str(target).endswith("pretrained_causal_lm")
+
+
+# where the decoder layers of the transformers families live (Llama-like, GPT-2-like, GPT-NeoX, OPT)
+DECODER_LAYERS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.Module, str] | None:
+    """``(the module holding the decoder layers, the attribute)`` of a transformers causal LM of a known family."""
+    for path in DECODER_LAYERS:
+        parent, _, name = path.rpartition(".")
+        holder = model.get_submodule(parent) if _has_submodule(model, parent) else None
+        if holder is not None and isinstance(getattr(holder, name, None), nn.ModuleList):
+            return holder, name
+    return None
+
+
+def _has_submodule(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = None) -> nn.Module:
+    """A student made of the teacher's decoder layers ``keep_layers`` (in that order), with its embeddings, final norm
+    and head (the DistilBERT / Minitron initialisation): ``student=from_teacher student.model.keep_layers=[0,2]``.
+
+    ``teacher`` is a freshly built copy of the run's teacher (``${teacher.model}``: Hydra builds it for this), so its
+    weights are taken over, not copied again. Llama-like (``model.layers``), GPT-2-like (``transformer.h``), GPT-NeoX
+    and OPT decoders; another model is refused.
+    """
+    found = decoder_layers(teacher)
+    if found is None:
+        raise KDError(f"student=from_teacher takes the decoder layers of a transformers causal LM ({', '.join(DECODER_LAYERS)}); "
+                      f"{type(teacher).__name__} has none of them. Use a student of its own (student=llama_student, ...).")
+    holder, name = found
+    layers = getattr(holder, name)
+    if not keep_layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep_layers):
+        raise KDError(f"set student.model.keep_layers to the teacher's layers to keep, e.g. [0,{len(layers) - 1}] (it has "
+                      f"{len(layers)}), got {keep_layers!r}.")
+    outside = [i for i in keep_layers if not 0 <= i < len(layers)]
+    if outside or len(set(keep_layers)) != len(keep_layers):
+        raise KDError(f"student.model.keep_layers={list(keep_layers)} must name distinct layers of the teacher's "
+                      f"{len(layers)} (0..{len(layers) - 1}){f'; {outside} are not' if outside else ''}.")
+    setattr(holder, name, nn.ModuleList(layers[i] for i in keep_layers))
+    for index, layer in enumerate(getattr(holder, name)):
+        for module in layer.modules():  # the key/value cache is indexed by layer
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    config = teacher.config
+    for count in LAYER_COUNTS:
+        if hasattr(config, count):
+            setattr(config, count, len(keep_layers))
+    if getattr(config, "layer_types", None):
+        config.layer_types = [config.layer_types[i] for i in keep_layers]
+    return teacher.train()
