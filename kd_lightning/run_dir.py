@@ -85,8 +85,11 @@ UNSET = object()
 
 def differences(saved: Any, now: Any, key: str = "") -> dict[str, tuple[Any, Any]]:
     """``{setting: (saved, now)}`` where two configs differ, at the outermost setting that differs (a group added
-    or removed is one entry); :data:`WHERE_AND_HOW_SHOWN` is skipped."""
+    or removed is one entry); :data:`WHERE_AND_HOW_SHOWN` is skipped, and so is a setting a later release added
+    that the run's saved config lacks while it holds its off value (null, false, empty, or an interpolation)."""
     if key and named(key, WHERE_AND_HOW_SHOWN):
+        return {}
+    if saved is UNSET and (now in (None, False, [], {}) or (isinstance(now, str) and now.startswith("${"))):
         return {}
     if isinstance(saved, dict) and isinstance(now, dict):
         found: dict[str, tuple[Any, Any]] = {}
