@@ -18,7 +18,7 @@ from kd_lightning.loss_mix import LossMix, Terms
 from kd_lightning.metrics import SPLITS, SplitMetrics
 from kd_lightning.progress import logs_this_step
 from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits
-from kd_lightning.reduction import reduce
+from kd_lightning.reduction import StepTokens, reduce
 from kd_lightning.schedules import optimizer_config
 from kd_lightning.speed import check_chunk_rows
 from kd_lightning.teacher import LiveTeacher, Teacher, as_teacher
@@ -75,6 +75,7 @@ class DistillationModule(L.LightningModule):
         self.task, self.chunk_rows = task, chunk_rows
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.outputs_checked = False
+        self.step_tokens = StepTokens()  # the step's count, when a step spans micro-batches or processes
         self.strict_loading = False  # checkpoints hold the student only (on_load_checkpoint insists on all of it)
         self.metrics = nn.ModuleDict({split: SplitMetrics(num_classes, self.teacher is not None, task) for split in SPLITS})
 
@@ -156,8 +157,18 @@ class DistillationModule(L.LightningModule):
             student_out = self.student_forward(batch)
         terms = self.loss_terms(student_out, teacher_out, batch)
         loss = terms.total if isinstance(terms, Terms) else torch.stack(list(terms.values())).sum()
-        self.log_training(loss, terms)
-        return loss
+        if not self.step_spans_micro_batches:
+            self.log_training(loss, terms)
+            return loss
+        kept = batch["kept"] if "kept" in batch else counted(batch["labels"])
+        return self.step_tokens.add(loss, terms, kept.sum())  # divided by the whole step's count before it steps
+
+    @property
+    def step_spans_micro_batches(self) -> bool:
+        """An optimizer step over several micro-batches (gradient accumulation) or processes: then the loss is divided
+        by the kept positions of the whole step (:class:`~kd_lightning.reduction.StepTokens`), not of each micro-batch."""
+        trainer = self._trainer
+        return trainer is not None and (trainer.accumulate_grad_batches > 1 or trainer.world_size > 1)
 
     def evaluate(self, batch: Any, split: str) -> None:
         batch = as_batch(batch)
@@ -199,6 +210,13 @@ class DistillationModule(L.LightningModule):
     def teardown(self, stage: str) -> None:
         if self.loss_mix.features is not None:
             self.loss_mix.features.detach()
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self.step_tokens.pending:
+            trainer = self.trainer
+            means = self.step_tokens.finish(trainer.strategy, self.parameters(), trainer.accumulate_grad_batches,
+                                            trainer.world_size)
+            self.log_training(means.pop("loss"), means)
 
     def on_fit_start(self) -> None:
         if self.teacher is None and self.loss_mix.uses_teacher:

@@ -12,8 +12,10 @@ reduce through :func:`reduce`.
 
 from __future__ import annotations
 
+from typing import Any, Iterable
+
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 def both(first: Tensor | None, second: Tensor | None) -> Tensor | None:
     """The positions kept by both masks (``None``: all positions)."""
@@ -47,3 +49,45 @@ def reduce(per_position: Tensor, keep: Tensor | None = None, num_kept: Tensor | 
     kept = per_position if keep is None else torch.where(keep, per_position, torch.zeros_like(per_position))
     loss = kept.sum() / count(keep, per_position, num_kept)
     return loss * scale if scale != 1 else loss
+
+
+class StepTokens:
+    """One normaliser per optimizer step, when a step spans several micro-batches (gradient accumulation) or processes.
+
+    Each micro-batch's loss is a mean over its kept positions; averaging those (as Lightning's accumulation and DDP's
+    gradient averaging do) weighs a position of a short micro-batch more than one of a long one. Instead the module
+    returns each micro-batch's *sum* (its mean times its count, :meth:`add`), and before the optimizer steps
+    (:meth:`finish`) the gradients are multiplied by ``micro_batches · world_size / N``, ``N`` the kept positions of
+    the whole step on every process: the gradient is the one of the mean over all of the step's positions, whatever
+    the split. Lightning divides each micro-batch's loss by ``accumulate_grad_batches`` (also in an epoch's last,
+    shorter step) and DDP averages over the processes; the factor undoes exactly those. The logged loss and terms are
+    the same step means.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.sums)
+
+    def add(self, loss: Tensor, terms: dict[str, Tensor], kept: Tensor) -> Tensor:
+        """Count one micro-batch (``kept``: its number of kept positions); return the sum to back-propagate."""
+        kept = kept.detach().to(torch.float32)
+        values = {"positions": kept, "loss": loss.detach() * kept} | {name: value.detach() * kept for name, value in terms.items()}
+        for name, value in values.items():
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        return loss * kept.to(loss.dtype)
+
+    def finish(self, strategy: Any, parameters: Iterable[nn.Parameter], micro_batches: int, world_size: int) -> dict[str, Tensor]:
+        """Scale the accumulated gradients to the step's mean (one all-reduce); return ``{"loss": ..., term: ...}``, the
+        step's means, and start the next step."""
+        names = list(self.sums)
+        totals = strategy.reduce(torch.stack([self.sums[name].float() for name in names]), reduce_op="sum")
+        positions = totals[0].clamp(min=1)
+        factor = (micro_batches * world_size / positions).to(torch.float32)
+        for parameter in parameters:
+            if parameter.grad is not None:
+                parameter.grad.mul_(factor.to(parameter.grad.dtype))
+        self.sums = {}
+        return {name: (total / positions).to(torch.float32) for name, total in zip(names[1:], totals[1:])}
