@@ -132,7 +132,8 @@ class DistillationModule(L.LightningModule):
         """``{name: weight · term}`` of the logit terms: CE, and with the teacher's logits the objective and extra terms,
         compared on the vocabulary rows both models share."""
         self.check_outputs_once(student_logits, teacher_logits, batch)
-        losses = {"ce": self.task_loss(student_logits, batch)}
+        # a CE of weight 0 (alpha=1) is not computed: at a large vocabulary it was a tenth of the step, for nothing
+        losses = {"ce": self.task_loss(student_logits, batch)} if self.loss_mix.is_active("ce") or teacher_logits is None else {}
         if teacher_logits is not None:
             width = min(student_logits.shape[-1], teacher_logits.shape[-1])
             student_logits, teacher_logits = common_rows(student_logits, width), common_rows(teacher_logits, width)

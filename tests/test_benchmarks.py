@@ -63,6 +63,7 @@ def test_gpu_check_without_a_gpu_says_so(tmp_path: Path) -> None:
     assert not (tmp_path / "gpu.json").exists()
 
 
+@pytest.mark.slow  # half a minute of loss evaluations
 def test_lm_loss_benchmark_reports_memory_time_and_exactness() -> None:
     out = subprocess.run([sys.executable, str(BENCHMARKS / "lm_loss.py"), "--vocab", "512", "--tokens", "64", "--hidden", "16",
                           "--repeats", "1", "--json"], capture_output=True, text=True, timeout=300)

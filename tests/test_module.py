@@ -192,3 +192,25 @@ def test_fidelity_metrics_match_a_direct_computation(tmp_path: Path) -> None:
     assert test["test/agreement"] == pytest.approx((s.argmax(-1) == t.argmax(-1)).float().mean().item(), abs=1e-6)
     assert test["test/ece"] == pytest.approx(multiclass_calibration_error(s.softmax(-1), y, 10, n_bins=15).item(), abs=1e-5)
     assert test["test/teacher_ece"] == pytest.approx(multiclass_calibration_error(p_t, y, 10, n_bins=15).item(), abs=1e-5)
+
+
+def test_a_ce_of_weight_zero_is_not_computed() -> None:
+    """alpha=1: the CE term weighs 0, so training does not compute it (a tenth of a large-vocabulary step); the loss is
+    the objective alone, and validation still reports val/loss (the CE)."""
+    calls = []
+
+    class Counting(DistillationModule):
+        def task_loss(self, student_logits, batch):
+            calls.append(1)
+            return super().task_loss(student_logits, batch)
+
+    torch.manual_seed(0)
+    module = Counting(DigitsCNN(width=4, hidden=8, dropout=0.0), DigitsCNN(), num_classes=10, alpha=1.0, temperature=2.0)
+    x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
+    loss = module.training_step((x, y), 0)
+    assert not calls
+    with torch.no_grad():
+        expected = kd_loss(module.student(x), module.teacher(x), 2.0)
+    torch.testing.assert_close(loss, expected)
+    module.validation_step((x, y), 0)
+    assert calls == [1]

@@ -31,6 +31,7 @@ def test_a_failing_job_leaves_the_others_and_is_reported(tmp_path: Path) -> None
     assert (tmp_path / "sweep" / "report.csv").is_file()
 
 
+@pytest.mark.slow  # two processes at once
 def test_parallel_jobs_share_one_teacher_training(tmp_path: Path) -> None:
     env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")}
     jobs = [
