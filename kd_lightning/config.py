@@ -91,11 +91,6 @@ def unexpected_argument(error: TypeError, where: str, node: Any) -> KDError | No
     return unknown_setting(f"{where}.{found.group(1)}", node=node) if found else None
 
 
-def target_parameters(node: Any) -> set[str]:
-    """The keyword arguments the ``_target_`` of ``node`` takes (a class's, through ``**kwargs`` handed to its bases)."""
-    return target_signature(node)[0]
-
-
 def target_signature(node: Any) -> tuple[set[str], bool]:
     """``(argument names, whether it also takes any other keyword)`` of the ``_target_`` of ``node`` (``(set(), True)``
     when there is none or it cannot be imported)."""
@@ -168,7 +163,7 @@ def unknown_setting(key: str, allowed: set[str] | None = None, node: Any = None)
     if closed is None and node is None:
         node = composed_node(where, [])  # the default config's node there
     listed = set(node) - {"_target_", "_partial_", "defaults"} if isinstance(node, DictConfig) else set()
-    arguments = target_parameters(node)
+    arguments = target_signature(node)[0]
     if closed is None and name in arguments - listed:
         return KDError(f"{key} is an argument of {node._target_.rpartition('.')[2]} that the config does not list: add it "
                        f"with +{key}=VALUE.")

@@ -161,15 +161,16 @@ class DistillationModule(L.LightningModule):
         if not self.step_spans_micro_batches:
             self.log_training(loss, terms)
             return loss
-        kept = batch["kept"] if "kept" in batch else counted(batch["labels"])
-        return self.step_tokens.add(loss, terms, kept.sum())  # divided by the whole step's count before it steps
+        return self.step_tokens.add(loss, terms, batch["kept"].sum())  # divided by the whole step's count before it steps
 
     @property
     def step_spans_micro_batches(self) -> bool:
-        """An optimizer step over several micro-batches (gradient accumulation) or processes: then the loss is divided
-        by the kept positions of the whole step (:class:`~kd_lightning.reduction.StepTokens`), not of each micro-batch."""
+        """Tokens, and an optimizer step over several micro-batches (gradient accumulation) or processes: then the loss
+        is divided by the kept tokens of the whole step (:class:`~kd_lightning.reduction.StepTokens`), not of each
+        micro-batch. (Images: CE counts the labelled samples but the teacher's terms every sample, so no one count
+        serves; their batches are of one size, whose mean of means is the step's mean.)"""
         trainer = self._trainer
-        return trainer is not None and (trainer.accumulate_grad_batches > 1 or trainer.world_size > 1)
+        return self.task == "tokens" and trainer is not None and (trainer.accumulate_grad_batches > 1 or trainer.world_size > 1)
 
     def evaluate(self, batch: Any, split: str) -> None:
         batch = as_batch(batch)

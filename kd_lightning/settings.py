@@ -174,6 +174,9 @@ class TeacherSettings:
             hint = " (teacher.mode=cached is now teacher.mode=recorded)" if mode == "cached" else ""
             raise KDError(f"teacher.mode must be live or recorded, got {mode!r}{hint}.")
         check_epochs("teacher.fit.max_epochs", teacher.fit.max_epochs, max_steps)
+        if not isinstance(teacher.fit.get("pretrained", False), bool):
+            raise KDError(f"teacher.fit.pretrained must be true or false, got {teacher.fit.pretrained!r}: true fine-tunes a "
+                          "pretrained teacher (teacher=hf) on the run's data before distilling from it.")
         if teacher.fit.optimizer != cfg.optim.optimizer or teacher.fit.get("scheduler") != cfg.optim.get("scheduler"):
             check_optimizer("teacher.fit", teacher.fit)
         recording = None

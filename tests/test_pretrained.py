@@ -221,3 +221,11 @@ def test_student_from_teacher_end_to_end_and_its_refusals(make_cfg, teacher_dir,
         train(make_cfg("+recipe=lm_shakespeare", f"data.data_dir={corpus}", *from_teacher, output_dir=tmp_path / "refused"))
     with pytest.raises(KDError, match="student=from_teacher takes the decoder layers of a transformers causal LM"):
         student_from_teacher(GPT(64, 8, 16, 2, 2), keep_layers=[0])
+
+
+def test_teacher_fit_pretrained_is_true_or_false(make_cfg, teacher_dir) -> None:
+    from conftest import settings_of
+
+    corpus, teacher, size = teacher_dir
+    with pytest.raises(KDError, match="teacher.fit.pretrained must be true or false, got 'yes'"):
+        settings_of(make_cfg(*run_settings(corpus, teacher, size), "teacher.fit.pretrained=yes"))

@@ -75,10 +75,7 @@ class ChatDataModule(InMemoryDataModule):
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         from kd_lightning.models.pretrained import pretrained_tokenizer
 
-        self.tokenizer = pretrained_tokenizer(self.pretrained)
-        if len(self.tokenizer) != self.vocab_size:
-            raise KDError(f"data.vocab_size={self.vocab_size} but the tokenizer {self.pretrained} has {len(self.tokenizer)} "
-                          f"tokens; set data.vocab_size={len(self.tokenizer)}.")
+        self.tokenizer = pretrained_tokenizer(self.pretrained, vocab_size=self.vocab_size)
         if self.chat_template is not None:
             self.tokenizer.chat_template = self.chat_template
         if not getattr(self.tokenizer, "chat_template", None):
@@ -155,10 +152,9 @@ class ChatDataModule(InMemoryDataModule):
 
     def save_tokenizer(self, folder: Path) -> None:
         """The run's tokenizer (its chat template included), for ``export --format hf``."""
-        from kd_lightning.files import atomic_directory
+        from kd_lightning.models.pretrained import save_tokenizer
 
-        with atomic_directory(folder) as tmp:
-            self.tokenizer.save_pretrained(tmp)
+        save_tokenizer(self.tokenizer, folder)
 
 
 def read_examples(path: Path) -> list[Any]:

@@ -173,6 +173,7 @@ class TextDataModule(InMemoryDataModule):
         """Write the run's tokenizer as a ``transformers`` tokenizer (``AutoTokenizer.from_pretrained(folder)``); without
         the transformers package, the ``tokenizers`` file alone (``tokenizer.json``)."""
         from kd_lightning.files import atomic_directory
+        from kd_lightning.models.pretrained import save_tokenizer
 
         tokenizer = self.tokenizer
         if self.pretrained is None:
@@ -184,8 +185,7 @@ class TextDataModule(InMemoryDataModule):
                 return
             tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer, eos_token=END_OF_TEXT,
                                                 bos_token=END_OF_TEXT, model_max_length=self.block_size)
-        with atomic_directory(folder) as tmp:
-            tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, folder)
 
     def tokenize(self, train_texts: list[str]) -> tuple[Any, int]:
         """``(encode(documents) -> token ids per document, the id that separates documents)``: the pretrained tokenizer
@@ -195,10 +195,7 @@ class TextDataModule(InMemoryDataModule):
             return (lambda documents: [e.ids for e in self.tokenizer.encode_batch(documents)]), self.tokenizer.token_to_id(END_OF_TEXT)
         from kd_lightning.models.pretrained import pretrained_tokenizer
 
-        self.tokenizer = pretrained_tokenizer(self.pretrained)
-        if len(self.tokenizer) != self.vocab_size:
-            raise KDError(f"data.vocab_size={self.vocab_size} but the tokenizer {self.pretrained} has {len(self.tokenizer)} "
-                          f"tokens; set data.vocab_size={len(self.tokenizer)}.")
+        self.tokenizer = pretrained_tokenizer(self.pretrained, vocab_size=self.vocab_size)
         if self.tokenizer.eos_token_id is None:
             raise KDError(f"the tokenizer {self.pretrained} has no EOS token to separate the works; use a tokenizer with one.")
         return (lambda documents: self.tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]), \

@@ -81,19 +81,33 @@ def pretrained_causal_lm(path: str, dtype: str = "float32", revision: str | None
     return model.train()
 
 
-def pretrained_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False) -> Any:
-    """``AutoTokenizer.from_pretrained(path)``, every problem as one line."""
+def pretrained_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False,
+                         vocab_size: int | None = None) -> Any:
+    """``AutoTokenizer.from_pretrained(path)``, every problem as one line; with ``vocab_size`` (``data.vocab_size``),
+    refused unless it has that many tokens."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise KDError("a pretrained tokenizer needs the transformers package: pip install 'kd_lightning[lm]'.") from None
     options = {"revision": revision, "trust_remote_code": bool(trust_remote_code)} | ({"local_files_only": True} if offline() else {})
     try:
-        return AutoTokenizer.from_pretrained(path, **options)
+        tokenizer = AutoTokenizer.from_pretrained(path, **options)
     except (OSError, ValueError, TypeError) as error:
         raise KDError(f"no tokenizer at {path!r}: looked in {where_looked(path)} ({first_line(error)}); the model folder "
                       "needs its tokenizer files (tokenizer.json, tokenizer_config.json: save_pretrained them with the model), "
                       "or point data.tokenizer at a folder that has them.") from None
+    if vocab_size is not None and len(tokenizer) != vocab_size:
+        raise KDError(f"data.vocab_size={vocab_size} but the tokenizer {path} has {len(tokenizer)} tokens; set "
+                      f"data.vocab_size={len(tokenizer)}.")
+    return tokenizer
+
+
+def save_tokenizer(tokenizer: Any, folder: Path) -> None:
+    """``tokenizer.save_pretrained`` into ``folder``, atomically (a killed run leaves the earlier folder or none)."""
+    from kd_lightning.files import atomic_directory
+
+    with atomic_directory(folder) as tmp:
+        tokenizer.save_pretrained(tmp)
 
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -155,18 +169,13 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, str] | None:
     """``(the module holding the decoder layers, the attribute)`` of a transformers causal LM of a known family."""
     for path in DECODER_LAYERS:
         parent, _, name = path.rpartition(".")
-        holder = model.get_submodule(parent) if _has_submodule(model, parent) else None
-        if holder is not None and isinstance(getattr(holder, name, None), nn.ModuleList):
+        try:
+            holder = model.get_submodule(parent)
+        except AttributeError:
+            continue
+        if isinstance(getattr(holder, name, None), nn.ModuleList):
             return holder, name
     return None
-
-
-def _has_submodule(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = None) -> nn.Module:
