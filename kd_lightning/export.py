@@ -138,9 +138,11 @@ def export_student(
 
 
 def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                        overwrite: bool = False) -> nn.Module:
+                        role: str | None = None, overwrite: bool = False) -> nn.Module:
     """Write the model of ``checkpoint`` (the student; the teacher for the teacher stage's checkpoint) to the folder
     ``out`` with ``save_pretrained``, and the run's tokenizer beside it; return the written transformers model.
+    ``role="teacher"`` reads ``checkpoint`` as the run's teacher wherever it lies (a trained teacher the run reused
+    from ``paths.cache_dir/trained_teachers/``, with ``config`` the run's ``.hydra/config.yaml``).
 
     A transformers model is written as it is; the built-in :class:`~kd_lightning.models.GPT` as the GPT-2 model of
     the same network (:func:`~kd_lightning.models.gpt.gpt_to_transformers`). The tokenizer is the one the run saved
@@ -155,7 +157,9 @@ def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     check_outputs(checkpoint, [out], overwrite)
     config = Path(config) if config else find_run_config(checkpoint)
     cfg = OmegaConf.load(config)
-    role = "teacher" if stage_of(checkpoint, config) == "teacher" else "student"
+    if role not in (None, "teacher", "student"):
+        raise KDError(f"--role must be teacher or student, got {role!r}.")
+    role = role or ("teacher" if stage_of(checkpoint, config) == "teacher" else "student")
     model = load_weights(build(cfg[role].model), checkpoint)
     if isinstance(model, GPT):
         model = gpt_to_transformers(model)
@@ -200,12 +204,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
     parser.add_argument("--format", choices=("state_dict", "hf"), default="state_dict",
                         help="hf: a transformers model folder (save_pretrained) with the run's tokenizer")
+    parser.add_argument("--role", choices=("teacher", "student"),
+                        help="with --format hf: which of the run's models the checkpoint holds (default: the teacher for "
+                             "RUN/teacher/..., else the student); teacher for a trained teacher from the cache")
     args = parser.parse_args(argv)
     try:
+        if args.role and args.format != "hf":
+            raise KDError("--role is for --format hf; a state_dict export writes the run's student.")
         if args.format == "hf":
             if args.torchscript or args.torch_export:
                 raise KDError("--format hf writes a transformers folder; export TorchScript / torch.export without --format.")
-            model = export_transformers(args.checkpoint, args.out, config=args.config, overwrite=args.overwrite)
+            model = export_transformers(args.checkpoint, args.out, config=args.config, role=args.role, overwrite=args.overwrite)
             print(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) and its tokenizer "
                   f"written to {args.out}: AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
             return

@@ -146,6 +146,17 @@ def test_export_format_hf_writes_a_model_plain_transformers_loads_with_the_same_
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text and tokenizer.eos_token == "<|endoftext|>"
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id  # generate() stops at the end of a text
 
+    # the trained teacher a later run reuses from the cache: the same model with --role teacher and the run's config
+    cached, = (tmp_path / "cache" / "trained_teachers").glob("*.pth")
+    export_main([str(cached), str(tmp_path / "cached"), "--format", "hf", "--role", "teacher", "--config",
+                 str(run / ".hydra" / "config.yaml")])
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "cached")(tokens).logits,
+                                   AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")(tokens).logits)
+    with pytest.raises(SystemExit):
+        export_main([str(cached), str(tmp_path / "state.pt"), "--role", "teacher"])
+    assert "--role is for --format hf" in capsys.readouterr().err
+
     # refused before anything is written: an existing folder, TorchScript with --format hf
     with pytest.raises(SystemExit):
         export_main([str(run / "distilled" / "checkpoints" / "last.ckpt"), str(tmp_path / "distilled"), "--format", "hf"])
@@ -200,6 +211,11 @@ def test_a_student_from_the_teacher_s_layers_keeps_their_weights(tmp_path: Path,
     assert student.eval()(tokens).logits.shape == (2, 8, 64)
     with torch.no_grad():  # generation's key/value cache is indexed by the new layer numbers
         student.generate(tokens[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+    fresh = student_from_teacher(pretrained_causal_lm(str(tmp_path / "t")), keep_layers=[0, 3], init="fresh")
+    assert fresh.training and {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in student.state_dict().items()}
+    assert not any(torch.equal(a, b) for a, b in zip(layers(fresh)[1].parameters(), layers(teacher)[3].parameters()) if a.std() > 0)
+    with pytest.raises(KDError, match="student.model.init must be teacher .* or fresh .*, got 'random'"):
+        student_from_teacher(pretrained_causal_lm(str(tmp_path / "t")), keep_layers=[0], init="random")
 
 
 def test_student_from_teacher_end_to_end_and_its_refusals(make_cfg, teacher_dir, tmp_path: Path) -> None:

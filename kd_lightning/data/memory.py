@@ -22,11 +22,16 @@ from kd_lightning.data.batch import IGNORE_INDEX, Batch
 from kd_lightning.errors import KDError, check_integer, is_number
 
 class TensorSplit(Dataset):
-    """One split held as tensors; ``__getitems__`` returns a whole batch at once."""
+    """One split held as tensors; ``__getitems__`` returns a whole batch at once.
 
-    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
-        if len(inputs) != len(targets):
-            raise ValueError(f"{len(inputs)} inputs but {len(targets)} targets.")
+    ``fields``: more per-sample tensors of the batch (``position_ids`` of packed rows, ``length``, ...), indexed the same way.
+    """
+
+    def __init__(self, inputs: Tensor, targets: Tensor, fields: dict[str, Tensor] | None = None) -> None:
+        self.fields = dict(fields or {})
+        for name, tensor in {"targets": targets, **self.fields}.items():
+            if len(tensor) != len(inputs):
+                raise ValueError(f"{len(inputs)} inputs but {len(tensor)} {name}.")
         self.inputs = inputs
         self.targets = targets
 
@@ -34,11 +39,13 @@ class TensorSplit(Dataset):
         return len(self.targets)
 
     def __getitem__(self, i: int) -> Batch:
-        return Batch(inputs=self.inputs[i], labels=self.targets[i], index=torch.tensor(i))
+        fields = {name: tensor[i] for name, tensor in self.fields.items()}
+        return Batch(inputs=self.inputs[i], labels=self.targets[i], index=torch.tensor(i), **fields)
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return Batch(inputs=self.inputs[index], labels=self.targets[index], index=index)
+        fields = {name: tensor[index] for name, tensor in self.fields.items()}
+        return Batch(inputs=self.inputs[index], labels=self.targets[index], index=index, **fields)
 
 
 class EpochShuffle(Sampler[int]):
@@ -61,9 +68,19 @@ class EpochShuffle(Sampler[int]):
         return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
-def keep_batch(batch: Any) -> Any:
-    """Collate function for ``TensorSplit``: the batch is already stacked."""
-    return batch
+class LengthGroupedShuffle(EpochShuffle):
+    """:class:`EpochShuffle`'s order, then within each run of ``50 * batch_size`` samples sorted by length (longest
+    first), so that a batch holds sequences of similar lengths and little padding (as transformers'
+    ``LengthGroupedSampler``); still a function of the global seed and the epoch alone."""
+
+    def __init__(self, lengths: Tensor, batch_size: int, epoch_of: Callable[[], int], group: int = 50) -> None:
+        super().__init__(len(lengths), epoch_of)
+        self.lengths, self.run = lengths, group * batch_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = torch.tensor(list(super().__iter__()), dtype=torch.long)
+        runs = [run[self.lengths[run].argsort(descending=True, stable=True)] for run in order.split(self.run)]
+        return iter(torch.cat(runs).tolist() if runs else [])
 
 
 # The unlabelled training samples of labeled_fraction < 1 are drawn with this seed: the same for every run.
@@ -111,13 +128,14 @@ class InMemoryDataModule(L.LightningDataModule):
         self.memory_format: torch.memory_format | None = None  # speed.channels_last: image batches as NHWC
         self._views_on_device: dict[torch.device, RecordedViews] = {}
 
-    def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Return ``{"train": (x, y), "val": (x, y), "test": (x, y)}``."""
+    def load_splits(self) -> dict[str, tuple[Tensor, Tensor] | TensorSplit]:
+        """Return ``{"train": (x, y), "val": (x, y), "test": (x, y)}`` (or :class:`TensorSplit` values, with more fields)."""
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            splits = {name: TensorSplit(x, y) for name, (x, y) in self.load_splits().items()}
+            splits = {name: split if isinstance(split, TensorSplit) else TensorSplit(*split)
+                      for name, split in self.load_splits().items()}
             empty = [name for name, split in splits.items() if len(split) == 0]
             if empty:
                 raise KDError(f"the {empty[0]} split of {type(self).__name__} holds no samples: a stage would train or "
@@ -188,16 +206,24 @@ class InMemoryDataModule(L.LightningDataModule):
     def current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def train_order(self, data: TensorSplit) -> Sampler[int]:
+        """The order of the training samples in an epoch: :class:`EpochShuffle` here."""
+        return EpochShuffle(len(data), self.current_epoch)
+
+    def collate(self, batch: Batch) -> Batch:
+        """A batch as ``TensorSplit`` gathered it, made ready for the step (on the CPU, in the loader). As it is here."""
+        return batch
+
     def loader(self, split: str, train: bool) -> DataLoader:
-        """Batches of ``split``: shuffled per epoch (and ``drop_last``) when ``train``, else in order."""
+        """Batches of ``split``: in :meth:`train_order` (and ``drop_last``) when ``train``, else in order."""
         self.setup()
         data = self.splits[split]
         return DataLoader(
             data,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffle(len(data), self.current_epoch) if train else None,
+            sampler=self.train_order(data) if train else None,
             drop_last=train and self.drop_last,
-            collate_fn=keep_batch,
+            collate_fn=self.collate,
             num_workers=0,  # the data is already in memory; workers would only copy it
             generator=torch.Generator(),  # keeps the loader from drawing on the global RNG
         )

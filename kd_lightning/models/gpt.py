@@ -23,10 +23,12 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, allowed: Tensor | None = None) -> Tensor:
+        """``allowed``: ``(N, 1, L, L)`` bool, which positions each may attend to; ``None``: every earlier one."""
         n, length, dim = x.shape
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                                  dropout_p=self.dropout if self.training else 0.0)
         return self.proj(attended.transpose(1, 2).reshape(n, length, dim))
 
 
@@ -39,8 +41,8 @@ class Block(nn.Module):
         self.attention = CausalSelfAttention(dim, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attention(self.norm1(x))
+    def forward(self, x: Tensor, allowed: Tensor | None = None) -> Tensor:
+        x = x + self.attention(self.norm1(x), allowed)
         return x + self.mlp(self.norm2(x))
 
 
@@ -77,22 +79,38 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def hidden_states(self, tokens: Tensor) -> Tensor:
-        """Final hidden states ``(N, L, dim)`` of token ids ``(N, L)``."""
+    def hidden_states(self, tokens: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Final hidden states ``(N, L, dim)`` of token ids ``(N, L)``.
+
+        ``position_ids`` ``(N, L)``: each token's position in its own example, for rows that pack several examples one
+        after another (a new example wherever the position does not go up by one); each token then attends only to the
+        earlier tokens of its example. ``None``: one example a row, positions ``0 .. L-1``.
+        """
         length = tokens.shape[1]
         if length > self.context_length:
             raise KDError(f"a sequence of {length} tokens is longer than the model's context of {self.context_length}; "
                           f"set data.block_size={self.context_length} or less (or build the model with "
                           f"context_length={length}).")
-        positions = torch.arange(length, device=tokens.device)
+        positions = torch.arange(length, device=tokens.device) if position_ids is None else position_ids
+        allowed = None if position_ids is None else within_example(position_ids)
         x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, allowed)
         return self.norm(x)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Next-token logits ``(N, L, V)`` of token ids ``(N, L)``."""
-        return self.head(self.hidden_states(tokens))
+    def forward(self, tokens: Tensor, position_ids: Tensor | None = None) -> Tensor:
+        """Next-token logits ``(N, L, V)`` of token ids ``(N, L)`` (``position_ids``: see :meth:`hidden_states`)."""
+        return self.head(self.hidden_states(tokens, position_ids))
+
+
+def within_example(position_ids: Tensor) -> Tensor:
+    """``(N, 1, L, L)`` bool: True where query ``i`` may attend to key ``j``, an earlier token (or itself) of the same
+    packed example; an example starts wherever the position does not go up by one."""
+    starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1
+    example = starts.cumsum(-1)  # (N, L)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return ((example[:, :, None] == example[:, None, :]) & causal)[:, None]
 
 
 def hf_causal_lm(model_type: str, **config: Any) -> nn.Module:

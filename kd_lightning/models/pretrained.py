@@ -178,14 +178,18 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
-def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = None) -> nn.Module:
+def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = None, init: str = "teacher") -> nn.Module:
     """A student made of the teacher's decoder layers ``keep_layers`` (in that order), with its embeddings, final norm
     and head (the DistilBERT / Minitron initialisation): ``student=from_teacher student.model.keep_layers=[0,2]``.
 
     ``teacher`` is a freshly built copy of the run's teacher (``${teacher.model}``: Hydra builds it for this), so its
     weights are taken over, not copied again. Llama-like (``model.layers``), GPT-2-like (``transformer.h``), GPT-NeoX
-    and OPT decoders; another model is refused.
+    and OPT decoders; another model is refused. ``init="fresh"``: the same architecture (the teacher's, with
+    ``len(keep_layers)`` layers) with fresh weights from the seed, the student to compare the teacher's layers with.
     """
+    if init not in ("teacher", "fresh"):
+        raise KDError(f"student.model.init must be teacher (the teacher's layers) or fresh (the same architecture, fresh "
+                      f"weights), got {init!r}.")
     found = decoder_layers(teacher)
     if found is None:
         raise KDError(f"student=from_teacher takes the decoder layers of a transformers causal LM ({', '.join(DECODER_LAYERS)}); "
@@ -210,4 +214,8 @@ def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = Non
             setattr(config, count, len(keep_layers))
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in keep_layers]
+    if init == "fresh":
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_config(config).to(next(teacher.parameters()).dtype).train()
     return teacher.train()

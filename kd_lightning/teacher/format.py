@@ -235,7 +235,7 @@ def data_identity(datamodule: InMemoryDataModule) -> dict[str, Any]:
     splits = {}
     for split, data in sorted(datamodule.splits.items()):
         digest = hashlib.sha256()
-        for tensor in (data.inputs, data.targets):
+        for tensor in (data.inputs, data.targets, *(data.fields[name] for name in sorted(data.fields))):
             digest.update(str((tuple(tensor.shape), tensor.dtype)).encode())
             digest.update(tensor.contiguous().numpy().tobytes())
         splits[split] = digest.hexdigest()[:16]

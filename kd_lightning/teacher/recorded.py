@@ -107,7 +107,11 @@ class RecordedTeacher(Teacher):
                 raise KDError("the teacher was recorded on augmented views but the batch says which view it shows nowhere; "
                               "call datamodule.replay_views(teacher.views) before training.")
             slot = torch.zeros_like(index)
-        return {name: array[index, slot] for name, array in self._arrays(split, index.device).items()}
+        found = {name: array[index, slot] for name, array in self._arrays(split, index.device).items()}
+        labels = batch.get("labels")
+        if labels is not None and labels.ndim == 2:  # tokens: a batch cut to its longest row reads that many positions
+            found = {name: array[:, : labels.shape[1]] for name, array in found.items()}
+        return found
 
     def logits(self, batch: Batch, split: str) -> Tensor:
         """Float32 logits ``(N, C)`` (``(N, L, V)`` for tokens) of samples ``batch["index"]`` in views ``batch["view"]``;

@@ -84,21 +84,23 @@ class _Recorder(L.LightningModule):
                 if self.vocab_size is not None:  # None: a teacher trained here, whose extra rows are padding by construction
                     check_padding_unused(logits, self.width, self.vocab_size)
                 logits = logits[..., : self.width]
+            # a token batch may be cut to its longest row (chat data): it fills the first positions of each sample
+            at = (rows, slot) if logits.ndim == 2 else (rows, slot, slice(0, logits.shape[1]))
             if self.top_k is None:
-                self.out["logits"][rows, slot] = logits.half().cpu().numpy()
+                self.out["logits"][at] = logits.half().cpu().numpy()
                 continue
             values, indices = logits.topk(self.top_k, dim=-1)
             logsumexp = logits.logsumexp(-1)
-            self.out["topk_values"][rows, slot] = values.half().cpu().numpy()
-            self.out["topk_indices"][rows, slot] = indices.cpu().numpy()
-            self.out["logsumexp"][rows, slot] = logsumexp.cpu().numpy()
+            self.out["topk_values"][at] = values.half().cpu().numpy()
+            self.out["topk_indices"][at] = indices.cpu().numpy()
+            self.out["logsumexp"][at] = logsumexp.cpu().numpy()
             if "label_logits" in self.out:
                 labels = batch["labels"]
                 label = torch.where(counted(labels), labels, 0)[..., None]  # not counted: any class will do
-                self.out["label_logits"][rows, slot] = logits.gather(-1, label)[..., 0].cpu().numpy()
+                self.out["label_logits"][at] = logits.gather(-1, label)[..., 0].cpu().numpy()
             if self.tail_samples:
                 draws = draw_from_tail(logits, indices, self.tail_samples, seed=zlib.crc32(f"{self.split}:{rows[0]}:{slot}".encode()))
-                self.out["tail_samples"][rows, slot] = draws.cpu().numpy()
+                self.out["tail_samples"][at] = draws.cpu().numpy()
             mass = (1 - torch.exp(values - logsumexp[..., None]).sum(-1)).clamp_min(0)  # outside the top k, at T=1
             tail["sum"] += float(mass.sum())
             tail["count"] += mass.numel()

@@ -34,7 +34,7 @@ from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
 from kd_lightning.files import content_key, file_sha256, job_lock, set_aside
 from kd_lightning.loss_mix import LossMix
-from kd_lightning.models.outputs import model_logits, output_head
+from kd_lightning.models.outputs import check_packing, model_logits, output_head
 from kd_lightning.models.pretrained import is_pretrained, pretrained_fingerprint, pretrained_tokenizer
 from kd_lightning.progress import lightning_hushed
 from kd_lightning.settings import Settings
@@ -64,11 +64,15 @@ def check_models(settings: Settings, datamodule: Any) -> None:
     task, live, chunked = getattr(datamodule, "task", "classification"), settings.teacher.mode == "live", settings.speed.chunk_rows
     check_chunk_rows(chunked, task, settings.loss_mix.features is not None)
     check_tokenizers(settings, datamodule)
-    if not (live or chunked):
+    packing = packs(datamodule)
+    if not (live or chunked or packing):
         return  # a recorded teacher: the module checks the student's logits against the recording on the first batch
     student = build(settings.student)
-    # a pretrained teacher is read once, by prepare_teacher; its logits are checked on the first batch
+    # a pretrained teacher is read once, by teacher_model; its logits are checked on the first batch
     teacher = build(settings.teacher.model) if (live and not settings.teacher.pretrained) or settings.teacher.trains else None
+    for role, model in (("student", student), ("teacher", teacher)) if packing else ():
+        if model is not None:
+            check_packing(model, role)
     if chunked is not None:
         for role, model in (("student", student), ("teacher", teacher if settings.teacher.trains else None)):
             if model is not None and output_head(model) is None:
@@ -88,6 +92,11 @@ def check_models(settings: Settings, datamodule: Any) -> None:
         check_widths(student_logits.shape[-1], teacher_logits.shape[-1], settings.run.num_classes)
     else:
         check_same_classes(student_logits, teacher_logits)
+
+
+def packs(datamodule: Any) -> bool:
+    """Whether the batches pack several examples into a row (``data.packing=true``)."""
+    return bool(getattr(datamodule, "packing", False))
 
 
 def check_tokenizers(settings: Settings, datamodule: Any) -> None:
@@ -117,12 +126,16 @@ def trained_teacher_path(settings: Settings) -> Path:
 def teacher_model(settings: Settings, datamodule: Any) -> nn.Module:
     """The teacher network: loaded from ``teacher.checkpoint`` or the trained-teacher cache, or trained now."""
     teacher = settings.teacher
-    if teacher.checkpoint is not None:
-        log.info("teacher: loading %s", teacher.checkpoint)
-        return load_weights(build(teacher.model), teacher.checkpoint)
-    if not teacher.trains:
-        log.info("teacher: pretrained, read from %s; distilled from as it is", teacher.model.path)
-        return build(teacher.model)
+    if teacher.checkpoint is not None or not teacher.trains:
+        if teacher.checkpoint is not None:
+            log.info("teacher: loading %s", teacher.checkpoint)
+            model = load_weights(build(teacher.model), teacher.checkpoint)
+        else:
+            log.info("teacher: pretrained, read from %s; distilled from as it is", teacher.model.path)
+            model = build(teacher.model)
+        if packs(datamodule):  # a teacher trained here was checked by check_models, before its training
+            check_packing(model, "teacher")
+        return model
     cached = trained_teacher_path(settings)
     if not is_global_zero():  # the ranks of one DDP job train it together; rank 0 holds the lock and saves
         return train_teacher(settings, datamodule, cached) if not cached.exists() else load_weights(build(teacher.model), cached)
