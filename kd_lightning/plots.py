@@ -72,7 +72,7 @@ def plot_curves(output_dir: Path, teacher_acc: float | None = None) -> Path | No
 
 
 def plot_sweep(rows: list[dict], target: Path) -> Path | None:
-    """``sweep.png``: test accuracy of every job (distilled and alone), failed jobs marked."""
+    """``sweep.png``: test accuracy (perplexity, for language models) of every job, distilled and alone; failed jobs marked."""
     plt = pyplot()
     if plt is None:
         log.warning(NO_MATPLOTLIB, "sweep.png")
@@ -89,10 +89,11 @@ def plot_sweep(rows: list[dict], target: Path) -> Path | None:
         if r["status"] != "ok":
             ax.text(i, 1, "FAILED", ha="center", rotation=90, color="red")
     scores = [v for r in rows for v in (r["distilled"], r["alone"]) if v is not None] + teachers
-    if scores:
+    perplexity = any(r.get("measure") == "ppl" for r in rows)
+    if scores and not perplexity:
         ax.set_ylim(max(0, min(scores) - 5), min(100, max(scores) + 2))
     ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=7)
-    ax.set(ylabel="test accuracy (%)", title="sweep")
+    ax.set(ylabel="test perplexity" if perplexity else "test accuracy (%)", title="sweep")
     ax.legend(fontsize=8)
     figure.tight_layout()
     atomic_write(target, lambda tmp: figure.savefig(tmp, dpi=100))

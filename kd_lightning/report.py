@@ -1,6 +1,7 @@
 """``python -m kd_lightning.report MULTIRUN_DIR``: one table of every job of a sweep.
 
-Reads each job's ``metrics.json`` and the overrides Hydra recorded for it
+Reads each job's ``metrics.json`` (test accuracies in %; for language models test perplexities, with ``gain`` the
+distilled student's change in perplexity over the student alone's, in %) and the overrides Hydra recorded for it
 (``.hydra/overrides.yaml``), prints the table, writes ``report.csv`` into the sweep
 directory, and marks jobs that left no results as failed, with the one-line reason they
 recorded (``error.txt``), or as unfinished when they recorded none (still running, or killed). A job
@@ -57,10 +58,15 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
         failure = job / FAILURE_FILE
         row["error"] = unreadable or (failure.read_text().strip() if not results and failure.is_file() else None)
         row["status"] = "ok" if results else "unreadable" if unreadable else "FAILED" if row["error"] is not None else "unfinished"
+        language = any("test/ppl" in ((results or {}).get(key) or {}) for key, _ in COLUMNS)
+        row["measure"] = "ppl" if language else "acc"
         for key, name in COLUMNS:
-            acc = ((results or {}).get(key) or {}).get("test/acc")
-            row[name] = None if acc is None else round(100 * acc, 2)
-        row["gain"] = None if not results or "gain" not in results else round(100 * results["gain"], 2)
+            value = ((results or {}).get(key) or {}).get(f"test/{row['measure']}")
+            row[name] = None if value is None else round(value if language else 100 * value, 2)
+        if language:
+            row["gain"] = None if "ppl_ratio" not in results else round(100 * (results["ppl_ratio"] - 1), 2)
+        else:
+            row["gain"] = None if not results or "gain" not in results else round(100 * results["gain"], 2)
         val = results.get("distilled_val_acc", results.get("objective")) if results else None  # "objective": before 0.5
         row["val"] = None if val is None else round(100 * val, 2)
         rows.append(row)
@@ -97,7 +103,10 @@ def format_table(rows: list[dict]) -> str:
         return "-" if value is None else str(value)
 
     widths = {n: max(len(n), *(len(cell(r[n])) for r in table)) for n in names}
-    return "\n".join("  ".join(cell(r[n]).ljust(widths[n]) for n in names).rstrip() for r in [dict(zip(names, names)), *table])
+    lines = ["  ".join(cell(r[n]).ljust(widths[n]) for n in names).rstrip() for r in [dict(zip(names, names)), *table]]
+    if {r["measure"] for r in ok} == {"ppl"}:
+        lines.insert(0, "test perplexity (lower is better); gain: the distilled student's over the student alone's, in %")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:

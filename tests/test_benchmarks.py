@@ -71,3 +71,14 @@ def test_lm_loss_benchmark_reports_memory_time_and_exactness() -> None:
     figures = json.loads(out.stdout)
     assert figures["peak_mem_ratio"] > 0 and figures["time_ratio"] > 0
     assert figures["max_rel_loss_diff"] < 1e-5 and figures["max_abs_grad_diff"] < 1e-6
+
+
+def test_the_trl_benchmark_runs_both_tools_on_the_same_batches_and_their_losses_agree() -> None:
+    pytest.importorskip("trl", reason="benchmarks/vs_trl.py compares with TRL (pip install -e '.[lm,trl]')")
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "vs_trl.py"), "--shapes", "default", "--repeats", "1", "--steps", "2",
+                          "--rows", "2", "--length", "32", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout)["shapes"]["default"]
+    assert len(figures["kd"]["losses"]) == len(figures["trl"]["losses"]) == 2
+    assert figures["kd"]["max_rel_loss_diff_vs_trl"] < 1e-5
+    assert figures["kd"]["tokens_per_s"] > 0 and figures["trl"]["peak_rss_mib"] > 0 and figures["kd"]["growth_ratio_vs_trl"] > 0

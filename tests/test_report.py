@@ -57,3 +57,17 @@ def test_a_job_whose_results_cannot_be_read_is_marked_and_the_others_reported(tm
     assert f"job 2: {tmp_path / '2' / 'metrics.json'} does not hold a run's results" in printed
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
     assert [r["status"] for r in rows] == ["ok", "unreadable", "unreadable"] and rows[0]["distilled"] == "97.0"
+
+
+def test_language_model_jobs_are_reported_by_test_perplexity(tmp_path: Path, capsys) -> None:
+    for name, seed, alone, distilled in (("0", 0, 120.0, 100.0), ("1", 1, 110.0, 99.0)):
+        job(tmp_path, name, [f"seed={seed}"], {"teacher": {"test/ppl": 60.0, "test/acc": 0.3}, "baseline": {"test/ppl": alone},
+                                                "distilled": {"test/ppl": distilled}, "ppl_ratio": distilled / alone})
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("test perplexity (lower is better)")
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert [(r["teacher"], r["alone"], r["distilled"], r["gain"]) for r in rows] == [("60.0", "120.0", "100.0", "-16.67"),
+                                                                                    ("60.0", "110.0", "99.0", "-10.0")]
+    mean_row = next(line for line in printed.splitlines() if line.startswith("mean"))
+    assert mean_row.split()[3:7] == ["60.0", "115.0", "99.5", "-"]  # teacher, alone, distilled, val (none for LMs)

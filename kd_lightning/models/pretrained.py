@@ -73,11 +73,18 @@ def pretrained_causal_lm(path: str, dtype: str = "float32", revision: str | None
                       "set model.trust_remote_code=true.")
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
+    from transformers.utils import logging as transformers_logging
+
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per model would break the run's log lines
     try:
         model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype), **options, **kwargs)
     except (OSError, ValueError) as error:
         raise KDError(f"cannot read the pretrained model at {path!r} ({first_line(error)}); it needs its weights "
                       "(model.safetensors or pytorch_model.bin) beside config.json.") from None
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     return model.train()
 
 
