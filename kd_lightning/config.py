@@ -52,6 +52,7 @@ class DistillSchema:
     weights: Dict[str, float] = field(default_factory=dict)
     schedules: Dict[str, Any] = field(default_factory=dict)
     chunk_rows: Optional[int] = None  # moved to speed.chunk_rows; still read, with a one-line hint
+    on_policy: Dict[str, Any] = field(default_factory=dict)  # where completions come from (kd_lightning/sequences.py)
 
 
 def model_configs() -> dict[str, Any]:

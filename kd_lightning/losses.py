@@ -134,17 +134,23 @@ def reverse_kl(student: Tensor, teacher: Tensor) -> Tensor:
     return kl_rows(F.log_softmax(student, -1), F.log_softmax(teacher, -1))
 
 
-def jsd(student: Tensor, teacher: Tensor, beta: float = 0.5) -> Tensor:
-    """``(1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``, ``M = beta·p_t + (1−beta)·p_s``, per position."""
+JSD_WEIGHTS = ("gkd", "continuous")
+
+
+def jsd(student: Tensor, teacher: Tensor, beta: float = 0.5, weights: str = "gkd") -> Tensor:
+    """The generalised JSD per position, ``M = beta·p_t + (1−beta)·p_s``: ``beta·KL(p_t ‖ M) + (1−beta)·KL(p_s ‖ M)``
+    (``weights="gkd"``: GKD's, TRL's and Liger-Kernel's; ``beta=0`` is forward KL and ``beta=1`` reverse KL, as TRL
+    takes them), or ``(1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)`` (``"continuous"``: from forward KL at 0 to reverse KL
+    at 1 without a jump; kd_lightning's before 0.5)."""
     if not 0 <= beta <= 1:
         raise ValueError(f"beta must be in [0, 1], got {beta}: 0 is forward KL, 1 reverse KL, 0.5 symmetric JSD.")
+    if weights not in JSD_WEIGHTS:
+        raise ValueError(f"weights must be gkd (GKD's and TRL's) or continuous, got {weights!r}.")
     p_s, p_t = student.softmax(-1), teacher.softmax(-1)
-    per_position = torch.zeros_like(p_s[..., 0])
-    if beta < 1:
-        per_position = per_position + (1 - beta) * kl_to_mixture(p_t, p_s, beta)
-    if beta > 0:
-        per_position = per_position + beta * kl_to_mixture(p_s, p_t, 1 - beta)
-    return per_position
+    if beta in (0, 1):
+        return kl_to_mixture(p_t, p_s, 0.0) if beta == 0 else kl_to_mixture(p_s, p_t, 0.0)
+    teacher_weight = beta if weights == "gkd" else 1 - beta
+    return teacher_weight * kl_to_mixture(p_t, p_s, beta) + (1 - teacher_weight) * kl_to_mixture(p_s, p_t, 1 - beta)
 
 
 def skew_kl(student: Tensor, teacher: Tensor, skew: float = 0.1, reverse: bool = False) -> Tensor:
@@ -322,12 +328,12 @@ Gu et al. 2024). ``T²`` scaling is off by default.""")
 jsd_loss = public_loss("jsd_loss", jsd, scale_by_t2=False, temperature=1.0, doc="""Generalised Jensen-Shannon divergence
 between teacher and student, ``beta ∈ [0, 1]``.
 
-Convention used here: the mixture is ``M = beta·p_t + (1−beta)·p_s`` and
-``JSD_beta = (1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``, so ``beta=0`` is exactly forward KL ``KL(p_t ‖ p_s)``,
-``beta=1`` exactly reverse KL ``KL(p_s ‖ p_t)``, ``beta=0.5`` the symmetric JSD, and the loss is continuous in between.
-GKD (Agarwal et al. 2024) and TRL weight the two terms the other way round, ``beta·KL(p_t ‖ M) + (1−beta)·KL(p_s ‖ M)``,
-which tends to 0 at both ends (TRL then special-cases beta=0 and beta=1); the two agree at 0.5. ``T²`` scaling is off
-by default.""")
+The mixture is ``M = beta·p_t + (1−beta)·p_s`` and, as in GKD (Agarwal et al. 2024), TRL and Liger-Kernel,
+``JSD_beta = beta·KL(p_t ‖ M) + (1−beta)·KL(p_s ‖ M)``; ``beta=0`` is forward KL ``KL(p_t ‖ p_s)`` and ``beta=1``
+reverse KL ``KL(p_s ‖ p_t)`` (TRL's special cases: the formula itself tends to 0 at both ends), ``beta=0.5`` the
+symmetric JSD. A configuration copied from them trains the same objective. ``weights="continuous"`` weighs the two
+terms the other way round, ``(1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``, continuous from forward KL at 0 to reverse
+KL at 1 (kd_lightning's ``jsd`` before 0.5; the same at ``beta=0.5``). ``T²`` scaling is off by default.""")
 
 skew_kl_loss = public_loss("skew_kl_loss", skew_kl, scale_by_t2=False, temperature=1.0, doc="""Skew KL (DistiLLM, Ko et
 al. 2024): KL against a mixture that keeps the student's side finite.

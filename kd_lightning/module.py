@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from kd_lightning.chunked import HeadLogits, TeacherBlocks, blockwise_terms, resolved
 from kd_lightning.data.batch import Batch, as_batch, counted
@@ -20,6 +21,7 @@ from kd_lightning.progress import logs_this_step
 from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits
 from kd_lightning.reduction import StepTokens, reduce
 from kd_lightning.schedules import optimizer_config
+from kd_lightning.sequences import Answers, Sequences
 from kd_lightning.speed import check_chunk_rows
 from kd_lightning.teacher import LiveTeacher, Teacher, as_teacher
 from kd_lightning.vocab import check_outputs, common_rows, declared_classes, labels_in_range
@@ -58,7 +60,7 @@ class DistillationModule(L.LightningModule):
     def __init__(self, student: nn.Module, teacher: Teacher | nn.Module | None = None, num_classes: int | None = None,
                  temperature: float | None = None, alpha: float | None = None, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, loss_mix: LossMix | None = None, task: str = "classification",
-                 chunk_rows: int | None = None) -> None:
+                 chunk_rows: int | None = None, sequences: Sequences | None = None, answers: Answers | None = None) -> None:
         super().__init__()
         if task not in TASKS:
             raise KDError(f"task must be one of {TASKS}, got {task!r}.")
@@ -73,6 +75,13 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters({"num_classes": num_classes, "temperature": loss_mix.temperature, "alpha": loss_mix.alpha,
                                    "task": task})
         self.task, self.chunk_rows = task, chunk_rows
+        if sequences is not None and sequences.settings.samples and task != "tokens":
+            raise KDError("distill.on_policy samples completions: it is for language models (token tasks), not "
+                          f"{task}; unset distill.on_policy.fraction and teacher_fraction.")
+        self.sequences = sequences  # where the training batches' completions come from (on-policy distillation)
+        self.answers = answers  # a task with answers: greedy exact match in evaluation
+        roles = ["student"] + (["teacher"] if self.teacher is not None else [])
+        self.exact = nn.ModuleDict({f"{split}_{role}": MeanMetric() for split in SPLITS for role in roles} if answers else {})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.outputs_checked = False
         self.step_tokens = StepTokens()  # the step's count, when a step spans micro-batches or processes
@@ -153,6 +162,9 @@ class DistillationModule(L.LightningModule):
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch = as_batch(batch)
+        if self.sequences is not None:  # the data set's completions, or the student's or the teacher's own
+            teacher = self.teacher.model if isinstance(self.teacher, LiveTeacher) else None
+            batch = self.sequences(batch, self.student, teacher, self.global_step, batch_idx)
         with self.loss_mix.capturing_features():
             teacher_out = self.teacher_forward(batch) if self.teacher is not None and self.loss_mix.uses_teacher else None
             student_out = self.student_forward(batch)
@@ -181,6 +193,12 @@ class DistillationModule(L.LightningModule):
         self.metrics[split].add_batch(student_logits, teacher_logits, batch)
         for name, metric in self.metrics[split].items():
             self.log(f"{split}/{name}", metric, prog_bar=split == "val" and name in ("acc", "ppl"))
+        if self.answers is not None:
+            models = {"student": self.student} | ({"teacher": self.teacher.model} if isinstance(self.teacher, LiveTeacher) else {})
+            for role, model in models.items():
+                metric = self.exact[f"{split}_{role}"]
+                metric.update(self.answers.matches(model, batch))
+                self.log(f"{split}/{'' if role == 'student' else 'teacher_'}exact_match", metric, prog_bar=split == "val")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self.evaluate(batch, "val")

@@ -37,6 +37,9 @@ RUN_OUTPUTS = (RESULTS_FILE, "curves.png")
 WHERE_AND_HOW_SHOWN = ("ckpt_path", "overwrite", "changed_on_resume", "paths", "data.num_workers",
                        "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 
+# groups a later release added whose settings, at these values, compute what the run did without them
+INERT_WHEN_ADDED = {"distill.on_policy": lambda node: not (node.get("fraction") or node.get("teacher_fraction"))}
+
 
 def is_global_zero() -> bool:
     """True in the process that writes shared outputs (rank 0, or the only process)."""
@@ -86,11 +89,14 @@ UNSET = object()
 def differences(saved: Any, now: Any, key: str = "") -> dict[str, tuple[Any, Any]]:
     """``{setting: (saved, now)}`` where two configs differ, at the outermost setting that differs (a group added
     or removed is one entry); :data:`WHERE_AND_HOW_SHOWN` is skipped, and so is a setting a later release added
-    that the run's saved config lacks while it holds its off value (null, false, empty, or an interpolation)."""
+    that the run's saved config lacks while it holds its off value (null, false, empty, or an interpolation), or a
+    group of :data:`INERT_WHEN_ADDED` at values that change nothing."""
     if key and named(key, WHERE_AND_HOW_SHOWN):
         return {}
     if saved is UNSET and (now in (None, False, [], {}) or (isinstance(now, str) and now.startswith("${"))):
         return {}
+    if saved is UNSET and key in INERT_WHEN_ADDED and isinstance(now, dict) and INERT_WHEN_ADDED[key](now):
+        return {}  # e.g. distill.on_policy sampling nothing: the data set's completions, as before
     if isinstance(saved, dict) and isinstance(now, dict):
         found: dict[str, tuple[Any, Any]] = {}
         for name in sorted(saved.keys() | now.keys(), key=str):

@@ -7,6 +7,7 @@ is built and then passed on instead of the config:
   how long a stage trains;
 - ``teacher`` (:class:`TeacherSettings`): where the teacher comes from (a checkpoint, trained once, recorded);
 - ``loss_mix`` (:class:`~kd_lightning.loss_mix.LossMix`): ``distill``, the loss terms, weights and schedules;
+- ``on_policy`` (:class:`~kd_lightning.sequences.OnPolicy`): ``distill.on_policy``, where completions come from;
 - ``speed`` (:class:`~kd_lightning.speed.SpeedSettings`): how the networks run, not what they compute.
 
 The objects Hydra builds per stage (data, models, optimizer, trainer, callbacks, logger) stay config nodes,
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from kd_lightning.features import check_live_teacher
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.models.pretrained import check_pretrained, is_pretrained
 from kd_lightning.losses import Objective, forward_kl, unwrap
+from kd_lightning.sequences import OnPolicy
 from kd_lightning.speed import SpeedSettings
 from kd_lightning.teacher.format import RecordingSettings
 
@@ -223,6 +225,20 @@ def check_forward_kl_only(loss_mix: LossMix) -> None:
                           f"standardize=false), but {where} is {what}; use teacher.recording.tail=student.")
 
 
+def on_policy_settings(distill: DictConfig, teacher: TeacherSettings) -> OnPolicy:
+    """``distill.on_policy``: sampled completions need a live teacher, which scores (or writes) them."""
+    given = plain(distill.get("on_policy")) or {}
+    known = [f.name for f in fields(OnPolicy)]
+    for key in given:
+        if key not in known:
+            raise KDError(f"distill.on_policy has no setting {key!r}; its settings are {', '.join(known)}.")
+    on_policy = OnPolicy(**given)
+    if on_policy.samples and teacher.mode != "live":
+        raise KDError("distill.on_policy samples completions that no recording holds (it was made before they existed); "
+                      "use teacher.mode=live, or set distill.on_policy.fraction=0 and teacher_fraction=0.")
+    return on_policy
+
+
 def build_loss_mix(distill: DictConfig) -> LossMix:
     """The distilled stage's :class:`LossMix` from ``distill`` (every setting checked where the mix is built)."""
     extra_terms = {name: {**plain(spec), "objective": build(spec.objective)} if spec.get("objective") else plain(spec)
@@ -251,6 +267,7 @@ class Settings:
     run: RunSettings
     teacher: TeacherSettings
     loss_mix: LossMix
+    on_policy: OnPolicy
     speed: SpeedSettings
     data: DictConfig  # built once, by train()
     student: DictConfig  # the student model, built fresh in each stage
@@ -265,6 +282,8 @@ class Settings:
         speed = speed_settings(cfg)
         loss_mix = build_loss_mix(cfg.distill)
         teacher = TeacherSettings.from_config(cfg, loss_mix, run.max_steps)
+        on_policy = on_policy_settings(cfg.distill, teacher)
         check_pretrained("student.model", cfg.student.model)
         check_student_from_teacher(cfg, teacher)
-        return cls(run=run, teacher=teacher, loss_mix=loss_mix, speed=speed, data=cfg.data, student=cfg.student.model)
+        return cls(run=run, teacher=teacher, loss_mix=loss_mix, on_policy=on_policy, speed=speed, data=cfg.data,
+                   student=cfg.student.model)

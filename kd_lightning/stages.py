@@ -24,6 +24,7 @@ from kd_lightning.loss_mix import LossMix
 from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
 from kd_lightning.run_dir import is_global_zero
+from kd_lightning.sequences import Answers, Sequences
 from kd_lightning.settings import RunSettings, Settings
 from kd_lightning.teacher import Teacher
 
@@ -103,8 +104,10 @@ def make_logger(run: RunSettings, stage: str) -> Any:
 
 
 def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teacher | None, loss_mix: LossMix, datamodule: Any,
-              optim: DictConfig | None = None, **trainer_overrides: Any) -> tuple[dict[str, float], nn.Module]:
-    """Build ``model`` from the seed, fit it with ``loss_mix`` against ``teacher``, test it.
+              optim: DictConfig | None = None, sequences: Sequences | None = None,
+              **trainer_overrides: Any) -> tuple[dict[str, float], nn.Module]:
+    """Build ``model`` from the seed, fit it with ``loss_mix`` against ``teacher`` (on the completions of
+    ``sequences``: the data set's by default), test it.
 
     Returns the stage's ``val/...`` and ``test/...`` metrics (also written to ``<stage>/results.json``) and the
     trained model. ``ckpt_path=last`` resumes the stage from its ``last.ckpt`` when there is one, and reads a finished
@@ -118,9 +121,11 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
     module = DistillationModule(speed.prepare(build(model)), teacher, num_classes=run.num_classes, loss_mix=loss_mix,
                                 optimizer=build(optim.optimizer),
                                 scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
-                                task=getattr(datamodule, "task", "classification"), chunk_rows=speed.chunk_rows)
+                                task=getattr(datamodule, "task", "classification"), chunk_rows=speed.chunk_rows,
+                                sequences=sequences, answers=Answers.of(datamodule))
     chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
-    log.info("stage %s: %s%s", stage, loss_mix.extra_repr(), chunked)
+    sampled = f", completions sampled: {sequences.describe()}" if sequences is not None and sequences.settings.samples else ""
+    log.info("stage %s: %s%s%s", stage, loss_mix.extra_repr(), chunked, sampled)
     last = run.output_dir / stage / "checkpoints" / "last.ckpt"
     results = run.output_dir / stage / STAGE_RESULTS
     resume = str(last) if run.resume and last.is_file() else None

@@ -13,6 +13,7 @@ from kd_lightning.files import atomic_write_text
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.plots import plot_curves
 from kd_lightning.run_dir import RESULTS_FILE, TOKENIZER_DIR, is_global_zero
+from kd_lightning.sequences import Sequences
 from kd_lightning.settings import Settings
 from kd_lightning.stages import run_stage
 from kd_lightning.teacher.source import check_models, prepare_teacher
@@ -47,9 +48,11 @@ def distil(settings: Settings, datamodule: Any) -> dict[str, Any]:
         datamodule.save_tokenizer(settings.run.output_dir / TOKENIZER_DIR)
     teacher = prepare_teacher(settings, datamodule)
 
-    distilled, _ = run_stage(settings, "distilled", settings.student, teacher, settings.loss_mix, datamodule)
+    distilled, _ = run_stage(settings, "distilled", settings.student, teacher, settings.loss_mix, datamodule,
+                             sequences=Sequences.of(settings.on_policy, datamodule))
     results: dict[str, Any] = {"distilled": distilled}
-    results["teacher"] = {f"test/{k}": distilled[f"test/teacher_{k}"] for k in ("acc", "ece", "ppl") if f"test/teacher_{k}" in distilled}
+    results["teacher"] = {f"test/{k}": distilled[f"test/teacher_{k}"] for k in ("acc", "ece", "ppl", "exact_match")
+                          if f"test/teacher_{k}" in distilled}
     if settings.run.baseline:
         # CE alone: the teacher never runs in training, it is only scored against for the fidelity metrics
         baseline, _ = run_stage(settings, "baseline", settings.student, teacher, LossMix.task_only(), datamodule)

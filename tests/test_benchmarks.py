@@ -82,3 +82,12 @@ def test_the_trl_benchmark_runs_both_tools_on_the_same_batches_and_their_losses_
     assert len(figures["kd"]["losses"]) == len(figures["trl"]["losses"]) == 2
     assert figures["kd"]["max_rel_loss_diff_vs_trl"] < 1e-5
     assert figures["kd"]["tokens_per_s"] > 0 and figures["trl"]["peak_rss_mib"] > 0 and figures["kd"]["growth_ratio_vs_trl"] > 0
+
+
+def test_the_generation_benchmark_compares_cached_and_recomputed_tokens() -> None:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "generate.py"), "--new-tokens", "8", "--prompt", "4", "--rows", "2",
+                          "--dim", "16", "--depth", "1", "--vocab", "50", "--repeats", "1", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert set(result["tokens_per_s"]) == {"cached", "recomputed"} and result["ratio_cached_over_recomputed"] > 0

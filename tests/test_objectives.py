@@ -36,10 +36,15 @@ def reverse_kl_formula(s, t, T):
     return (q * (q.log() - p.log())).sum(-1).mean()
 
 
-def jsd_formula(s, t, T, beta):
+def jsd_formula(s, t, T, beta, weights="gkd"):
+    """GKD's generalised JSD (TRL: beta=0 forward KL, beta=1 reverse KL), or the continuous weighting."""
     p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
+    if weights == "gkd" and beta in (0, 1):
+        first, second = (p, q) if beta == 0 else (q, p)
+        return (first * (first / second).log()).sum(-1).mean()
     m = beta * p + (1 - beta) * q
-    return ((1 - beta) * (p * (p / m).log()).sum(-1) + beta * (q * (q / m).log()).sum(-1)).mean()
+    on_teacher = beta if weights == "gkd" else 1 - beta
+    return (on_teacher * (p * (p / m).log()).sum(-1) + (1 - on_teacher) * (q * (q / m).log()).sum(-1)).mean()
 
 
 def skew_kl_formula(s, t, T, skew, reverse):
@@ -83,9 +88,20 @@ def test_forward_and_reverse_kl_match_their_formulas(shape, T) -> None:
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
-def test_jsd_matches_its_formula(shape, beta) -> None:
+@pytest.mark.parametrize("weights", ["gkd", "continuous"])
+def test_jsd_matches_its_formula(shape, beta, weights) -> None:
     s, t = logits_pair(shape, seed=2)
-    torch.testing.assert_close(jsd_loss(s, t, 2.0, beta), jsd_formula(s, t, 2.0, beta), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(jsd_loss(s, t, 2.0, beta, weights=weights), jsd_formula(s, t, 2.0, beta, weights),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_jsd_beta_means_what_it_means_in_trl() -> None:
+    trl = pytest.importorskip("trl.experimental.gkd", reason="compared with TRL's GKDTrainer when trl is installed")
+    s, t = logits_pair((6, 11), seed=4)
+    for beta in (0.0, 0.1, 0.5, 0.9, 1.0):
+        labels = torch.zeros(1, 6, dtype=torch.long)  # every token counts: the mean over them
+        theirs = trl.GKDTrainer.generalized_jsd_loss(s[None], t[None], labels=labels, beta=beta)  # T=1
+        torch.testing.assert_close(jsd_loss(s, t, 1.0, beta), theirs, rtol=1e-9, atol=1e-12)
 
 
 def test_jsd_special_cases() -> None:
@@ -95,8 +111,11 @@ def test_jsd_special_cases() -> None:
     # beta=0.5: the symmetric JSD, the same with the roles swapped, and at most log 2
     torch.testing.assert_close(jsd_loss(s, t, 2.0, 0.5), jsd_loss(t, s, 2.0, 0.5))
     assert 0 < jsd_loss(s * 50, t * 50, 1.0, 0.5) <= torch.log(torch.tensor(2.0, dtype=torch.float64))
-    # continuous at both ends (the convention's point)
-    torch.testing.assert_close(jsd_loss(s, t, 2.0, 1e-6, scale_by_t2=True), kd_loss(s, t, 2.0), rtol=1e-4, atol=1e-6)
+    # the continuous weighting tends to forward KL as beta goes to 0; GKD's to 0 (hence TRL's special case at 0)
+    torch.testing.assert_close(jsd_loss(s, t, 2.0, 1e-6, weights="continuous", scale_by_t2=True), kd_loss(s, t, 2.0),
+                               rtol=1e-4, atol=1e-6)
+    assert jsd_loss(s, t, 2.0, 1e-6) < 1e-4 * kd_loss(s, t, 2.0)
+    torch.testing.assert_close(jsd_loss(s, t, 2.0, 0.5, weights="continuous"), jsd_loss(s, t, 2.0, 0.5))  # the same at 0.5
     with pytest.raises(ValueError, match="beta must be in"):
         jsd_loss(s, t, 2.0, 1.5)
 

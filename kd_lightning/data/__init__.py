@@ -1,5 +1,6 @@
-"""DataModules that keep whole splits in memory and serve named batches (``inputs``, ``labels``, ``index``): images, digits, text."""
+"""DataModules that keep whole splits in memory and serve named batches (``inputs``, ``labels``, ``index``): images, digits, text, chat, arithmetic."""
 
+from kd_lightning.data.arithmetic import ArithmeticDataModule
 from kd_lightning.data.batch import Batch, as_batch
 from kd_lightning.data.chat import ChatDataModule
 from kd_lightning.data.cifar import CIFARDataModule
@@ -7,4 +8,4 @@ from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.memory import InMemoryDataModule, TensorSplit
 from kd_lightning.data.text import TextDataModule
 
-__all__ = ["Batch", "ChatDataModule", "CIFARDataModule", "DigitsDataModule", "InMemoryDataModule", "TensorSplit", "TextDataModule", "as_batch"]
+__all__ = ["ArithmeticDataModule", "Batch", "ChatDataModule", "CIFARDataModule", "DigitsDataModule", "InMemoryDataModule", "TensorSplit", "TextDataModule", "as_batch"]

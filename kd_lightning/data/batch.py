@@ -24,6 +24,8 @@ class Batch(TypedDict, total=False):
         index: ``(N,)`` each sample's position in its split (a recorded teacher looks it up).
         view: ``(N,)`` which recorded augmentation view of each sample the inputs show.
         attention_mask: ``(N, L)`` 1 where a token is real, 0 for padding.
+        position_ids: ``(N, L)`` each token's position in its own example, for rows that pack several (chat data with
+            ``data.packing=true``); passed to models that take them.
         kept: ``(N, L)`` bool, the tokens that count (label not ``-100``, attention mask 1); derived once per step
             by :func:`as_batch` for token batches, never given by a DataModule.
     """
@@ -33,6 +35,7 @@ class Batch(TypedDict, total=False):
     index: Tensor
     view: Tensor
     attention_mask: Tensor
+    position_ids: Tensor
     kept: Tensor
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kd_lightning.errors import KDError
+from kd_lightning.errors import KDError, check_integer
 
 
 class CausalSelfAttention(nn.Module):
@@ -23,11 +23,17 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.dropout = dropout
 
-    def forward(self, x: Tensor, allowed: Tensor | None = None) -> Tensor:
-        """``allowed``: ``(N, 1, L, L)`` bool, which positions each may attend to; ``None``: every earlier one."""
+    def forward(self, x: Tensor, allowed: Tensor | None = None, cache: tuple[KVCache, int] | None = None) -> Tensor:
+        """``allowed``: ``(N, 1, L, K)`` bool, which keys each position may attend to; ``None``: every earlier one (and,
+        after cached tokens, all of those).
+        ``cache``: ``(the cache, this block's index)``: the keys and values of ``x`` join those read before (``K`` of
+        them in all), which ``x`` attends to as ``allowed`` says."""
         n, length, dim = x.shape
         q, k, v = self.qkv(x).view(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+        if cache is not None:
+            k, v = cache[0].extend(cache[1], k, v)
+        causal = allowed is None and k.shape[2] == length  # new tokens after cached ones see every cached one
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal,
                                                   dropout_p=self.dropout if self.training else 0.0)
         return self.proj(attended.transpose(1, 2).reshape(n, length, dim))
 
@@ -41,8 +47,8 @@ class Block(nn.Module):
         self.attention = CausalSelfAttention(dim, heads, dropout)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim), nn.Dropout(dropout))
 
-    def forward(self, x: Tensor, allowed: Tensor | None = None) -> Tensor:
-        x = x + self.attention(self.norm1(x), allowed)
+    def forward(self, x: Tensor, allowed: Tensor | None = None, cache: tuple[KVCache, int] | None = None) -> Tensor:
+        x = x + self.attention(self.norm1(x), allowed, cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -93,14 +99,109 @@ class GPT(nn.Module):
                           f"context_length={length}).")
         positions = torch.arange(length, device=tokens.device) if position_ids is None else position_ids
         allowed = None if position_ids is None else within_example(position_ids)
+        return self.read(tokens, positions, allowed)
+
+    def read(self, tokens: Tensor, positions: Tensor, allowed: Tensor | None, cache: KVCache | None = None) -> Tensor:
+        """Final hidden states of ``tokens`` at ``positions``, attending as ``allowed`` says (after the tokens in
+        ``cache``, which then holds these too)."""
         x = self.dropout(self.token_embedding(tokens) + self.position_embedding(positions))
-        for block in self.blocks:
-            x = block(x, allowed)
+        for index, block in enumerate(self.blocks):
+            x = block(x, allowed, None if cache is None else (cache, index))
+        if cache is not None:
+            cache.length += tokens.shape[1]
         return self.norm(x)
 
     def forward(self, tokens: Tensor, position_ids: Tensor | None = None) -> Tensor:
         """Next-token logits ``(N, L, V)`` of token ids ``(N, L)`` (``position_ids``: see :meth:`hidden_states`)."""
         return self.head(self.hidden_states(tokens, position_ids))
+
+    @torch.no_grad()
+    def generate(self, prompts: Tensor, max_new_tokens: int, *, prompt_mask: Tensor | None = None, greedy: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Continue ``prompts`` ``(N, P)`` by up to ``max_new_tokens`` tokens each: ``(N, P + T)``, ``T`` the tokens made.
+
+        Each new token reads only itself against the keys and values of the tokens before it (a key/value cache), in
+        eval mode and under ``no_grad``; the model's mode is restored after. ``prompt_mask`` ``(N, P)``: 1 for a
+        prompt's tokens, 0 for padding on the left (prompts of different lengths, aligned on the right); padding is
+        never attended to and positions count from each prompt's first token. ``greedy``: the likeliest token, else one
+        drawn (with ``generator``) at ``temperature`` from the ``top_k`` likeliest and the smallest set holding
+        ``top_p`` of the probability. A row that has made ``eos_token_id`` makes it again until all have (then it stops).
+        """
+        rows, prompt_length = prompts.shape
+        check_integer("max_new_tokens", max_new_tokens)
+        if prompt_length + max_new_tokens > self.context_length:
+            raise KDError(f"a prompt of {prompt_length} tokens and max_new_tokens={max_new_tokens} exceed the model's "
+                          f"context of {self.context_length}; lower max_new_tokens or shorten the prompts.")
+        real = torch.ones_like(prompts, dtype=torch.bool) if prompt_mask is None else prompt_mask.to(torch.bool)
+        positions = (real.long().cumsum(-1) - 1).clamp_min(0)
+        padded = not bool(real.all())  # without padding no mask is needed: causal, then every cached token
+        allowed = None
+        if padded:
+            causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=prompts.device).tril()
+            itself = torch.eye(prompt_length, dtype=torch.bool, device=prompts.device)  # a padding query reads itself, not NaN
+            allowed = ((causal & real[:, None, :]) | itself)[:, None]
+        cache = KVCache(len(self.blocks), prompt_length + max_new_tokens)
+        training = self.training
+        self.eval()
+        try:
+            logits = self.head(self.read(prompts, positions, allowed, cache)[:, -1])
+            position, made = positions[:, -1:], [prompts]
+            finished = torch.zeros(rows, dtype=torch.bool, device=prompts.device)
+            for step in range(max_new_tokens):
+                token = next_token(logits, greedy, temperature, top_k, top_p, generator)
+                if eos_token_id is not None:
+                    token = torch.where(finished, eos_token_id, token)
+                    finished |= token == eos_token_id
+                made.append(token[:, None])
+                if step == max_new_tokens - 1 or bool(finished.all()):
+                    break
+                position = position + 1
+                if padded:
+                    real = torch.cat([real, real.new_ones(rows, 1)], 1)
+                logits = self.head(self.read(token[:, None], position, real[:, None, None, :] if padded else None, cache)[:, -1])
+        finally:
+            self.train(training)
+        return torch.cat(made, 1)
+
+
+class KVCache:
+    """The keys and values of the tokens a :class:`GPT` has read, per block: ``(N, heads, capacity, dim / heads)``
+    buffers filled from the left (``length`` tokens so far)."""
+
+    def __init__(self, blocks: int, capacity: int) -> None:
+        self.capacity, self.length = capacity, 0
+        self.keys: list[Tensor | None] = [None] * blocks
+        self.values: list[Tensor | None] = [None] * blocks
+
+    def extend(self, block: int, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Add ``(N, heads, t, d)`` keys and values after those held; all of them so far."""
+        if self.keys[block] is None:
+            shape = (*keys.shape[:2], self.capacity, keys.shape[-1])
+            self.keys[block], self.values[block] = keys.new_zeros(shape), values.new_zeros(shape)
+        end = self.length + keys.shape[2]
+        self.keys[block][:, :, self.length : end] = keys
+        self.values[block][:, :, self.length : end] = values
+        return self.keys[block][:, :, :end], self.values[block][:, :, :end]
+
+
+def next_token(logits: Tensor, greedy: bool, temperature: float, top_k: int | None, top_p: float | None,
+               generator: torch.Generator | None) -> Tensor:
+    """``(N,)`` tokens from next-token logits ``(N, V)``: the likeliest, or drawn at ``temperature`` from the ``top_k``
+    likeliest and the nucleus holding ``top_p`` of the probability."""
+    if greedy:
+        return logits.argmax(-1)
+    if not temperature > 0:
+        raise KDError(f"the sampling temperature must be > 0, got {temperature}; for the likeliest token use greedy=true.")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        ordered, order = logits.sort(-1, descending=True)
+        before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # probability of the likelier tokens
+        logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
 def within_example(position_ids: Tensor) -> Tensor:

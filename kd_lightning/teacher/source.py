@@ -30,6 +30,7 @@ from torch import nn
 
 from kd_lightning.checkpoints import load_weights, save_weights
 from kd_lightning.config import build
+from kd_lightning.data.batch import counted
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
 from kd_lightning.files import content_key, file_sha256, job_lock, set_aside
@@ -73,6 +74,7 @@ def check_models(settings: Settings, datamodule: Any) -> None:
     for role, model in (("student", student), ("teacher", teacher)) if packing else ():
         if model is not None:
             check_packing(model, role)
+    check_sampling_fits(settings, datamodule, student)
     if chunked is not None:
         for role, model in (("student", student), ("teacher", teacher if settings.teacher.trains else None)):
             if model is not None and output_head(model) is None:
@@ -92,6 +94,22 @@ def check_models(settings: Settings, datamodule: Any) -> None:
         check_widths(student_logits.shape[-1], teacher_logits.shape[-1], settings.run.num_classes)
     else:
         check_same_classes(student_logits, teacher_logits)
+
+
+def check_sampling_fits(settings: Settings, datamodule: Any, student: nn.Module) -> None:
+    """``distill.on_policy``: the longest training prompt and ``max_new_tokens`` fit the student's context."""
+    splits = getattr(datamodule, "splits", None)
+    if not settings.on_policy.samples or not splits or "train" not in splits:
+        return
+    keep = counted(splits["train"].targets)
+    longest = int((keep.long().argmax(1) + 1)[keep.any(1)].max()) if keep.any() else 0  # a prompt: up to the first label
+    new = settings.on_policy.max_new_tokens
+    config = getattr(student, "config", None)
+    context = getattr(student, "context_length", None) or getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None)
+    if context and longest + new > context:
+        raise KDError(f"distill.on_policy.max_new_tokens={new} after prompts of up to {longest} tokens exceeds the "
+                      f"student's context of {context}; lower max_new_tokens (or shorten the prompts).")
 
 
 def packs(datamodule: Any) -> bool:

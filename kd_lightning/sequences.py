@@ -1,0 +1,212 @@
+"""Where a language-model step's sequences come from: the data set's completions, or completions sampled for the
+batch's prompts by the current student (on-policy distillation, GKD's lambda) or by the teacher (sequence-level KD).
+
+``distill.on_policy``: ``fraction`` is the chance that a training batch's completions are the student's own,
+``teacher_fraction`` the chance that they are the teacher's; otherwise the batch is the data set's, as it came.
+The choice and the samples are drawn from a generator seeded by the run's seed and the step, so a run resumed from
+a checkpoint samples exactly what the uninterrupted one did.
+
+A prompt is every token of a row before its first learned label: ``inputs[:j + 1]`` when ``labels[j]`` is the first
+kept label (the token at ``j`` predicts the completion's first token). Prompts are aligned on the right (padding on
+the left) for generation; the completion is labelled like a data set's: the prompt is ``-100``, and so is
+everything after the completion's first EOS (which is learned); rows are padded on the right. Generation sits
+behind :func:`generate`: the built-in ``GPT``'s cached ``generate()`` or transformers' ``generate()``, in eval mode,
+under ``no_grad``, with the current weights. Another generator (a vLLM server) would be another branch there.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kd_lightning.data.batch import IGNORE_INDEX, Batch, counted, with_kept
+from kd_lightning.errors import KDError, check_integer, is_number
+
+SOURCES = ("data", "student", "teacher")
+
+
+@dataclass(frozen=True)
+class OnPolicy:
+    """``distill.on_policy``: how often a batch's completions are sampled, and how.
+
+    Args:
+        fraction: the chance that a training batch is the student's own samples (GKD's lambda; 0: off-policy).
+        teacher_fraction: the chance that it is the teacher's samples (sequence-level KD).
+        max_new_tokens: the longest sampled completion.
+        temperature, top_k, top_p: sampling settings (``temperature > 0``; ``greedy=true`` for the likeliest token).
+        greedy: the likeliest token instead of a draw.
+    """
+
+    fraction: float = 0.0
+    teacher_fraction: float = 0.0
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        for key in ("fraction", "teacher_fraction"):
+            value = getattr(self, key)
+            if not is_number(value) or not 0 <= value <= 1:
+                raise KDError(f"distill.on_policy.{key} must be in [0, 1] (the chance that a batch is sampled), got {value!r}.")
+        if self.fraction + self.teacher_fraction > 1:
+            raise KDError(f"distill.on_policy.fraction + teacher_fraction must be at most 1 (the chances of one batch), "
+                          f"got {self.fraction} + {self.teacher_fraction}.")
+        check_integer("distill.on_policy.max_new_tokens", self.max_new_tokens)
+        if not self.greedy and not (is_number(self.temperature) and self.temperature > 0):
+            raise KDError(f"distill.on_policy.temperature must be > 0, got {self.temperature!r}; for the likeliest token "
+                          "set distill.on_policy.greedy=true.")
+        if self.top_k is not None:
+            check_integer("distill.on_policy.top_k", self.top_k)
+        if self.top_p is not None and not (is_number(self.top_p) and 0 < self.top_p <= 1):
+            raise KDError(f"distill.on_policy.top_p must be in (0, 1], got {self.top_p!r}.")
+
+    @property
+    def samples(self) -> bool:
+        """Whether any batch is sampled."""
+        return self.fraction > 0 or self.teacher_fraction > 0
+
+
+class Sequences:
+    """The sequences of each training step: :meth:`__call__` gives the batch the step trains on."""
+
+    def __init__(self, settings: OnPolicy, eos_token_id: int | None, pad_token_id: int = 0) -> None:
+        self.settings, self.eos_token_id, self.pad_token_id = settings, eos_token_id, pad_token_id
+
+    @classmethod
+    def of(cls, settings: OnPolicy, datamodule: Any) -> Sequences | None:
+        """The run's sequences, with the EOS and padding ids of ``datamodule``'s tokenizer; ``None`` when nothing is
+        sampled."""
+        if not settings.samples:
+            return None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        pad = datamodule.pad_id() if hasattr(datamodule, "pad_id") else (eos if eos is not None else 0)
+        return cls(settings, eos, pad)
+
+    def describe(self) -> str:
+        s = self.settings
+        how = "greedy" if s.greedy else f"temperature {s.temperature}" + (f", top_k {s.top_k}" if s.top_k else "") + (
+            f", top_p {s.top_p}" if s.top_p is not None else "")
+        return (f"student {s.fraction:g}, teacher {s.teacher_fraction:g} of the batches, up to {s.max_new_tokens} "
+                f"tokens, {how}")
+
+    def generator(self, step: int, micro_batch: int) -> torch.Generator:
+        """The random state of one micro-batch of one optimizer step: the run's seed, the step, the micro-batch."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # set by lightning.seed_everything
+        return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_009 + micro_batch)
+
+    def source(self, generator: torch.Generator) -> str:
+        """``data``, ``student`` or ``teacher``, with the chances of the settings."""
+        draw = float(torch.rand((), generator=generator))
+        if draw < self.settings.fraction:
+            return "student"
+        return "teacher" if draw < self.settings.fraction + self.settings.teacher_fraction else "data"
+
+    def __call__(self, batch: Batch, student: nn.Module, teacher: nn.Module | None, step: int, micro_batch: int = 0) -> Batch:
+        """The batch to train on: ``batch`` itself, or its prompts completed by the student or the teacher."""
+        if not self.settings.samples:
+            return batch
+        generator = self.generator(step, micro_batch)
+        source = self.source(generator)
+        if source == "data":
+            return batch
+        model = student if source == "student" else teacher
+        if model is None:
+            raise KDError("distill.on_policy.teacher_fraction > 0 needs a live teacher to sample from (teacher.mode=live).")
+        prompts, mask = prompts_of(batch, self.pad_token_id)
+        seed = int(torch.randint(2**62, (), generator=generator))
+        made = generate(model, prompts, mask, self.settings, self.eos_token_id, self.pad_token_id, seed)
+        return completed(prompts, mask, made[:, prompts.shape[1]:], self.eos_token_id, self.pad_token_id)
+
+
+def prompts_of(batch: Batch, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """``(prompts (N, P), mask (N, P))``: each row's tokens up to its first kept label, aligned on the right."""
+    inputs, keep = batch["inputs"], batch.get("kept", counted(batch["labels"]))
+    if not keep.any(1).all():
+        raise KDError("on-policy distillation needs a prompt and a completion in every row (a learned label after the "
+                      "prompt); a row of the batch has no learned token. Use chat data (data=chat) or prompt/completion pairs.")
+    lengths = keep.long().argmax(1) + 1  # the first kept label's position, plus one
+    width = int(lengths.max())
+    prompts = torch.full((len(inputs), width), pad_token_id, dtype=inputs.dtype, device=inputs.device)
+    mask = torch.zeros((len(inputs), width), dtype=torch.long, device=inputs.device)
+    for row, length in enumerate(lengths.tolist()):
+        prompts[row, width - length:] = inputs[row, :length]
+        mask[row, width - length:] = 1
+    return prompts, mask
+
+
+def generate(model: nn.Module, prompts: Tensor, mask: Tensor, settings: OnPolicy, eos_token_id: int | None,
+             pad_token_id: int, seed: int) -> Tensor:
+    """``(N, P + T)``: ``prompts`` continued by ``model`` (the built-in GPT's cached ``generate()``, or transformers'),
+    in eval mode, under ``no_grad``, from ``seed``."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[prompts.device] if prompts.is_cuda else []):
+            torch.manual_seed(seed)
+            if hasattr(model, "hidden_states") and hasattr(model, "generate"):  # kd_lightning.models.GPT
+                return model.generate(prompts, settings.max_new_tokens, prompt_mask=mask, greedy=settings.greedy,
+                                      temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
+                                      eos_token_id=eos_token_id)
+            if callable(getattr(model, "generate", None)) and hasattr(model, "generation_config"):  # transformers
+                sampling: dict[str, Any] = {"do_sample": False} if settings.greedy else {
+                    "do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k or 0,
+                    "top_p": settings.top_p if settings.top_p is not None else 1.0}
+                return model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
+                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, **sampling)
+    finally:
+        model.train(training)
+    raise KDError(f"on-policy distillation samples from the model, but {type(model).__name__} has no generate(); use "
+                  "kd_lightning.models.GPT or a transformers causal LM.")
+
+
+def completed(prompts: Tensor, mask: Tensor, completions: Tensor, eos_token_id: int | None, pad_token_id: int) -> Batch:
+    """The batch of each real prompt followed by its completion up to and including its first EOS, padded on the
+    right: ``inputs`` and ``labels`` (the next tokens; ``-100`` on the prompt, after the completion and on padding)."""
+    rows = []
+    for row in range(len(prompts)):
+        completion = completions[row]
+        if eos_token_id is not None and (completion == eos_token_id).any():
+            completion = completion[: int((completion == eos_token_id).nonzero()[0]) + 1]
+        rows.append((prompts[row][mask[row].bool()], completion))
+    width = max(len(prompt) + len(completion) for prompt, completion in rows) - 1
+    inputs = torch.full((len(rows), width), pad_token_id, dtype=prompts.dtype, device=prompts.device)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=prompts.dtype, device=prompts.device)
+    for row, (prompt, completion) in enumerate(rows):
+        tokens = torch.cat([prompt, completion])
+        inputs[row, : len(tokens) - 1] = tokens[:-1]
+        labels[row, len(prompt) - 1 : len(tokens) - 1] = completion
+    return with_kept(Batch(inputs=inputs, labels=labels))
+
+
+@dataclass(frozen=True)
+class Answers:
+    """A task whose prompts each have one right completion (``data.exact_match``): the greedy completion of each
+    prompt, up to its first EOS, must be the labelled one (``{split}/exact_match``)."""
+
+    eos_token_id: int | None
+    pad_token_id: int = 0
+
+    @classmethod
+    def of(cls, datamodule: Any) -> Answers | None:
+        if not getattr(datamodule, "exact_match", False):
+            return None
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        return cls(getattr(tokenizer, "eos_token_id", None), datamodule.pad_id() if hasattr(datamodule, "pad_id") else 0)
+
+    def matches(self, model: nn.Module, batch: Batch) -> Tensor:
+        """``(N,)`` float: 1 where ``model``'s greedy completion of the row's prompt is exactly its labelled completion."""
+        keep = batch.get("kept", counted(batch["labels"]))
+        prompts, mask = prompts_of(batch, self.pad_token_id)
+        wanted = [batch["labels"][row][keep[row]] for row in range(len(keep))]
+        settings = OnPolicy(greedy=True, max_new_tokens=max(len(w) for w in wanted))
+        made = completed(prompts, mask, generate(model, prompts, mask, settings, self.eos_token_id, self.pad_token_id, 0)[
+            :, prompts.shape[1]:], self.eos_token_id, self.pad_token_id)
+        return torch.tensor([float(torch.equal(made["labels"][row][made["kept"][row]], wanted[row])) for row in range(len(keep))],
+                            device=prompts.device)

@@ -1,0 +1,159 @@
+"""On-policy distillation: prompts completed by the student (or the teacher), labelled like the data set's, the same
+loss as off-policy on those sequences, the same samples for the same step, and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kd_lightning import DistillationModule, KDError, LossMix
+from kd_lightning.data.batch import IGNORE_INDEX, as_batch
+from kd_lightning.models import GPT
+from kd_lightning.sequences import OnPolicy, Sequences, completed, prompts_of
+
+VOCAB, EOS, PAD = 30, 1, 0
+
+
+def chat_batch() -> dict[str, torch.Tensor]:
+    """Two rows: a prompt of 3 tokens then 2 learned ones; a prompt of 5 then 1 learned; padded on the right."""
+    inputs = torch.tensor([[5, 6, 7, 8, 9, 0, 0], [10, 11, 12, 13, 14, 15, 0]])
+    labels = torch.full_like(inputs, IGNORE_INDEX)
+    labels[0, 2:4] = torch.tensor([8, 9])
+    labels[1, 4:6] = torch.tensor([15, 1])
+    return {"inputs": inputs, "labels": labels}
+
+
+def test_prompts_are_the_tokens_before_the_first_learned_label_aligned_on_the_right() -> None:
+    prompts, mask = prompts_of(as_batch(chat_batch()), PAD)
+    assert prompts.tolist() == [[0, 0, 5, 6, 7], [10, 11, 12, 13, 14]]
+    assert mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+
+
+def test_a_completion_is_learned_up_to_and_including_its_first_eos_and_nothing_else() -> None:
+    prompts, mask = prompts_of(as_batch(chat_batch()), PAD)
+    completions = torch.tensor([[20, EOS, 21, 22], [23, 24, 25, 26]])  # the first stops at EOS, the second runs out
+    batch = completed(prompts, mask, completions, EOS, PAD)
+    assert batch["inputs"].tolist() == [[5, 6, 7, 20, 0, 0, 0, 0], [10, 11, 12, 13, 14, 23, 24, 25]]
+    assert batch["labels"].tolist() == [[-100, -100, 20, EOS, -100, -100, -100, -100],
+                                        [-100, -100, -100, -100, 23, 24, 25, 26]]
+    assert batch["kept"].sum() == 6  # the step's normaliser counts the generated tokens
+
+
+def modules(sequences: Sequences) -> tuple[DistillationModule, DistillationModule]:
+    torch.manual_seed(0)
+    student, teacher = GPT(VOCAB, 32, 16, 1, 2), GPT(VOCAB, 32, 16, 1, 2)
+    mix = LossMix(temperature=1.0, alpha=0.5)
+    return (DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", loss_mix=mix, sequences=sequences),
+            DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", loss_mix=mix))
+
+
+def test_the_on_policy_loss_and_gradients_are_the_off_policy_ones_on_the_same_samples() -> None:
+    sequences = Sequences(OnPolicy(fraction=1.0, max_new_tokens=6), EOS, PAD)
+    on_policy, off_policy = modules(sequences)
+    samples = sequences(as_batch(chat_batch()), on_policy.student, on_policy.teacher.model, step=3, micro_batch=0)
+    assert samples["inputs"].shape[1] > chat_batch()["inputs"].shape[1] - 2  # prompts + sampled completions
+    losses, grads = [], []
+    for module, batch in ((on_policy, chat_batch()), (off_policy, samples)):
+        module.zero_grad()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(type(module), "global_step", property(lambda self: 3))
+            loss = module.training_step(batch, 0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append([p.grad.clone() for p in module.student.parameters()])
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_the_same_step_samples_the_same_completions_and_another_step_others() -> None:
+    sequences = Sequences(OnPolicy(fraction=1.0, max_new_tokens=8, temperature=1.5), EOS, PAD)
+    student = GPT(VOCAB, 32, 16, 1, 2)
+    batch = as_batch(chat_batch())
+    first = sequences(batch, student, None, step=7, micro_batch=1)
+    assert torch.equal(first["inputs"], sequences(batch, student, None, step=7, micro_batch=1)["inputs"])  # a resumed run
+    assert not torch.equal(first["inputs"], sequences(batch, student, None, step=8, micro_batch=1)["inputs"])
+
+
+def test_fractions_choose_the_source_of_each_batch() -> None:
+    mixed = Sequences(OnPolicy(fraction=0.5, teacher_fraction=0.25), EOS, PAD)
+    drawn = [mixed.source(mixed.generator(step, 0)) for step in range(2000)]
+    shares = {source: drawn.count(source) / len(drawn) for source in ("student", "teacher", "data")}
+    assert shares["student"] == pytest.approx(0.5, abs=0.04) and shares["teacher"] == pytest.approx(0.25, abs=0.04)
+    teacher_only = Sequences(OnPolicy(teacher_fraction=1.0, greedy=True, max_new_tokens=4), EOS, PAD)
+    teacher = GPT(VOCAB, 32, 16, 1, 2)
+    written = teacher_only(as_batch(chat_batch()), GPT(VOCAB, 32, 16, 1, 2), teacher, step=0)
+    prompts, mask = prompts_of(as_batch(chat_batch()), PAD)
+    expected = completed(prompts, mask, teacher.generate(prompts, 4, prompt_mask=mask, greedy=True, eos_token_id=EOS)[:, 5:], EOS, PAD)
+    assert torch.equal(written["inputs"], expected["inputs"]) and torch.equal(written["labels"], expected["labels"])
+
+
+def test_a_transformers_student_samples_with_its_own_generate() -> None:
+    pytest.importorskip("transformers", reason="transformers models need the 'lm' extra")
+    from kd_lightning.models.gpt import hf_causal_lm
+
+    student = hf_causal_lm("llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    sequences = Sequences(OnPolicy(fraction=1.0, max_new_tokens=5, top_k=10, top_p=0.9), EOS, PAD)
+    batch = sequences(as_batch(chat_batch()), student.train(), None, step=2)
+    assert student.training and batch["inputs"].shape[0] == 2 and 1 <= int(batch["kept"][0].sum()) <= 5
+    assert torch.equal(batch["inputs"], sequences(as_batch(chat_batch()), student, None, step=2)["inputs"])
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"fraction": 1.5}, r"distill.on_policy.fraction must be in \[0, 1\]"),
+    ({"fraction": 0.7, "teacher_fraction": 0.5}, "fraction \\+ teacher_fraction must be at most 1"),
+    ({"max_new_tokens": 0}, "distill.on_policy.max_new_tokens must be a positive integer, got 0"),
+    ({"temperature": 0.0}, "distill.on_policy.temperature must be > 0, got 0.0; for the likeliest token set "
+                           "distill.on_policy.greedy=true"),
+    ({"top_p": 0.0}, r"distill.on_policy.top_p must be in \(0, 1\]"),
+])
+def test_bad_on_policy_settings_are_one_line(settings: dict, message: str) -> None:
+    with pytest.raises(KDError, match=message):
+        OnPolicy(**settings)
+
+
+def test_on_policy_refusals_before_training(make_cfg) -> None:
+    from conftest import settings_of
+
+    with pytest.raises(KDError, match="samples completions that no recording holds .*use teacher.mode=live"):
+        settings_of(make_cfg("teacher.mode=recorded", "distill.on_policy.fraction=1.0"))
+    with pytest.raises(KDError, match="distill.on_policy has no setting 'lambda'; its settings are fraction, teacher_fraction"):
+        settings_of(make_cfg("+distill.on_policy.lambda=1.0"))
+    with pytest.raises(KDError, match="distill.on_policy samples completions: it is for language models"):
+        DistillationModule(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), num_classes=3,
+                           sequences=Sequences(OnPolicy(fraction=1.0), EOS, PAD))
+    with pytest.raises(KDError, match="Linear has no generate\\(\\); use kd_lightning.models.GPT or a transformers causal LM"):
+        Sequences(OnPolicy(fraction=1.0), EOS, PAD)(as_batch(chat_batch()), torch.nn.Linear(4, 3), None, step=0)
+    with pytest.raises(KDError, match="a row of the batch has no learned token"):
+        prompts_of(as_batch({"inputs": torch.zeros(1, 4, dtype=torch.long), "labels": torch.full((1, 4), -100)}), PAD)
+
+
+def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp_path, caplog) -> None:
+    pytest.importorskip("transformers", reason="chat data needs the 'lm' extra")
+    from transformers import AutoTokenizer
+
+    from data_factory import make_corpus
+    from test_chat import TALK, TEMPLATE, write_chats
+    from test_pretrained import save_llama, save_tokenizer
+    from kd_lightning.train import train
+
+    size = save_tokenizer(make_corpus(tmp_path / "corpus"), tmp_path / "teacher")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    save_llama(tmp_path / "teacher", size, max_position_embeddings=160)
+    chats = write_chats(tmp_path / "chats", [{"messages": TALK[1:3]}, {"prompt": "Who is it?", "completion": "Nobody."}] * 4)
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        results = train(make_cfg("teacher=hf", f"teacher.model.path={tmp_path / 'teacher'}", "data=chat", f"data.data_dir={chats}",
+                                 f"data.vocab_size={size}", "data.max_length=96", "data.block_size=160", "student=gpt_student",
+                                 "student.model.dim=16", "student.model.depth=1", "trainer.max_epochs=1", "baseline=false",
+                                 "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=8",
+                                 output_dir=tmp_path / "run"))
+    assert "completions sampled: student 1, teacher 0 of the batches, up to 8 tokens, temperature 1.0" in caplog.text
+    assert results["distilled"]["test/ppl"] > 1
+    with pytest.raises(KDError, match=r"distill.on_policy.max_new_tokens=150 after prompts of up to \d+ tokens exceeds the "
+                                      "student's context of 160"):
+        train(make_cfg("teacher=hf", f"teacher.model.path={tmp_path / 'teacher'}", "data=chat", f"data.data_dir={chats}",
+                       f"data.vocab_size={size}", "data.max_length=96", "data.block_size=160", "student=gpt_student",
+                       "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=150", output_dir=tmp_path / "refused"))
