@@ -82,12 +82,7 @@ class Sequences:
     def of(cls, settings: OnPolicy, datamodule: Any) -> Sequences | None:
         """The run's sequences, with the EOS and padding ids of ``datamodule``'s tokenizer; ``None`` when nothing is
         sampled."""
-        if not settings.samples:
-            return None
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        pad = datamodule.pad_id() if hasattr(datamodule, "pad_id") else (eos if eos is not None else 0)
-        return cls(settings, eos, pad)
+        return cls(settings, *token_ids(datamodule)) if settings.samples else None
 
     def describe(self) -> str:
         s = self.settings
@@ -125,13 +120,25 @@ class Sequences:
         return completed(prompts, mask, made[:, prompts.shape[1]:], self.eos_token_id, self.pad_token_id)
 
 
+def token_ids(datamodule: Any) -> tuple[int | None, int]:
+    """``(EOS, padding)`` ids of ``datamodule``'s tokenizer (padding: its ``pad_id()``, else EOS, else 0)."""
+    eos = getattr(getattr(datamodule, "tokenizer", None), "eos_token_id", None)
+    return eos, datamodule.pad_id() if hasattr(datamodule, "pad_id") else (eos if eos is not None else 0)
+
+
+def prompt_lengths(keep: Tensor) -> Tensor:
+    """``(N,)``: each row's prompt length, its tokens up to the first kept label's position (that token predicts the
+    completion's first); rows must have one."""
+    return keep.long().argmax(1) + 1
+
+
 def prompts_of(batch: Batch, pad_token_id: int) -> tuple[Tensor, Tensor]:
     """``(prompts (N, P), mask (N, P))``: each row's tokens up to its first kept label, aligned on the right."""
     inputs, keep = batch["inputs"], batch.get("kept", counted(batch["labels"]))
     if not keep.any(1).all():
         raise KDError("on-policy distillation needs a prompt and a completion in every row (a learned label after the "
                       "prompt); a row of the batch has no learned token. Use chat data (data=chat) or prompt/completion pairs.")
-    lengths = keep.long().argmax(1) + 1  # the first kept label's position, plus one
+    lengths = prompt_lengths(keep)
     width = int(lengths.max())
     prompts = torch.full((len(inputs), width), pad_token_id, dtype=inputs.dtype, device=inputs.device)
     mask = torch.zeros((len(inputs), width), dtype=torch.long, device=inputs.device)
@@ -195,10 +202,7 @@ class Answers:
 
     @classmethod
     def of(cls, datamodule: Any) -> Answers | None:
-        if not getattr(datamodule, "exact_match", False):
-            return None
-        tokenizer = getattr(datamodule, "tokenizer", None)
-        return cls(getattr(tokenizer, "eos_token_id", None), datamodule.pad_id() if hasattr(datamodule, "pad_id") else 0)
+        return cls(*token_ids(datamodule)) if getattr(datamodule, "exact_match", False) else None
 
     def matches(self, model: nn.Module, batch: Batch) -> Tensor:
         """``(N,)`` float: 1 where ``model``'s greedy completion of the row's prompt is exactly its labelled completion."""

@@ -38,6 +38,7 @@ from kd_lightning.loss_mix import LossMix
 from kd_lightning.models.outputs import check_packing, model_logits, output_head
 from kd_lightning.models.pretrained import is_pretrained, pretrained_fingerprint, pretrained_tokenizer
 from kd_lightning.progress import lightning_hushed
+from kd_lightning.sequences import prompt_lengths
 from kd_lightning.settings import Settings
 from kd_lightning.speed import check_chunk_rows
 from kd_lightning.stages import is_global_zero, run_stage
@@ -102,7 +103,7 @@ def check_sampling_fits(settings: Settings, datamodule: Any, student: nn.Module)
     if not settings.on_policy.samples or not splits or "train" not in splits:
         return
     keep = counted(splits["train"].targets)
-    longest = int((keep.long().argmax(1) + 1)[keep.any(1)].max()) if keep.any() else 0  # a prompt: up to the first label
+    longest = int(prompt_lengths(keep)[keep.any(1)].max()) if keep.any() else 0
     new = settings.on_policy.max_new_tokens
     config = getattr(student, "config", None)
     context = getattr(student, "context_length", None) or getattr(config, "max_position_embeddings", None) or getattr(
