@@ -31,6 +31,7 @@ def test_fast_dev_run_prints_the_table(tmp_path: Path) -> None:
     assert "distilled" in json.loads((tmp_path / "run" / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # several command-line runs, over 25 s on 2 cores
 def test_a_refused_run_writes_nothing_into_the_run_it_was_refused_for(tmp_path: Path) -> None:
     """The run directory is checked before Hydra or the run write to it: its .hydra/config.yaml (which export reads
     the architecture from), overrides and log stay the finished run's."""

@@ -232,6 +232,7 @@ def test_fitnet_training_trains_adapters_keeps_teacher_frozen_and_exports_the_st
 
 # -- export from a run ---------------------------------------------------------------------------
 
+@pytest.mark.slow  # several command-line runs, over 25 s on 2 cores
 def test_export_command_writes_a_strictly_loadable_student(tmp_path: Path, capsys) -> None:
     out = run_cli(tmp_path, "distill.features=[{student:features,teacher:features,loss:fitnet,weight:10}]",
                   "trainer.max_epochs=1", "trainer.limit_train_batches=2", "baseline=false", "hydra.run.dir=run")

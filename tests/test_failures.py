@@ -118,6 +118,7 @@ def test_an_unknown_setting_in_an_open_node_is_one_line_from_the_command_line(tm
     assert len(out.stderr.strip().splitlines()) == 1 and not list((tmp_path / "run").rglob("*"))  # nothing written
 
 
+@pytest.mark.slow  # several command-line runs, over 25 s on 2 cores
 def test_the_command_line_says_it_in_one_line(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "distill.temperature=1e6", "hydra.run.dir=run")
     assert out.returncode == 1

@@ -37,6 +37,7 @@ def test_digits_default_trains_in_bf16_mixed(make_cfg) -> None:
     assert 0 < results["distilled"]["test/acc"] <= 1
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_cifar_recipe_fast_dev_run_in_bf16_mixed(make_cfg, tmp_path: Path) -> None:
     root = make_image_tree(tmp_path / "cifar", classes=4, per_class={"train": 12, "test": 4})
     results = train(make_cfg("+recipe=cifar_resnet", f"data.data_dir={root}", "data.val_size=8",

@@ -17,6 +17,7 @@ from test_cli import run_cli
 FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_a_failing_job_leaves_the_others_and_is_reported(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "distill.temperature=2,-1,4", *FAST, "hydra.sweep.dir=sweep", multirun=True)
     assert out.returncode != 0  # the sweep says something failed...
@@ -49,6 +50,7 @@ def test_parallel_jobs_share_one_teacher_training(tmp_path: Path) -> None:
     assert not list((tmp_path / "cache" / "trained_teachers").glob(".*.pth.*"))  # no half-written temp file left
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_an_optuna_search_maximises_validation_accuracy_and_trains_the_teacher_once(tmp_path: Path) -> None:
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='the search needs pip install "kd_lightning[search]"')
     out = run_cli(tmp_path, "+recipe=digits_search", "hydra.sweeper.n_trials=2", *FAST, "hydra.sweep.dir=search", multirun=True)
