@@ -1,7 +1,9 @@
-"""kd_lightning against TRL's GKDTrainer, side by side: optimizer steps of off-policy token distillation.
+"""kd_lightning against TRL's GKDTrainer, side by side: optimizer steps of off-policy token distillation, and of
+on-policy distillation (``--on-policy``).
 
     pip install -e ".[lm,trl]"
     python benchmarks/vs_trl.py [--shapes default,large] [--repeats 3] [--steps 6] [--json]
+    python benchmarks/vs_trl.py --on-policy [--new-tokens 32] [--repeats 3] [--steps 6] [--json]
 
 Both tools get the same transformers teacher and student (Llamas built from configs, saved to one folder and read
 back with ``from_pretrained``), the same batches in the same order (``--rows`` x ``--length`` tokens: a 16-token
@@ -25,6 +27,13 @@ a block of 128 rows holds 16 MiB of float32 logits at this vocabulary). Each run
 warm-up and not timed. Printed per tool and shape: medians of tokens per second (learned tokens per second of step
 time), of the peak resident memory and of its growth during training (over the process after loading the models and
 batches), the losses of every step of both tools and their largest relative difference, and the ratios kd / TRL.
+
+``--on-policy`` (the ``default`` shape): every batch's completions are sampled from the current student for its
+16-token prompts, ``--new-tokens`` of them at temperature 1 (TRL: ``lmbda=1``, ``temperature=1``, ``max_new_tokens``;
+kd_lightning: ``distill.on_policy.fraction=1``, the same ``max_new_tokens``), then one forward KL step on them. The
+samples differ (each tool draws its own), so the losses are not compared; printed: seconds per optimizer step,
+generated tokens per second of step time, peak memory, and what each tool divides the step's loss by (TRL:
+``num_items_in_batch``, counted on the data set's labels before generating; kd_lightning: the generated tokens).
 """
 
 from __future__ import annotations
@@ -109,6 +118,7 @@ class Steps:
 
     def __init__(self) -> None:
         self.started, self.seconds, self.losses, self.base_rss = 0.0, [], [], 0
+        self.generated, self.divided_by = [], []  # on-policy: tokens sampled into the loss, the loss's divisor
 
     def begin(self) -> None:
         self.started = time.perf_counter()
@@ -117,7 +127,8 @@ class Steps:
         self.seconds.append(time.perf_counter() - self.started)
 
 
-def run_kd(folder: Path, data: list[dict[str, torch.Tensor]], chunk_rows: int | None, steps: Steps) -> None:
+def run_kd(folder: Path, data: list[dict[str, torch.Tensor]], chunk_rows: int | None, steps: Steps,
+           new_tokens: int | None = None) -> None:
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -128,9 +139,21 @@ def run_kd(folder: Path, data: list[dict[str, torch.Tensor]], chunk_rows: int | 
     ours = [{"inputs": b["input_ids"][:, :-1], "labels": b["labels"][:, 1:], "attention_mask": b["attention_mask"][:, :-1]}
             for b in data]
     student, teacher = pretrained_causal_lm(str(folder / "student")), pretrained_causal_lm(str(folder / "teacher"))
+    sequences = None
+    if new_tokens:
+        from kd_lightning.sequences import OnPolicy, Sequences
+
+        class Counted(Sequences):
+            def __call__(self, *args, **kwargs):
+                batch = super().__call__(*args, **kwargs)
+                steps.generated.append(int(batch["kept"].sum()))
+                steps.divided_by.append(int(batch["kept"].sum()))  # one micro-batch, one process: its generated tokens
+                return batch
+
+        sequences = Counted(OnPolicy(fraction=1.0, max_new_tokens=new_tokens), eos_token_id=2, pad_token_id=0)
     module = DistillationModule(student, teacher, num_classes=student.config.vocab_size, task="tokens", chunk_rows=chunk_rows,
                                 loss_mix=LossMix(objective=kd_loss, temperature=1.0, alpha=1.0),
-                                optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0))
+                                optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0), sequences=sequences)
 
     class Timer(L.Callback):
         def on_train_batch_start(self, *args) -> None:
@@ -147,7 +170,7 @@ def run_kd(folder: Path, data: list[dict[str, torch.Tensor]], chunk_rows: int | 
     trainer.fit(module, train_dataloaders=DataLoader(ours, batch_size=None))
 
 
-def run_trl(folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, output: Path) -> None:
+def run_trl(folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, output: Path, new_tokens: int | None = None) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -156,7 +179,9 @@ def run_trl(folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, out
     examples = [{name: tensor[i].tolist() for name, tensor in batch.items()} for batch in data for i in range(rows)]
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
-        return {name: torch.tensor([f[name] for f in features]) for name in ("input_ids", "attention_mask", "labels")}
+        batch = {name: torch.tensor([f[name] for f in features]) for name in ("input_ids", "attention_mask", "labels")}
+        batch["prompts"], batch["prompt_attention_mask"] = batch["input_ids"][:, :PROMPT], batch["attention_mask"][:, :PROMPT]
+        return batch
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *args, **kwargs) -> None:
@@ -165,7 +190,8 @@ def run_trl(folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, out
         def on_step_end(self, *args, **kwargs) -> None:
             steps.end()
 
-    config = GKDConfig(output_dir=str(output), use_cpu=True, bf16=False, report_to=[], lmbda=0.0, beta=0.0, seq_kd=False,
+    on_policy = {"lmbda": 1.0, "max_new_tokens": new_tokens, "temperature": 1.0} if new_tokens else {"lmbda": 0.0}
+    config = GKDConfig(output_dir=str(output), use_cpu=True, bf16=False, report_to=[], beta=0.0, seq_kd=False, **on_policy,
                        per_device_train_batch_size=rows, max_steps=len(data), learning_rate=LEARNING_RATE,
                        lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
                        train_sampling_strategy="sequential", remove_unused_columns=False, dataloader_drop_last=True,
@@ -175,14 +201,21 @@ def run_trl(folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, out
                          teacher_model=AutoModelForCausalLM.from_pretrained(folder / "teacher"), args=config,
                          train_dataset=Dataset.from_list(examples), data_collator=collate,
                          processing_class=AutoTokenizer.from_pretrained(folder / "tokenizer"), callbacks=[Timer()])
-    compute_loss = trainer.compute_loss
+    compute_loss, generate = trainer.compute_loss, trainer.generate_on_policy_outputs
 
     def recorded(*args, **kwargs):
         loss = compute_loss(*args, **kwargs)
         steps.losses.append(float(loss))
+        if kwargs.get("num_items_in_batch") is not None:
+            steps.divided_by.append(int(kwargs["num_items_in_batch"]))
         return loss
 
-    trainer.compute_loss = recorded
+    def generated(*args, **kwargs):
+        ids, mask, labels = generate(*args, **kwargs)
+        steps.generated.append(int((labels[:, 1:] != -100).sum()))
+        return ids, mask, labels
+
+    trainer.compute_loss, trainer.generate_on_policy_outputs = recorded, generated
     steps.base_rss = rss_kib()
     trainer.train()
 
@@ -202,19 +235,20 @@ def worker(args: argparse.Namespace) -> None:
     steps = Steps()
     if args.worker == "trl":
         with tempfile.TemporaryDirectory() as output:
-            run_trl(folder, data, steps, Path(output))
+            run_trl(folder, data, steps, Path(output), args.new_tokens)
     else:
-        run_kd(folder, data, CHUNKED.get(args.worker), steps)
+        run_kd(folder, data, CHUNKED.get(args.worker), steps, args.new_tokens)
     timed = steps.seconds[1:]
-    tokens = [learned(batch) for batch in data[1:]]
+    tokens = steps.generated[1:] if args.new_tokens else [learned(batch) for batch in data[1:]]
     print(json.dumps({"tokens_per_s": sum(tokens) / sum(timed), "step_s": statistics.median(timed),
                       "peak_rss_mib": peak_rss_kib() / 1024, "growth_mib": (peak_rss_kib() - steps.base_rss) / 1024,
-                      "losses": steps.losses}))
+                      "losses": steps.losses, "generated": steps.generated, "divided_by": steps.divided_by}))
 
 
 def one_run(tool: str, shape: str, folder: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--worker", tool, "--shape", shape, "--folder", str(folder), "--steps", str(args.steps),
-               "--rows", str(args.rows), "--length", str(args.length), "--threads", str(args.threads)]
+               "--rows", str(args.rows), "--length", str(args.length), "--threads", str(args.threads)] + (
+        ["--new-tokens", str(args.new_tokens)] if args.new_tokens else [])
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{tool} ({shape}) failed:\n{done.stderr[-3000:]}")
@@ -223,7 +257,8 @@ def one_run(tool: str, shape: str, folder: Path, args: argparse.Namespace) -> di
 
 def compare(args: argparse.Namespace) -> dict:
     results: dict = {"machine": f"CPU, {args.threads} threads", "torch": torch.__version__, "rows": args.rows,
-                     "length": args.length, "steps": args.steps, "repeats": args.repeats, "shapes": {}}
+                     "length": args.length, "steps": args.steps, "repeats": args.repeats, "shapes": {},
+                     "on_policy_new_tokens": args.new_tokens}
     try:
         import transformers
         import trl
@@ -232,7 +267,7 @@ def compare(args: argparse.Namespace) -> dict:
     except ImportError:
         raise SystemExit("benchmarks/vs_trl.py needs TRL: pip install -e '.[lm,trl]'") from None
     for shape in args.shapes.split(","):
-        tools = ["kd", "trl"] + (list(CHUNKED) if shape == "large" else [])
+        tools = ["kd", "trl"] + (list(CHUNKED) if shape == "large" and not args.new_tokens else [])
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             save_models(folder, shape)
@@ -245,7 +280,12 @@ def compare(args: argparse.Namespace) -> dict:
         trl_losses = runs["trl"][0]["losses"]
         for tool in tools:
             figures[tool]["losses"] = runs[tool][0]["losses"]
-            if tool != "trl":
+            figures[tool]["generated"], figures[tool]["divided_by"] = runs[tool][0]["generated"], runs[tool][0]["divided_by"]
+            if tool != "trl" and args.new_tokens:  # each tool's own samples: no loss to compare
+                figures[tool]["step_s_ratio_vs_trl"] = figures[tool]["step_s"] / figures["trl"]["step_s"]
+                figures[tool]["tokens_per_s_ratio_vs_trl"] = figures[tool]["tokens_per_s"] / figures["trl"]["tokens_per_s"]
+                figures[tool]["peak_rss_ratio_vs_trl"] = figures[tool]["peak_rss_mib"] / figures["trl"]["peak_rss_mib"]
+            elif tool != "trl":
                 theirs = trl_losses
                 figures[tool]["max_rel_loss_diff_vs_trl"] = max(abs(a - b) / abs(b) for a, b in zip(runs[tool][0]["losses"], theirs))
                 figures[tool]["tokens_per_s_ratio_vs_trl"] = figures[tool]["tokens_per_s"] / figures["trl"]["tokens_per_s"]
@@ -265,10 +305,16 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--on-policy", action="store_true", help="on-policy steps: completions sampled from the student")
+    parser.add_argument("--new-tokens", type=int, default=None, help="with --on-policy: tokens sampled per prompt (32)")
     parser.add_argument("--worker", choices=["kd", "trl", *CHUNKED], help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.on_policy and not args.new_tokens:
+        args.new_tokens = 32
+    if args.on_policy and args.shapes == parser.get_default("shapes"):
+        args.shapes = "default"
     if args.worker:
         worker(args)
         return
@@ -278,6 +324,15 @@ def main() -> None:
         return
     print(f"{results['machine']}, torch {results['torch']}, transformers {results['transformers']}, trl {results['trl']}; "
           f"{args.rows} x {args.length} tokens, {args.steps} steps, medians of {args.repeats} runs")
+    if args.new_tokens:
+        print(f"on-policy: {args.rows} prompts of {PROMPT} tokens, {args.new_tokens} tokens sampled from the student each step")
+        for tool in ("kd", "trl"):
+            f = results["shapes"]["default"][tool]
+            extra = (f"  ratio vs TRL: {f['step_s_ratio_vs_trl']:.2f}x step time, {f['tokens_per_s_ratio_vs_trl']:.2f}x tokens/s, "
+                     f"{f['peak_rss_ratio_vs_trl']:.2f}x peak" if tool == "kd" else "")
+            print(f"  {tool:<4} {f['step_s']:6.3f} s/step  {f['tokens_per_s']:7.0f} generated tokens/s  peak {f['peak_rss_mib']:6.0f} MiB"
+                  f"  loss divided by {f['divided_by'][:4]} for generated {f['generated'][:4]}{extra}")
+        return
     for shape, figures in results["shapes"].items():
         print(f"\n{shape}: V={figures['vocab']}, teacher {figures['teacher']}, student {figures['student']}")
         for tool in ("kd", *CHUNKED, "trl"):

@@ -73,6 +73,7 @@ def test_lm_loss_benchmark_reports_memory_time_and_exactness() -> None:
     assert figures["max_rel_loss_diff"] < 1e-5 and figures["max_abs_grad_diff"] < 1e-6
 
 
+@pytest.mark.slow  # over 30 s on 2 cores
 def test_the_trl_benchmark_runs_both_tools_on_the_same_batches_and_their_losses_agree() -> None:
     pytest.importorskip("trl", reason="benchmarks/vs_trl.py compares with TRL (pip install -e '.[lm,trl]')")
     out = subprocess.run([sys.executable, str(BENCHMARKS / "vs_trl.py"), "--shapes", "default", "--repeats", "1", "--steps", "2",
@@ -82,6 +83,19 @@ def test_the_trl_benchmark_runs_both_tools_on_the_same_batches_and_their_losses_
     assert len(figures["kd"]["losses"]) == len(figures["trl"]["losses"]) == 2
     assert figures["kd"]["max_rel_loss_diff_vs_trl"] < 1e-5
     assert figures["kd"]["tokens_per_s"] > 0 and figures["trl"]["peak_rss_mib"] > 0 and figures["kd"]["growth_ratio_vs_trl"] > 0
+
+
+@pytest.mark.slow  # two tools, each in its own process
+def test_the_trl_benchmark_times_on_policy_steps_and_says_what_each_divides_by() -> None:
+    pytest.importorskip("trl", reason="benchmarks/vs_trl.py compares with TRL (pip install -e '.[lm,trl]')")
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "vs_trl.py"), "--on-policy", "--new-tokens", "4", "--repeats", "1",
+                          "--steps", "2", "--rows", "2", "--length", "32", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    figures = json.loads(out.stdout)["shapes"]["default"]
+    for tool in ("kd", "trl"):
+        assert len(figures[tool]["generated"]) == 2 and all(0 < n <= 2 * 4 for n in figures[tool]["generated"])
+    assert figures["kd"]["divided_by"] == figures["kd"]["generated"]  # the generated tokens are the step's count
+    assert figures["kd"]["step_s_ratio_vs_trl"] > 0 and figures["trl"]["tokens_per_s"] > 0
 
 
 def test_the_generation_benchmark_compares_cached_and_recomputed_tokens() -> None:
