@@ -34,20 +34,26 @@ def format_summary(results: dict) -> str:
         value = metrics.get(key)
         return f"{'-':>{len(format(0.0, fmt))}}" if value is None else format(scale * value, fmt)
 
-    stages = [("teacher", "teacher"), ("baseline", "student alone"), ("distilled", "student distilled")]
+    stages = [("teacher", "teacher"), ("baseline", "student alone"), ("distilled", "student distilled")] + [
+        (key, f"distilled: {key}") for key in results.get("on_policy_stages", [])]
     tokens = "test/ppl" in results.get("distilled", {})
+    answers = "test/exact_match" in results.get("distilled", {})
     second = ("ppl", "test/ppl", 1, "7.2f") if tokens else ("ECE", "test/ece", 1, "7.4f")
-    lines = ["", f"{'test split':20s} {'acc %':>7s} {second[0]:>7s} {'agree %':>8s} {'KL(t‖s)':>8s}"]
+    width = max(20, *(len(name) for key, name in stages if key in results))
+    lines = ["", f"{'test split':{width}s} {'acc %':>7s} {second[0]:>7s} {'agree %':>8s} {'KL(t‖s)':>8s}"
+             + (f" {'exact %':>8s}" if answers else "")]
     for key, name in stages:
         if key in results:
             m = results[key]
-            lines.append(f"{name:20s} {cell(m, 'test/acc', 100, '7.2f')} {cell(m, *second[1:])} "
-                         f"{cell(m, 'test/agreement', 100, '8.2f')} {cell(m, 'test/kl_t1', 1, '8.4f')}")
+            lines.append(f"{name:{width}s} {cell(m, 'test/acc', 100, '7.2f')} {cell(m, *second[1:])} "
+                         f"{cell(m, 'test/agreement', 100, '8.2f')} {cell(m, 'test/kl_t1', 1, '8.4f')}"
+                         + (f" {cell(m, 'test/exact_match', 100, '8.2f')}" if answers else ""))
     if "gain" in results:
-        lines.append(f"{'gain from KD':20s} {100 * results['gain']:+7.2f}"
+        lines.append(f"{'gain from KD':{width}s} {100 * results['gain']:+7.2f}"
                      + (f" {100 * (results['ppl_ratio'] - 1):+6.1f}%" if "ppl_ratio" in results else ""))
     lines.append("agree: top-1 agreement with the teacher; KL(t‖s): KL(teacher ‖ student) at T=1; "
-                 + ("acc: next-token accuracy; ppl: perplexity per token" if tokens else "ECE: 15-bin calibration error"))
+                 + ("acc: next-token accuracy; ppl: perplexity per token" if tokens else "ECE: 15-bin calibration error")
+                 + ("; exact: greedy answers exactly right" if answers else ""))
     lines.append(f"outputs: {results['output_dir']}")
     return "\n".join(lines)
 

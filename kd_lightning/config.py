@@ -53,6 +53,7 @@ class DistillSchema:
     schedules: Dict[str, Any] = field(default_factory=dict)
     chunk_rows: Optional[int] = None  # moved to speed.chunk_rows; still read, with a one-line hint
     on_policy: Dict[str, Any] = field(default_factory=dict)  # where completions come from (kd_lightning/sequences.py)
+    on_policy_stages: Dict[str, Any] = field(default_factory=dict)  # more distilled stages, each its own on_policy
 
 
 def model_configs() -> dict[str, Any]:

@@ -21,7 +21,7 @@ from kd_lightning.progress import logs_this_step
 from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits
 from kd_lightning.reduction import StepTokens, reduce
 from kd_lightning.schedules import optimizer_config
-from kd_lightning.sequences import Answers, Sequences
+from kd_lightning.sequences import Answers, SampleScores, Sequences
 from kd_lightning.speed import check_chunk_rows
 from kd_lightning.teacher import LiveTeacher, Teacher, as_teacher
 from kd_lightning.vocab import check_outputs, common_rows, declared_classes, labels_in_range
@@ -55,12 +55,18 @@ class DistillationModule(L.LightningModule):
         task: ``classification`` (one label per sample) or ``tokens`` (one label per token).
         chunk_rows: tokens: the training loss block by block, this many tokens at a time (``speed.chunk_rows``,
             :mod:`kd_lightning.chunked`): the same loss and gradients without the whole logits. ``None``: all at once.
+        sequences: where training batches' completions come from (:class:`~kd_lightning.sequences.Sequences`:
+            on-policy distillation); ``None``: the data set's.
+        answers: a task with answers: ``{split}/exact_match`` of the greedy completions (and the teacher's).
+        sample_scores: ``{split}/sample_*``, the student's samples for held-out prompts scored by the teacher
+            (:class:`~kd_lightning.sequences.SampleScores`).
     """
 
     def __init__(self, student: nn.Module, teacher: Teacher | nn.Module | None = None, num_classes: int | None = None,
                  temperature: float | None = None, alpha: float | None = None, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, loss_mix: LossMix | None = None, task: str = "classification",
-                 chunk_rows: int | None = None, sequences: Sequences | None = None, answers: Answers | None = None) -> None:
+                 chunk_rows: int | None = None, sequences: Sequences | None = None, answers: Answers | None = None,
+                 sample_scores: SampleScores | None = None) -> None:
         super().__init__()
         if task not in TASKS:
             raise KDError(f"task must be one of {TASKS}, got {task!r}.")
@@ -82,6 +88,9 @@ class DistillationModule(L.LightningModule):
         self.answers = answers  # a task with answers: greedy exact match in evaluation
         roles = ["student"] + (["teacher"] if self.teacher is not None else [])
         self.exact = nn.ModuleDict({f"{split}_{role}": MeanMetric() for split in SPLITS for role in roles} if answers else {})
+        self.sample_scores = sample_scores  # the student's samples for held-out prompts, scored by the teacher
+        self.sampled = nn.ModuleDict({f"{split}_{name}": MeanMetric() for split in SPLITS for name in SampleScores.NAMES}
+                                     if sample_scores else {})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.outputs_checked = False
         self.step_tokens = StepTokens()  # the step's count, when a step spans micro-batches or processes
@@ -184,7 +193,7 @@ class DistillationModule(L.LightningModule):
         trainer = self._trainer
         return self.task == "tokens" and trainer is not None and (trainer.accumulate_grad_batches > 1 or trainer.world_size > 1)
 
-    def evaluate(self, batch: Any, split: str) -> None:
+    def evaluate(self, batch: Any, split: str, batch_idx: int = 0) -> None:
         batch = as_batch(batch)
         teacher_logits = self.teacher_forward(batch) if self.teacher is not None else None
         student_logits = self.student_forward(batch)
@@ -199,12 +208,18 @@ class DistillationModule(L.LightningModule):
                 metric = self.exact[f"{split}_{role}"]
                 metric.update(self.answers.matches(model, batch))
                 self.log(f"{split}/{'' if role == 'student' else 'teacher_'}exact_match", metric, prog_bar=split == "val")
+        if self.sample_scores is not None:
+            teacher = self.teacher.model if isinstance(self.teacher, LiveTeacher) else None
+            for name, (value, weight) in self.sample_scores(self.student, teacher, batch, seed=batch_idx).items():
+                metric = self.sampled[f"{split}_{name}"]
+                metric.update(value.to(self.device), weight.to(self.device))
+                self.log(f"{split}/{name}", metric)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.evaluate(batch, "val")
+        self.evaluate(batch, "val", batch_idx)
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self.evaluate(batch, "test")
+        self.evaluate(batch, "test", batch_idx)
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self.student_forward(as_batch(batch))

@@ -1,7 +1,8 @@
 """``python -m kd_lightning.report MULTIRUN_DIR``: one table of every job of a sweep.
 
 Reads each job's ``metrics.json`` (test accuracies in %; for language models test perplexities, with ``gain`` the
-distilled student's change in perplexity over the student alone's, in %) and the overrides Hydra recorded for it
+distilled student's change in perplexity over the student alone's, in %; for a task with answers greedy exact match
+in %, with a column for each stage of ``distill.on_policy_stages``) and the overrides Hydra recorded for it
 (``.hydra/overrides.yaml``), prints the table, writes ``report.csv`` into the sweep
 directory, and marks jobs that left no results as failed, with the one-line reason they
 recorded (``error.txt``), or as unfinished when they recorded none (still running, or killed). A job
@@ -24,6 +25,8 @@ from kd_lightning.plots import plot_sweep
 
 FAILURE_FILE = "error.txt"  # written by kd_lightning.cli for a failed sweep job
 COLUMNS = [("teacher", "teacher"), ("baseline", "alone"), ("distilled", "distilled")]
+# a row's keys that are not a stage's figure
+REPORTED = {"job", "overrides", "error", "status", "measure", "teacher", "alone", "distilled", "val", "gain"}
 
 
 def is_number(value: object) -> bool:
@@ -59,11 +62,14 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
         row["error"] = unreadable or (failure.read_text().strip() if not results and failure.is_file() else None)
         row["status"] = "ok" if results else "unreadable" if unreadable else "FAILED" if row["error"] is not None else "unfinished"
         language = any("test/ppl" in ((results or {}).get(key) or {}) for key, _ in COLUMNS)
-        row["measure"] = "ppl" if language else "acc"
-        for key, name in COLUMNS:
+        answers = "test/exact_match" in ((results or {}).get("distilled") or {})
+        row["measure"] = "exact_match" if answers else "ppl" if language else "acc"
+        for key, name in COLUMNS + [(stage, stage) for stage in (results or {}).get("on_policy_stages", [])]:
             value = ((results or {}).get(key) or {}).get(f"test/{row['measure']}")
-            row[name] = None if value is None else round(value if language else 100 * value, 2)
-        if language:
+            row[name] = None if value is None else round(value if row["measure"] == "ppl" else 100 * value, 2)
+        if answers:
+            row["gain"] = None if row["alone"] is None or row["distilled"] is None else round(row["distilled"] - row["alone"], 2)
+        elif language:
             row["gain"] = None if "ppl_ratio" not in results else round(100 * (results["ppl_ratio"] - 1), 2)
         else:
             row["gain"] = None if not results or "gain" not in results else round(100 * results["gain"], 2)
@@ -87,14 +93,16 @@ def best_trial(sweep_dir: Path, rows: list[dict]) -> str | None:
 
 def format_table(rows: list[dict]) -> str:
     """Rows as aligned text, with a mean row over the successful jobs."""
-    names = ["job", "status", "teacher", "alone", "distilled", "val", "gain", "overrides"]
+    stages = [name for name in dict.fromkeys(key for r in rows for key in r) if name not in REPORTED]
+    numbers = ["teacher", "alone", "distilled", *stages, "val", "gain"]
+    names = ["job", "status", *numbers, "overrides"]
     ok = [r for r in rows if r["status"] == "ok"]
     table = list(rows)
     if len(ok) > 1:
         mean = {"job": "mean", "status": f"{len(ok)} ok", "overrides": ""}
         std = {"job": "std", "status": "", "overrides": "sample std over the jobs (e.g. seeds)"}
-        for n in ("teacher", "alone", "distilled", "val", "gain"):
-            values = [r[n] for r in ok]
+        for n in numbers:
+            values = [r.get(n) for r in ok]
             mean[n] = round(statistics.mean(values), 2) if None not in values else None
             std[n] = round(statistics.stdev(values), 2) if None not in values else None
         table += [mean, std]
@@ -102,10 +110,13 @@ def format_table(rows: list[dict]) -> str:
     def cell(value) -> str:
         return "-" if value is None else str(value)
 
-    widths = {n: max(len(n), *(len(cell(r[n])) for r in table)) for n in names}
-    lines = ["  ".join(cell(r[n]).ljust(widths[n]) for n in names).rstrip() for r in [dict(zip(names, names)), *table]]
+    widths = {n: max(len(n), *(len(cell(r.get(n))) for r in table)) for n in names}
+    lines = ["  ".join(cell(r.get(n)).ljust(widths[n]) for n in names).rstrip() for r in [dict(zip(names, names)), *table]]
     if {r["measure"] for r in ok} == {"ppl"}:
         lines.insert(0, "test perplexity (lower is better); gain: the distilled student's over the student alone's, in %")
+    elif {r["measure"] for r in ok} == {"exact_match"}:
+        lines.insert(0, "test exact match, % of the greedy answers; gain: the distilled student's over the student alone's, "
+                        "in points")
     return "\n".join(lines)
 
 
@@ -119,7 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                          "pass the directory a `python -m kd_lightning -m ...` sweep printed.")
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
             writer.writeheader()
             writer.writerows(rows)
 

@@ -114,16 +114,25 @@ def describe(value: Any) -> str:
     return "(unset)" if value is UNSET else str(value)
 
 
-def clear_earlier_run(output_dir: Path) -> None:
+def stage_names(cfg: Any) -> list[str]:
+    """The stages a run with ``cfg`` has: :data:`STAGES` and those of ``distill.on_policy_stages``."""
+    more = OmegaConf.select(cfg, "distill.on_policy_stages", default=None) if cfg is not None else None
+    return [*STAGES, *(str(name) for name in (more or {}))]
+
+
+def clear_earlier_run(output_dir: Path, cfg: DictConfig | None = None) -> None:
     """``overwrite=true``: remove what an earlier run wrote in ``output_dir`` (its stages' checkpoints, logs and
     results, ``metrics.json``, ``curves.png``), so that the new run's files are one consistent set (no
-    ``last-v1.ckpt`` beside a stale ``last.ckpt``); files the library did not write stay."""
-    earlier = [path for stage in STAGES for pattern in STAGE_OUTPUTS
+    ``last-v1.ckpt`` beside a stale ``last.ckpt``); files the library did not write stay. The stages are those of
+    the earlier run's saved settings and of ``cfg``."""
+    saved = OmegaConf.load(output_dir / SAVED_CONFIG) if (output_dir / SAVED_CONFIG).is_file() else None
+    stages = sorted(set(stage_names(saved) + stage_names(cfg)))
+    earlier = [path for stage in stages for pattern in STAGE_OUTPUTS
                for path in (output_dir / stage).glob(pattern)] + [output_dir / name for name in RUN_OUTPUTS]
     removed = [path for path in earlier if path.is_file()]
     for path in removed:
         path.unlink()
-    for folder in [output_dir / stage / "checkpoints" for stage in STAGES] + [output_dir / stage for stage in STAGES]:
+    for folder in [output_dir / stage / "checkpoints" for stage in stages] + [output_dir / stage for stage in stages]:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # an empty stage folder left behind would make the loggers warn that it is not empty
     if removed:
@@ -164,7 +173,7 @@ def start(cfg: DictConfig, output_dir: Path, resume: bool, overwrite: bool) -> I
         yield
         return
     if overwrite and not resume:
-        clear_earlier_run(output_dir)
+        clear_earlier_run(output_dir, cfg)
     record_settings(cfg, output_dir, resume)
     handler = None
     if hydra_config() is not None:

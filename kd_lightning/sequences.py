@@ -39,6 +39,9 @@ class OnPolicy:
         max_new_tokens: the longest sampled completion.
         temperature, top_k, top_p: sampling settings (``temperature > 0``; ``greedy=true`` for the likeliest token).
         greedy: the likeliest token instead of a draw.
+        after_steps: optimizer steps that train on the data set's completions before any batch is sampled (a student
+            that writes noise learns little from the teacher's scores of it; GKD and its successors start from a
+            student that was fine-tuned first).
     """
 
     fraction: float = 0.0
@@ -48,6 +51,7 @@ class OnPolicy:
     top_k: int | None = None
     top_p: float | None = None
     greedy: bool = False
+    after_steps: int = 0
 
     def __post_init__(self) -> None:
         for key in ("fraction", "teacher_fraction"):
@@ -58,6 +62,7 @@ class OnPolicy:
             raise KDError(f"distill.on_policy.fraction + teacher_fraction must be at most 1 (the chances of one batch), "
                           f"got {self.fraction} + {self.teacher_fraction}.")
         check_integer("distill.on_policy.max_new_tokens", self.max_new_tokens)
+        check_integer("distill.on_policy.after_steps", self.after_steps, least=0)
         if not self.greedy and not (is_number(self.temperature) and self.temperature > 0):
             raise KDError(f"distill.on_policy.temperature must be > 0, got {self.temperature!r}; for the likeliest token "
                           "set distill.on_policy.greedy=true.")
@@ -88,7 +93,8 @@ class Sequences:
         s = self.settings
         how = "greedy" if s.greedy else f"temperature {s.temperature}" + (f", top_k {s.top_k}" if s.top_k else "") + (
             f", top_p {s.top_p}" if s.top_p is not None else "")
-        return (f"student {s.fraction:g}, teacher {s.teacher_fraction:g} of the batches, up to {s.max_new_tokens} "
+        after = f" after step {s.after_steps}" if s.after_steps else ""
+        return (f"student {s.fraction:g}, teacher {s.teacher_fraction:g} of the batches{after}, up to {s.max_new_tokens} "
                 f"tokens, {how}")
 
     def generator(self, step: int, micro_batch: int) -> torch.Generator:
@@ -105,7 +111,7 @@ class Sequences:
 
     def __call__(self, batch: Batch, student: nn.Module, teacher: nn.Module | None, step: int, micro_batch: int = 0) -> Batch:
         """The batch to train on: ``batch`` itself, or its prompts completed by the student or the teacher."""
-        if not self.settings.samples:
+        if not self.settings.samples or step < self.settings.after_steps:
             return batch
         generator = self.generator(step, micro_batch)
         source = self.source(generator)
@@ -214,3 +220,63 @@ class Answers:
             :, prompts.shape[1]:], self.eos_token_id, self.pad_token_id)
         return torch.tensor([float(torch.equal(made["labels"][row][made["kept"][row]], wanted[row])) for row in range(len(keep))],
                             device=prompts.device)
+
+
+class SampleScores:
+    """What the student writes for held-out prompts (``{split}/sample_*`` in every student stage): one completion per
+    prompt, sampled with the run's ``distill.on_policy`` settings from a seed fixed per batch, scored by the teacher.
+
+    - ``sample_teacher_nll``: the teacher's negative log-likelihood per completion token (lower: the teacher would
+      have written it);
+    - ``sample_reverse_kl``: ``KL(p_s ‖ p_t)`` per completion token, at temperature 1 (what on-policy KD minimises);
+    - ``sample_distinct_2``: distinct token pairs over all pairs of the batch's completions (near 0: collapse);
+    - ``sample_tokens_per_s``: completion tokens made per second of generation.
+    """
+
+    NAMES = ("sample_teacher_nll", "sample_reverse_kl", "sample_distinct_2", "sample_tokens_per_s")
+
+    def __init__(self, settings: OnPolicy, eos_token_id: int | None, pad_token_id: int = 0) -> None:
+        self.settings, self.eos_token_id, self.pad_token_id = settings, eos_token_id, pad_token_id
+
+    @classmethod
+    def of(cls, settings: OnPolicy, datamodule: Any, sampled: bool) -> SampleScores | None:
+        """Scores for a run that samples in some stage (``sampled``), or a task with answers; ``None`` otherwise
+        (generating for every held-out prompt of a large chat set each epoch costs more than most runs want)."""
+        if not sampled and not getattr(datamodule, "exact_match", False):
+            return None
+        return cls(settings, *token_ids(datamodule))
+
+    def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{name: (value, weight)}`` for ``batch``'s prompts: the teacher's scores only with a live ``teacher``."""
+        from time import perf_counter
+
+        from kd_lightning.models.outputs import model_logits
+
+        prompts, mask = prompts_of(batch, self.pad_token_id)
+        started = perf_counter()
+        made = generate(student, prompts, mask, self.settings, self.eos_token_id, self.pad_token_id, seed)
+        seconds = perf_counter() - started
+        samples = completed(prompts, mask, made[:, prompts.shape[1]:], self.eos_token_id, self.pad_token_id)
+        kept, tokens = samples["kept"], samples["kept"].sum()
+        scores = {"sample_distinct_2": distinct_pairs(samples),
+                  "sample_tokens_per_s": (tokens / max(seconds, 1e-9), torch.tensor(seconds))}
+        if teacher is not None:
+            with torch.no_grad():
+                student_log_p = model_logits(student, samples).float().log_softmax(-1)
+                teacher_log_p = model_logits(teacher, samples).float().log_softmax(-1)
+            width = min(student_log_p.shape[-1], teacher_log_p.shape[-1])  # the rows both models share
+            student_log_p, teacher_log_p = student_log_p[..., :width], teacher_log_p[..., :width]
+            drawn = samples["labels"].clamp_min(0)[..., None]
+            nll = -teacher_log_p.gather(-1, drawn).squeeze(-1)
+            reverse_kl = (student_log_p.exp() * (student_log_p - teacher_log_p)).sum(-1)
+            scores["sample_teacher_nll"] = (nll[kept].sum() / tokens.clamp_min(1), tokens)
+            scores["sample_reverse_kl"] = (reverse_kl[kept].sum() / tokens.clamp_min(1), tokens)
+        return scores
+
+
+def distinct_pairs(samples: Batch) -> tuple[Tensor, Tensor]:
+    """``(distinct-2, pairs)``: the share of distinct adjacent token pairs among all pairs of the completions."""
+    labels, kept = samples["labels"], samples["kept"]
+    completions = [labels[row][kept[row]].tolist() for row in range(len(labels))]
+    pairs = [pair for tokens in completions for pair in zip(tokens, tokens[1:])]
+    return torch.tensor(len(set(pairs)) / max(len(pairs), 1)), torch.tensor(float(len(pairs)))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import typing
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -225,17 +225,44 @@ def check_forward_kl_only(loss_mix: LossMix) -> None:
                           f"standardize=false), but {where} is {what}; use teacher.recording.tail=student.")
 
 
-def on_policy_settings(distill: DictConfig, teacher: TeacherSettings) -> OnPolicy:
-    """``distill.on_policy``: sampled completions need a live teacher, which scores (or writes) them."""
-    given = plain(distill.get("on_policy")) or {}
+def on_policy_settings(distill: DictConfig, teacher: TeacherSettings, loss_mix: LossMix) -> OnPolicy:
+    """``distill.on_policy``: sampled completions need a live teacher, which scores (or writes) them; the student's own
+    samples are learned from the teacher's terms alone."""
+    return checked_on_policy("distill.on_policy", plain(distill.get("on_policy")) or {}, teacher, loss_mix)
+
+
+def on_policy_stages(distill: DictConfig, main: OnPolicy, teacher: TeacherSettings, loss_mix: LossMix) -> dict[str, OnPolicy]:
+    """``distill.on_policy_stages``: ``{stage: {setting: value}}``, the same student distilled again in a stage of its
+    own with these ``distill.on_policy`` settings changed (e.g. ``{off_policy: {fraction: 0}}``)."""
+    stages = plain(distill.get("on_policy_stages")) or {}
+    if not isinstance(stages, dict):
+        raise KDError(f"distill.on_policy_stages must map stage names to distill.on_policy settings, e.g. "
+                      f"{{off_policy: {{fraction: 0.0}}}}; got {stages!r}.")
+    checked = {}
+    for name, changes in stages.items():
+        if not (isinstance(name, str) and name.isidentifier()) or name in run_dir.STAGES:
+            raise KDError(f"distill.on_policy_stages: {name!r} cannot name a stage (a word, not one of "
+                          f"{', '.join(run_dir.STAGES)}).")
+        if not isinstance(changes, dict):
+            raise KDError(f"distill.on_policy_stages.{name} must be distill.on_policy settings, e.g. {{fraction: 0.0}}; "
+                          f"got {changes!r}.")
+        checked[name] = checked_on_policy(f"distill.on_policy_stages.{name}", asdict(main) | changes, teacher, loss_mix)
+    return checked
+
+
+def checked_on_policy(where: str, given: dict[str, Any], teacher: TeacherSettings, loss_mix: LossMix) -> OnPolicy:
     known = [f.name for f in fields(OnPolicy)]
     for key in given:
         if key not in known:
-            raise KDError(f"distill.on_policy has no setting {key!r}; its settings are {', '.join(known)}.")
+            raise KDError(f"{where} has no setting {key!r}; its settings are {', '.join(known)}.")
     on_policy = OnPolicy(**given)
     if on_policy.samples and teacher.mode != "live":
         raise KDError("distill.on_policy samples completions that no recording holds (it was made before they existed); "
                       "use teacher.mode=live, or set distill.on_policy.fraction=0 and teacher_fraction=0.")
+    if on_policy.fraction > 0 and loss_mix.is_active("ce"):
+        raise KDError("distill.on_policy.fraction > 0 trains on the student's own samples, whose labels are the tokens it "
+                      "drew: cross-entropy on them would teach it to repeat itself. Set distill.alpha=1 (the teacher's "
+                      "terms alone, as in GKD), or +distill.weights.ce=0.")
     return on_policy
 
 
@@ -268,9 +295,15 @@ class Settings:
     teacher: TeacherSettings
     loss_mix: LossMix
     on_policy: OnPolicy
+    on_policy_stages: dict[str, OnPolicy]  # more distilled stages, each with its own distill.on_policy
     speed: SpeedSettings
     data: DictConfig  # built once, by train()
     student: DictConfig  # the student model, built fresh in each stage
+
+    @property
+    def samples(self) -> bool:
+        """Whether some stage trains on sampled completions."""
+        return any(on_policy.samples for on_policy in (self.on_policy, *self.on_policy_stages.values()))
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Settings:
@@ -282,8 +315,9 @@ class Settings:
         speed = speed_settings(cfg)
         loss_mix = build_loss_mix(cfg.distill)
         teacher = TeacherSettings.from_config(cfg, loss_mix, run.max_steps)
-        on_policy = on_policy_settings(cfg.distill, teacher)
+        on_policy = on_policy_settings(cfg.distill, teacher, loss_mix)
+        stages = on_policy_stages(cfg.distill, on_policy, teacher, loss_mix)
         check_pretrained("student.model", cfg.student.model)
         check_student_from_teacher(cfg, teacher)
-        return cls(run=run, teacher=teacher, loss_mix=loss_mix, on_policy=on_policy, speed=speed, data=cfg.data,
+        return cls(run=run, teacher=teacher, loss_mix=loss_mix, on_policy=on_policy, on_policy_stages=stages, speed=speed, data=cfg.data,
                    student=cfg.student.model)

@@ -24,7 +24,7 @@ from kd_lightning.loss_mix import LossMix
 from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
 from kd_lightning.run_dir import is_global_zero
-from kd_lightning.sequences import Answers, Sequences
+from kd_lightning.sequences import Answers, SampleScores, Sequences
 from kd_lightning.settings import RunSettings, Settings
 from kd_lightning.teacher import Teacher
 
@@ -118,11 +118,13 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
     if isinstance(datamodule, InMemoryDataModule):
         datamodule.memory_format = speed.memory_format()
     L.seed_everything(run.seed, workers=True, verbose=False)
+    scores = SampleScores.of(settings.on_policy, datamodule, settings.samples) if teacher is not None else None
     module = DistillationModule(speed.prepare(build(model)), teacher, num_classes=run.num_classes, loss_mix=loss_mix,
                                 optimizer=build(optim.optimizer),
                                 scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
                                 task=getattr(datamodule, "task", "classification"), chunk_rows=speed.chunk_rows,
-                                sequences=sequences, answers=Answers.of(datamodule))
+                                sequences=sequences, answers=Answers.of(datamodule),
+                                sample_scores=scores)
     chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
     sampled = f", completions sampled: {sequences.describe()}" if sequences is not None and sequences.settings.samples else ""
     log.info("stage %s: %s%s%s", stage, loss_mix.extra_repr(), chunked, sampled)

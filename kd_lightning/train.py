@@ -27,7 +27,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     0. the settings, parsed once and checked before anything is built or trained (:mod:`kd_lightning.settings`),
        and only then the run directory written to (:func:`kd_lightning.run_dir.start`);
     1. the teacher: loaded, trained once and cached, or recorded (:mod:`kd_lightning.teacher.source`);
-    2. the student distilled from it, tested;
+    2. the student distilled from it, tested (and again in each stage of ``distill.on_policy_stages``);
     3. with ``baseline=true``, the same student trained alone (same seed, init and schedule), tested;
     4. ``metrics.json`` (and ``curves.png``) in ``paths.output_dir``. ``results["distilled_val_acc"]``, the
        distilled student's validation accuracy (token accuracy for text), is what ``python -m kd_lightning`` hands
@@ -51,6 +51,11 @@ def distil(settings: Settings, datamodule: Any) -> dict[str, Any]:
     distilled, _ = run_stage(settings, "distilled", settings.student, teacher, settings.loss_mix, datamodule,
                              sequences=Sequences.of(settings.on_policy, datamodule))
     results: dict[str, Any] = {"distilled": distilled}
+    for stage, on_policy in settings.on_policy_stages.items():  # the same student, its completions from elsewhere
+        results[stage], _ = run_stage(settings, stage, settings.student, teacher, settings.loss_mix, datamodule,
+                                      sequences=Sequences.of(on_policy, datamodule))
+    if settings.on_policy_stages:
+        results["on_policy_stages"] = list(settings.on_policy_stages)
     results["teacher"] = {f"test/{k}": distilled[f"test/teacher_{k}"] for k in ("acc", "ece", "ppl", "exact_match")
                           if f"test/teacher_{k}" in distilled}
     if settings.run.baseline:

@@ -603,3 +603,13 @@ def test_a_top_k_recording_gives_the_teacher_s_exact_perplexity(corpus: Path, tm
     spread = top8.logits({"index": torch.arange(len(x))}, "test")  # without labels: the tail spread evenly
     assert abs(F.cross_entropy(spread[keep], y[keep]).item() - live_nll.item()) > 1e-2
     assert torch.equal(rebuilt.argmax(-1), spread.argmax(-1))
+
+
+def test_on_policy_distillation_of_running_text_is_refused_before_training(make_cfg, tmp_path: Path, corpus: Path) -> None:
+    from kd_lightning.train import train
+
+    with pytest.raises(KDError, match=r"every training row of TextDataModule is learned from its first token \(running text "
+                                      r"has no prompts\); use chat data"):
+        train(make_cfg("+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "distill.alpha=1",
+                       "distill.on_policy.fraction=1", output_dir=tmp_path / "run"))
+    assert not (tmp_path / "run").exists()  # refused before the run directory was written

@@ -13,7 +13,7 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 def test_notebooks_are_stored_without_outputs() -> None:
-    assert len(NOTEBOOKS) == 4
+    assert len(NOTEBOOKS) == 5
     for path in NOTEBOOKS:
         book = nbformat.read(path, as_version=4)
         assert all(not cell.get("outputs") for cell in book.cells if cell.cell_type == "code"), path.name
@@ -30,3 +30,6 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
     if path.stem.startswith("01"):
         printed = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
         assert printed.count("0.008507") == 3 and "True" in printed
+    if path.stem.startswith("05"):  # the four students' exact match, then their answers to the same prompts
+        printed = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
+        assert all(name in printed for name in ("alone", "off-policy", "on-policy", "mixed", "exact match", "answer"))

@@ -120,6 +120,9 @@ def test_on_policy_refusals_before_training(make_cfg) -> None:
         settings_of(make_cfg("teacher.mode=recorded", "distill.on_policy.fraction=1.0"))
     with pytest.raises(KDError, match="distill.on_policy has no setting 'lambda'; its settings are fraction, teacher_fraction"):
         settings_of(make_cfg("+distill.on_policy.lambda=1.0"))
+    with pytest.raises(KDError, match="cross-entropy on them would teach it to repeat itself. Set distill.alpha=1"):
+        settings_of(make_cfg("distill.on_policy.fraction=0.5", "distill.alpha=0.9"))
+    assert settings_of(make_cfg("distill.on_policy.teacher_fraction=0.5", "distill.alpha=0.9")).on_policy.teacher_fraction == 0.5
     with pytest.raises(KDError, match="distill.on_policy samples completions: it is for language models"):
         DistillationModule(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), num_classes=3,
                            sequences=Sequences(OnPolicy(fraction=1.0), EOS, PAD))
@@ -148,7 +151,7 @@ def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp
         results = train(make_cfg("teacher=hf", f"teacher.model.path={tmp_path / 'teacher'}", "data=chat", f"data.data_dir={chats}",
                                  f"data.vocab_size={size}", "data.max_length=96", "data.block_size=160", "student=gpt_student",
                                  "student.model.dim=16", "student.model.depth=1", "trainer.max_epochs=1", "baseline=false",
-                                 "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=8",
+                                 "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=8", "distill.alpha=1",
                                  output_dir=tmp_path / "run"))
     assert "completions sampled: student 1, teacher 0 of the batches, up to 8 tokens, temperature 1.0" in caplog.text
     assert results["distilled"]["test/ppl"] > 1
@@ -156,4 +159,108 @@ def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp
                                       "student's context of 160"):
         train(make_cfg("teacher=hf", f"teacher.model.path={tmp_path / 'teacher'}", "data=chat", f"data.data_dir={chats}",
                        f"data.vocab_size={size}", "data.max_length=96", "data.block_size=160", "student=gpt_student",
-                       "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=150", output_dir=tmp_path / "refused"))
+                       "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=150", "distill.alpha=1", output_dir=tmp_path / "refused"))
+
+
+def test_the_samples_scores_are_the_teachers_nll_and_the_reverse_kl_on_the_students_own_completions() -> None:
+    from kd_lightning.sequences import SampleScores, distinct_pairs
+
+    torch.manual_seed(0)
+    student, teacher = GPT(VOCAB, 32, 16, 1, 2), GPT(VOCAB, 32, 16, 1, 2)
+    settings = OnPolicy(max_new_tokens=3)
+    scores = SampleScores(settings, EOS, PAD)(student, teacher, as_batch(chat_batch()), seed=7)
+    prompts, mask = prompts_of(as_batch(chat_batch()), PAD)
+    torch.manual_seed(7)  # generate() draws from the seed it is given, in a forked random state
+    samples = completed(prompts, mask, student.generate(prompts, 3, prompt_mask=mask, eos_token_id=EOS)[:, prompts.shape[1]:], EOS, PAD)
+    kept = samples["kept"]
+    with torch.no_grad():
+        log_s, log_t = student(samples["inputs"]).log_softmax(-1)[kept], teacher(samples["inputs"]).log_softmax(-1)[kept]
+    drawn = samples["labels"][kept]
+    nll, tokens = scores["sample_teacher_nll"]
+    assert tokens == kept.sum() and torch.allclose(nll, -log_t.gather(-1, drawn[:, None]).mean(), atol=1e-6)
+    assert torch.allclose(scores["sample_reverse_kl"][0], (log_s.exp() * (log_s - log_t)).sum(-1).mean(), atol=1e-6)
+    assert scores["sample_tokens_per_s"][0] > 0
+    # distinct-2: pairs of adjacent completion tokens, over the batch; a completion of one token has none
+    repeated = {"labels": torch.tensor([[-100, 4, 5, 4, 5], [-100, -100, 4, 5, -100], [-100, -100, -100, 9, -100]])}
+    repeated["kept"] = repeated["labels"] != -100
+    share, pairs = distinct_pairs(repeated)
+    assert pairs == 4 and share == 0.5  # (4,5) (5,4) (4,5) | (4,5)
+
+
+ARITHMETIC = ["data=arithmetic", "data.train_size=256", "data.val_size=32", "data.test_size=32", "data.batch_size=32",
+              "data.eval_batch_size=32", "teacher=gpt_teacher", "teacher.model.dim=16", "teacher.model.depth=1",
+              "teacher.model.heads=2", "teacher.fit.max_epochs=1", "student=gpt_student", "student.model.dim=16",
+              "student.model.depth=1", "distill.alpha=1", "distill.temperature=1", "distill.on_policy.max_new_tokens=5",
+              "trainer.max_epochs=3", "trainer.limit_train_batches=4", "baseline=false"]
+
+
+def test_a_killed_on_policy_run_resumed_samples_what_the_uninterrupted_one_did(make_cfg, tmp_path) -> None:
+    from crash_callback import Preempted
+    from test_resume import student_weights
+    from kd_lightning.train import train
+
+    mixed = [*ARITHMETIC, "distill.on_policy.fraction=0.5", "distill.on_policy.teacher_fraction=0.25"]
+    uninterrupted = train(make_cfg(*mixed, output_dir=tmp_path / "a"))
+    with pytest.raises(Preempted):  # in epoch 1, after the epoch-0 checkpoint
+        train(make_cfg(*mixed, "+callbacks.crash._target_=crash_callback.CrashAtStep", "+callbacks.crash.stage=distilled",
+                       "+callbacks.crash.step=6", output_dir=tmp_path / "b"))
+    resumed = train(make_cfg(*mixed, "ckpt_path=last", "changed_on_resume=[callbacks.crash]", output_dir=tmp_path / "b"))
+    a, b = student_weights(tmp_path / "a", "distilled"), student_weights(tmp_path / "b", "distilled")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    untimed = lambda metrics: {k: v for k, v in metrics.items() if not k.endswith("tokens_per_s")}  # noqa: E731
+    assert untimed(resumed["distilled"]) == untimed(uninterrupted["distilled"])
+
+
+def test_on_policy_stages_distil_the_same_student_as_runs_of_their_own(make_cfg, tmp_path, capsys) -> None:
+    from test_resume import student_weights
+    from kd_lightning.cli import format_summary
+    from kd_lightning.train import train
+
+    results = train(make_cfg(*ARITHMETIC, "distill.on_policy.fraction=1", "distill.on_policy.after_steps=4",
+                             "+distill.on_policy_stages.off_policy={fraction:0.0}",
+                             "+distill.on_policy_stages.mixed={fraction:0.5}",
+                             output_dir=tmp_path / "all"))
+    alone = train(make_cfg(*ARITHMETIC, "distill.on_policy.fraction=0.5", "distill.on_policy.after_steps=4",
+                           output_dir=tmp_path / "mixed"))
+    a, b = student_weights(tmp_path / "all", "mixed"), student_weights(tmp_path / "mixed", "distilled")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    untimed = lambda metrics: {k: v for k, v in metrics.items() if not k.endswith("tokens_per_s")}  # noqa: E731
+    assert untimed(results["mixed"]) == untimed(alone["distilled"]) and results["on_policy_stages"] == ["off_policy", "mixed"]
+    for stage in ("distilled", "off_policy", "mixed"):
+        assert 0 <= results[stage]["test/exact_match"] <= 1 and results[stage]["test/sample_teacher_nll"] > 0
+        assert 0 < results[stage]["test/sample_distinct_2"] <= 1
+    assert results["off_policy"] != results["distilled"]
+    table = format_summary(results)
+    assert "distilled: off_policy" in table and "distilled: mixed" in table and "exact %" in table
+    # overwrite=true replaces every stage of the earlier run, the extra ones too
+    train(make_cfg(*ARITHMETIC, "overwrite=true", "trainer.max_epochs=1", output_dir=tmp_path / "all"))
+    assert not (tmp_path / "all" / "off_policy").exists() and not (tmp_path / "all" / "mixed").exists()
+
+
+@pytest.mark.parametrize(("stages", "message"), [
+    ("baseline={fraction:0.0}", "distill.on_policy_stages: 'baseline' cannot name a stage"),
+    ("off={lambda:0.0}", "distill.on_policy_stages.off has no setting 'lambda'"),
+    ("off={fraction:2.0}", r"distill.on_policy.fraction must be in \[0, 1\]"),
+    ("off=0.5", r"distill.on_policy_stages.off must be distill.on_policy settings, e.g. \{fraction: 0.0\}"),
+])
+def test_bad_on_policy_stages_are_one_line(make_cfg, stages: str, message: str) -> None:
+    from conftest import settings_of
+
+    with pytest.raises(KDError, match=message):
+        settings_of(make_cfg(*ARITHMETIC, f"+distill.on_policy_stages.{stages}"))
+
+
+def test_the_onpolicy_arithmetic_recipe_writes_each_students_exact_match(make_cfg, tmp_path) -> None:
+    import json
+
+    from kd_lightning.run_dir import RESULTS_FILE
+    from kd_lightning.train import train
+
+    smoke = ["data.train_size=256", "data.val_size=32", "data.test_size=32", "data.batch_size=32", "data.eval_batch_size=32",
+             "teacher.fit.max_epochs=1", "trainer.max_epochs=1", "trainer.limit_train_batches=3"]
+    results = train(make_cfg("+recipe=onpolicy_arithmetic", *smoke, output_dir=tmp_path / "run"))
+    written = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
+    assert written["on_policy_stages"] == ["off_policy", "mixed"]
+    for stage in ("teacher", "baseline", "distilled", "off_policy", "mixed"):
+        assert 0 <= written[stage]["test/exact_match"] <= 1, stage
+    assert results["distilled"]["test/exact_match"] == written["distilled"]["test/exact_match"]

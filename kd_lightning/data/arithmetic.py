@@ -1,8 +1,10 @@
 """Addition written as text, a task with checkable answers, built in (as the digits are for images).
 
-A problem is ``"487+226="``, its answer the sum, written least significant digit first (``"317"`` for 713: a small
-causal model then adds digit by digit with the carry, as on paper), then the end-of-text token. Operands have 1 to
-``digits`` digits, drawn from ``data_seed``; the test and validation problems never occur in training. Tokens are
+A problem is ``"487+026="``, its operands written with ``digits`` digits each (zeros in front), its answer the sum
+written least significant digit first (``"315"`` for 513: a small causal model then adds digit by digit with the
+carry, as on paper), then the end-of-text token. Fixed-width operands put the digits to add at the same positions in
+every problem, which a small model learns in a minute on a CPU. Operands have 1 to ``digits`` digits, drawn from
+``data_seed``; the test and validation problems never occur in training. Tokens are
 characters (:class:`CharTokenizer`: padding, end of text, ``0-9``, ``+``, ``=``). Only the answer and its end token
 are learned; ``exact_match`` marks the task for the greedy exact-match metric (``test/exact_match``).
 """
@@ -106,7 +108,7 @@ class ArithmeticDataModule(InMemoryDataModule):
 
     def encode(self, a: int, b: int) -> tuple[list[int], list[int]]:
         """``(inputs, labels)`` of one problem, padded to the split's width: labels only on the answer and its end."""
-        prompt = self.tokenizer.encode(f"{a}+{b}=")
+        prompt = self.tokenizer.encode(f"{a:0{self.digits}d}+{b:0{self.digits}d}=")
         answer = self.tokenizer.encode(str(a + b)[::-1]) + [self.tokenizer.eos_token_id]
         tokens = prompt + answer + [self.tokenizer.pad_token_id] * (self.width + 1 - len(prompt) - len(answer))
         labels = [IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX] * (self.width + 1 - len(prompt) - len(answer))

@@ -98,13 +98,20 @@ def check_models(settings: Settings, datamodule: Any) -> None:
 
 
 def check_sampling_fits(settings: Settings, datamodule: Any, student: nn.Module) -> None:
-    """``distill.on_policy``: the longest training prompt and ``max_new_tokens`` fit the student's context."""
+    """``distill.on_policy`` (and its stages): the data has prompts, and the longest training prompt and
+    ``max_new_tokens`` fit the student's context."""
     splits = getattr(datamodule, "splits", None)
-    if not settings.on_policy.samples or not splits or "train" not in splits:
+    if not settings.samples or not splits or "train" not in splits:
         return
     keep = counted(splits["train"].targets)
-    longest = int(prompt_lengths(keep)[keep.any(1)].max()) if keep.any() else 0
-    new = settings.on_policy.max_new_tokens
+    lengths = prompt_lengths(keep)[keep.any(1)]
+    if not len(lengths) or bool((lengths == 1).all()):
+        raise KDError(f"distill.on_policy completes prompts, but every training row of {type(datamodule).__name__} is "
+                      "learned from its first token (running text has no prompts); use chat data (data=chat) or "
+                      "prompt/completion pairs.")
+    longest = int(lengths.max())
+    new = max(on_policy.max_new_tokens for on_policy in (settings.on_policy, *settings.on_policy_stages.values())
+              if on_policy.samples)
     config = getattr(student, "config", None)
     context = getattr(student, "context_length", None) or getattr(config, "max_position_embeddings", None) or getattr(
         config, "n_positions", None)
