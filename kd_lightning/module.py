@@ -22,6 +22,7 @@ from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head
 from kd_lightning.reduction import StepTokens, reduce
 from kd_lightning.schedules import optimizer_config
 from kd_lightning.sequences import Answers, SampleScores, Sequences
+from kd_lightning.sharding import is_sharded, is_sharding, shard
 from kd_lightning.speed import check_chunk_rows
 from kd_lightning.teacher import LiveTeacher, Teacher, as_teacher
 from kd_lightning.vocab import check_outputs, common_rows, declared_classes, labels_in_range
@@ -60,13 +61,15 @@ class DistillationModule(L.LightningModule):
         answers: a task with answers: ``{split}/exact_match`` of the greedy completions (and the teacher's).
         sample_scores: ``{split}/sample_*``, the student's samples for held-out prompts scored by the teacher
             (:class:`~kd_lightning.sequences.SampleScores`).
+        shard_teacher: under ``ModelParallelStrategy`` (``trainer=fsdp``), shard a live teacher too (``False``: a whole
+            copy on every rank); the student is always sharded (:mod:`kd_lightning.sharding`).
     """
 
     def __init__(self, student: nn.Module, teacher: Teacher | nn.Module | None = None, num_classes: int | None = None,
                  temperature: float | None = None, alpha: float | None = None, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, loss_mix: LossMix | None = None, task: str = "classification",
                  chunk_rows: int | None = None, sequences: Sequences | None = None, answers: Answers | None = None,
-                 sample_scores: SampleScores | None = None) -> None:
+                 sample_scores: SampleScores | None = None, shard_teacher: bool = True) -> None:
         super().__init__()
         if task not in TASKS:
             raise KDError(f"task must be one of {TASKS}, got {task!r}.")
@@ -92,6 +95,7 @@ class DistillationModule(L.LightningModule):
         self.sampled = nn.ModuleDict({f"{split}_{name}": MeanMetric() for split in SPLITS for name in SampleScores.NAMES}
                                      if sample_scores else {})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.shard_teacher = shard_teacher
         self.outputs_checked = False
         self.step_tokens = StepTokens()  # the step's count, when a step spans micro-batches or processes
         self.strict_loading = False  # checkpoints hold the student only (on_load_checkpoint insists on all of it)
@@ -242,6 +246,18 @@ class DistillationModule(L.LightningModule):
             datamodule = self.trainer.datamodule if self._trainer is not None else None
             self.loss_mix.features.prepare(self.student, self.teacher.model, datamodule, fitting=stage == "fit")
 
+    def configure_model(self) -> None:
+        """``trainer=fsdp``: shard the student by its blocks, and the live teacher unless ``shard_teacher=False``
+        (:mod:`kd_lightning.sharding`). Called before each fit and test; what is sharded stays sharded."""
+        if self._trainer is None or not is_sharding(self.trainer.strategy):
+            return
+        mesh = self.trainer.strategy.device_mesh["data_parallel"]
+        chunked = self.chunk_rows is not None
+        if not is_sharded(self.student):
+            shard(self.student, mesh, "student", chunked)
+        if self.shard_teacher and isinstance(self.teacher, LiveTeacher) and not is_sharded(self.teacher.model):
+            shard(self.teacher.model, mesh, "teacher", chunked)
+
     def teardown(self, stage: str) -> None:
         if self.loss_mix.features is not None:
             self.loss_mix.features.detach()
@@ -266,7 +282,8 @@ class DistillationModule(L.LightningModule):
         checkpoint["state_dict"] = student_only(checkpoint["state_dict"])
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_student_state(checkpoint["state_dict"], self.student)
+        if "state_dict" in checkpoint:  # ModelParallelStrategy loads the weights itself, and hands the rest here
+            check_student_state(checkpoint["state_dict"], self.student)
 
     def configure_optimizers(self) -> Any:
         params = list(self.student.parameters()) + list(self.loss_mix.parameters())  # feature adapters learn with the student

@@ -38,7 +38,8 @@ WHERE_AND_HOW_SHOWN = ("ckpt_path", "overwrite", "changed_on_resume", "paths", "
                        "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 
 # groups a later release added whose settings, at these values, compute what the run did without them
-INERT_WHEN_ADDED = {"distill.on_policy": lambda node: not (node.get("fraction") or node.get("teacher_fraction"))}
+INERT_WHEN_ADDED = {"distill.on_policy": lambda node: isinstance(node, dict) and not (node.get("fraction") or node.get("teacher_fraction")),
+                    "teacher.shard": lambda value: value is True}  # sharding came with trainer=fsdp
 
 
 def is_global_zero() -> bool:
@@ -95,7 +96,7 @@ def differences(saved: Any, now: Any, key: str = "") -> dict[str, tuple[Any, Any
         return {}
     if saved is UNSET and (now in (None, False, [], {}) or (isinstance(now, str) and now.startswith("${"))):
         return {}
-    if saved is UNSET and key in INERT_WHEN_ADDED and isinstance(now, dict) and INERT_WHEN_ADDED[key](now):
+    if saved is UNSET and key in INERT_WHEN_ADDED and INERT_WHEN_ADDED[key](now):
         return {}  # e.g. distill.on_policy sampling nothing: the data set's completions, as before
     if isinstance(saved, dict) and isinstance(now, dict):
         found: dict[str, tuple[Any, Any]] = {}

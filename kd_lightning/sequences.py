@@ -17,7 +17,7 @@ under ``no_grad``, with the current weights. Another generator (a vLLM server) w
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -132,6 +132,13 @@ def token_ids(datamodule: Any) -> tuple[int | None, int]:
     return eos, datamodule.pad_id() if hasattr(datamodule, "pad_id") else (eos if eos is not None else 0)
 
 
+def context_length(model: nn.Module) -> int | None:
+    """The most positions ``model`` reads (``GPT.context_length``, a transformers config's), ``None`` if unknown."""
+    config = getattr(model, "config", None)
+    return getattr(model, "context_length", None) or getattr(config, "max_position_embeddings", None) or getattr(
+        config, "n_positions", None)
+
+
 def prompt_lengths(keep: Tensor) -> Tensor:
     """``(N,)``: each row's prompt length, its tokens up to the first kept label's position (that token predicts the
     completion's first); rows must have one."""
@@ -158,7 +165,9 @@ def generate(model: nn.Module, prompts: Tensor, mask: Tensor, settings: OnPolicy
              pad_token_id: int, seed: int) -> Tensor:
     """``(N, P + T)``: ``prompts`` continued by ``model`` (the built-in GPT's cached ``generate()``, or transformers'),
     in eval mode, under ``no_grad``, from ``seed``."""
-    training = model.training
+    from kd_lightning.sharding import is_sharded
+
+    training, synced = model.training, is_sharded(model)  # sharded: every process takes every step together
     model.eval()
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[prompts.device] if prompts.is_cuda else []):
@@ -166,13 +175,13 @@ def generate(model: nn.Module, prompts: Tensor, mask: Tensor, settings: OnPolicy
             if hasattr(model, "hidden_states") and hasattr(model, "generate"):  # kd_lightning.models.GPT
                 return model.generate(prompts, settings.max_new_tokens, prompt_mask=mask, greedy=settings.greedy,
                                       temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                                      eos_token_id=eos_token_id)
+                                      eos_token_id=eos_token_id, synced=synced)
             if callable(getattr(model, "generate", None)) and hasattr(model, "generation_config"):  # transformers
                 sampling: dict[str, Any] = {"do_sample": False} if settings.greedy else {
                     "do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k or 0,
                     "top_p": settings.top_p if settings.top_p is not None else 1.0}
                 return model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
-                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, **sampling)
+                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, synced_gpus=synced, **sampling)
     finally:
         model.train(training)
     raise KDError(f"on-policy distillation samples from the model, but {type(model).__name__} has no generate(); use "
@@ -224,7 +233,8 @@ class Answers:
 
 class SampleScores:
     """What the student writes for held-out prompts (``{split}/sample_*`` in every student stage): one completion per
-    prompt, sampled with the run's ``distill.on_policy`` settings from a seed fixed per batch, scored by the teacher.
+    prompt, sampled with the run's ``distill.on_policy`` settings from a seed fixed per batch (at most as many tokens
+    as fit in the student's context after the prompts), scored by the teacher.
 
     - ``sample_teacher_nll``: the teacher's negative log-likelihood per completion token (lower: the teacher would
       have written it);
@@ -253,8 +263,11 @@ class SampleScores:
         from kd_lightning.models.outputs import model_logits
 
         prompts, mask = prompts_of(batch, self.pad_token_id)
+        settings, context = self.settings, context_length(student)
+        if context and prompts.shape[1] + settings.max_new_tokens > context:  # what fits after these prompts
+            settings = replace(settings, max_new_tokens=max(1, context - prompts.shape[1]))
         started = perf_counter()
-        made = generate(student, prompts, mask, self.settings, self.eos_token_id, self.pad_token_id, seed)
+        made = generate(student, prompts, mask, settings, self.eos_token_id, self.pad_token_id, seed)
         seconds = perf_counter() - started
         samples = completed(prompts, mask, made[:, prompts.shape[1]:], self.eos_token_id, self.pad_token_id)
         kept, tokens = samples["kept"], samples["kept"].sum()

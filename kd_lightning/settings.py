@@ -72,6 +72,19 @@ def check_trainer(trainer: DictConfig) -> None:
     if on_cpu and is_integer(devices) and devices > cores:
         raise KDError(f"trainer.devices={devices} starts {devices} CPU processes but this machine has {cores} cores; set "
                       f"trainer.devices={cores} or fewer.")
+    strategy = trainer.get("strategy")
+    if isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("ModelParallelStrategy"):
+        nodes = trainer.get("num_nodes", 1)
+        if not is_integer(devices):
+            raise KDError(f"trainer=fsdp needs trainer.devices as a number of devices per node, got {devices!r}.")
+        shards, tensor = strategy.get("data_parallel_size"), strategy.get("tensor_parallel_size", 1)
+        if tensor != 1:
+            raise KDError(f"trainer.strategy.tensor_parallel_size={tensor}: kd_lightning shards by data parallelism only; "
+                          "set it to 1.")
+        if shards != devices * nodes:
+            raise KDError(f"trainer.strategy.data_parallel_size={shards}, but the run has {devices * nodes} processes "
+                          f"(trainer.devices={devices} x trainer.num_nodes={nodes}); set "
+                          f"trainer.strategy.data_parallel_size={devices * nodes}.")
 
 
 def check_optimizer(key: str, optim: DictConfig) -> None:
@@ -154,6 +167,7 @@ class TeacherSettings:
     recording: RecordingSettings | None  # recorded mode only
     cache_identity: dict[str, Any]  # what a teacher trained here depends on: the key of the trained-teacher cache
     pretrained: bool = False  # read with from_pretrained (teacher=hf)
+    shard: bool = True  # trainer=fsdp: shard a live teacher across the ranks (false: a whole copy on each)
 
     @property
     def trains(self) -> bool:
@@ -194,8 +208,11 @@ class TeacherSettings:
                     "seed": cfg.seed, "kd_lightning": __version__}  # a new release retrains
         checkpoint = existing_checkpoint(teacher.checkpoint) if teacher.get("checkpoint") else None
         check_pretrained("teacher.model", teacher.model)
+        if not isinstance(teacher.get("shard", True), bool):
+            raise KDError(f"teacher.shard must be true or false, got {teacher.shard!r}: with trainer=fsdp, true shards the "
+                          "teacher across the processes, false keeps a whole copy on each.")
         return cls(model=teacher.model, fit=teacher.fit, mode=mode, checkpoint=checkpoint, recording=recording,
-                   cache_identity=identity, pretrained=is_pretrained(teacher.model))
+                   cache_identity=identity, pretrained=is_pretrained(teacher.model), shard=teacher.get("shard", True))
 
     @property
     def name(self) -> str:

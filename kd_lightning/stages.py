@@ -25,6 +25,7 @@ from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
 from kd_lightning.run_dir import is_global_zero
 from kd_lightning.sequences import Answers, SampleScores, Sequences
+from kd_lightning.sharding import full_state_dict, is_sharded
 from kd_lightning.settings import RunSettings, Settings
 from kd_lightning.teacher import Teacher
 
@@ -103,6 +104,17 @@ def make_logger(run: RunSettings, stage: str) -> Any:
     return build(run.logger, **filled)
 
 
+def unsharded(trained: nn.Module, model: DictConfig) -> nn.Module:
+    """``trained`` itself, or a fresh ``model`` with its weights when it is sharded (``trainer=fsdp``): whole on every
+    rank, for the trained-teacher cache and the stages after."""
+    if not is_sharded(trained):
+        return trained
+    weights = full_state_dict(trained)  # every rank takes part in gathering them
+    fresh = build(model)
+    fresh.load_state_dict(weights)
+    return fresh
+
+
 def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teacher | None, loss_mix: LossMix, datamodule: Any,
               optim: DictConfig | None = None, sequences: Sequences | None = None,
               **trainer_overrides: Any) -> tuple[dict[str, float], nn.Module]:
@@ -124,7 +136,7 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
                                 scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
                                 task=getattr(datamodule, "task", "classification"), chunk_rows=speed.chunk_rows,
                                 sequences=sequences, answers=Answers.of(datamodule),
-                                sample_scores=scores)
+                                sample_scores=scores, shard_teacher=settings.teacher.shard)
     chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
     sampled = f", completions sampled: {sequences.describe()}" if sequences is not None and sequences.settings.samples else ""
     log.info("stage %s: %s%s%s", stage, loss_mix.extra_repr(), chunked, sampled)
@@ -150,4 +162,4 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
     metrics = {**val, **{k: float(v) for k, v in test.items()}}
     if is_global_zero():
         atomic_write_text(results, json.dumps(metrics, indent=2) + "\n")
-    return metrics, module.student
+    return metrics, unsharded(module.student, model)

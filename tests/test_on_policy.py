@@ -187,6 +187,19 @@ def test_the_samples_scores_are_the_teachers_nll_and_the_reverse_kl_on_the_stude
     assert pairs == 4 and share == 0.5  # (4,5) (5,4) (4,5) | (4,5)
 
 
+def test_the_sample_scores_make_only_what_fits_in_the_students_context() -> None:
+    from kd_lightning.data import ArithmeticDataModule
+    from kd_lightning.sequences import SampleScores
+
+    data = ArithmeticDataModule(train_size=64, val_size=8, test_size=8)
+    data.setup()
+    batch = as_batch({"inputs": data.splits["test"].inputs, "labels": data.splits["test"].targets})
+    torch.manual_seed(0)
+    student = GPT(14, 16, 16, 1, 2)  # prompts of 8 tokens: 8 more fit, not the default 64
+    scores = SampleScores(OnPolicy(), data.tokenizer.eos_token_id, data.pad_id())(student, student, batch, seed=0)
+    assert scores["sample_teacher_nll"][1] <= 8 * len(batch["inputs"])
+
+
 ARITHMETIC = ["data=arithmetic", "data.train_size=256", "data.val_size=32", "data.test_size=32", "data.batch_size=32",
               "data.eval_batch_size=32", "teacher=gpt_teacher", "teacher.model.dim=16", "teacher.model.depth=1",
               "teacher.model.heads=2", "teacher.fit.max_epochs=1", "student=gpt_student", "student.model.dim=16",

@@ -32,6 +32,20 @@ def test_slurm_launcher_config_composes_for_a_multinode_job() -> None:
     assert cfg.trainer.strategy == "ddp"
 
 
+def test_slurm_launcher_composes_with_fsdp_for_nodes_times_gpus() -> None:
+    from kd_lightning.settings import check_trainer
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=8",
+                                          "hydra.launcher.gpus_per_node=8", "trainer=fsdp", "trainer.devices=8", "trainer.num_nodes=2",
+                                          "trainer.strategy.data_parallel_size=16", "trainer.accelerator=gpu"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (cfg.trainer.num_nodes, cfg.trainer.devices)
+    assert cfg.trainer.strategy._target_.endswith("ModelParallelStrategy") and cfg.trainer.strategy.data_parallel_size == 16
+    check_trainer(cfg.trainer)  # 16 processes: 2 nodes x 8 GPUs, all data-parallel
+
+
 @pytest.mark.slow  # a process per job
 def test_submitit_sweep_runs_each_job_in_its_own_process(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "hydra/launcher=local", "distill.temperature=2,4", *FAST, "baseline=false",

@@ -118,7 +118,7 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, prompts: Tensor, max_new_tokens: int, *, prompt_mask: Tensor | None = None, greedy: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+                 eos_token_id: int | None = None, generator: torch.Generator | None = None, synced: bool = False) -> Tensor:
         """Continue ``prompts`` ``(N, P)`` by up to ``max_new_tokens`` tokens each: ``(N, P + T)``, ``T`` the tokens made.
 
         Each new token reads only itself against the keys and values of the tokens before it (a key/value cache), in
@@ -127,6 +127,8 @@ class GPT(nn.Module):
         never attended to and positions count from each prompt's first token. ``greedy``: the likeliest token, else one
         drawn (with ``generator``) at ``temperature`` from the ``top_k`` likeliest and the smallest set holding
         ``top_p`` of the probability. A row that has made ``eos_token_id`` makes it again until all have (then it stops).
+        ``synced``: take all ``max_new_tokens`` steps even when every row has stopped (a model sharded across processes
+        gathers its parameters at every step, on every process together).
         """
         rows, prompt_length = prompts.shape
         check_integer("max_new_tokens", max_new_tokens)
@@ -154,7 +156,7 @@ class GPT(nn.Module):
                     token = torch.where(finished, eos_token_id, token)
                     finished |= token == eos_token_id
                 made.append(token[:, None])
-                if step == max_new_tokens - 1 or bool(finished.all()):
+                if step == max_new_tokens - 1 or (not synced and bool(finished.all())):
                     break
                 position = position + 1
                 if padded:

@@ -38,7 +38,7 @@ from kd_lightning.loss_mix import LossMix
 from kd_lightning.models.outputs import check_packing, model_logits, output_head
 from kd_lightning.models.pretrained import is_pretrained, pretrained_fingerprint, pretrained_tokenizer
 from kd_lightning.progress import lightning_hushed
-from kd_lightning.sequences import prompt_lengths
+from kd_lightning.sequences import context_length, prompt_lengths
 from kd_lightning.settings import Settings
 from kd_lightning.speed import check_chunk_rows
 from kd_lightning.stages import is_global_zero, run_stage
@@ -112,9 +112,7 @@ def check_sampling_fits(settings: Settings, datamodule: Any, student: nn.Module)
     longest = int(lengths.max())
     new = max(on_policy.max_new_tokens for on_policy in (settings.on_policy, *settings.on_policy_stages.values())
               if on_policy.samples)
-    config = getattr(student, "config", None)
-    context = getattr(student, "context_length", None) or getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None)
+    context = context_length(student)
     if context and longest + new > context:
         raise KDError(f"distill.on_policy.max_new_tokens={new} after prompts of up to {longest} tokens exceeds the "
                       f"student's context of {context}; lower max_new_tokens (or shorten the prompts).")

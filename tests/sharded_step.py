@@ -1,0 +1,59 @@
+"""A worker for tests/test_sharding.py: 3 SGD-with-momentum steps of a DistillationModule on the padded batch of
+tests/test_token_accounting.py, in one process or sharded over two (``ModelParallelStrategy``, gloo), each process
+taking rows ``rank::processes`` in order; writes the whole student and teacher weights and the loss to OUT.
+
+    python tests/sharded_step.py PROCESSES CHUNK_ROWS|none SHARD_TEACHER(0|1) OUT
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kd_lightning import DistillationModule, LossMix  # noqa: E402
+from kd_lightning.losses import kd_loss  # noqa: E402
+from kd_lightning.models import GPT  # noqa: E402
+from kd_lightning.sharding import full_state_dict  # noqa: E402
+from test_token_accounting import LENGTH, VOCAB, RankParts  # noqa: E402
+
+STEPS = 3
+
+
+class ThreeSteps(RankParts):
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(list(super().train_dataloader()) * STEPS, batch_size=None)
+
+
+def main(processes: int, chunk_rows: int | None, shard_teacher: bool, out: Path) -> None:
+    torch.manual_seed(0)
+    student, teacher = GPT(VOCAB, LENGTH, 16, 2, 2), GPT(VOCAB, LENGTH, 16, 2, 2)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", chunk_rows=chunk_rows,
+                                loss_mix=LossMix(temperature=2.0, alpha=0.5, objective=kd_loss),
+                                optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9), shard_teacher=shard_teacher)
+    if processes > 1:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strategy = ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)
+    else:
+        strategy = "auto"
+    trainer = L.Trainer(accelerator="cpu", devices=processes, strategy=strategy, max_steps=STEPS, logger=False,
+                        use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
+    trainer.fit(module, datamodule=ThreeSteps(processes, 1))
+    weights = {"student": full_state_dict(module.student), "teacher": full_state_dict(module.teacher.model)}
+    sharded = {role: any(type(p).__name__ == "DTensor" for p in model.parameters())
+               for role, model in (("student", module.student), ("teacher", module.teacher.model))}
+    if trainer.global_rank == 0:
+        torch.save({**{role: {k: v.detach().cpu().clone() for k, v in w.items()} for role, w in weights.items()},
+                    "teacher_before": before, "loss": float(trainer.callback_metrics["train/loss"]), "sharded": sharded}, out)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), None if sys.argv[2] == "none" else int(sys.argv[2]), sys.argv[3] == "1", Path(sys.argv[4]))

@@ -1,0 +1,88 @@
+"""trainer=fsdp: FSDP2 through Lightning's ModelParallelStrategy, on CPU with gloo. Two processes sharding the student
+(and the teacher, or a whole teacher on each) train the weights one process trains on the same global batch; the
+teacher never changes; the command line runs every stage sharded; the settings are checked before anything runs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kd_lightning import KDError
+
+from test_cli import run_cli
+
+WORKER = Path(__file__).resolve().parent / "sharded_step.py"
+
+
+def step(tmp_path: Path, processes: int, chunk_rows: int | None, shard_teacher: bool) -> dict:
+    out = tmp_path / f"{processes}-{chunk_rows}-{int(shard_teacher)}.pt"
+    done = subprocess.run([sys.executable, str(WORKER), str(processes), str(chunk_rows or "none"), str(int(shard_teacher)), str(out)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.slow  # two processes
+@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["plain", "chunked"])
+@pytest.mark.parametrize("shard_teacher", [True, False], ids=["teacher_sharded", "teacher_whole"])
+def test_two_sharded_processes_train_the_one_process_weights(tmp_path: Path, chunk_rows: int | None, shard_teacher: bool) -> None:
+    one, two = step(tmp_path, 1, chunk_rows, shard_teacher), step(tmp_path, 2, chunk_rows, shard_teacher)
+    assert two["sharded"] == {"student": True, "teacher": shard_teacher} and one["sharded"] == {"student": False, "teacher": False}
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
+    for name in one["student"]:  # 3 SGD-with-momentum steps on padded sequences of 1-10 learned tokens
+        torch.testing.assert_close(two["student"][name], one["student"][name], atol=1e-6, rtol=1e-6, msg=name)
+    for run in (one, two):
+        assert all(torch.equal(run["teacher"][k], run["teacher_before"][k]) for k in run["teacher_before"])
+    assert any(not torch.equal(one["student"][k], one["teacher_before"][k]) for k in one["student"])  # it did train
+
+
+TINY = ["data=arithmetic", "data.train_size=256", "data.val_size=32", "data.test_size=32", "data.batch_size=16",
+        "data.eval_batch_size=16", "teacher=gpt_teacher", "teacher.model.dim=16", "teacher.model.depth=2", "teacher.model.heads=2",
+        "student=gpt_student", "student.model.dim=16", "student.model.depth=1", "teacher.fit.max_epochs=1",
+        "trainer.max_epochs=2", "distill.alpha=1", "distill.temperature=1"]
+
+
+@pytest.mark.slow  # two processes, three stages
+def test_every_stage_runs_sharded_from_the_command_line_and_resumes(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, *TINY, "trainer=fsdp", "hydra.run.dir=run")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("student distilled") == 1  # one summary, from rank 0
+    results = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for stage in ("teacher", "distilled", "baseline"):
+        assert 0 <= results[stage]["test/exact_match"] <= 1
+    # one consolidated checkpoint per stage, the student's whole weights: it loads into a plain model
+    state = torch.load(tmp_path / "run" / "distilled" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert not any(k.startswith("teacher.") for k in state["state_dict"])
+    from kd_lightning.models import GPT
+
+    GPT(14, 16, 16, 1, 2).load_state_dict({k.removeprefix("student."): v for k, v in state["state_dict"].items()})
+    (tmp_path / "run" / "metrics.json").unlink()  # killed while summarising: the stages are read back, not refitted
+    again = run_cli(tmp_path, *TINY, "trainer=fsdp", "hydra.run.dir=run", "ckpt_path=last")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["distilled"] == results["distilled"]
+
+
+def test_fsdp_settings_are_checked_before_anything_runs(make_cfg) -> None:
+    from conftest import settings_of
+
+    cfg = make_cfg("trainer=fsdp", "trainer.accelerator=cpu")
+    assert cfg.trainer.strategy.data_parallel_size == 2 and settings_of(cfg).teacher.shard is True
+    with pytest.raises(KDError, match=r"data_parallel_size=2, but the run has 4 processes \(trainer.devices=2 x "
+                                      r"trainer.num_nodes=2\); set trainer.strategy.data_parallel_size=4"):
+        settings_of(make_cfg("trainer=fsdp", "trainer.accelerator=cpu", "trainer.num_nodes=2"))
+    with pytest.raises(KDError, match="kd_lightning shards by data parallelism only"):
+        settings_of(make_cfg("trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.tensor_parallel_size=2"))
+    with pytest.raises(KDError, match="teacher.shard must be true or false"):
+        settings_of(make_cfg("teacher.shard=maybe"))
+
+
+def test_a_model_without_known_blocks_is_refused_when_sharded() -> None:
+    from kd_lightning.sharding import shard
+
+    with pytest.raises(KDError, match=r"the student \(Linear\) has none that kd_lightning knows"):
+        shard(torch.nn.Linear(2, 2), mesh=None, role="student", chunked=False)
