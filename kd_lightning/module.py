@@ -100,6 +100,7 @@ class DistillationModule(L.LightningModule):
         self.step_tokens = StepTokens()  # the step's count, when a step spans micro-batches or processes
         self.strict_loading = False  # checkpoints hold the student only (on_load_checkpoint insists on all of it)
         self.metrics = nn.ModuleDict({split: SplitMetrics(num_classes, self.teacher is not None, task) for split in SPLITS})
+        self.eval_losses = nn.ModuleDict({split: MeanMetric() for split in SPLITS})  # per counted label: exact under any split
 
     temperature = property(lambda self: self.loss_mix.temperature, doc="The mix's temperature this step.")
     alpha = property(lambda self: self.loss_mix.alpha, doc="The mix's alpha this step (``None``: the terms have own weights).")
@@ -202,7 +203,9 @@ class DistillationModule(L.LightningModule):
         teacher_logits = self.teacher_forward(batch) if self.teacher is not None else None
         student_logits = self.student_forward(batch)
         self.check_outputs_once(student_logits, teacher_logits, batch)
-        self.log(f"{split}/loss", self.task_loss(student_logits, batch), sync_dist=True)
+        kept = batch.get("kept")
+        self.eval_losses[split].update(self.task_loss(student_logits, batch), (kept if kept is not None else counted(batch["labels"])).sum())
+        self.log(f"{split}/loss", self.eval_losses[split])
         self.metrics[split].add_batch(student_logits, teacher_logits, batch)
         for name, metric in self.metrics[split].items():
             self.log(f"{split}/{name}", metric, prog_bar=split == "val" and name in ("acc", "ppl"))

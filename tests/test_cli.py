@@ -14,8 +14,8 @@ from conftest import SHARED
 from data_factory import make_image_tree
 
 
-def run_cli(tmp_path: Path, *args: str, multirun: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "0"}
+def run_cli(tmp_path: Path, *args: str, multirun: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "0", **(env or {})}
     flags = ["-m"] if multirun else []
     return subprocess.run(
         [sys.executable, "-m", "kd_lightning", *flags, "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *args],
@@ -75,6 +75,7 @@ def test_unknown_model_names_the_available_ones(tmp_path: Path, override: str) -
     assert "no_such_model" in out.stderr and "Available options" in out.stderr
 
 
+@pytest.mark.slow  # a command line of over 15 s on 2 cores
 def test_cifar_recipe_fast_dev_run_on_generated_data(tmp_path: Path) -> None:
     make_image_tree(tmp_path / "cifar", classes=4, per_class={"train": 20, "test": 4})
     # a relative data path means the launch directory: Hydra does not chdir

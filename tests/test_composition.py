@@ -79,6 +79,7 @@ def test_a_custom_objective_plugs_in_by_target(make_cfg, tmp_path: Path) -> None
     assert column(logged(tmp_path / "cls"), "train/ConstantObjective") == pytest.approx([0.9 * 2.0] * 6)
 
 
+@pytest.mark.slow  # a command line of over 15 s on 2 cores
 def test_sweep_over_objectives_with_fast_dev_run(tmp_path: Path) -> None:
     out = run_cli(tmp_path, "distill/loss=kd,reverse_kl,jsd,dkd", "trainer.fast_dev_run=true", "baseline=false",
                   "hydra.sweep.dir=sweep", multirun=True)

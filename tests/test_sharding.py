@@ -41,30 +41,58 @@ def test_two_sharded_processes_train_the_one_process_weights(tmp_path: Path, chu
     assert any(not torch.equal(one["student"][k], one["teacher_before"][k]) for k in one["student"])  # it did train
 
 
-TINY = ["data=arithmetic", "data.train_size=256", "data.val_size=32", "data.test_size=32", "data.batch_size=16",
+TINY = ["data=arithmetic", "data.train_size=256", "data.val_size=32", "data.test_size=32",
         "data.eval_batch_size=16", "teacher=gpt_teacher", "teacher.model.dim=16", "teacher.model.depth=2", "teacher.model.heads=2",
         "student=gpt_student", "student.model.dim=16", "student.model.depth=1", "teacher.fit.max_epochs=1",
         "trainer.max_epochs=2", "distill.alpha=1", "distill.temperature=1"]
+SHARDED = [*TINY, "trainer=fsdp", "data.batch_size=16"]  # 2 processes x 16 rows
 
 
-@pytest.mark.slow  # two processes, three stages
-def test_every_stage_runs_sharded_from_the_command_line_and_resumes(tmp_path: Path) -> None:
-    out = run_cli(tmp_path, *TINY, "trainer=fsdp", "hydra.run.dir=run")
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.count("student distilled") == 1  # one summary, from rank 0
-    results = json.loads((tmp_path / "run" / "metrics.json").read_text())
+def numbers(results: dict) -> dict[str, float]:
+    """A run's metrics, less the ones of drawn samples (drawn per batch, so per split of the batch) and timings."""
+    return {f"{stage}/{name}": value for stage, metrics in results.items() if isinstance(metrics, dict)
+            for name, value in metrics.items() if isinstance(value, (int, float)) and "sample_" not in name}
+
+
+CRASH = ["+callbacks.crash._target_=crash_callback.CrashAtStep", "+callbacks.crash.stage=distilled", "+callbacks.crash.step=12"]
+
+
+@pytest.mark.slow  # two processes, three stages, five runs
+def test_every_stage_runs_sharded_from_the_command_line_equal_to_one_process_and_resumes(tmp_path: Path) -> None:
+    sharded = run_cli(tmp_path, *SHARDED, "hydra.run.dir=two")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    assert sharded.stdout.count("student distilled") == 1  # one summary, from rank 0
+    results = json.loads((tmp_path / "two" / "metrics.json").read_text())
     for stage in ("teacher", "distilled", "baseline"):
         assert 0 <= results[stage]["test/exact_match"] <= 1
+    # the same global batches in one process: the same teacher, students and metrics
+    single = run_cli(tmp_path, *TINY, "data.batch_size=32", "hydra.run.dir=one", env={"KD_LIGHTNING_CACHE": str(tmp_path / "own")})
+    assert single.returncode == 0, single.stderr[-3000:]
+    expected = numbers(json.loads((tmp_path / "one" / "metrics.json").read_text()))
+    assert len(expected) > 30 and numbers(results) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+
     # one consolidated checkpoint per stage, the student's whole weights: it loads into a plain model
-    state = torch.load(tmp_path / "run" / "distilled" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    state = torch.load(tmp_path / "two" / "distilled" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("teacher.") for k in state["state_dict"])
     from kd_lightning.models import GPT
 
     GPT(14, 16, 16, 1, 2).load_state_dict({k.removeprefix("student."): v for k, v in state["state_dict"].items()})
-    (tmp_path / "run" / "metrics.json").unlink()  # killed while summarising: the stages are read back, not refitted
-    again = run_cli(tmp_path, *TINY, "trainer=fsdp", "hydra.run.dir=run", "ckpt_path=last")
+
+    # killed in the distilled stage's second epoch, rerun with ckpt_path=last: the uninterrupted run's weights
+    env = {"PYTHONPATH": str(Path(__file__).resolve().parent)}
+    killed = run_cli(tmp_path, *SHARDED, "hydra.run.dir=killed", *CRASH, env=env)
+    assert killed.returncode != 0 and "simulated pre-emption at step 12" in killed.stderr
+    resumed = run_cli(tmp_path, *SHARDED, "hydra.run.dir=killed", "ckpt_path=last", "changed_on_resume=[callbacks.crash]", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = torch.load(tmp_path / "killed" / "distilled" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    for name, value in state["state_dict"].items():
+        torch.testing.assert_close(after["state_dict"][name], value, rtol=0, atol=0, msg=name)
+    assert numbers(json.loads((tmp_path / "killed" / "metrics.json").read_text())) == numbers(results)
+
+    (tmp_path / "two" / "metrics.json").unlink()  # killed while summarising: the stages are read back, not refitted
+    again = run_cli(tmp_path, *SHARDED, "hydra.run.dir=two", "ckpt_path=last")
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["distilled"] == results["distilled"]
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["distilled"] == results["distilled"]
 
 
 def test_fsdp_settings_are_checked_before_anything_runs(make_cfg) -> None:
@@ -86,3 +114,17 @@ def test_a_model_without_known_blocks_is_refused_when_sharded() -> None:
 
     with pytest.raises(KDError, match=r"the student \(Linear\) has none that kd_lightning knows"):
         shard(torch.nn.Linear(2, 2), mesh=None, role="student", chunked=False)
+
+
+@pytest.mark.parametrize("size, drop_last", [(37, False), (37, True), (33, False), (40, False)])
+def test_processes_share_out_the_one_process_batches(size: int, drop_last: bool) -> None:
+    from torch.utils.data import DataLoader
+
+    from kd_lightning.data.memory import EpochShuffle, RankShare
+
+    order = EpochShuffle(size, lambda: 3)
+    one = [batch.tolist() for batch in DataLoader(range(size), batch_size=8, sampler=order, drop_last=drop_last)]
+    shares = [list(DataLoader(range(size), batch_size=4, sampler=RankShare(order, 4, rank, 2, drop_last))) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1])  # the same number of steps on every process
+    assert [sorted(a.tolist() + b.tolist()) for a, b in zip(*shares)] == [sorted(b) for b in one if len(b) >= 2]
+    assert [len(RankShare(order, 4, rank, 2, drop_last)) for rank in (0, 1)] == [sum(map(len, s)) for s in shares]

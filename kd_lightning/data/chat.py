@@ -160,9 +160,9 @@ class ChatDataModule(InMemoryDataModule):
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id or 0
 
     def train_order(self, data: TensorSplit) -> Sampler[int]:
-        """Grouped by length (``data.group_by_length``, unpacked rows), else :class:`EpochShuffle`."""
+        """Grouped by length (``data.group_by_length``, unpacked rows; in runs of 50 global batches), else :class:`EpochShuffle`."""
         if self.group_by_length and not self.packing:
-            return LengthGroupedShuffle(data.fields["length"], self.batch_size, self.current_epoch)
+            return LengthGroupedShuffle(data.fields["length"], self.batch_size * self.processes()[1], self.current_epoch)
         return EpochShuffle(len(data), self.current_epoch)
 
     def collate(self, batch: Batch) -> Batch:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 import lightning as L
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from kd_lightning.data.augment import RandomCropFlip, RecordedViews
 from kd_lightning.data.batch import IGNORE_INDEX, Batch
@@ -81,6 +81,39 @@ class LengthGroupedShuffle(EpochShuffle):
         order = torch.tensor(list(super().__iter__()), dtype=torch.long)
         runs = [run[self.lengths[run].argsort(descending=True, stable=True)] for run in order.split(self.run)]
         return iter(torch.cat(runs).tolist() if runs else [])
+
+
+class RankShare(DistributedSampler):
+    """This process's share of each global batch of ``order``, so that ``processes`` processes of ``batch_size`` rows
+    train on exactly the batches one process of ``processes * batch_size`` rows trains on.
+
+    ``order`` (the same on every process: a function of the seed and the epoch) is cut into global batches of
+    ``processes * batch_size`` samples, and process ``rank`` takes rows ``[rank * batch_size, (rank + 1) * batch_size)``
+    of each. A last, shorter global batch is split as evenly as the processes allow; it is dropped with ``drop_last``,
+    or when it has fewer samples than there are processes (one would have none). Lightning's own
+    ``DistributedSampler`` would instead shuffle the order again and pad it with repeated samples.
+    """
+
+    def __init__(self, order: Sampler[int], batch_size: int, rank: int, processes: int, drop_last: bool) -> None:
+        super().__init__(range(len(order)), num_replicas=processes, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        self.order, self.batch_size, self.drop_last = order, batch_size, drop_last
+
+    def shares(self) -> Iterator[list[int]]:
+        order, width = list(self.order), self.batch_size * self.num_replicas
+        for start in range(0, len(order), width):
+            batch = order[start:start + width]
+            if len(batch) == width:
+                yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+            elif not self.drop_last and len(batch) >= self.num_replicas:
+                yield [int(i) for i in torch.tensor(batch).tensor_split(self.num_replicas)[self.rank]]
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for share in self.shares() for i in share)
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.order), self.batch_size * self.num_replicas)
+        last = 0 if self.drop_last or rest < self.num_replicas else len(torch.arange(rest).tensor_split(self.num_replicas)[self.rank])
+        return full * self.batch_size + last
 
 
 # The unlabelled training samples of labeled_fraction < 1 are drawn with this seed: the same for every run.
@@ -206,8 +239,13 @@ class InMemoryDataModule(L.LightningDataModule):
     def current_epoch(self) -> int:
         return self.trainer.current_epoch if self.trainer is not None else 0
 
+    def processes(self) -> tuple[int, int]:
+        """``(rank, number)`` of the data-parallel processes of the run (``(0, 1)`` in one process)."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_order(self, data: TensorSplit) -> Sampler[int]:
-        """The order of the training samples in an epoch: :class:`EpochShuffle` here."""
+        """The order of the training samples in an epoch, the same on every process: :class:`EpochShuffle` here."""
         return EpochShuffle(len(data), self.current_epoch)
 
     def collate(self, batch: Batch) -> Batch:
@@ -215,13 +253,21 @@ class InMemoryDataModule(L.LightningDataModule):
         return batch
 
     def loader(self, split: str, train: bool) -> DataLoader:
-        """Batches of ``split``: in :meth:`train_order` (and ``drop_last``) when ``train``, else in order."""
+        """Batches of ``split``: in :meth:`train_order` (and ``drop_last``) when ``train``, else in order.
+
+        With more than one process, each takes its :class:`RankShare` of every global training batch; evaluation
+        splits are shared out by Lightning's ``DistributedSampler``.
+        """
         self.setup()
         data = self.splits[split]
+        order = self.train_order(data) if train else None
+        rank, processes = self.processes()
+        if order is not None and processes > 1:
+            order = RankShare(order, self.batch_size, rank, processes, self.drop_last)
         return DataLoader(
             data,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=self.train_order(data) if train else None,
+            sampler=order,
             drop_last=train and self.drop_last,
             collate_fn=self.collate,
             num_workers=0,  # the data is already in memory; workers would only copy it
