@@ -1,6 +1,6 @@
 """A worker for tests/test_sharding.py: 3 SGD-with-momentum steps of a DistillationModule on the padded batch of
 tests/test_token_accounting.py, in one process or sharded over two (``ModelParallelStrategy``, gloo), each process
-taking rows ``rank::processes`` in order; writes the whole student and teacher weights and the loss to OUT.
+taking rows ``rank::processes`` in order; writes the whole student and teacher weights, the loss and the bytes the first process holds to OUT.
 
     python tests/sharded_step.py PROCESSES CHUNK_ROWS|none SHARD_TEACHER(0|1) OUT
 """
@@ -50,9 +50,19 @@ def main(processes: int, chunk_rows: int | None, shard_teacher: bool, out: Path)
     weights = {"student": full_state_dict(module.student), "teacher": full_state_dict(module.teacher.model)}
     sharded = {role: any(type(p).__name__ == "DTensor" for p in model.parameters())
                for role, model in (("student", module.student), ("teacher", module.teacher.model))}
+    held = {"teacher_parameters": local_bytes(module.teacher.model.parameters()), "student_parameters": local_bytes(module.student.parameters()),
+            "student_gradients": local_bytes(p.grad for p in module.student.parameters() if p.grad is not None),
+            "optimizer_state": local_bytes(v for state in trainer.optimizers[0].state.values() for v in state.values()
+                                           if isinstance(v, torch.Tensor))}
     if trainer.global_rank == 0:
         torch.save({**{role: {k: v.detach().cpu().clone() for k, v in w.items()} for role, w in weights.items()},
-                    "teacher_before": before, "loss": float(trainer.callback_metrics["train/loss"]), "sharded": sharded}, out)
+                    "teacher_before": before, "loss": float(trainer.callback_metrics["train/loss"]), "sharded": sharded,
+                    "held": held}, out)
+
+
+def local_bytes(tensors) -> int:
+    """The bytes of this process's part of ``tensors`` (a DTensor's local shard)."""
+    return sum((t.to_local() if hasattr(t, "to_local") else t).numel() * t.element_size() for t in tensors)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,11 @@ import pytest
 import torch
 
 from kd_lightning import KDError
+from kd_lightning.memory import device_memory
+from kd_lightning.models import GPT
 
 from test_cli import run_cli
+from test_token_accounting import LENGTH, VOCAB
 
 WORKER = Path(__file__).resolve().parent / "sharded_step.py"
 
@@ -39,6 +42,15 @@ def test_two_sharded_processes_train_the_one_process_weights(tmp_path: Path, chu
     for run in (one, two):
         assert all(torch.equal(run["teacher"][k], run["teacher_before"][k]) for k in run["teacher_before"])
     assert any(not torch.equal(one["student"][k], one["teacher_before"][k]) for k in one["student"])  # it did train
+    # what a process holds is what the memory calculator says, and about half of what one process holds
+    with torch.device("meta"):
+        student, teacher = GPT(VOCAB, LENGTH, 16, 2, 2), GPT(VOCAB, LENGTH, 16, 2, 2)
+    for run, processes in ((one, 1), (two, 2)):
+        calculated = device_memory(teacher, student, processes=processes, sharded=processes > 1, shard_teacher=shard_teacher,
+                                   optimizer_states_per_parameter=1, batch_size=4, length=LENGTH)
+        assert run["held"] == {k: getattr(calculated, k) for k in run["held"]}
+    for name in ("student_parameters", "student_gradients", "optimizer_state") + (("teacher_parameters",) if shard_teacher else ()):
+        assert two["held"][name] == pytest.approx(one["held"][name] / 2, rel=0.05)
 
 
 TINY = ["data=arithmetic", "data.train_size=256", "data.val_size=32", "data.test_size=32",
@@ -74,8 +86,6 @@ def test_every_stage_runs_sharded_from_the_command_line_equal_to_one_process_and
     # one consolidated checkpoint per stage, the student's whole weights: it loads into a plain model
     state = torch.load(tmp_path / "two" / "distilled" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert not any(k.startswith("teacher.") for k in state["state_dict"])
-    from kd_lightning.models import GPT
-
     GPT(14, 16, 16, 1, 2).load_state_dict({k.removeprefix("student."): v for k, v in state["state_dict"].items()})
 
     # killed in the distilled stage's second epoch, rerun with ckpt_path=last: the uninterrupted run's weights
