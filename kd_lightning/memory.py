@@ -9,7 +9,8 @@ teacher:
   ``ceil(rows / N)`` rows of every parameter (the first dimension), DDP each process all of them; gradients have the
   parameters' size and dtype, AdamW keeps two tensors of that size per parameter, SGD with momentum one;
 - ``gathered``: under FSDP, the units whole at once while they compute: the root unit (embeddings, final norm, head)
-  and two blocks (the one computing and the next, prefetched), of the student and of a sharded teacher;
+  and two blocks (the one computing and the next, prefetched), of the student and of a sharded teacher, in
+  ``speed.shard_dtype`` when it is set;
 - ``activations`` is an estimate: per student block ``34 · d`` values per token kept for the backward (Korthikanti et
   al. 2022, "Reducing Activation Recomputation", with attention scores not stored, as SDPA does), in the precision
   the blocks compute in, and the logits in float32: the teacher's and the student's with their log-probabilities and
@@ -113,7 +114,7 @@ def optimizer_states(optim: Any) -> int:
 
 def device_memory(teacher: nn.Module | None, student: nn.Module, *, processes: int, sharded: bool, shard_teacher: bool,
                   optimizer_states_per_parameter: int, batch_size: int, length: int, chunk_rows: int | None = None,
-                  compute_element_size: int = 4) -> DeviceMemory:
+                  compute_element_size: int = 4, gathered_element_size: int | None = None) -> DeviceMemory:
     """One process's bytes for a language-model run (see the module docstring for what is counted how).
 
     Args:
@@ -123,7 +124,9 @@ def device_memory(teacher: nn.Module | None, student: nn.Module, *, processes: i
         sharded: FSDP (``trainer=fsdp``), else DDP (every process holds everything).
         shard_teacher: under FSDP, shard the teacher too (``teacher.shard``).
         batch_size, length: the training batch of each process, ``(N, L)`` tokens.
-        compute_element_size: bytes of a value the blocks compute in (2 under ``bf16-mixed``).
+        compute_element_size: bytes of a value the blocks compute in (2 under ``bf16-mixed`` or ``speed.shard_dtype``).
+        gathered_element_size: bytes of a gathered parameter value (2 with ``speed.shard_dtype=bfloat16``; ``None``:
+            as stored).
     """
     n = processes if sharded else 1
     student_bytes = shard_bytes(student, n)
@@ -131,7 +134,8 @@ def device_memory(teacher: nn.Module | None, student: nn.Module, *, processes: i
     teacher_bytes = 0 if teacher is None else shard_bytes(teacher, processes) if teacher_sharded else whole_bytes(teacher)
     gathered = 0
     if sharded:
-        gathered = gathered_bytes(student) + (gathered_bytes(teacher) if teacher_sharded else 0)
+        gathered = gathered_bytes(student, gathered_element_size) + (
+            gathered_bytes(teacher, gathered_element_size) if teacher_sharded else 0)
     width, vocab = width_and_vocab(student)
     from kd_lightning.sharding import blocks
 
@@ -199,7 +203,9 @@ def columns(cfg: Any, length: int | None = None) -> tuple[dict[str, DeviceMemory
     teacher, student = meta_model(settings.teacher.model), meta_model(settings.student)
     width_and_vocab(student)  # a language model
     states = optimizer_states(settings.run.optim.get("optimizer"))
-    precision = str(trainer.get("precision", "32-true"))
+    precision, cast = str(trainer.get("precision", "32-true")), settings.speed.shard_dtype
+    if cast:
+        precision += f", speed.shard_dtype={cast}"
     run = {"processes": processes, "batch_size": int(settings.data.batch_size), "length": sequence_length(settings.data, length),
            "chunk_rows": settings.speed.chunk_rows, "optimizer": settings.run.optim.optimizer._target_.rpartition(".")[2],
            "precision": precision, "teacher": sum(p.numel() for p in parameters(teacher)),
@@ -207,7 +213,8 @@ def columns(cfg: Any, length: int | None = None) -> tuple[dict[str, DeviceMemory
     table = {name: device_memory(None if recorded else teacher, student, processes=processes, sharded=sharded,
                                  shard_teacher=shard_teacher, optimizer_states_per_parameter=states,
                                  batch_size=run["batch_size"], length=run["length"], chunk_rows=run["chunk_rows"],
-                                 compute_element_size=2 if precision.startswith(("bf16", "16")) else 4)
+                                 compute_element_size=2 if precision.startswith(("bf16", "16")) or cast else 4,
+                                 gathered_element_size=2 if cast and sharded else None)
              for name, (sharded, shard_teacher, recorded) in COLUMNS.items()}
     return table, run
 

@@ -63,13 +63,16 @@ class DistillationModule(L.LightningModule):
             (:class:`~kd_lightning.sequences.SampleScores`).
         shard_teacher: under ``ModelParallelStrategy`` (``trainer=fsdp``), shard a live teacher too (``False``: a whole
             copy on every rank); the student is always sharded (:mod:`kd_lightning.sharding`).
+        shard_dtype: under ``trainer=fsdp``, the dtype sharded parameters are gathered and computed in (``bfloat16``,
+            ``float16``; ``speed.shard_dtype``); the shards stay as they are and gradients are reduced in float32.
     """
 
     def __init__(self, student: nn.Module, teacher: Teacher | nn.Module | None = None, num_classes: int | None = None,
                  temperature: float | None = None, alpha: float | None = None, optimizer: OptimizerFactory | None = None,
                  scheduler: SchedulerFactory | None = None, loss_mix: LossMix | None = None, task: str = "classification",
                  chunk_rows: int | None = None, sequences: Sequences | None = None, answers: Answers | None = None,
-                 sample_scores: SampleScores | None = None, shard_teacher: bool = True) -> None:
+                 sample_scores: SampleScores | None = None, shard_teacher: bool = True,
+                 shard_dtype: str | None = None) -> None:
         super().__init__()
         if task not in TASKS:
             raise KDError(f"task must be one of {TASKS}, got {task!r}.")
@@ -95,7 +98,7 @@ class DistillationModule(L.LightningModule):
         self.sampled = nn.ModuleDict({f"{split}_{name}": MeanMetric() for split in SPLITS for name in SampleScores.NAMES}
                                      if sample_scores else {})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.shard_teacher = shard_teacher
+        self.shard_teacher, self.shard_dtype = shard_teacher, shard_dtype
         self.outputs_checked = False
         self.step_tokens = StepTokens()  # the step's count, when a step spans micro-batches or processes
         self.strict_loading = False  # checkpoints hold the student only (on_load_checkpoint insists on all of it)
@@ -257,9 +260,9 @@ class DistillationModule(L.LightningModule):
         mesh = self.trainer.strategy.device_mesh["data_parallel"]
         chunked = self.chunk_rows is not None
         if not is_sharded(self.student):
-            shard(self.student, mesh, "student", chunked)
+            shard(self.student, mesh, "student", chunked, self.shard_dtype)
         if self.shard_teacher and isinstance(self.teacher, LiveTeacher) and not is_sharded(self.teacher.model):
-            shard(self.teacher.model, mesh, "teacher", chunked)
+            shard(self.teacher.model, mesh, "teacher", chunked, self.shard_dtype)
 
     def teardown(self, stage: str) -> None:
         if self.loss_mix.features is not None:

@@ -60,6 +60,12 @@ def lightning_precisions() -> set[str]:
             for value in typing.get_args(getattr(connector, name, None))}
 
 
+def is_fsdp(trainer: DictConfig) -> bool:
+    """Whether ``trainer`` shards with Lightning's ``ModelParallelStrategy`` (``trainer=fsdp``)."""
+    strategy = trainer.get("strategy")
+    return isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("ModelParallelStrategy")
+
+
 def check_trainer(trainer: DictConfig) -> None:
     """``trainer``: a precision Lightning knows; on a CPU, no more processes than the machine has cores."""
     precision, known = trainer.get("precision", "32-true"), lightning_precisions()
@@ -73,7 +79,7 @@ def check_trainer(trainer: DictConfig) -> None:
         raise KDError(f"trainer.devices={devices} starts {devices} CPU processes but this machine has {cores} cores; set "
                       f"trainer.devices={cores} or fewer.")
     strategy = trainer.get("strategy")
-    if isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("ModelParallelStrategy"):
+    if is_fsdp(trainer):
         nodes = trainer.get("num_nodes", 1)
         if not is_integer(devices):
             raise KDError(f"trainer=fsdp needs trainer.devices as a number of devices per node, got {devices!r}.")
@@ -206,6 +212,8 @@ class TeacherSettings:
         data = {k: v for k, v in plain(cfg.data).items() if k != "labeled_fraction"}  # the teacher trains on every label
         identity = {"model": plain(teacher.model), "fit": plain(teacher.fit), "data": data, "trainer": trainer,
                     "seed": cfg.seed, "kd_lightning": __version__}  # a new release retrains
+        if (cfg.get("speed") or {}).get("shard_dtype"):
+            identity["shard_dtype"] = cfg.speed.shard_dtype  # the teacher stage computes in it
         checkpoint = existing_checkpoint(teacher.checkpoint) if teacher.get("checkpoint") else None
         check_pretrained("teacher.model", teacher.model)
         if not isinstance(teacher.get("shard", True), bool):
@@ -330,6 +338,9 @@ class Settings:
         check_known_keys(cfg)
         run = RunSettings.from_config(cfg)
         speed = speed_settings(cfg)
+        if speed.shard_dtype is not None and not is_fsdp(cfg.trainer):
+            raise KDError(f"speed.shard_dtype={speed.shard_dtype} is FSDP's mixed precision, for trainer=fsdp; unset it, or "
+                          "use trainer.precision=bf16-mixed.")
         loss_mix = build_loss_mix(cfg.distill)
         teacher = TeacherSettings.from_config(cfg, loss_mix, run.max_steps)
         on_policy = on_policy_settings(cfg.distill, teacher, loss_mix)

@@ -35,9 +35,11 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 
 
-def shard(model: nn.Module, mesh: Any, role: str, chunked: bool) -> None:
-    """``fully_shard`` each block of ``model``, then its root, over ``mesh`` (the data-parallel ranks)."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+def shard(model: nn.Module, mesh: Any, role: str, chunked: bool, dtype: str | None = None) -> None:
+    """``fully_shard`` each block of ``model``, then its root, over ``mesh`` (the data-parallel ranks); ``dtype``
+    (``speed.shard_dtype``): gather the parameters in it and compute in it, reduce gradients in float32."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     units = blocks(model)
     if not units:
@@ -47,9 +49,10 @@ def shard(model: nn.Module, mesh: Any, role: str, chunked: bool) -> None:
         raise KDError(f"trainer=fsdp with speed.chunk_rows reads the {role}'s hidden states apart from its forward, which "
                       f"kd_lightning can gather for kd_lightning.models.GPT only, not {type(model).__name__}; unset "
                       "speed.chunk_rows or use trainer=ddp.")
+    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     for unit in units:
-        fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     for method in ("hidden_states", "generate"):  # GPT's: they read the root's parameters outside forward
         if callable(getattr(model, "hidden_states", None)):
             register_fsdp_forward_method(model, method)

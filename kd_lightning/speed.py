@@ -27,6 +27,7 @@ from torch import nn
 from kd_lightning.errors import KDError, check_integer
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+SHARD_DTYPES = (None, "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class SpeedSettings:
     compile_mode: str = "default"
     channels_last: bool = False
     chunk_rows: int | None = None
+    shard_dtype: str | None = None  # trainer=fsdp: the dtype parameters are gathered and computed in
 
     def __post_init__(self) -> None:
         for key in ("compile", "channels_last"):
@@ -46,6 +48,9 @@ class SpeedSettings:
             raise KDError(f"speed.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}.")
         if self.chunk_rows is not None:
             check_integer("speed.chunk_rows", self.chunk_rows, fix=" (tokens per block) or null")
+        if self.shard_dtype not in SHARD_DTYPES:
+            raise KDError(f"speed.shard_dtype must be null, bfloat16 or float16, got {self.shard_dtype!r}: the dtype "
+                          "trainer=fsdp gathers the sharded parameters in.")
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """``model`` in the chosen memory format, its ``forward`` compiled (in place; returns ``model``)."""

@@ -136,7 +136,8 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
                                 scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
                                 task=getattr(datamodule, "task", "classification"), chunk_rows=speed.chunk_rows,
                                 sequences=sequences, answers=Answers.of(datamodule),
-                                sample_scores=scores, shard_teacher=settings.teacher.shard)
+                                sample_scores=scores, shard_teacher=settings.teacher.shard,
+                                shard_dtype=speed.shard_dtype)
     chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
     sampled = f", completions sampled: {sequences.describe()}" if sequences is not None and sequences.settings.samples else ""
     log.info("stage %s: %s%s%s", stage, loss_mix.extra_repr(), chunked, sampled)

@@ -2,7 +2,7 @@
 tests/test_token_accounting.py, in one process or sharded over two (``ModelParallelStrategy``, gloo), each process
 taking rows ``rank::processes`` in order; writes the whole student and teacher weights, the loss and the bytes the first process holds to OUT.
 
-    python tests/sharded_step.py PROCESSES CHUNK_ROWS|none SHARD_TEACHER(0|1) OUT
+    python tests/sharded_step.py PROCESSES CHUNK_ROWS|none SHARD_TEACHER(0|1) OUT [SHARD_DTYPE]
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ class ThreeSteps(RankParts):
         return DataLoader(list(super().train_dataloader()) * STEPS, batch_size=None)
 
 
-def main(processes: int, chunk_rows: int | None, shard_teacher: bool, out: Path) -> None:
+def main(processes: int, chunk_rows: int | None, shard_teacher: bool, out: Path, shard_dtype: str | None = None) -> None:
     torch.manual_seed(0)
     student, teacher = GPT(VOCAB, LENGTH, 16, 2, 2), GPT(VOCAB, LENGTH, 16, 2, 2)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", chunk_rows=chunk_rows,
                                 loss_mix=LossMix(temperature=2.0, alpha=0.5, objective=kd_loss),
-                                optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9), shard_teacher=shard_teacher)
+                                optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9), shard_teacher=shard_teacher,
+                                shard_dtype=shard_dtype)
     if processes > 1:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -57,7 +58,7 @@ def main(processes: int, chunk_rows: int | None, shard_teacher: bool, out: Path)
     if trainer.global_rank == 0:
         torch.save({**{role: {k: v.detach().cpu().clone() for k, v in w.items()} for role, w in weights.items()},
                     "teacher_before": before, "loss": float(trainer.callback_metrics["train/loss"]), "sharded": sharded,
-                    "held": held}, out)
+                    "held": held, "dtypes": {p.dtype for p in module.student.parameters()}}, out)
 
 
 def local_bytes(tensors) -> int:
@@ -66,4 +67,5 @@ def local_bytes(tensors) -> int:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), None if sys.argv[2] == "none" else int(sys.argv[2]), sys.argv[3] == "1", Path(sys.argv[4]))
+    main(int(sys.argv[1]), None if sys.argv[2] == "none" else int(sys.argv[2]), sys.argv[3] == "1", Path(sys.argv[4]),
+         *sys.argv[5:6])

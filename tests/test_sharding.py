@@ -22,9 +22,10 @@ from test_token_accounting import LENGTH, VOCAB
 WORKER = Path(__file__).resolve().parent / "sharded_step.py"
 
 
-def step(tmp_path: Path, processes: int, chunk_rows: int | None, shard_teacher: bool) -> dict:
-    out = tmp_path / f"{processes}-{chunk_rows}-{int(shard_teacher)}.pt"
-    done = subprocess.run([sys.executable, str(WORKER), str(processes), str(chunk_rows or "none"), str(int(shard_teacher)), str(out)],
+def step(tmp_path: Path, processes: int, chunk_rows: int | None, shard_teacher: bool, *dtype: str) -> dict:
+    out = tmp_path / f"{processes}-{chunk_rows}-{int(shard_teacher)}{''.join(dtype)}.pt"
+    done = subprocess.run([sys.executable, str(WORKER), str(processes), str(chunk_rows or "none"), str(int(shard_teacher)), str(out),
+                           *dtype],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=False)
@@ -51,6 +52,16 @@ def test_two_sharded_processes_train_the_one_process_weights(tmp_path: Path, chu
         assert run["held"] == {k: getattr(calculated, k) for k in run["held"]}
     for name in ("student_parameters", "student_gradients", "optimizer_state") + (("teacher_parameters",) if shard_teacher else ()):
         assert two["held"][name] == pytest.approx(one["held"][name] / 2, rel=0.05)
+
+
+@pytest.mark.slow  # two processes, twice
+def test_sharded_parameters_gathered_in_bfloat16_train_close_to_float32_and_stay_float32(tmp_path: Path) -> None:
+    full, mixed = step(tmp_path, 2, None, True), step(tmp_path, 2, None, True, "bfloat16")
+    assert mixed["dtypes"] == {torch.float32} and mixed["held"] == full["held"]  # the shards and optimizer state
+    differences = [(mixed["student"][k] - full["student"][k]).abs().max().item() for k in full["student"]]
+    assert 0 < max(differences) < 1e-2  # computed in bfloat16 (float32 would agree to 1e-6), and close
+    assert mixed["loss"] == pytest.approx(full["loss"], rel=1e-2)
+    assert all(torch.equal(mixed["teacher"][k], mixed["teacher_before"][k]) for k in mixed["teacher_before"])
 
 
 TINY = ["data=arithmetic", "data.train_size=256", "data.val_size=32", "data.test_size=32",
@@ -117,6 +128,11 @@ def test_fsdp_settings_are_checked_before_anything_runs(make_cfg) -> None:
         settings_of(make_cfg("trainer=fsdp", "trainer.accelerator=cpu", "trainer.strategy.tensor_parallel_size=2"))
     with pytest.raises(KDError, match="teacher.shard must be true or false"):
         settings_of(make_cfg("teacher.shard=maybe"))
+    assert settings_of(make_cfg("trainer=fsdp", "trainer.accelerator=cpu", "speed.shard_dtype=bfloat16")).speed.shard_dtype == "bfloat16"
+    with pytest.raises(KDError, match=r"speed.shard_dtype=bfloat16 is FSDP's mixed precision, for trainer=fsdp; unset it"):
+        settings_of(make_cfg("speed.shard_dtype=bfloat16"))
+    with pytest.raises(KDError, match="speed.shard_dtype must be null, bfloat16 or float16, got 'fp8'"):
+        settings_of(make_cfg("trainer=fsdp", "trainer.accelerator=cpu", "speed.shard_dtype=fp8"))
 
 
 def test_a_model_without_known_blocks_is_refused_when_sharded() -> None:
