@@ -9,11 +9,15 @@ norm, output head) at the root. The teacher's units have no gradients and no opt
 The chunked loss reads a model's final hidden states and output head apart from its ``forward``, and generation
 (on-policy samples, exact match) runs ``generate()``: the built-in ``GPT``'s ``hidden_states()`` and ``generate()``
 are registered as forward methods of the root unit, so its parameters are gathered for them (and stay gathered for
-the head, which lives in the same unit). A transformers model's ``generate()`` calls its ``forward``.
+the head, which lives in the same unit). A sharded transformers model under the chunked loss gains such a
+``hidden_states()`` (its decoder's output), registered the same way: the head's weight is gathered whole once per
+step with the root unit, and every block of tokens is computed against it. A transformers model's ``generate()``
+calls its ``forward``.
 """
 
 from __future__ import annotations
 
+from types import MethodType
 from typing import Any
 
 from torch import nn
@@ -45,17 +49,24 @@ def shard(model: nn.Module, mesh: Any, role: str, chunked: bool, dtype: str | No
     if not units:
         raise KDError(f"trainer=fsdp shards a model by its transformer blocks, and the {role} ({type(model).__name__}) has "
                       "none that kd_lightning knows (GPT.blocks, a transformers decoder's layers); use trainer=ddp.")
-    if chunked and not callable(getattr(model, "hidden_states", None)):
-        raise KDError(f"trainer=fsdp with speed.chunk_rows reads the {role}'s hidden states apart from its forward, which "
-                      f"kd_lightning can gather for kd_lightning.models.GPT only, not {type(model).__name__}; unset "
-                      "speed.chunk_rows or use trainer=ddp.")
+    own = callable(getattr(type(model), "hidden_states", None))  # kd_lightning.models.GPT
+    if chunked and not own:
+        if not isinstance(getattr(model, "base_model", None), nn.Module) or model.base_model is model:
+            raise KDError(f"trainer=fsdp with speed.chunk_rows reads the {role}'s hidden states apart from its forward, "
+                          f"which kd_lightning can gather for GPT and transformers causal LMs, not {type(model).__name__}; "
+                          "unset speed.chunk_rows or use trainer=ddp.")
+        model.hidden_states = MethodType(base_model_hidden_states, model)  # a root method FSDP can gather for
     policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    for method in ("hidden_states", "generate"):  # GPT's: they read the root's parameters outside forward
-        if callable(getattr(model, "hidden_states", None)):
-            register_fsdp_forward_method(model, method)
+    for method in ("hidden_states", "generate") if own else ("hidden_states",) if chunked else ():
+        register_fsdp_forward_method(model, method)  # they read the root's parameters outside forward
+
+
+def base_model_hidden_states(model: nn.Module, input_ids: Any, **along: Any) -> Any:
+    """A transformers causal LM's final hidden states ``(N, L, H)``: its decoder's output, as the chunked loss reads it."""
+    return model.base_model(input_ids=input_ids, **along).last_hidden_state
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -2,7 +2,7 @@
 tests/test_token_accounting.py, in one process or sharded over two (``ModelParallelStrategy``, gloo), each process
 taking rows ``rank::processes`` in order; writes the whole student and teacher weights, the loss and the bytes the first process holds to OUT.
 
-    python tests/sharded_step.py PROCESSES CHUNK_ROWS|none SHARD_TEACHER(0|1) OUT [SHARD_DTYPE]
+    python tests/sharded_step.py PROCESSES CHUNK_ROWS|none SHARD_TEACHER(0|1) OUT [SHARD_DTYPE|none [gpt|llama]]
 """
 
 from __future__ import annotations
@@ -30,9 +30,22 @@ class ThreeSteps(RankParts):
         return DataLoader(list(super().train_dataloader()) * STEPS, batch_size=None)
 
 
-def main(processes: int, chunk_rows: int | None, shard_teacher: bool, out: Path, shard_dtype: str | None = None) -> None:
+def models(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Student and teacher: the built-in GPT, or tiny transformers Llama models built from a config."""
+    if kind == "gpt":
+        return GPT(VOCAB, LENGTH, 16, 2, 2), GPT(VOCAB, LENGTH, 16, 2, 2)
+    from kd_lightning.models import hf_causal_lm
+
+    def llama() -> torch.nn.Module:
+        return hf_causal_lm("llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=LENGTH)
+    return llama(), llama()
+
+
+def main(processes: int, chunk_rows: int | None, shard_teacher: bool, out: Path, shard_dtype: str | None = None,
+         kind: str = "gpt") -> None:
     torch.manual_seed(0)
-    student, teacher = GPT(VOCAB, LENGTH, 16, 2, 2), GPT(VOCAB, LENGTH, 16, 2, 2)
+    student, teacher = models(kind)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", chunk_rows=chunk_rows,
                                 loss_mix=LossMix(temperature=2.0, alpha=0.5, objective=kd_loss),
@@ -68,4 +81,4 @@ def local_bytes(tensors) -> int:
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), None if sys.argv[2] == "none" else int(sys.argv[2]), sys.argv[3] == "1", Path(sys.argv[4]),
-         *sys.argv[5:6])
+         None if sys.argv[5:6] in ([], ["none"]) else sys.argv[5], *sys.argv[6:7])

@@ -17,25 +17,31 @@ from kd_lightning.memory import device_memory
 from kd_lightning.models import GPT
 
 from test_cli import run_cli
-from test_token_accounting import LENGTH, VOCAB
+from sharded_step import LENGTH, models
 
 WORKER = Path(__file__).resolve().parent / "sharded_step.py"
 
 
-def step(tmp_path: Path, processes: int, chunk_rows: int | None, shard_teacher: bool, *dtype: str) -> dict:
-    out = tmp_path / f"{processes}-{chunk_rows}-{int(shard_teacher)}{''.join(dtype)}.pt"
+def step(tmp_path: Path, processes: int, chunk_rows: int | None, shard_teacher: bool, dtype: str = "none",
+         kind: str = "gpt") -> dict:
+    out = tmp_path / f"{processes}-{chunk_rows}-{int(shard_teacher)}-{dtype}-{kind}.pt"
     done = subprocess.run([sys.executable, str(WORKER), str(processes), str(chunk_rows or "none"), str(int(shard_teacher)), str(out),
-                           *dtype],
+                           dtype, kind],
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return torch.load(out, weights_only=False)
 
 
 @pytest.mark.slow  # two processes
-@pytest.mark.parametrize("chunk_rows", [None, 5], ids=["plain", "chunked"])
-@pytest.mark.parametrize("shard_teacher", [True, False], ids=["teacher_sharded", "teacher_whole"])
-def test_two_sharded_processes_train_the_one_process_weights(tmp_path: Path, chunk_rows: int | None, shard_teacher: bool) -> None:
-    one, two = step(tmp_path, 1, chunk_rows, shard_teacher), step(tmp_path, 2, chunk_rows, shard_teacher)
+@pytest.mark.parametrize("kind, chunk_rows, shard_teacher", [
+    ("gpt", None, True), ("gpt", 5, True), ("gpt", None, False), ("gpt", 5, False), ("llama", None, True), ("llama", 5, True),
+], ids=["gpt-plain-teacher_sharded", "gpt-chunked-teacher_sharded", "gpt-plain-teacher_whole", "gpt-chunked-teacher_whole",
+        "llama-plain-teacher_sharded", "llama-chunked-teacher_sharded"])
+def test_two_sharded_processes_train_the_one_process_weights(tmp_path: Path, kind: str, chunk_rows: int | None,
+                                                             shard_teacher: bool) -> None:
+    """The built-in GPT and a transformers Llama built from a config; the chunked loss of a sharded Llama reads its
+    hidden states through the root method kd_lightning.sharding gives it."""
+    one, two = step(tmp_path, 1, chunk_rows, shard_teacher, kind=kind), step(tmp_path, 2, chunk_rows, shard_teacher, kind=kind)
     assert two["sharded"] == {"student": True, "teacher": shard_teacher} and one["sharded"] == {"student": False, "teacher": False}
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-6)
     for name in one["student"]:  # 3 SGD-with-momentum steps on padded sequences of 1-10 learned tokens
@@ -45,7 +51,7 @@ def test_two_sharded_processes_train_the_one_process_weights(tmp_path: Path, chu
     assert any(not torch.equal(one["student"][k], one["teacher_before"][k]) for k in one["student"])  # it did train
     # what a process holds is what the memory calculator says, and about half of what one process holds
     with torch.device("meta"):
-        student, teacher = GPT(VOCAB, LENGTH, 16, 2, 2), GPT(VOCAB, LENGTH, 16, 2, 2)
+        student, teacher = models(kind)
     for run, processes in ((one, 1), (two, 2)):
         calculated = device_memory(teacher, student, processes=processes, sharded=processes > 1, shard_teacher=shard_teacher,
                                    optimizer_states_per_parameter=1, batch_size=4, length=LENGTH)
@@ -56,7 +62,7 @@ def test_two_sharded_processes_train_the_one_process_weights(tmp_path: Path, chu
 
 @pytest.mark.slow  # two processes, twice
 def test_sharded_parameters_gathered_in_bfloat16_train_close_to_float32_and_stay_float32(tmp_path: Path) -> None:
-    full, mixed = step(tmp_path, 2, None, True), step(tmp_path, 2, None, True, "bfloat16")
+    full, mixed = step(tmp_path, 2, None, True), step(tmp_path, 2, None, True, dtype="bfloat16")
     assert mixed["dtypes"] == {torch.float32} and mixed["held"] == full["held"]  # the shards and optimizer state
     differences = [(mixed["student"][k] - full["student"][k]).abs().max().item() for k in full["student"]]
     assert 0 < max(differences) < 1e-2  # computed in bfloat16 (float32 would agree to 1e-6), and close
