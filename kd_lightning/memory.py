@@ -37,20 +37,16 @@ from kd_lightning.errors import KDError
 GIB = 1024**3
 
 
-def parameters(model: nn.Module) -> list[nn.Parameter]:
-    return list(model.parameters())  # tied weights once
-
-
 def whole_bytes(model: nn.Module) -> int:
-    """The bytes of all of ``model``'s parameters."""
-    return sum(p.numel() * p.element_size() for p in parameters(model))
+    """The bytes of all of ``model``'s parameters (a tied weight once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def shard_bytes(model: nn.Module, processes: int) -> int:
     """The bytes of the largest FSDP2 shard of ``model``'s parameters: ``ceil(rows / processes)`` rows of each (what
     the first process holds; the others hold as much or a little less)."""
     total = 0
-    for p in parameters(model):
+    for p in model.parameters():
         rows = p.shape[0] if p.ndim else 1
         total += math.ceil(rows / processes) * (p.numel() // max(rows, 1)) * p.element_size()
     return total
@@ -208,8 +204,8 @@ def columns(cfg: Any, length: int | None = None) -> tuple[dict[str, DeviceMemory
         precision += f", speed.shard_dtype={cast}"
     run = {"processes": processes, "batch_size": int(settings.data.batch_size), "length": sequence_length(settings.data, length),
            "chunk_rows": settings.speed.chunk_rows, "optimizer": settings.run.optim.optimizer._target_.rpartition(".")[2],
-           "precision": precision, "teacher": sum(p.numel() for p in parameters(teacher)),
-           "student": sum(p.numel() for p in parameters(student))}
+           "precision": precision, "teacher": sum(p.numel() for p in teacher.parameters()),
+           "student": sum(p.numel() for p in student.parameters())}
     table = {name: device_memory(None if recorded else teacher, student, processes=processes, sharded=sharded,
                                  shard_teacher=shard_teacher, optimizer_states_per_parameter=states,
                                  batch_size=run["batch_size"], length=run["length"], chunk_rows=run["chunk_rows"],

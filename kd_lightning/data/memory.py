@@ -111,9 +111,7 @@ class RankShare(DistributedSampler):
         return (i for share in self.shares() for i in share)
 
     def __len__(self) -> int:
-        full, rest = divmod(len(self.order), self.batch_size * self.num_replicas)
-        last = 0 if self.drop_last or rest < self.num_replicas else len(torch.arange(rest).tensor_split(self.num_replicas)[self.rank])
-        return full * self.batch_size + last
+        return sum(map(len, self.shares()))
 
 
 # The unlabelled training samples of labeled_fraction < 1 are drawn with this seed: the same for every run.
