@@ -2,13 +2,16 @@
 
 Accepted: RepDistiller / mdistiller files ``{'model': state_dict, ...}``, Lightning
 checkpoints ``{'state_dict': ...}`` (of a DistillationModule: the ``student.`` weights),
-and plain state_dicts. Loading is strict; a mismatch names the missing and unexpected keys.
+and plain state_dicts; and a sharded run's distributed checkpoint (``trainer=fsdp``
+``trainer.strategy.save_distributed_checkpoint=true``: a folder of every process's shards, read whole here).
+Loading is strict; a mismatch names the missing and unexpected keys.
 """
 
 from __future__ import annotations
 
 import io
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,9 +24,21 @@ from kd_lightning.errors import KDError
 from kd_lightning.files import atomic_write_bytes
 
 
+DISTRIBUTED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a folder's shards
+STUDENT_KEYS = "state_dict.student."  # a DistillationModule's student weights, as a distributed checkpoint names them
+
+
+def is_distributed_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a distributed checkpoint: a folder of shards that ``torch.distributed.checkpoint`` wrote."""
+    return path.is_dir() and (path / DISTRIBUTED_METADATA).is_file()
+
+
 def existing_checkpoint(path: str | os.PathLike, setting: str = "teacher.checkpoint") -> Path:
-    """``path`` as a ``Path``; refused with the fix unless it is a file. ``setting``: where the path was given."""
+    """``path`` as a ``Path``; refused with the fix unless it is a file or a distributed checkpoint. ``setting``: where
+    the path was given."""
     path = Path(path)
+    if is_distributed_checkpoint(path):
+        return path
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in {".pth", ".pt", ".ckpt"})[:3]
         raise KDError(f"{path} is a directory, not a checkpoint file; point {setting} at the file"
@@ -58,14 +73,46 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load the weights in ``path`` into ``model`` strictly; return ``model``."""
+    """Load the weights in ``path`` (a file, or a distributed checkpoint's folder) into ``model`` strictly; return
+    ``model``."""
+    if is_distributed_checkpoint(Path(path)):
+        model.load_state_dict(distributed_student(model, Path(path)), strict=True)
+        return model
     state = read_state_dict(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
+    check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, path)
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def distributed_student(model: nn.Module, path: Path) -> dict[str, Tensor]:
+    """The student weights of the distributed checkpoint ``path``, read whole into this process for ``model``'s
+    state dict (a copy of each of its tensors, filled from every process's shards)."""
+    from torch.distributed.checkpoint import FileSystemReader, load
+
+    try:
+        stored = FileSystemReader(path).read_metadata().state_dict_metadata
+    except Exception as exc:
+        raise KDError(f"cannot read the distributed checkpoint {path} ({type(exc).__name__}: {exc}); it is damaged. "
+                      "Delete it, or resume from an earlier copy.") from None
+    shapes = {k.removeprefix(STUDENT_KEYS): tuple(v.size) for k, v in stored.items()
+              if k.startswith(STUDENT_KEYS) and hasattr(v, "size")}
+    check_fits(model, shapes, path)
+    state = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():  # that it reads in one process, which it was asked to
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        load({"state_dict": {f"student.{k}": v for k, v in state.items()}}, storage_reader=FileSystemReader(path), no_dist=True)
+    return state
+
+
+def check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str | os.PathLike) -> None:
+    """Refuse weights of ``shapes`` (name -> shape) that are not exactly ``model``'s, naming the missing and unexpected
+    keys and the wrong shapes."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    wrong_shape = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-                   for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong_shape = [f"{k}: checkpoint {shapes[k]} vs model {tuple(v.shape)}"
+                   for k, v in expected.items() if k in shapes and shapes[k] != tuple(v.shape)]
     if missing or unexpected or wrong_shape:
         def first(items: list[str]) -> str:
             return ", ".join(items[:6]) + (f" ... ({len(items)} in all)" if len(items) > 6 else "")
@@ -77,8 +124,6 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
                       f"(num_classes={getattr(model, 'num_classes', '?')}): "
                       + "; ".join(p for p in problems if p)
                       + ". Pick the architecture the checkpoint was trained with (e.g. teacher=resnet56).")
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def save_torch(payload: Any, path: str | os.PathLike) -> None:
@@ -106,6 +151,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def check_resumable(path: Path, stage: str) -> None:
     """Refuse a damaged stage checkpoint before Lightning tries to resume from it."""
+    if path.is_dir():
+        return check_distributed(path, stage)
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -114,6 +161,26 @@ def check_resumable(path: Path, stage: str) -> None:
     if damaged is not None:
         raise KDError(f"the {stage} stage's checkpoint {path} is damaged ({damaged}); delete it to restart that stage "
                       "from its first epoch, or run without ckpt_path=last.")
+
+
+def check_distributed(path: Path, stage: str) -> None:
+    """Refuse a distributed checkpoint that lacks a file or part of one its index names, or Lightning's ``meta.pt``."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        stored = FileSystemReader(path).read_metadata().storage_data
+        ends: dict[str, int] = {}
+        for item in stored.values():
+            ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
+        short = [name for name, end in ends.items() if not (path / name).is_file() or (path / name).stat().st_size < end]
+        damaged = f"{short[0]} is missing or cut short" if short else None
+    except Exception as exc:  # no index, or an unreadable one
+        damaged = f"{type(exc).__name__}: {exc}"
+    if damaged is None and not (path / "meta.pt").is_file():
+        damaged = "meta.pt, the epoch, step and callback states, is missing"
+    if damaged is not None:
+        raise KDError(f"the {stage} stage's distributed checkpoint {path} is damaged ({damaged}); delete it to restart "
+                      "that stage from its first epoch, or run without ckpt_path=last.")
 
 
 def student_only(state_dict: dict[str, Any]) -> dict[str, Any]:

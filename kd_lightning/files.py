@@ -90,6 +90,34 @@ def atomic_directory(path: Path, resumable: bool = False) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def replace_path(new: Path, path: Path) -> None:
+    """Rename the complete file or folder ``new`` to ``path``, in place of what was there (a file or a folder). The old
+    one is first renamed to ``.<name>.replaced`` and removed after; :func:`restore_replaced` puts it back if a process
+    was killed between the two renames."""
+    aside = path.with_name(f".{path.name}.replaced")
+    if path.exists():
+        remove(aside)  # a leftover, if any: path is complete
+        os.replace(path, aside)
+    os.replace(new, path)
+    remove(aside)
+
+
+def remove(path: Path) -> None:
+    """Delete the file or folder ``path``, if there is one."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def restore_replaced(path: Path) -> None:
+    """Put back the complete ``path`` that :func:`replace_path` had moved aside, when killed before its new
+    one was renamed into place."""
+    aside = path.with_name(f".{path.name}.replaced")
+    if aside.exists() and not path.exists():
+        os.replace(aside, path)
+
+
 @contextlib.contextmanager
 def job_lock(path: Path) -> Iterator[None]:
     """Exclusive lock on ``path + '.lock'`` between processes (parallel sweep jobs) for the block."""
@@ -113,6 +141,14 @@ def file_sha256(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def path_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, or of a folder's files (each one's name and digest, in name order)."""
+    if not path.is_dir():
+        return file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return hashlib.sha256("".join(f"{p.relative_to(path)}:{file_sha256(p)};" for p in files).encode()).hexdigest()
 
 
 def content_key(identity: Any) -> str:

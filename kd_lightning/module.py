@@ -65,6 +65,9 @@ class DistillationModule(L.LightningModule):
             copy on every rank); the student is always sharded (:mod:`kd_lightning.sharding`).
         shard_dtype: under ``trainer=fsdp``, the dtype sharded parameters are gathered and computed in (``bfloat16``,
             ``float16``; ``speed.shard_dtype``); the shards stay as they are and gradients are reduced in float32.
+        generate_whole: under ``trainer=fsdp``, the student generates (on-policy samples, exact match, sample scores)
+            through a whole copy refilled from its shards at each call (``speed.generate_whole``,
+            :class:`~kd_lightning.sharding.WholeCopy`), not gathering each block at every new token.
     """
 
     def __init__(self, student: nn.Module, teacher: Teacher | nn.Module | None = None, num_classes: int | None = None,
@@ -72,7 +75,7 @@ class DistillationModule(L.LightningModule):
                  scheduler: SchedulerFactory | None = None, loss_mix: LossMix | None = None, task: str = "classification",
                  chunk_rows: int | None = None, sequences: Sequences | None = None, answers: Answers | None = None,
                  sample_scores: SampleScores | None = None, shard_teacher: bool = True,
-                 shard_dtype: str | None = None) -> None:
+                 shard_dtype: str | None = None, generate_whole: bool = False) -> None:
         super().__init__()
         if task not in TASKS:
             raise KDError(f"task must be one of {TASKS}, got {task!r}.")
@@ -98,7 +101,7 @@ class DistillationModule(L.LightningModule):
         self.sampled = nn.ModuleDict({f"{split}_{name}": MeanMetric() for split in SPLITS for name in SampleScores.NAMES}
                                      if sample_scores else {})
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-        self.shard_teacher, self.shard_dtype = shard_teacher, shard_dtype
+        self.shard_teacher, self.shard_dtype, self.generate_whole = shard_teacher, shard_dtype, generate_whole
         self.outputs_checked = False
         self.step_tokens = StepTokens()  # the step's count, when a step spans micro-batches or processes
         self.strict_loading = False  # checkpoints hold the student only (on_load_checkpoint insists on all of it)
@@ -260,7 +263,7 @@ class DistillationModule(L.LightningModule):
         mesh = self.trainer.strategy.device_mesh["data_parallel"]
         chunked = self.chunk_rows is not None
         if not is_sharded(self.student):
-            shard(self.student, mesh, "student", chunked, self.shard_dtype)
+            shard(self.student, mesh, "student", chunked, self.shard_dtype, self.generate_whole)
         if self.shard_teacher and isinstance(self.teacher, LiveTeacher) and not is_sharded(self.teacher.model):
             shard(self.teacher.model, mesh, "teacher", chunked, self.shard_dtype)
 

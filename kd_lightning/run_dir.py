@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import KDError
-from kd_lightning.files import atomic_write_text
+from kd_lightning.files import atomic_write_text, remove, restore_replaced
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,13 @@ RESUMES_FILE = Path(".hydra") / "resumes.yaml"
 TOKENIZER_DIR = "tokenizer"  # a text run's tokenizer, saved with save_pretrained (export --format hf copies it)
 STAGES = ("teacher", "distilled", "baseline")
 # what a run of the library writes in a stage's folder (overwrite=true replaces these, and only these)
-STAGE_OUTPUTS = ("checkpoints/*.ckpt", "metrics.csv", "hparams.yaml", "results.json", "events.out.tfevents.*")
+STAGE_OUTPUTS = ("checkpoints/*.ckpt", "checkpoints/.*.ckpt.partial", "checkpoints/.*.ckpt.replaced", "metrics.csv", "hparams.yaml", "results.json", "events.out.tfevents.*")
 RUN_OUTPUTS = (RESULTS_FILE, "curves.png")
 # settings that say where and how visibly a run works, not what it computes: they may change on a resume
 WHERE_AND_HOW_SHOWN = ("ckpt_path", "overwrite", "changed_on_resume", "paths", "data.num_workers",
-                       "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
+                       "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+                       "trainer.strategy.save_distributed_checkpoint",  # either kind of checkpoint resumes
+                       "speed.generate_whole")  # the same tokens, generated another way
 
 # groups a later release added whose settings, at these values, compute what the run did without them
 INERT_WHEN_ADDED = {"distill.on_policy": lambda node: isinstance(node, dict) and not (node.get("fraction") or node.get("teacher_fraction")),
@@ -53,7 +55,7 @@ def check(cfg: DictConfig, output_dir: Path, resume: bool, overwrite: bool) -> N
     if (output_dir / RESULTS_FILE).exists() and not overwrite:
         raise KDError(f"{output_dir} already holds the results of a run ({RESULTS_FILE}). Choose another "
                       "directory (hydra.run.dir=...) or pass overwrite=true to replace them.")
-    earlier = sorted(output_dir.glob("*/checkpoints/*.ckpt"))
+    earlier = sorted([*output_dir.glob("*/checkpoints/*.ckpt"), *output_dir.glob("*/checkpoints/.*.ckpt.replaced")])
     if earlier and not (resume or overwrite):
         raise KDError(f"{output_dir} holds the checkpoints of an earlier run ({earlier[0].relative_to(output_dir)}); pass "
                       "ckpt_path=last to resume it, overwrite=true to replace it, or choose another hydra.run.dir.")
@@ -130,14 +132,14 @@ def clear_earlier_run(output_dir: Path, cfg: DictConfig | None = None) -> None:
     stages = sorted(set(stage_names(saved) + stage_names(cfg)))
     earlier = [path for stage in stages for pattern in STAGE_OUTPUTS
                for path in (output_dir / stage).glob(pattern)] + [output_dir / name for name in RUN_OUTPUTS]
-    removed = [path for path in earlier if path.is_file()]
+    removed = [path for path in earlier if path.exists()]  # a distributed checkpoint is a folder
     for path in removed:
-        path.unlink()
+        remove(path)
     for folder in [output_dir / stage / "checkpoints" for stage in stages] + [output_dir / stage for stage in stages]:
         if folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()  # an empty stage folder left behind would make the loggers warn that it is not empty
     if removed:
-        log.info("overwrite: removed %d files of the earlier run in %s", len(removed), output_dir)
+        log.info("overwrite: removed %d files and checkpoints of the earlier run in %s", len(removed), output_dir)
 
 
 def record_settings(cfg: DictConfig, output_dir: Path, resume: bool) -> None:
@@ -175,6 +177,9 @@ def start(cfg: DictConfig, output_dir: Path, resume: bool, overwrite: bool) -> I
         return
     if overwrite and not resume:
         clear_earlier_run(output_dir, cfg)
+    if resume:  # a checkpoint moved aside by a process killed while putting a new one in its place
+        for aside in output_dir.glob("*/checkpoints/.*.ckpt.replaced"):
+            restore_replaced(aside.with_name(aside.name[1:].removesuffix(".replaced")))
     record_settings(cfg, output_dir, resume)
     handler = None
     if hydra_config() is not None:

@@ -165,8 +165,9 @@ def generate(model: nn.Module, prompts: Tensor, mask: Tensor, settings: OnPolicy
              pad_token_id: int, seed: int) -> Tensor:
     """``(N, P + T)``: ``prompts`` continued by ``model`` (the built-in GPT's cached ``generate()``, or transformers'),
     in eval mode, under ``no_grad``, from ``seed``."""
-    from kd_lightning.sharding import is_sharded
+    from kd_lightning.sharding import for_generation, is_sharded
 
+    model = for_generation(model)  # a sharded model's whole copy, with speed.generate_whole
     training, synced = model.training, is_sharded(model)  # sharded: every process takes every step together
     model.eval()
     try:

@@ -63,7 +63,7 @@ def lightning_precisions() -> set[str]:
 def is_fsdp(trainer: DictConfig) -> bool:
     """Whether ``trainer`` shards with Lightning's ``ModelParallelStrategy`` (``trainer=fsdp``)."""
     strategy = trainer.get("strategy")
-    return isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("ModelParallelStrategy")
+    return isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith(("ModelParallelStrategy", "ShardedStrategy"))
 
 
 def check_trainer(trainer: DictConfig) -> None:
@@ -80,6 +80,10 @@ def check_trainer(trainer: DictConfig) -> None:
                       f"trainer.devices={cores} or fewer.")
     strategy = trainer.get("strategy")
     if is_fsdp(trainer):
+        if strategy._target_ != "kd_lightning.sharding.ShardedStrategy":
+            raise KDError(f"trainer.strategy._target_={strategy._target_}: kd_lightning shards through "
+                          "kd_lightning.sharding.ShardedStrategy (trainer=fsdp), Lightning's ModelParallelStrategy with "
+                          "checkpoints that leave the frozen teacher out; use trainer=fsdp, or set that _target_.")
         nodes = trainer.get("num_nodes", 1)
         if not is_integer(devices):
             raise KDError(f"trainer=fsdp needs trainer.devices as a number of devices per node, got {devices!r}.")
@@ -341,6 +345,9 @@ class Settings:
         if speed.shard_dtype is not None and not is_fsdp(cfg.trainer):
             raise KDError(f"speed.shard_dtype={speed.shard_dtype} is FSDP's mixed precision, for trainer=fsdp; unset it, or "
                           "use trainer.precision=bf16-mixed.")
+        if speed.generate_whole and not is_fsdp(cfg.trainer):
+            raise KDError("speed.generate_whole=true generates through a whole copy of a sharded student, for trainer=fsdp; "
+                          "unset it (without sharding the student is whole already).")
         loss_mix = build_loss_mix(cfg.distill)
         teacher = TeacherSettings.from_config(cfg, loss_mix, run.max_steps)
         on_policy = on_policy_settings(cfg.distill, teacher, loss_mix)

@@ -137,13 +137,14 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
                                 task=getattr(datamodule, "task", "classification"), chunk_rows=speed.chunk_rows,
                                 sequences=sequences, answers=Answers.of(datamodule),
                                 sample_scores=scores, shard_teacher=settings.teacher.shard,
-                                shard_dtype=speed.shard_dtype)
+                                shard_dtype=speed.shard_dtype, generate_whole=speed.generate_whole)
     chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
     sampled = f", completions sampled: {sequences.describe()}" if sequences is not None and sequences.settings.samples else ""
-    log.info("stage %s: %s%s%s", stage, loss_mix.extra_repr(), chunked, sampled)
+    whole = ", the student generating through a whole copy (speed.generate_whole)" if speed.generate_whole else ""
+    log.info("stage %s: %s%s%s%s", stage, loss_mix.extra_repr(), chunked, sampled, whole)
     last = run.output_dir / stage / "checkpoints" / "last.ckpt"
     results = run.output_dir / stage / STAGE_RESULTS
-    resume = str(last) if run.resume and last.is_file() else None
+    resume = str(last) if run.resume and last.exists() else None  # a file, or a distributed checkpoint's folder
     if resume:
         check_resumable(last, stage)
         finished = read_stage_results(results)

@@ -1,8 +1,10 @@
 """A worker for tests/test_sharding.py: 3 SGD-with-momentum steps of a DistillationModule on the padded batch of
-tests/test_token_accounting.py, in one process or sharded over two (``ModelParallelStrategy``, gloo), each process
-taking rows ``rank::processes`` in order; writes the whole student and teacher weights, the loss and the bytes the first process holds to OUT.
+tests/test_token_accounting.py (or, ``chat``, 8 chat-template conversations of ``./chats`` padded to their longest),
+in one process or sharded over two (``trainer=fsdp``'s strategy, gloo), each process taking rows
+``rank::processes`` in order; writes the whole student and teacher weights, the last step's whole gradients, the
+loss and the bytes the first process holds to OUT.
 
-    python tests/sharded_step.py PROCESSES CHUNK_ROWS|none SHARD_TEACHER(0|1) OUT [SHARD_DTYPE|none [gpt|llama]]
+    python tests/sharded_step.py PROCESSES CHUNK_ROWS|none SHARD_TEACHER(0|1) OUT [SHARD_DTYPE|none [gpt|llama|chat]]
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_lightning import DistillationModule, LossMix  # noqa: E402
 from kd_lightning.losses import kd_loss  # noqa: E402
 from kd_lightning.models import GPT  # noqa: E402
-from kd_lightning.sharding import full_state_dict  # noqa: E402
+from kd_lightning.sharding import ShardedStrategy, full_state_dict  # noqa: E402
 from test_token_accounting import LENGTH, VOCAB, RankParts  # noqa: E402
 
 STEPS = 3
+CHAT_LENGTH, CHATS = 128, 8  # tokens per conversation at most; conversations in the batch
 
 
 class ThreeSteps(RankParts):
@@ -30,15 +33,44 @@ class ThreeSteps(RankParts):
         return DataLoader(list(super().train_dataloader()) * STEPS, batch_size=None)
 
 
+class ChatShares(L.LightningDataModule):
+    """Each process's rows ``rank::processes`` of the first ``CHATS`` conversations of ``./chats`` (tokenizer
+    ``./tok``), cut to its own longest row as ``data=chat`` cuts a batch, three times."""
+
+    def train_dataloader(self) -> DataLoader:
+        data = chat_data()
+        rows = range(self.trainer.global_rank, CHATS, self.trainer.world_size)
+        return DataLoader([data.collate(data.splits["train"].__getitems__(rows))] * STEPS, batch_size=None)
+
+
+def chat_data() -> "ChatDataModule":  # noqa: F821
+    from test_chat import TEMPLATE
+    from kd_lightning.data import ChatDataModule
+
+    data = ChatDataModule("chats", tokenizer="tok", vocab_size=chat_vocabulary(), chat_template=TEMPLATE,
+                          max_length=CHAT_LENGTH, group_by_length=False)
+    data.setup("fit")
+    return data
+
+
+def chat_vocabulary() -> int:
+    from kd_lightning.models.pretrained import pretrained_tokenizer
+
+    return len(pretrained_tokenizer("tok"))
+
+
 def models(kind: str) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """Student and teacher: the built-in GPT, or tiny transformers Llama models built from a config."""
+    """Student and teacher: the built-in GPT, or tiny transformers Llama models built from a config (``chat``: for
+    the tokenizer of ``./tok``)."""
     if kind == "gpt":
         return GPT(VOCAB, LENGTH, 16, 2, 2), GPT(VOCAB, LENGTH, 16, 2, 2)
     from kd_lightning.models import hf_causal_lm
 
+    vocab, length = (chat_vocabulary(), CHAT_LENGTH) if kind == "chat" else (VOCAB, LENGTH)
+
     def llama() -> torch.nn.Module:
-        return hf_causal_lm("llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=LENGTH)
+        return hf_causal_lm("llama", vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=length)
     return llama(), llama()
 
 
@@ -47,21 +79,17 @@ def main(processes: int, chunk_rows: int | None, shard_teacher: bool, out: Path,
     torch.manual_seed(0)
     student, teacher = models(kind)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", chunk_rows=chunk_rows,
+    module = DistillationModule(student, teacher, num_classes=student.config.vocab_size if kind == "chat" else VOCAB, task="tokens", chunk_rows=chunk_rows,
                                 loss_mix=LossMix(temperature=2.0, alpha=0.5, objective=kd_loss),
                                 optimizer=partial(torch.optim.SGD, lr=0.5, momentum=0.9), shard_teacher=shard_teacher,
                                 shard_dtype=shard_dtype)
-    if processes > 1:
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        strategy = ModelParallelStrategy(data_parallel_size=processes, tensor_parallel_size=1)
-    else:
-        strategy = "auto"
+    strategy = ShardedStrategy(data_parallel_size=processes, tensor_parallel_size=1) if processes > 1 else "auto"
     trainer = L.Trainer(accelerator="cpu", devices=processes, strategy=strategy, max_steps=STEPS, logger=False,
                         use_distributed_sampler=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0)
-    trainer.fit(module, datamodule=ThreeSteps(processes, 1))
+    trainer.fit(module, datamodule=ChatShares() if kind == "chat" else ThreeSteps(processes, 1))
     weights = {"student": full_state_dict(module.student), "teacher": full_state_dict(module.teacher.model)}
+    gradients = {name: whole(p.grad) for name, p in module.student.named_parameters()}  # the last step's, as stepped
     sharded = {role: any(type(p).__name__ == "DTensor" for p in model.parameters())
                for role, model in (("student", module.student), ("teacher", module.teacher.model))}
     held = {"teacher_parameters": local_bytes(module.teacher.model.parameters()), "student_parameters": local_bytes(module.student.parameters()),
@@ -70,8 +98,13 @@ def main(processes: int, chunk_rows: int | None, shard_teacher: bool, out: Path,
                                            if isinstance(v, torch.Tensor))}
     if trainer.global_rank == 0:
         torch.save({**{role: {k: v.detach().cpu().clone() for k, v in w.items()} for role, w in weights.items()},
-                    "teacher_before": before, "loss": float(trainer.callback_metrics["train/loss"]), "sharded": sharded,
+                    "gradients": gradients, "teacher_before": before, "loss": float(trainer.callback_metrics["train/loss"]), "sharded": sharded,
                     "held": held, "dtypes": {p.dtype for p in module.student.parameters()}}, out)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) gradient gathered whole (every process must call), or the tensor itself."""
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().cpu().clone()
 
 
 def local_bytes(tensors) -> int:

@@ -42,6 +42,17 @@ def test_recorded_teacher_benchmark_prints_the_ratios(tmp_path: Path) -> None:
     assert result["top_k"]["classes"] == 100 and result["top_k"]["top_k"] == 3
 
 
+@pytest.mark.slow  # two processes
+def test_sharded_generation_benchmark_gives_the_same_tokens_both_ways(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(BENCHMARKS / "sharded_generation.py"), "--rows", "2", "--prompt", "4", "--new-tokens",
+                          "4", "--dim", "32", "--depth", "2", "--vocab", "64", "--repeats", "1", "--json", str(tmp_path / "out.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ratio gathered / copy:" in out.stdout
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert set(result["median_s"]) == {"gathered", "copy"} and result["extra_bytes"]["copy"] > result["extra_bytes"]["gathered"]
+
+
 @pytest.mark.slow  # every GPU benchmark in its dry mode, concurrent jobs included
 def test_gpu_check_dry_mode_on_cpu_writes_the_json(tmp_path: Path) -> None:
     out = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path / "gpu.json")],

@@ -42,7 +42,7 @@ def test_slurm_launcher_composes_with_fsdp_for_nodes_times_gpus() -> None:
                                           "trainer.strategy.data_parallel_size=16", "trainer.accelerator=gpu"], return_hydra_config=True)
     GlobalHydra.instance().clear()
     assert (cfg.hydra.launcher.nodes, cfg.hydra.launcher.tasks_per_node) == (cfg.trainer.num_nodes, cfg.trainer.devices)
-    assert cfg.trainer.strategy._target_.endswith("ModelParallelStrategy") and cfg.trainer.strategy.data_parallel_size == 16
+    assert cfg.trainer.strategy._target_ == "kd_lightning.sharding.ShardedStrategy" and cfg.trainer.strategy.data_parallel_size == 16
     check_trainer(cfg.trainer)  # 16 processes: 2 nodes x 8 GPUs, all data-parallel
 
 

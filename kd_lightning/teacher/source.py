@@ -33,7 +33,7 @@ from kd_lightning.config import build
 from kd_lightning.data.batch import counted
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
-from kd_lightning.files import content_key, file_sha256, job_lock, set_aside
+from kd_lightning.files import content_key, job_lock, path_sha256, set_aside
 from kd_lightning.loss_mix import LossMix
 from kd_lightning.models.outputs import check_packing, model_logits, output_head
 from kd_lightning.models.pretrained import is_pretrained, pretrained_fingerprint, pretrained_tokenizer
@@ -197,7 +197,7 @@ def recording_identity(settings: Settings, datamodule: InMemoryDataModule, teach
     """What a recording depends on: teacher weights, data, views, top-k, precision."""
     recording = settings.teacher.recording
     tail = {"tail_samples": recording.samples} if recording.samples else {}  # the other tails are not recorded
-    weights = file_sha256(teacher_file)[:16] if teacher_file else pretrained_fingerprint(settings.teacher.model) \
+    weights = path_sha256(Path(teacher_file))[:16] if teacher_file else pretrained_fingerprint(settings.teacher.model) \
         if not settings.teacher.trains else None
     return {"teacher": weights, "data": data_identity(datamodule),
             "views_per_sample": recording.views_per_sample, "top_k": recording.top_k, **tail,
