@@ -42,6 +42,8 @@ WHERE_AND_HOW_SHOWN = ("ckpt_path", "overwrite", "changed_on_resume", "paths", "
 # groups a later release added whose settings, at these values, compute what the run did without them
 INERT_WHEN_ADDED = {"distill.on_policy": lambda node: isinstance(node, dict) and not (node.get("fraction") or node.get("teacher_fraction")),
                     "teacher.shard": lambda value: value is True}  # sharding came with trainer=fsdp
+# values a later release renamed that compute what they did
+RENAMED = {"trainer.strategy._target_": {"lightning.pytorch.strategies.ModelParallelStrategy": "kd_lightning.sharding.ShardedStrategy"}}
 
 
 def is_global_zero() -> bool:
@@ -92,14 +94,16 @@ UNSET = object()
 def differences(saved: Any, now: Any, key: str = "") -> dict[str, tuple[Any, Any]]:
     """``{setting: (saved, now)}`` where two configs differ, at the outermost setting that differs (a group added
     or removed is one entry); :data:`WHERE_AND_HOW_SHOWN` is skipped, and so is a setting a later release added
-    that the run's saved config lacks while it holds its off value (null, false, empty, or an interpolation), or a
-    group of :data:`INERT_WHEN_ADDED` at values that change nothing."""
+    that the run's saved config lacks while it holds its off value (null, false, empty, or an interpolation), a
+    group of :data:`INERT_WHEN_ADDED` at values that change nothing, or a value :data:`RENAMED` since."""
     if key and named(key, WHERE_AND_HOW_SHOWN):
         return {}
     if saved is UNSET and (now in (None, False, [], {}) or (isinstance(now, str) and now.startswith("${"))):
         return {}
     if saved is UNSET and key in INERT_WHEN_ADDED and INERT_WHEN_ADDED[key](now):
         return {}  # e.g. distill.on_policy sampling nothing: the data set's completions, as before
+    if key in RENAMED and RENAMED[key].get(saved) == now:
+        return {}
     if isinstance(saved, dict) and isinstance(now, dict):
         found: dict[str, tuple[Any, Any]] = {}
         for name in sorted(saved.keys() | now.keys(), key=str):

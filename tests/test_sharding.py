@@ -329,3 +329,12 @@ def test_overwrite_removes_an_earlier_runs_distributed_checkpoints(tmp_path: Pat
         check(None, tmp_path, resume=False, overwrite=False)
     clear_earlier_run(tmp_path)
     assert not shards.exists() and not (tmp_path / "distilled").exists()
+
+
+def test_a_sharded_run_made_with_lightnings_strategy_class_resumes_with_trainer_fsdps() -> None:
+    from kd_lightning.run_dir import differences
+
+    def run(target: str) -> dict:
+        return {"trainer": {"strategy": {"_target_": target, "data_parallel_size": 2}}}
+    assert differences(run("lightning.pytorch.strategies.ModelParallelStrategy"), run("kd_lightning.sharding.ShardedStrategy")) == {}
+    assert differences(run("kd_lightning.sharding.ShardedStrategy"), run("lightning.pytorch.strategies.DDPStrategy")) != {}
