@@ -1,6 +1,8 @@
 """trainer=fsdp: FSDP2 through Lightning's ModelParallelStrategy, on CPU with gloo. Two processes sharding the student
-(and the teacher, or a whole teacher on each) train the weights one process trains on the same global batch; the
-teacher never changes; the command line runs every stage sharded; the settings are checked before anything runs."""
+(and the teacher, or a whole teacher on each) train the weights and gradients one process trains on the same global
+batch, token and chat; the teacher never changes; the command line runs every stage sharded (a recorded teacher and
+on-policy samples too), resumes from gathered and distributed checkpoints, and exports them; damaged distributed
+checkpoints are refused; the settings are checked before anything runs."""
 
 from __future__ import annotations
 
