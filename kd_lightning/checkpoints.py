@@ -39,6 +39,9 @@ def existing_checkpoint(path: str | os.PathLike, setting: str = "teacher.checkpo
     path = Path(path)
     if is_distributed_checkpoint(path):
         return path
+    if path.is_dir() and any(path.glob("*.distcp")):
+        raise KDError(f"{path} holds the shards of a distributed checkpoint but not their index ({DISTRIBUTED_METADATA}): "
+                      "it is incomplete (a process killed while writing it?). Use another copy of it, or re-create it.")
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in {".pth", ".pt", ".ckpt"})[:3]
         raise KDError(f"{path} is a directory, not a checkpoint file; point {setting} at the file"
@@ -90,11 +93,11 @@ def distributed_student(model: nn.Module, path: Path) -> dict[str, Tensor]:
     state dict (a copy of each of its tensors, filled from every process's shards)."""
     from torch.distributed.checkpoint import FileSystemReader, load
 
-    try:
-        stored = FileSystemReader(path).read_metadata().state_dict_metadata
-    except Exception as exc:
-        raise KDError(f"cannot read the distributed checkpoint {path} ({type(exc).__name__}: {exc}); it is damaged. "
-                      "Delete it, or resume from an earlier copy.") from None
+    damaged = distributed_damage(path)
+    if damaged is not None:
+        raise KDError(f"cannot read the distributed checkpoint {path}: it is damaged ({damaged}). Use another copy of it, "
+                      "or re-create it.")
+    stored = FileSystemReader(path).read_metadata().state_dict_metadata
     shapes = {k.removeprefix(STUDENT_KEYS): tuple(v.size) for k, v in stored.items()
               if k.startswith(STUDENT_KEYS) and hasattr(v, "size")}
     check_fits(model, shapes, path)
@@ -164,7 +167,16 @@ def check_resumable(path: Path, stage: str) -> None:
 
 
 def check_distributed(path: Path, stage: str) -> None:
-    """Refuse a distributed checkpoint that lacks a file or part of one its index names, or Lightning's ``meta.pt``."""
+    """Refuse a damaged distributed checkpoint of ``stage`` before Lightning tries to resume from it."""
+    damaged = distributed_damage(path)
+    if damaged is not None:
+        raise KDError(f"the {stage} stage's distributed checkpoint {path} is damaged ({damaged}); delete it to restart "
+                      "that stage from its first epoch, or run without ckpt_path=last.")
+
+
+def distributed_damage(path: Path) -> str | None:
+    """What is wrong with the distributed checkpoint ``path`` (a file or part of one that its index names is missing,
+    no index, no Lightning ``meta.pt``), or ``None``."""
     from torch.distributed.checkpoint import FileSystemReader
 
     try:
@@ -173,14 +185,11 @@ def check_distributed(path: Path, stage: str) -> None:
         for item in stored.values():
             ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
         short = [name for name, end in ends.items() if not (path / name).is_file() or (path / name).stat().st_size < end]
-        damaged = f"{short[0]} is missing or cut short" if short else None
+        if short:
+            return f"{short[0]} is missing or cut short"
     except Exception as exc:  # no index, or an unreadable one
-        damaged = f"{type(exc).__name__}: {exc}"
-    if damaged is None and not (path / "meta.pt").is_file():
-        damaged = "meta.pt, the epoch, step and callback states, is missing"
-    if damaged is not None:
-        raise KDError(f"the {stage} stage's distributed checkpoint {path} is damaged ({damaged}); delete it to restart "
-                      "that stage from its first epoch, or run without ckpt_path=last.")
+        return f"{type(exc).__name__}: {exc}"
+    return None if (path / "meta.pt").is_file() else "meta.pt, the epoch, step and callback states, is missing"
 
 
 def student_only(state_dict: dict[str, Any]) -> dict[str, Any]:

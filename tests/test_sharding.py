@@ -289,8 +289,8 @@ def test_a_distributed_checkpoint_loads_whole_into_a_plain_model_or_is_refused_i
         load_weights(GPT(15, 16, 16, 1, 2), shards)
 
 
-def test_a_damaged_distributed_checkpoint_is_refused_before_resuming(tmp_path: Path) -> None:
-    from kd_lightning.checkpoints import check_resumable
+def test_a_damaged_distributed_checkpoint_is_refused_before_resuming_or_exporting(tmp_path: Path) -> None:
+    from kd_lightning.checkpoints import check_resumable, existing_checkpoint
 
     shards = distributed_checkpoint(tmp_path / "last.ckpt", GPT(14, 16, 16, 1, 2))
     check_resumable(shards, "distilled")  # complete
@@ -302,9 +302,13 @@ def test_a_damaged_distributed_checkpoint_is_refused_before_resuming(tmp_path: P
     part.write_bytes(part.read_bytes()[:100])  # a process killed while writing
     with pytest.raises(KDError, match=rf"is damaged \({part.name} is missing or cut short\); delete it to restart"):
         check_resumable(shards, "distilled")
+    with pytest.raises(KDError, match=rf"cannot read the distributed checkpoint .*: it is damaged \({part.name} is missing or cut short\)"):
+        load_weights(GPT(14, 16, 16, 1, 2), shards)  # as the export reads it
     (shards / ".metadata").unlink()
     with pytest.raises(KDError, match="is damaged"):
         check_resumable(shards, "distilled")
+    with pytest.raises(KDError, match=r"holds the shards of a distributed checkpoint but not their index \(.metadata\)"):
+        existing_checkpoint(shards, "the checkpoint to export")
 
 
 def test_a_checkpoint_is_replaced_whole_and_put_back_when_killed_in_between(tmp_path: Path) -> None:
