@@ -6,9 +6,9 @@ temperature, ``(..., C) -> (...)``: one value per row (a sample) or per token po
 happens around it is done in one place, :class:`Objective`: both logits in at least float32
 (float64 stays float64) whatever the autocast dtype, optionally z-scored (``standardize``) and
 divided by ``T``; then the values of the positions that count are summed and divided by their
-count (:func:`kd_lightning.reduction.reduce`), times ``T²`` when asked. The KL divergences work
-from ``log_softmax`` (a very confident teacher never gives ``log(0)``), the mixtures of JSD and
-skew KL from probabilities (more accurate in float32 at large ``T``).
+count (:func:`kd_lightning.reduction.reduce`), times ``T²`` when asked. Every KL, plain or against
+a mixture (JSD, skew KL), is one function, :func:`mixture_kl`, which works from differences of logits:
+finite for confident models at any logit scale, and as accurate as float32 allows for close ones.
 
 The public functions (:func:`kd_loss`, :func:`reverse_kl_loss`, :func:`jsd_loss`,
 :func:`skew_kl_loss`, :func:`tvd_loss`, :func:`dkd_loss`) take raw logits, ``(N, C)`` for
@@ -98,40 +98,45 @@ def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
 
 # -- divergences per position, from tempered logits (..., C) -> (...) --------------------------------
 
-def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
-    """``KL(p ‖ q) = Σ_c p (log p − log q)`` per row, from log-probabilities; never below 0 (rounding).
+def mixture_kl(first: Tensor, second: Tensor, weight: float = 0.0) -> Tensor:
+    """``KL(p ‖ weight·p + (1 − weight)·q)`` per row of ``(..., C)`` logits, ``p = softmax(first)``,
+    ``q = softmax(second)``; ``weight = 0`` is plain ``KL(p ‖ q)``.
 
-    A class with ``p = 0`` (a ``-inf`` logit: a masked or padded vocabulary row) contributes
-    exactly 0, also where ``q = 0`` too, and no NaN reaches the gradient.
+    Each class's ``log(p / M) = −log1p((1 − weight)·expm1(r))`` comes from the log-ratio ``r = log(q/p)``, formed
+    from differences of logits, ``(second − first) − (lse(second) − lse(first))``, each row shifted by its maximum
+    first: nothing is exponentiated before it is subtracted, so confident models (probabilities that underflow, gaps
+    of hundreds of nats) give finite values and gradients. The row's constant ``lse(second) − lse(first)`` is then
+    corrected so that ``r`` gives ``q`` a total of exactly 1 against this ``p`` (the correction, ``log Σ p·e^r``,
+    summed as ``p·expm1(r)`` where that does not cancel): its float32 rounding (~1e-7 times ``log C``) would
+    otherwise bias every class of the row, as large as 1e-5 of the divergence of close models at a high
+    temperature. The correction is 0 in exact arithmetic, so it carries no gradient. A class with ``p = 0`` (a
+    ``-inf`` logit) contributes exactly 0; ``q = 0`` where ``p > 0`` makes plain KL truly infinite and the mixture
+    ``log(1/weight)`` for that class. Never below 0 (rounding).
     """
-    p = log_p.exp()
-    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
-    return (p * log_ratio).sum(-1).clamp_min(0)
-
-
-def safe_log(p: Tensor) -> Tensor:
-    """``log p``, ``-inf`` with a zero gradient where ``p = 0``."""
-    return torch.where(p > 0, p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.full_like(p, -math.inf))
-
-
-def kl_to_mixture(p: Tensor, q: Tensor, weight: float) -> Tensor:
-    """``KL(p ‖ weight·p + (1 − weight)·q)`` per row, from probabilities.
-
-    Mixed and compared as probabilities (normalised by a sum, relative error ~1e-7), not as log-probabilities:
-    those are ``x − logsumexp(x)``, whose rounding near ``-log C`` is a bias per row that does not average out
-    over tokens, and adding ``log weight`` to them rounds again."""
-    log_ratio = torch.where(p > 0, safe_log(p) - safe_log(weight * p + (1 - weight) * q), torch.zeros_like(p))
-    return (p * log_ratio).sum(-1).clamp_min(0)
+    first, second = first - first.amax(-1, keepdim=True).detach(), second - second.amax(-1, keepdim=True).detach()
+    exp_first, exp_second = first.exp(), second.exp()
+    sum_first, sum_second = exp_first.sum(-1, keepdim=True), exp_second.sum(-1, keepdim=True)
+    p = exp_first / sum_first
+    ratio = (second - first) - (sum_second.log() - sum_first.log())
+    with torch.no_grad():  # Σ (q − p), each class where it does not cancel; q alone where p = 0
+        q_minus_p = torch.where(ratio <= 1, p * ratio.expm1(), exp_second / sum_second - p)
+        correction = q_minus_p.sum(-1, keepdim=True).clamp_min(-0.5).log1p()
+    ratio = torch.where(p > 0, ratio, 0.0)
+    if weight == 0:
+        return (correction.squeeze(-1) - (p * ratio).sum(-1)).clamp_min(0)
+    # beyond r = 80 expm1 would overflow; there p < e^-80 and the clamp changes nothing float32 can hold
+    log_p_over_m = -torch.log1p((1 - weight) * torch.expm1((ratio - correction).clamp(max=80)))
+    return (p * log_p_over_m).sum(-1).clamp_min(0)
 
 
 def forward_kl(student: Tensor, teacher: Tensor) -> Tensor:
     """``KL(p_t ‖ p_s)`` per position: Hinton KD."""
-    return kl_rows(F.log_softmax(teacher, -1), F.log_softmax(student, -1))
+    return mixture_kl(teacher, student)
 
 
 def reverse_kl(student: Tensor, teacher: Tensor) -> Tensor:
     """``KL(p_s ‖ p_t)`` per position: mode-seeking (MiniLLM)."""
-    return kl_rows(F.log_softmax(student, -1), F.log_softmax(teacher, -1))
+    return mixture_kl(student, teacher)
 
 
 JSD_WEIGHTS = ("gkd", "continuous")
@@ -146,19 +151,17 @@ def jsd(student: Tensor, teacher: Tensor, beta: float = 0.5, weights: str = "gkd
         raise ValueError(f"beta must be in [0, 1], got {beta}: 0 is forward KL, 1 reverse KL, 0.5 symmetric JSD.")
     if weights not in JSD_WEIGHTS:
         raise ValueError(f"weights must be gkd (GKD's and TRL's) or continuous, got {weights!r}.")
-    p_s, p_t = student.softmax(-1), teacher.softmax(-1)
     if beta in (0, 1):
-        return kl_to_mixture(p_t, p_s, 0.0) if beta == 0 else kl_to_mixture(p_s, p_t, 0.0)
+        return mixture_kl(teacher, student) if beta == 0 else mixture_kl(student, teacher)
     teacher_weight = beta if weights == "gkd" else 1 - beta
-    return teacher_weight * kl_to_mixture(p_t, p_s, beta) + (1 - teacher_weight) * kl_to_mixture(p_s, p_t, 1 - beta)
+    return teacher_weight * mixture_kl(teacher, student, beta) + (1 - teacher_weight) * mixture_kl(student, teacher, 1 - beta)
 
 
 def skew_kl(student: Tensor, teacher: Tensor, skew: float = 0.1, reverse: bool = False) -> Tensor:
     """``KL(p_t ‖ skew·p_t + (1−skew)·p_s)`` (reverse: the roles swapped) per position."""
     if not 0 <= skew < 1:
         raise ValueError(f"skew must be in [0, 1), got {skew}: 0 is plain KL, the DistiLLM default 0.1 (at 1 the loss is always 0).")
-    p_s, p_t = student.softmax(-1), teacher.softmax(-1)
-    return kl_to_mixture(p_s, p_t, skew) if reverse else kl_to_mixture(p_t, p_s, skew)
+    return mixture_kl(student, teacher, skew) if reverse else mixture_kl(teacher, student, skew)
 
 
 def tvd(student: Tensor, teacher: Tensor) -> Tensor:
@@ -187,8 +190,8 @@ def dkd(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, tckd_
         return F.log_softmax(log_p.gather(-1, others), dim=-1)
 
     log_p_student, log_p_teacher = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
-    tckd = kl_rows(binary(log_p_teacher), binary(log_p_student))
-    nckd = kl_rows(non_target(log_p_teacher), non_target(log_p_student))
+    tckd = mixture_kl(binary(log_p_teacher), binary(log_p_student))
+    nckd = mixture_kl(non_target(log_p_teacher), non_target(log_p_student))
     return tckd_weight * tckd + nckd_weight * nckd
 
 

@@ -12,14 +12,13 @@ DDP ranks are reduced by torchmetrics), logged as ``<split>/<name>``:
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 from torchmetrics.text import Perplexity
 
 from kd_lightning.data.batch import Batch
-from kd_lightning.losses import kl_rows
+from kd_lightning.losses import forward_kl
 from kd_lightning.vocab import common_rows
 
 SPLITS = ("val", "test")
@@ -27,7 +26,7 @@ SPLITS = ("val", "test")
 
 def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """``KL(softmax(t) ‖ softmax(s))`` at T=1 for each row: ``(N, C)`` -> ``(N,)`` (``-inf`` rows count 0)."""
-    return kl_rows(F.log_softmax(teacher_logits.float(), -1), F.log_softmax(student_logits.float(), -1))
+    return forward_kl(student_logits.float(), teacher_logits.float())
 
 
 def accuracy(num_classes: int) -> MulticlassAccuracy:
