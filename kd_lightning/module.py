@@ -24,7 +24,7 @@ from kd_lightning.schedules import optimizer_config
 from kd_lightning.sequences import Answers, SampleScores, Sequences
 from kd_lightning.sharding import is_sharded, is_sharding, shard
 from kd_lightning.speed import check_chunk_rows
-from kd_lightning.teacher import LiveTeacher, Teacher, as_teacher
+from kd_lightning.teacher import Teacher, as_teacher
 from kd_lightning.vocab import check_outputs, common_rows, declared_classes, labels_in_range
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -85,8 +85,8 @@ class DistillationModule(L.LightningModule):
         elif (temperature, alpha) not in ((None, None), (loss_mix.temperature, loss_mix.alpha)):
             raise KDError("pass temperature and alpha inside the LossMix (LossMix(temperature=..., alpha=...)), not beside it.")
         self.student, self.teacher, self.loss_mix = student, as_teacher(teacher), loss_mix
-        num_classes = declared_classes(num_classes, student, getattr(self.teacher, "model", None))
-        check_live_teacher(loss_mix.features if self.teacher is not None else None, isinstance(self.teacher, LiveTeacher))
+        num_classes = declared_classes(num_classes, student, self.teacher_network)
+        check_live_teacher(loss_mix.features if self.teacher is not None else None, self.teacher_network is not None)
         self.save_hyperparameters({"num_classes": num_classes, "temperature": loss_mix.temperature, "alpha": loss_mix.alpha,
                                    "task": task})
         self.task, self.chunk_rows = task, chunk_rows
@@ -109,6 +109,8 @@ class DistillationModule(L.LightningModule):
         self.eval_losses = nn.ModuleDict({split: MeanMetric() for split in SPLITS})  # per counted label: exact under any split
 
     temperature = property(lambda self: self.loss_mix.temperature, doc="The mix's temperature this step.")
+    teacher_network = property(lambda self: None if self.teacher is None else self.teacher.network,
+                               doc="The teacher's network in this process, if it has one (:attr:`Teacher.network`).")
     alpha = property(lambda self: self.loss_mix.alpha, doc="The mix's alpha this step (``None``: the terms have own weights).")
 
     # -- hooks a subclass may override -------------------------------------------------
@@ -183,8 +185,7 @@ class DistillationModule(L.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         batch = as_batch(batch)
         if self.sequences is not None:  # the data set's completions, or the student's or the teacher's own
-            teacher = self.teacher.model if isinstance(self.teacher, LiveTeacher) else None
-            batch = self.sequences(batch, self.student, teacher, self.global_step, batch_idx)
+            batch = self.sequences(batch, self.student, self.teacher_network, self.global_step, batch_idx)
         with self.loss_mix.capturing_features():
             teacher_out = self.teacher_forward(batch) if self.teacher is not None and self.loss_mix.uses_teacher else None
             student_out = self.student_forward(batch)
@@ -216,14 +217,13 @@ class DistillationModule(L.LightningModule):
         for name, metric in self.metrics[split].items():
             self.log(f"{split}/{name}", metric, prog_bar=split == "val" and name in ("acc", "ppl"))
         if self.answers is not None:
-            models = {"student": self.student} | ({"teacher": self.teacher.model} if isinstance(self.teacher, LiveTeacher) else {})
+            models = {"student": self.student} | ({"teacher": self.teacher_network} if self.teacher_network is not None else {})
             for role, model in models.items():
                 metric = self.exact[f"{split}_{role}"]
                 metric.update(self.answers.matches(model, batch))
                 self.log(f"{split}/{'' if role == 'student' else 'teacher_'}exact_match", metric, prog_bar=split == "val")
         if self.sample_scores is not None:
-            teacher = self.teacher.model if isinstance(self.teacher, LiveTeacher) else None
-            for name, (value, weight) in self.sample_scores(self.student, teacher, batch, seed=batch_idx).items():
+            for name, (value, weight) in self.sample_scores(self.student, self.teacher_network, batch, seed=batch_idx).items():
                 metric = self.sampled[f"{split}_{name}"]
                 metric.update(value.to(self.device), weight.to(self.device))
                 self.log(f"{split}/{name}", metric)
@@ -251,9 +251,9 @@ class DistillationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """Feature distillation: hook the layers and size the adapters (before the optimizer is built)."""
-        if self.loss_mix.features is not None and isinstance(self.teacher, LiveTeacher):
+        if self.loss_mix.features is not None and self.teacher_network is not None:
             datamodule = self.trainer.datamodule if self._trainer is not None else None
-            self.loss_mix.features.prepare(self.student, self.teacher.model, datamodule, fitting=stage == "fit")
+            self.loss_mix.features.prepare(self.student, self.teacher_network, datamodule, fitting=stage == "fit")
 
     def configure_model(self) -> None:
         """``trainer=fsdp``: shard the student by its blocks, and the live teacher unless ``shard_teacher=False``
@@ -264,8 +264,8 @@ class DistillationModule(L.LightningModule):
         chunked = self.chunk_rows is not None
         if not is_sharded(self.student):
             shard(self.student, mesh, "student", chunked, self.shard_dtype, self.generate_whole)
-        if self.shard_teacher and isinstance(self.teacher, LiveTeacher) and not is_sharded(self.teacher.model):
-            shard(self.teacher.model, mesh, "teacher", chunked, self.shard_dtype)
+        if self.shard_teacher and self.teacher_network is not None and not is_sharded(self.teacher_network):
+            shard(self.teacher_network, mesh, "teacher", chunked, self.shard_dtype)
 
     def teardown(self, stage: str) -> None:
         if self.loss_mix.features is not None:

@@ -14,8 +14,8 @@
 """
 
 from kd_lightning.teacher.format import RecordingSettings
-from kd_lightning.teacher.interface import Teacher, as_teacher
-from kd_lightning.teacher.live import LiveTeacher
+from kd_lightning.teacher.interface import Teacher
+from kd_lightning.teacher.live import LiveTeacher, as_teacher
 from kd_lightning.teacher.recorded import RecordedTeacher
 from kd_lightning.teacher.recorder import record_teacher
 

@@ -1,4 +1,4 @@
-"""The teacher's interface: one question, "the teacher's logits for this batch", answered live or from a recording."""
+"""The teacher's interface: what the module may ask of any teacher, wherever it lives."""
 
 from __future__ import annotations
 
@@ -9,10 +9,19 @@ from kd_lightning.data.batch import Batch
 
 
 class Teacher(nn.Module):
-    """Answers one question: the teacher's logits ``(N, C)`` (``(N, L, V)`` for tokens) for a batch of a split.
+    """What :class:`~kd_lightning.DistillationModule` may ask of a teacher, and all it asks:
 
-    Subclasses implement :meth:`logits`; they hold no trainable parameters, never appear in a checkpoint, and
-    ``split`` is ``train``, ``val`` or ``test``.
+    - :meth:`logits`: its logits ``(N, C)`` (``(N, L, V)`` for tokens) for a batch of a split;
+    - :meth:`training_logits`: the logits training compares the student with (by row block, if it likes);
+    - :attr:`network`: the network behind the answers, when one runs in this process: what generates and scores the
+      student's samples (on-policy distillation, exact match, sample scores), what feature terms hook and what
+      ``trainer=fsdp`` shards. ``None`` for a teacher that only answers logits (a recording);
+    - :attr:`scores_new_sequences`: whether it can answer for sequences that did not exist before the run (the
+      student's own samples).
+
+    A new kind of teacher is a subclass that implements :meth:`logits` (and :attr:`network` if it has one); the module
+    never asks which class it is. Teachers hold no trainable parameters, never appear in a checkpoint, and ``split`` is
+    ``train``, ``val`` or ``test``.
     """
 
     # trained in this run's teacher stage on this data: for tokens, its output rows beyond the tokenizer's are padding
@@ -28,11 +37,12 @@ class Teacher(nn.Module):
         never exist, or because it completes them from the student's (a top-k recording). This default: :meth:`logits`."""
         return self.logits(batch, "train")
 
+    @property
+    def network(self) -> nn.Module | None:
+        """The network behind the answers, when it runs in this process (``None``: this teacher answers logits only)."""
+        return None
 
-def as_teacher(teacher: Teacher | nn.Module | None) -> Teacher | None:
-    """``teacher`` as a :class:`Teacher`: a plain network becomes a :class:`~kd_lightning.teacher.LiveTeacher`."""
-    from kd_lightning.teacher.live import LiveTeacher
-
-    if teacher is None or isinstance(teacher, Teacher):
-        return teacher
-    return LiveTeacher(teacher)
+    @property
+    def scores_new_sequences(self) -> bool:
+        """Whether :meth:`logits` answers for any token ids, the student's samples too (default: when it has a network)."""
+        return self.network is not None

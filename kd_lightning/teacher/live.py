@@ -42,6 +42,10 @@ class LiveTeacher(Teacher):
 
         return TeacherBlocks(rows_logits)
 
+    @property
+    def network(self) -> nn.Module:
+        return self.model
+
     def forward(self, inputs: Tensor) -> Tensor:
         with torch.no_grad():
             return self.model(inputs)
@@ -49,3 +53,10 @@ class LiveTeacher(Teacher):
     def train(self, mode: bool = True) -> LiveTeacher:
         """Stays in eval mode whatever ``mode`` is (BatchNorm statistics and dropout are frozen)."""
         return super().train(False)
+
+
+def as_teacher(teacher: Teacher | nn.Module | None) -> Teacher | None:
+    """``teacher`` as a :class:`Teacher`: a plain network becomes a :class:`LiveTeacher`."""
+    if teacher is None or isinstance(teacher, Teacher):
+        return teacher
+    return LiveTeacher(teacher)
