@@ -4,7 +4,7 @@
 - Typed schemas: a group's YAML names its schema first in its defaults list; Hydra then
   rejects a wrong type or an unknown key at composition time, before anything is built
   (value ranges are checked where the values enter: :class:`~kd_lightning.loss_mix.LossMix`,
-  :class:`~kd_lightning.recording.RecordingSettings`).
+  :class:`~kd_lightning.teacher.format.RecordingSettings`).
 - One model group for teacher and student: every ``conf/model/NAME.yaml`` and every model of
   the CIFAR zoo (``kd_lightning.models.cifar.MODELS``) is an option of both the ``teacher``
   and the ``student`` group, so ``teacher=resnet56 student=resnet20`` works and adding a model
@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd_lightning.errors import KDError
 
 MODEL_ROLES = ("teacher", "student")
+RENAMED = {"distill.chunk_rows": "speed.chunk_rows"}  # {old name: new name}: refused with the new name, never read
 
 
 def config_dir() -> str:
@@ -51,7 +52,6 @@ class DistillSchema:
     features: List[Any] = field(default_factory=list)
     weights: Dict[str, float] = field(default_factory=dict)
     schedules: Dict[str, Any] = field(default_factory=dict)
-    chunk_rows: Optional[int] = None  # moved to speed.chunk_rows; still read, with a one-line hint
     on_policy: Dict[str, Any] = field(default_factory=dict)  # where completions come from (kd_lightning/sequences.py)
     on_policy_stages: Dict[str, Any] = field(default_factory=dict)  # more distilled stages, each its own on_policy
 
@@ -160,6 +160,8 @@ def unknown_setting(key: str, allowed: set[str] | None = None, node: Any = None)
     (:func:`closed_settings`), else those of ``node`` (the config node it was added to) and the arguments its
     ``_target_`` takes (default: the node of the default config); an argument the target takes that the config does not
     list is to be added with ``+``."""
+    if key in RENAMED:
+        return KDError(f"{key} was renamed to {RENAMED[key]}; set {RENAMED[key]}=... instead.")
     where, _, name = key.rpartition(".")
     closed = allowed if allowed is not None else closed_settings().get(where)
     if closed is None and node is None:

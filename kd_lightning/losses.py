@@ -44,8 +44,8 @@ from kd_lightning.errors import KDError, is_number
 from kd_lightning.data.batch import counted
 from kd_lightning.reduction import both, reduce
 
-__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "standardize_logits", "KDLoss",
-           "positions_to_keep", "check_temperature", "Objective"]
+__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "standardize_logits",
+           "positions_to_keep", "check_temperature", "mixture_kl", "Objective"]
 
 # Beyond these the T²-scaled divergence is numerically meaningless: at large T the float32
 # rounding of KL (about 1e-7 of log C) times T² swamps the term (≈ Var(s − t)/2), at T = 100
@@ -236,8 +236,8 @@ class Objective:
                 return None
             keywords = {**objective.keywords, **keywords}
             objective = objective.func
-        spec = getattr(objective, "objective", None)
-        if not isinstance(spec, Objective):
+        spec = next((spec for function, spec in DIVERGENCES.items() if function is objective), None)
+        if spec is None:
             return None
         unknown = keywords.keys() & {"mask", "labels", "ignore_index", "num_kept"}
         if unknown:
@@ -285,96 +285,104 @@ def check_settings(name: str, divergence: Callable[..., Tensor], settings: dict[
         raise TypeError(f"{name}() {error}") from None
 
 
-def public_loss(name: str, divergence: Callable[..., Tensor], scale_by_t2: bool, temperature: float, doc: str) -> Callable[..., Tensor]:
-    """``name(student_logits, teacher_logits, temperature, <settings>, *, mask, labels, ignore_index, scale_by_t2,
-    standardize, num_kept)``: the divergence as a scalar loss of raw logits, through :class:`Objective`."""
-    settings = list(inspect.signature(divergence).parameters.values())[2:]
-    positional = ["temperature"] + [p.name for p in settings if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
-
-    def loss(student_logits: Tensor, teacher_logits: Tensor, *args: Any, mask: Tensor | None = None,
-             labels: Tensor | None = None, ignore_index: int | None = None, scale_by_t2: bool = scale_by_t2,
-             standardize: bool = False, num_kept: Tensor | float | None = None, **given: Any) -> Tensor:
-        if len(args) > len(positional):
-            raise TypeError(f"{name}() takes at most {2 + len(positional)} positional arguments")
-        twice = given.keys() & set(positional[: len(args)])
-        if twice:
-            raise TypeError(f"{name}() got multiple values for argument {sorted(twice)[0]!r}")
-        given |= dict(zip(positional, args))
-        chosen = given.pop("temperature", temperature)
-        check_settings(name, divergence, given)
-        objective = Objective(divergence, given, scale_by_t2=scale_by_t2, standardize=standardize)
-        keep = positions_to_keep(student_logits, mask, labels, ignore_index)
-        return objective(student_logits, teacher_logits, chosen, keep=keep, labels=labels, num_kept=num_kept)
-
-    P = inspect.Parameter
-    params = [P("student_logits", P.POSITIONAL_OR_KEYWORD, annotation=Tensor),
-              P("teacher_logits", P.POSITIONAL_OR_KEYWORD, annotation=Tensor),
-              P("temperature", P.POSITIONAL_OR_KEYWORD, default=temperature, annotation=float), *settings]
-    params += [P(key, P.KEYWORD_ONLY, default=default) for key, default in
-               (("mask", None), ("labels", None), ("ignore_index", None), ("scale_by_t2", scale_by_t2),
-                ("standardize", False), ("num_kept", None)) if key not in {p.name for p in settings}]
-    loss.__signature__ = inspect.Signature(params, return_annotation=Tensor)
-    loss.__name__ = loss.__qualname__ = name
-    loss.__doc__ = doc + "\n\nThe keywords ``mask``, ``labels``, ``ignore_index``, ``scale_by_t2``, ``standardize`` and " \
-                         "``num_kept`` are those of :mod:`kd_lightning.losses`."
-    loss.objective = Objective(divergence, scale_by_t2=scale_by_t2, temperature=temperature)
-    return loss
+def _loss(divergence: Callable[..., Tensor], settings: dict[str, Any], student_logits: Tensor, teacher_logits: Tensor,
+          temperature: float, mask: Tensor | None, labels: Tensor | None, ignore_index: int | None, scale_by_t2: bool,
+          standardize: bool, num_kept: Tensor | float | None) -> Tensor:
+    """What every public objective does: its divergence over the kept positions, through :class:`Objective`."""
+    objective = Objective(divergence, settings, scale_by_t2=scale_by_t2, standardize=standardize)
+    keep = positions_to_keep(student_logits, mask, labels, ignore_index)
+    return objective(student_logits, teacher_logits, temperature, keep=keep, labels=labels, num_kept=num_kept)
 
 
-kd_loss = public_loss("kd_loss", forward_kl, scale_by_t2=True, temperature=1.0, doc="""Forward KL, Hinton KD (Hinton et al. 2015):
-``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over kept positions (``batchmean`` for ``(N, C)`` input).""")
-
-reverse_kl_loss = public_loss("reverse_kl_loss", reverse_kl, scale_by_t2=False, temperature=1.0, doc="""Reverse KL:
-``KL(softmax(s/T) ‖ softmax(t/T)) = Σ p_s (log p_s − log p_t)``, mode-seeking. Used for generative students (MiniLLM,
-Gu et al. 2024). ``T²`` scaling is off by default.""")
-
-jsd_loss = public_loss("jsd_loss", jsd, scale_by_t2=False, temperature=1.0, doc="""Generalised Jensen-Shannon divergence
-between teacher and student, ``beta ∈ [0, 1]``.
-
-The mixture is ``M = beta·p_t + (1−beta)·p_s`` and, as in GKD (Agarwal et al. 2024), TRL and Liger-Kernel,
-``JSD_beta = beta·KL(p_t ‖ M) + (1−beta)·KL(p_s ‖ M)``; ``beta=0`` is forward KL ``KL(p_t ‖ p_s)`` and ``beta=1``
-reverse KL ``KL(p_s ‖ p_t)`` (TRL's special cases: the formula itself tends to 0 at both ends), ``beta=0.5`` the
-symmetric JSD. A configuration copied from them trains the same objective. ``weights="continuous"`` weighs the two
-terms the other way round, ``(1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``, continuous from forward KL at 0 to reverse
-KL at 1 (kd_lightning's ``jsd`` before 0.5; the same at ``beta=0.5``). ``T²`` scaling is off by default.""")
-
-skew_kl_loss = public_loss("skew_kl_loss", skew_kl, scale_by_t2=False, temperature=1.0, doc="""Skew KL (DistiLLM, Ko et
-al. 2024): KL against a mixture that keeps the student's side finite.
-
-Forward (``reverse=False``): ``KL(p_t ‖ skew·p_t + (1−skew)·p_s)``; reverse: ``KL(p_s ‖ skew·p_s + (1−skew)·p_t)``.
-``skew ∈ [0, 1)``: 0 is plain forward / reverse KL; the paper's default is 0.1. Mixing in a little of the first
-distribution bounds the log-ratio by ``−log(skew)``, so a token the student gives almost no probability cannot blow the
-loss up.""")
-
-tvd_loss = public_loss("tvd_loss", tvd, scale_by_t2=False, temperature=1.0, doc="""Total variation distance
-``½ Σ_c |p_t − p_s|`` (in [0, 1]), bounded and symmetric (Wen et al. 2023).""")
-
-dkd_loss = public_loss("dkd_loss", dkd, scale_by_t2=True, temperature=4.0, doc="""Decoupled KD (Zhao et al. 2022):
-``tckd_weight·TCKD + nckd_weight·NCKD`` (the paper's alpha, beta).
-
-With ``g`` the label's class, TCKD is the KL between the binary distributions ``[p_g, 1 − p_g]`` of teacher and student;
-NCKD the KL between their distributions over the other ``C − 1`` classes, renormalised (``softmax`` of the logits without
-class ``g``). Both at temperature ``T``, times ``T²`` by default, as in the reference code. The linear warm-up of the
-paper is a schedule on the term's weight (``distill/loss=dkd`` sets it).
-
-Args:
-    labels: ``(N,)`` / ``(N, L)`` class indices; required. Unlabelled positions (``-100``, e.g. in a transfer set) do
-        not count: DKD is defined around the label's class.
-    tckd_weight, nckd_weight: the paper's alpha and beta, weights of TCKD and NCKD (1 and 8 in its CIFAR setting);
-        named apart from ``distill.alpha``, the CE/objective mix.""")
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *, mask: Tensor | None = None,
+            labels: Tensor | None = None, ignore_index: int | None = None, scale_by_t2: bool = True,
+            standardize: bool = False, num_kept: Tensor | float | None = None) -> Tensor:
+    """Forward KL, Hinton KD (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over kept
+    positions (``batchmean`` for ``(N, C)`` input). The keywords are those of :mod:`kd_lightning.losses`."""
+    return _loss(forward_kl, {}, student_logits, teacher_logits, temperature, mask, labels, ignore_index, scale_by_t2,
+                 standardize, num_kept)
 
 
-class KDLoss(torch.nn.Module):
-    """``nn.Module`` wrapper of :func:`kd_loss` with a fixed temperature."""
+def reverse_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *,
+                    mask: Tensor | None = None, labels: Tensor | None = None, ignore_index: int | None = None,
+                    scale_by_t2: bool = False, standardize: bool = False,
+                    num_kept: Tensor | float | None = None) -> Tensor:
+    """Reverse KL: ``KL(softmax(s/T) ‖ softmax(t/T)) = Σ p_s (log p_s − log p_t)``, mode-seeking. Used for generative
+    students (MiniLLM, Gu et al. 2024). ``T²`` scaling is off by default."""
+    return _loss(reverse_kl, {}, student_logits, teacher_logits, temperature, mask, labels, ignore_index, scale_by_t2,
+                 standardize, num_kept)
 
-    def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True) -> None:
-        super().__init__()
-        check_temperature(temperature)
-        self.temperature = temperature
-        self.scale_by_t2 = scale_by_t2
 
-    def forward(self, student_logits: Tensor, teacher_logits: Tensor, **kwargs) -> Tensor:
-        return kd_loss(student_logits, teacher_logits, self.temperature, scale_by_t2=self.scale_by_t2, **kwargs)
+def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, beta: float = 0.5,
+             weights: str = "gkd", *, mask: Tensor | None = None, labels: Tensor | None = None,
+             ignore_index: int | None = None, scale_by_t2: bool = False, standardize: bool = False,
+             num_kept: Tensor | float | None = None) -> Tensor:
+    """Generalised Jensen-Shannon divergence between teacher and student, ``beta ∈ [0, 1]``.
+
+    The mixture is ``M = beta·p_t + (1−beta)·p_s`` and, as in GKD (Agarwal et al. 2024), TRL and Liger-Kernel,
+    ``JSD_beta = beta·KL(p_t ‖ M) + (1−beta)·KL(p_s ‖ M)``; ``beta=0`` is forward KL ``KL(p_t ‖ p_s)`` and ``beta=1``
+    reverse KL ``KL(p_s ‖ p_t)`` (TRL's special cases: the formula itself tends to 0 at both ends), ``beta=0.5`` the
+    symmetric JSD. A configuration copied from them trains the same objective. ``weights="continuous"`` weighs the two
+    terms the other way round, ``(1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``, continuous from forward KL at 0 to reverse
+    KL at 1 (kd_lightning's ``jsd`` before 0.5; the same at ``beta=0.5``). ``T²`` scaling is off by default.
+    """
+    return _loss(jsd, {"beta": beta, "weights": weights}, student_logits, teacher_logits, temperature, mask, labels,
+                 ignore_index, scale_by_t2, standardize, num_kept)
+
+
+def skew_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, skew: float = 0.1,
+                 reverse: bool = False, *, mask: Tensor | None = None, labels: Tensor | None = None,
+                 ignore_index: int | None = None, scale_by_t2: bool = False, standardize: bool = False,
+                 num_kept: Tensor | float | None = None) -> Tensor:
+    """Skew KL (DistiLLM, Ko et al. 2024): KL against a mixture that keeps the student's side finite.
+
+    Forward (``reverse=False``): ``KL(p_t ‖ skew·p_t + (1−skew)·p_s)``; reverse: ``KL(p_s ‖ skew·p_s + (1−skew)·p_t)``.
+    ``skew ∈ [0, 1)``: 0 is plain forward / reverse KL; the paper's default is 0.1. Mixing in a little of the first
+    distribution bounds the log-ratio by ``−log(skew)``, so a token the student gives almost no probability cannot blow
+    the loss up.
+    """
+    return _loss(skew_kl, {"skew": skew, "reverse": reverse}, student_logits, teacher_logits, temperature, mask,
+                 labels, ignore_index, scale_by_t2, standardize, num_kept)
+
+
+def tvd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *, mask: Tensor | None = None,
+             labels: Tensor | None = None, ignore_index: int | None = None, scale_by_t2: bool = False,
+             standardize: bool = False, num_kept: Tensor | float | None = None) -> Tensor:
+    """Total variation distance ``½ Σ_c |p_t − p_s|`` (in [0, 1]), bounded and symmetric (Wen et al. 2023)."""
+    return _loss(tvd, {}, student_logits, teacher_logits, temperature, mask, labels, ignore_index, scale_by_t2,
+                 standardize, num_kept)
+
+
+def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0, tckd_weight: float = 1.0,
+             nckd_weight: float = 8.0, *, mask: Tensor | None = None, labels: Tensor | None = None,
+             ignore_index: int | None = None, scale_by_t2: bool = True, standardize: bool = False,
+             num_kept: Tensor | float | None = None) -> Tensor:
+    """Decoupled KD (Zhao et al. 2022): ``tckd_weight·TCKD + nckd_weight·NCKD`` (the paper's alpha, beta).
+
+    With ``g`` the label's class, TCKD is the KL between the binary distributions ``[p_g, 1 − p_g]`` of teacher and
+    student; NCKD the KL between their distributions over the other ``C − 1`` classes, renormalised (``softmax`` of the
+    logits without class ``g``). Both at temperature ``T``, times ``T²`` by default, as in the reference code. The linear
+    warm-up of the paper is a schedule on the term's weight (``distill/loss=dkd`` sets it).
+
+    Args:
+        labels: ``(N,)`` / ``(N, L)`` class indices; required. Unlabelled positions (``-100``, e.g. in a transfer set)
+            do not count: DKD is defined around the label's class.
+        tckd_weight, nckd_weight: the paper's alpha and beta, weights of TCKD and NCKD (1 and 8 in its CIFAR setting);
+            named apart from ``distill.alpha``, the CE/objective mix.
+    """
+    return _loss(dkd, {"tckd_weight": tckd_weight, "nckd_weight": nckd_weight}, student_logits, teacher_logits,
+                 temperature, mask, labels, ignore_index, scale_by_t2, standardize, num_kept)
+
+
+# the divergence behind each public objective, with its defaults: what a configured ``distill.loss`` evaluates
+DIVERGENCES: dict[Callable[..., Tensor], Objective] = {
+    kd_loss: Objective(forward_kl, scale_by_t2=True, temperature=1.0),
+    reverse_kl_loss: Objective(reverse_kl, temperature=1.0),
+    jsd_loss: Objective(jsd, temperature=1.0),
+    skew_kl_loss: Objective(skew_kl, temperature=1.0),
+    tvd_loss: Objective(tvd, temperature=1.0),
+    dkd_loss: Objective(dkd, scale_by_t2=True, temperature=4.0),
+}
 
 
 def unwrap(objective):

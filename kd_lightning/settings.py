@@ -197,8 +197,7 @@ class TeacherSettings:
         teacher = cfg.teacher
         mode = teacher.get("mode", "live")
         if mode not in TEACHER_MODES:
-            hint = " (teacher.mode=cached is now teacher.mode=recorded)" if mode == "cached" else ""
-            raise KDError(f"teacher.mode must be live or recorded, got {mode!r}{hint}.")
+            raise KDError(f"teacher.mode must be live or recorded, got {mode!r}.")
         check_epochs("teacher.fit.max_epochs", teacher.fit.max_epochs, max_steps)
         if not isinstance(teacher.fit.get("pretrained", False), bool):
             raise KDError(f"teacher.fit.pretrained must be true or false, got {teacher.fit.pretrained!r}: true fine-tunes a "
@@ -305,15 +304,8 @@ def build_loss_mix(distill: DictConfig) -> LossMix:
 
 
 def speed_settings(cfg: DictConfig) -> SpeedSettings:
-    """``speed``. ``distill.chunk_rows``, the chunked loss's key before it moved to ``speed``, is ``${speed.chunk_rows}``
-    unless a command or recipe sets it: then it replaces ``speed.chunk_rows``, with a hint."""
-    speed = dict(plain(cfg.get("speed")) or {})
-    distill = cfg.distill
-    if "chunk_rows" in distill and not OmegaConf.is_interpolation(distill, "chunk_rows"):
-        speed["chunk_rows"] = distill.chunk_rows
-        log.warning("distill.chunk_rows is now speed.chunk_rows (how the loss is computed, not what); using %s",
-                    distill.chunk_rows)
-    return SpeedSettings(**speed)
+    """``speed``: how the networks run, not what they compute."""
+    return SpeedSettings(**(plain(cfg.get("speed")) or {}))
 
 
 @dataclass(frozen=True)

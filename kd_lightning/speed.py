@@ -13,8 +13,7 @@ step's results within float rounding (``tests/test_speed.py``).
   convolution kernels prefer.
 - ``speed.chunk_rows=R`` (language models) evaluates the training loss R tokens at a time from the
   student's final hidden states and output head (:mod:`kd_lightning.chunked`): the same loss and
-  gradients without the whole ``(N·L, V)`` logits of either model. ``distill.chunk_rows``, its
-  earlier key, is still read (with a one-line hint).
+  gradients without the whole ``(N·L, V)`` logits of either model.
 """
 
 from __future__ import annotations

@@ -39,7 +39,6 @@ FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_
     (["teacher.mode=recorded", "teacher.recording.top_k=3", "teacher.recording.tail=sampled", "teacher.recording.tail_samples=0"],
      "tail_samples must be a positive integer, got 0"),
     (["data.batch_size=0"], "data.batch_size must be a positive integer, got 0"),
-    (["distill.chunk_rows=64"], "speed.chunk_rows is for language models"),  # the key before it moved to speed
     (["speed.chunk_rows=64"], "speed.chunk_rows is for language models"),
     (["speed.chunk_rows=0"], "speed.chunk_rows must be a positive integer"),
     (["seed=abc"], "seed must be an integer, got 'abc'"),
@@ -75,6 +74,13 @@ def test_an_unknown_setting_without_plus_gets_our_line_and_the_closest_names(tmp
                                                           "trainer.max_epochs? Otherwise remove it.")
     assert str(unknown_setting("foo")).startswith("unknown setting foo: nothing reads it; remove it (the settings here are ")
     assert "hydra" not in str(unknown_setting("foo")) and "override" not in str(unknown_setting("foo"))
+
+
+def test_a_renamed_setting_is_refused_with_its_new_name(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "distill.chunk_rows=64", "hydra.run.dir=run")
+    assert out.returncode == 1
+    assert out.stderr == "error: distill.chunk_rows was renamed to speed.chunk_rows; set speed.chunk_rows=... instead.\n"
+    assert not (tmp_path / "run").exists()
 
 
 UNKNOWN_IN_OPEN_NODES = [

@@ -279,22 +279,6 @@ def test_recorded_outputs_pickle_by_path(tiny_cifar: CIFARDataModule, tmp_path: 
     assert torch.equal(again.logits(batch, "train"), outputs.logits(batch, "train"))
 
 
-def test_a_teacher_pickled_by_kd_lightning_0_4_unpickles_and_its_import_paths_stay(tiny_cifar: CIFARDataModule,
-                                                                                     tmp_path: Path) -> None:
-    """0.4 kept the recording in kd_lightning.recording and the run's teacher in kd_lightning.teacher_source."""
-    import pickle
-
-    from kd_lightning import recording, teacher_source
-    from kd_lightning.teacher import source
-
-    record_teacher(teacher_model(), tiny_cifar, tmp_path / "outputs", {}, RecordingSettings(2, None), accelerator="cpu")
-    payload = pickle.dumps(RecordedTeacher(tmp_path / "outputs"), protocol=0)  # text: names can be swapped
-    old = payload.replace(b"kd_lightning.teacher.recorded", b"kd_lightning.recording")  # what 0.4 wrote
-    assert old != payload and isinstance(pickle.loads(old), RecordedTeacher)
-    assert recording.RecordedTeacher is RecordedTeacher and recording.record_teacher is record_teacher
-    assert teacher_source.prepare_teacher is source.prepare_teacher
-
-
 def test_a_datamodule_without_sample_indices_is_refused(make_cfg) -> None:
     import lightning as L
 
