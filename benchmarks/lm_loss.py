@@ -4,7 +4,7 @@
     python benchmarks/lm_loss.py --device cuda --dtype bf16 --vocab 128256 --tokens 8192 --hidden 4096
 
 naive: full student and teacher logits ``(tokens, V)``, then the objective, then backward.
-chunked: :func:`kd_lightning.chunked.chunked_distillation_loss` on the hidden states and heads.
+chunked: :func:`kd_lightning.loss.chunked.chunked_distillation_loss` on the hidden states and heads.
 Both compute the same loss (``--objective`` at ``--temperature``) and gradients for the student's
 hidden states and head. Peak memory is the increase over the inputs during one forward + backward,
 each variant in a fresh process (CPU: peak resident set size; CUDA: the allocator's peak); times
@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kd_lightning.chunked import chunked_distillation_loss  # noqa: E402
-from kd_lightning.losses import jsd_loss, kd_loss, reverse_kl_loss  # noqa: E402
+from kd_lightning.loss.chunked import chunked_distillation_loss  # noqa: E402
+from kd_lightning.loss.objectives import jsd_loss, kd_loss, reverse_kl_loss  # noqa: E402
 
 from synthetic import machine, synchronize  # noqa: E402
 

@@ -133,7 +133,7 @@ def run_kd(folder: Path, data: list[dict[str, torch.Tensor]], chunk_rows: int | 
     from torch.utils.data import DataLoader
 
     from kd_lightning import DistillationModule, LossMix
-    from kd_lightning.losses import kd_loss
+    from kd_lightning.loss.objectives import kd_loss
     from kd_lightning.models.pretrained import pretrained_causal_lm
 
     ours = [{"inputs": b["input_ids"][:, :-1], "labels": b["labels"][:, 1:], "attention_mask": b["attention_mask"][:, :-1]}

@@ -1,3 +1,3 @@
-from kd_lightning.cli import entry
+from kd_lightning.run.cli import entry
 
 entry()

@@ -18,7 +18,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from torchmetrics.text import Perplexity
 
 from kd_lightning.data.batch import Batch
-from kd_lightning.losses import forward_kl
+from kd_lightning.loss.objectives import forward_kl
 from kd_lightning.vocab import common_rows
 
 SPLITS = ("val", "test")

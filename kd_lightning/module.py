@@ -10,17 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from kd_lightning.chunked import HeadLogits, TeacherBlocks, blockwise_terms, resolved
+from kd_lightning.loss.chunked import HeadLogits, TeacherBlocks, blockwise_terms, resolved
 from kd_lightning.data.batch import Batch, as_batch, counted
 from kd_lightning.checkpoints import check_student_state, student_only
 from kd_lightning.errors import KDError
-from kd_lightning.features import check_live_teacher
-from kd_lightning.loss_mix import LossMix, Terms
+from kd_lightning.loss.features import check_live_teacher
+from kd_lightning.loss.mix import LossMix, Terms
 from kd_lightning.metrics import SPLITS, SplitMetrics
 from kd_lightning.progress import logs_this_step
 from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits
-from kd_lightning.reduction import StepTokens, reduce
-from kd_lightning.schedules import optimizer_config
+from kd_lightning.loss.reduction import StepTokens, reduce
+from kd_lightning.loss.schedules import optimizer_config
 from kd_lightning.sequences import Answers, SampleScores, Sequences
 from kd_lightning.sharding import is_sharded, is_sharding, shard
 from kd_lightning.speed import check_chunk_rows
@@ -51,11 +51,11 @@ class DistillationModule(L.LightningModule):
         temperature, alpha: the default mix ``(1 − alpha)·CE + alpha·kd_loss(T)`` (4.0, 0.9); unset with ``loss_mix``.
         optimizer: ``params -> Optimizer`` (a Hydra ``_partial_``); default SGD(lr=0.05, momentum 0.9).
         scheduler: ``optimizer -> LRScheduler`` or ``None``; stepped once per epoch, or per optimizer step when its
-            ``interval`` is ``"step"`` (:class:`~kd_lightning.schedules.WarmupCosineLR`).
-        loss_mix: the loss terms, weights and schedules (:class:`~kd_lightning.loss_mix.LossMix`).
+            ``interval`` is ``"step"`` (:class:`~kd_lightning.loss.schedules.WarmupCosineLR`).
+        loss_mix: the loss terms, weights and schedules (:class:`~kd_lightning.loss.mix.LossMix`).
         task: ``classification`` (one label per sample) or ``tokens`` (one label per token).
         chunk_rows: tokens: the training loss block by block, this many tokens at a time (``speed.chunk_rows``,
-            :mod:`kd_lightning.chunked`): the same loss and gradients without the whole logits. ``None``: all at once.
+            :mod:`kd_lightning.loss.chunked`): the same loss and gradients without the whole logits. ``None``: all at once.
         sequences: where training batches' completions come from (:class:`~kd_lightning.sequences.Sequences`:
             on-policy distillation); ``None``: the data set's.
         answers: a task with answers: ``{split}/exact_match`` of the greedy completions (and the teacher's).
@@ -117,7 +117,7 @@ class DistillationModule(L.LightningModule):
 
     def teacher_forward(self, batch: Batch) -> Tensor | TeacherBlocks:
         """The teacher's logits ``(N, C)`` / ``(N, L, V)`` for ``batch`` (live: eval mode, no graph; recorded: looked up).
-        In training they may come as :class:`~kd_lightning.chunked.TeacherBlocks`: by row block for the chunked loss,
+        In training they may come as :class:`~kd_lightning.loss.chunked.TeacherBlocks`: by row block for the chunked loss,
         or completed from the student's logits (a top-k recording)."""
         if self.current_split != "train":
             return self.teacher.logits(batch, self.current_split)
@@ -125,7 +125,7 @@ class DistillationModule(L.LightningModule):
 
     def student_forward(self, batch: Batch) -> Tensor | HeadLogits:
         """The student's logits ``(N, C)`` / ``(N, L, V)`` for ``batch["inputs"]``; in training with ``chunk_rows``,
-        its final hidden states and output head (:class:`~kd_lightning.chunked.HeadLogits`)."""
+        its final hidden states and output head (:class:`~kd_lightning.loss.chunked.HeadLogits`)."""
         if self.chunk_rows is None or self.current_split != "train":
             return model_logits(self.student, batch)
         if not self.outputs_checked:
@@ -146,7 +146,7 @@ class DistillationModule(L.LightningModule):
 
     def loss_terms(self, student_out: Tensor | HeadLogits, teacher_out: Tensor | TeacherBlocks | None, batch: Batch) -> Terms:
         """Named, weighted loss terms (``ce``, the objective, extra and feature terms); the loss is their ``total``.
-        A :class:`~kd_lightning.chunked.HeadLogits` student has the same terms evaluated block by block."""
+        A :class:`~kd_lightning.loss.chunked.HeadLogits` student has the same terms evaluated block by block."""
         if not isinstance(student_out, HeadLogits):
             terms = self.logit_terms(student_out, resolved(teacher_out, student_out), batch)
             features = self.loss_mix.feature_losses() if teacher_out is not None else {}
@@ -199,7 +199,7 @@ class DistillationModule(L.LightningModule):
     @property
     def step_spans_micro_batches(self) -> bool:
         """Tokens, and an optimizer step over several micro-batches (gradient accumulation) or processes: then the loss
-        is divided by the kept tokens of the whole step (:class:`~kd_lightning.reduction.StepTokens`), not of each
+        is divided by the kept tokens of the whole step (:class:`~kd_lightning.loss.reduction.StepTokens`), not of each
         micro-batch. (Images: CE counts the labelled samples but the teacher's terms every sample, so no one count
         serves; their batches are of one size, whose mean of means is the step's mean.)"""
         trainer = self._trainer

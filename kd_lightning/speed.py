@@ -12,7 +12,7 @@ step's results within float rounding (``tests/test_speed.py``).
 - ``speed.channels_last=true`` stores 4-D weights and image batches as NHWC, the layout GPU
   convolution kernels prefer.
 - ``speed.chunk_rows=R`` (language models) evaluates the training loss R tokens at a time from the
-  student's final hidden states and output head (:mod:`kd_lightning.chunked`): the same loss and
+  student's final hidden states and output head (:mod:`kd_lightning.loss.chunked`): the same loss and
   gradients without the whole ``(N·L, V)`` logits of either model.
 """
 

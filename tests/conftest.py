@@ -12,8 +12,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.cli import config_dir
-from kd_lightning.settings import Settings
+from kd_lightning.run.cli import config_dir
+from kd_lightning.run.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kd_lightning import DistillationModule, LossMix  # noqa: E402
-from kd_lightning.losses import kd_loss  # noqa: E402
+from kd_lightning.loss.objectives import kd_loss  # noqa: E402
 from kd_lightning.models import GPT  # noqa: E402
 from kd_lightning.sharding import ShardedStrategy, full_state_dict  # noqa: E402
 from test_token_accounting import LENGTH, VOCAB, RankParts  # noqa: E402

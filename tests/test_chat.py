@@ -120,7 +120,7 @@ def test_a_tokenizer_without_a_chat_template_is_refused(tokenizer_dir, tmp_path:
 @pytest.mark.parametrize(("mode", "packing"), [("live", False), ("recorded", True)])
 def test_a_pretrained_teacher_distils_on_chat_data_end_to_end(make_cfg, tokenizer_dir, tmp_path: Path, mode: str,
                                                               packing: bool) -> None:
-    from kd_lightning.train import train
+    from kd_lightning.run.train import train
 
     from transformers import AutoTokenizer
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lightning.chunked import chunked_distillation_loss
-from kd_lightning.losses import dkd_loss, jsd_loss, kd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss
+from kd_lightning.loss.chunked import chunked_distillation_loss
+from kd_lightning.loss.objectives import dkd_loss, jsd_loss, kd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss
 
 OBJECTIVES = {"kd": kd_loss, "reverse_kl": reverse_kl_loss, "jsd": partial(jsd_loss, beta=0.3), "dkd": partial(dkd_loss, nckd_weight=2.0),
               "skew_kl": skew_kl_loss, "skew_reverse_kl": partial(skew_kl_loss, reverse=True), "tvd": tvd_loss}

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from kd_lightning import DistillationModule, KDError, LossMix, kd_loss
-from kd_lightning.export import export_student
-from kd_lightning.features import FeatureDistiller, attention_map
+from kd_lightning.run.export import export_student
+from kd_lightning.loss.features import FeatureDistiller, attention_map
 from kd_lightning.models.cifar import build_cifar_model
 from kd_lightning.models.digits import DigitsCNN
-from kd_lightning.schedules import Schedule
-from kd_lightning.train import train
+from kd_lightning.loss.schedules import Schedule
+from kd_lightning.run.train import train
 
 from test_cli import run_cli
 
@@ -53,7 +53,7 @@ def column(rows: list[dict[str, str]], key: str) -> list[float]:
 # -- terms ---------------------------------------------------------------------------------------
 
 def test_every_term_is_logged_under_its_name_and_they_sum_to_the_loss(make_cfg, tmp_path: Path) -> None:
-    cfg = make_cfg("distill/loss=dkd", "+distill.extra_terms.rkl={objective:{_target_:kd_lightning.losses.reverse_kl_loss,_partial_:true},weight:0.5}",
+    cfg = make_cfg("distill/loss=dkd", "+distill.extra_terms.rkl={objective:{_target_:kd_lightning.loss.objectives.reverse_kl_loss,_partial_:true},weight:0.5}",
                    "distill.features=[{student:features,teacher:features,loss:fitnet,weight:3}]", "baseline=false", *FAST)
     train(cfg)
     rows = [r for r in logged(Path(cfg.paths.output_dir)) if r.get("train/loss")]
@@ -88,7 +88,7 @@ def test_sweep_over_objectives_with_fast_dev_run(tmp_path: Path) -> None:
     assert all(0 <= r["distilled"]["test/acc"] <= 1 for r in results)
     targets = [(tmp_path / "sweep" / str(i) / ".hydra" / "config.yaml").read_text() for i in range(4)]
     for text, name in zip(targets, ("kd_loss", "reverse_kl_loss", "jsd_loss", "dkd_loss")):
-        assert f"kd_lightning.losses.{name}" in text
+        assert f"kd_lightning.loss.objectives.{name}" in text
 
 
 def test_bad_term_settings_are_refused(make_cfg) -> None:
@@ -255,7 +255,7 @@ def test_export_command_writes_a_strictly_loadable_student(tmp_path: Path, capsy
     torch.testing.assert_close(torch.export.load(str(tmp_path / "student.pt2")).module()(x), expected)
 
     # the refusals, in this process (the export command's main, as the CLI calls it)
-    from kd_lightning.export import main as export_main
+    from kd_lightning.run.export import main as export_main
 
     def refused(*args: str) -> str:
         capsys.readouterr()

@@ -9,7 +9,7 @@ from hydra.utils import instantiate
 
 from conftest import settings_of
 from kd_lightning import KDError
-from kd_lightning.config import MODEL_ROLES, config_dir, model_configs
+from kd_lightning.run.config import MODEL_ROLES, config_dir, model_configs
 from kd_lightning.models.cifar import MODELS
 
 CONF = Path(config_dir())

@@ -14,8 +14,8 @@ import torch
 from conftest import settings_of
 from kd_lightning import KDError
 from kd_lightning.files import atomic_directory
-from kd_lightning.teacher.source import trained_teacher_path
-from kd_lightning.train import train
+from kd_lightning.run.teachers import trained_teacher_path
+from kd_lightning.run.train import train
 from test_cli import run_cli
 
 FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
@@ -34,7 +34,7 @@ FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_
     (["teacher.mode=recorded", "teacher.recording.views_per_sample=0"], "views_per_sample must be a positive integer"),
     (["teacher.mode=recorded", "teacher.recording.tail=sampled"], "tail=sampled draws from the classes outside the top k; set"),
     (["teacher.mode=recorded", "teacher.recording.top_k=3", "teacher.recording.tail=sampled", "distill/loss=reverse_kl"],
-     "tail=sampled stands in for the teacher in forward KL only .* distill.loss is kd_lightning.losses.reverse_kl_loss"),
+     "tail=sampled stands in for the teacher in forward KL only .* distill.loss is kd_lightning.loss.objectives.reverse_kl_loss"),
     (["teacher.mode=recorded", "teacher.recording.top_k=10", "teacher.recording.tail=sampled"], "leaves no tail to draw from"),
     (["teacher.mode=recorded", "teacher.recording.top_k=3", "teacher.recording.tail=sampled", "teacher.recording.tail_samples=0"],
      "tail_samples must be a positive integer, got 0"),
@@ -64,7 +64,7 @@ def test_bad_input_stops_before_any_stage_trains(make_cfg, tmp_path: Path, overr
 
 def test_an_unknown_setting_without_plus_gets_our_line_and_the_closest_names(tmp_path: Path) -> None:
     """Hydra's own refusal ("Could not override ... To append to your config use +foo=1") sends users the wrong way."""
-    from kd_lightning.config import unknown_setting
+    from kd_lightning.run.config import unknown_setting
 
     out = run_cli(tmp_path, "distill.tempreature=3", "hydra.run.dir=run")
     assert out.returncode == 1 and out.stderr.startswith("error: unknown setting distill.tempreature: nothing reads it; did you "
@@ -103,7 +103,7 @@ def test_an_unknown_setting_anywhere_names_the_closest_known_ones(make_cfg, over
     compose): the line the command line prints, from the node the override was meant for."""
     from hydra.errors import ConfigCompositionException
 
-    from kd_lightning.config import composed_node, unknown_setting
+    from kd_lightning.run.config import composed_node, unknown_setting
 
     try:
         cfg = make_cfg(override)

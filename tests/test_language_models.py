@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from data_factory import make_corpus
 from kd_lightning import DistillationModule, KDError, LossMix
 from kd_lightning.data.batch import IGNORE_INDEX
-from kd_lightning.losses import kd_loss
+from kd_lightning.loss.objectives import kd_loss
 from kd_lightning.models import GPT
 from kd_lightning.teacher import Teacher
 from kd_lightning.vocab import check_same_tokenizer, check_vocabularies
@@ -180,7 +180,7 @@ def test_the_padding_check_looks_at_the_teacher_that_is_distilled(make_cfg, corp
     """A padded head (teacher.model.vocab_size=400 for 300 tokens) trained here is distilled, live or recorded: its rows
     beyond the tokenizer are padding by construction (a freshly built teacher, checked before training, spread 1/4 of its
     probability there and was refused). Loaded from a checkpoint, the same teacher is checked, on its real weights."""
-    from kd_lightning.train import train
+    from kd_lightning.run.train import train
 
     tiny = ["+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "student.model.dim=16", "student.model.depth=1",
             "teacher.model.vocab_size=400", "trainer.limit_train_batches=2", "baseline=false"]
@@ -605,7 +605,7 @@ def test_a_top_k_recording_gives_the_teacher_s_exact_perplexity(corpus: Path, tm
 
 
 def test_on_policy_distillation_of_running_text_is_refused_before_training(make_cfg, tmp_path: Path, corpus: Path) -> None:
-    from kd_lightning.train import train
+    from kd_lightning.run.train import train
 
     with pytest.raises(KDError, match=r"every training row of TextDataModule is learned from its first token \(running text "
                                       r"has no prompts\); use chat data"):

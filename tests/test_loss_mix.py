@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kd_lightning import KDError, LossMix, kd_loss
-from kd_lightning.losses import dkd_loss, jsd_loss, reverse_kl_loss
-from kd_lightning.schedules import Schedule
+from kd_lightning.loss.objectives import dkd_loss, jsd_loss, reverse_kl_loss
+from kd_lightning.loss.schedules import Schedule
 
 RKL = {"objective": reverse_kl_loss, "weight": 0.5}
 
@@ -86,7 +86,7 @@ def test_the_warmup_cosine_learning_rate_is_stepped_per_step_over_the_whole_stag
     from kd_lightning import DistillationModule
     from kd_lightning.data import DigitsDataModule
     from kd_lightning.models import DigitsCNN
-    from kd_lightning.schedules import WarmupCosineLR
+    from kd_lightning.loss.schedules import WarmupCosineLR
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     schedule = WarmupCosineLR(optimizer, warmup_steps=4, total_steps=14, min_lr_ratio=0.1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.losses import jsd_loss, kd_loss, reverse_kl_loss
+from kd_lightning.loss.objectives import jsd_loss, kd_loss, reverse_kl_loss
 
 TEACHER = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
 STUDENT = torch.tensor([[1.2, 2.1, 2.9], [3.8, 5.2, 6.1]])

@@ -1,4 +1,4 @@
-"""The memory calculator (kd_lightning.memory): exact parameter, gradient and optimizer bytes per process for DDP and
+"""The memory calculator (kd_lightning.run.memory_plan): exact parameter, gradient and optimizer bytes per process for DDP and
 FSDP, from models built on the meta device; what two processes actually hold is checked in tests/test_sharding.py."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lightning.memory import device_memory, main, shard_bytes
+from kd_lightning.run.memory_plan import device_memory, main, shard_bytes
 from kd_lightning.models import GPT
 
 

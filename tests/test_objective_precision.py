@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_lightning.chunked import chunked_distillation_loss
-from kd_lightning.losses import dkd_loss, jsd_loss, kd_loss, mixture_kl, reverse_kl_loss, skew_kl_loss, tvd_loss
+from kd_lightning.loss.chunked import chunked_distillation_loss
+from kd_lightning.loss.objectives import dkd_loss, jsd_loss, kd_loss, mixture_kl, reverse_kl_loss, skew_kl_loss, tvd_loss
 
 OBJECTIVES = {
     "kd": kd_loss,

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.losses import (dkd_loss, jsd_loss, kd_loss, objective_name, reverse_kl_loss, skew_kl_loss, standardize_logits,
+from kd_lightning.loss.objectives import (dkd_loss, jsd_loss, kd_loss, objective_name, reverse_kl_loss, skew_kl_loss, standardize_logits,
                                  tvd_loss)
 
 SHAPES = [(5, 7), (3, 4, 6)]

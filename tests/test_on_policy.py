@@ -139,7 +139,7 @@ def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp
     from data_factory import make_corpus
     from test_chat import TALK, TEMPLATE, write_chats
     from test_pretrained import save_llama, save_tokenizer
-    from kd_lightning.train import train
+    from kd_lightning.run.train import train
 
     size = save_tokenizer(make_corpus(tmp_path / "corpus"), tmp_path / "teacher")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
@@ -210,7 +210,7 @@ ARITHMETIC = ["data=arithmetic", "data.train_size=256", "data.val_size=32", "dat
 def test_a_killed_on_policy_run_resumed_samples_what_the_uninterrupted_one_did(make_cfg, tmp_path) -> None:
     from crash_callback import Preempted
     from test_resume import student_weights
-    from kd_lightning.train import train
+    from kd_lightning.run.train import train
 
     mixed = [*ARITHMETIC, "distill.on_policy.fraction=0.5", "distill.on_policy.teacher_fraction=0.25"]
     uninterrupted = train(make_cfg(*mixed, output_dir=tmp_path / "a"))
@@ -226,8 +226,8 @@ def test_a_killed_on_policy_run_resumed_samples_what_the_uninterrupted_one_did(m
 
 def test_on_policy_stages_distil_the_same_student_as_runs_of_their_own(make_cfg, tmp_path, capsys) -> None:
     from test_resume import student_weights
-    from kd_lightning.cli import format_summary
-    from kd_lightning.train import train
+    from kd_lightning.run.cli import format_summary
+    from kd_lightning.run.train import train
 
     results = train(make_cfg(*ARITHMETIC, "distill.on_policy.fraction=1", "distill.on_policy.after_steps=4",
                              "+distill.on_policy_stages.off_policy={fraction:0.0}",
@@ -266,8 +266,8 @@ def test_bad_on_policy_stages_are_one_line(make_cfg, stages: str, message: str) 
 def test_the_onpolicy_arithmetic_recipe_writes_each_students_exact_match(make_cfg, tmp_path) -> None:
     import json
 
-    from kd_lightning.run_dir import RESULTS_FILE
-    from kd_lightning.train import train
+    from kd_lightning.run.run_dir import RESULTS_FILE
+    from kd_lightning.run.train import train
 
     smoke = ["data.train_size=256", "data.val_size=32", "data.test_size=32", "data.batch_size=32", "data.eval_batch_size=32",
              "teacher.fit.max_epochs=1", "trainer.max_epochs=1", "trainer.limit_train_batches=3"]

@@ -16,8 +16,8 @@ from kd_lightning.data import DigitsDataModule
 from kd_lightning.models import DigitsCNN
 from kd_lightning.progress import StageProgress
 from conftest import settings_of
-from kd_lightning.stages import make_logger, make_trainer
-from kd_lightning.train import train
+from kd_lightning.run.stages import make_logger, make_trainer
+from kd_lightning.run.train import train
 
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
 

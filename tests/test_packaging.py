@@ -41,7 +41,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path) -> None:
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")}
-    where = subprocess.run([python, "-c", "import kd_lightning, kd_lightning.cli as c; print(kd_lightning.__file__); print(c.config_dir())"],
+    where = subprocess.run([python, "-c", "import kd_lightning, kd_lightning.run.cli as c; print(kd_lightning.__file__); print(c.config_dir())"],
                            cwd=elsewhere, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert all(str(env_dir) in line for line in where), where  # the wheel, not the checkout
     make_image_tree(elsewhere / "cifar", classes=3, per_class={"train": 10, "test": 3})

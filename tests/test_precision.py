@@ -9,7 +9,7 @@ import torch
 
 from kd_lightning import DistillationModule, kd_loss
 from kd_lightning.models import DigitsCNN
-from kd_lightning.train import train
+from kd_lightning.run.train import train
 
 from data_factory import make_image_tree
 

@@ -12,7 +12,7 @@ import torch
 
 from data_factory import make_corpus
 from kd_lightning import KDError
-from kd_lightning.train import train
+from kd_lightning.run.train import train
 
 pytest.importorskip("transformers", reason="pretrained models need the 'lm' extra (transformers)")
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
@@ -124,7 +124,7 @@ def test_export_format_hf_writes_a_model_plain_transformers_loads_with_the_same_
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kd_lightning.checkpoints import load_weights
-    from kd_lightning.export import main as export_main
+    from kd_lightning.run.export import main as export_main
     from kd_lightning.models import GPT
 
     corpus = make_corpus(tmp_path / "corpus")
@@ -167,7 +167,7 @@ def test_a_pretrained_student_exports_as_it_is(make_cfg, teacher_dir, tmp_path: 
     from transformers import AutoModelForCausalLM
 
     from kd_lightning.checkpoints import load_weights
-    from kd_lightning.export import export_transformers
+    from kd_lightning.run.export import export_transformers
 
     corpus, teacher, size = teacher_dir
     save_llama(tmp_path / "student", size, seed=1)

@@ -18,7 +18,7 @@ from kd_lightning.models.cifar import build_cifar_model
 from kd_lightning.data.augment import RecordedViews
 from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 from kd_lightning.teacher.format import rebuild_logits
-from kd_lightning.train import train
+from kd_lightning.run.train import train
 
 from data_factory import make_image_tree
 
@@ -162,12 +162,13 @@ def test_a_run_from_the_cache_does_not_load_the_teacher(make_cfg, tmp_path: Path
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded although its outputs are cached")
 
-    from kd_lightning.teacher import source
+    from kd_lightning.run import preflight, teachers
 
     cfg = make_cfg("teacher.mode=recorded", "distill.temperature=2", *FAST, output_dir=tmp_path / "b")
-    original_build = source.build
-    monkeypatch.setattr(source, "teacher_model", no_teacher)
-    monkeypatch.setattr(source, "build", lambda node, **kw: no_teacher() if node == cfg.teacher.model else original_build(node, **kw))
+    original_build = teachers.build
+    monkeypatch.setattr(teachers, "teacher_model", no_teacher)
+    for module in (teachers, preflight):
+        monkeypatch.setattr(module, "build", lambda node, **kw: no_teacher() if node == cfg.teacher.model else original_build(node, **kw))
     second = train(cfg)
     assert second["teacher"] == first["teacher"]
     assert len(list((tmp_path / "cache" / "recordings").glob("*/meta.json"))) == 1
@@ -283,7 +284,7 @@ def test_a_datamodule_without_sample_indices_is_refused(make_cfg) -> None:
     import lightning as L
 
     from conftest import settings_of
-    from kd_lightning.teacher.source import prepare_teacher
+    from kd_lightning.run.teachers import prepare_teacher
 
     with pytest.raises(KDError, match="needs a datamodule derived from kd_lightning.data.InMemoryDataModule"):
         prepare_teacher(settings_of(make_cfg("teacher.mode=recorded")), L.LightningDataModule())

@@ -1,4 +1,4 @@
-"""kd_lightning.report gathers a sweep's jobs into one table and marks failed ones."""
+"""kd_lightning.run.report gathers a sweep's jobs into one table and marks failed ones."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import csv
 import json
 from pathlib import Path
 
-from kd_lightning.report import main
+from kd_lightning.run.report import main
 
 
 def job(sweep: Path, name: str, overrides: list[str], results: dict | None) -> None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_lightning.train import train
+from kd_lightning.run.train import train
 
 from crash_callback import Preempted
 
@@ -121,3 +121,17 @@ def test_a_resume_with_other_settings_is_refused_unless_the_changes_are_named(ma
     resumes = yaml.safe_load((run / ".hydra" / "resumes.yaml").read_text())
     assert [entry["changed"] for entry in resumes] == [{"trainer.max_epochs": {"was": 3, "now": 4}}]
     assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["trainer"]["max_epochs"] == 4
+
+
+def test_a_run_saved_before_its_targets_moved_resumes_without_a_change() -> None:
+    """0.5 moved kd_lightning.losses and .schedules into kd_lightning.loss: a saved ``_target_`` there is no change."""
+    from kd_lightning.run.run_dir import differences
+
+    def run(loss: str, scheduler: str) -> dict:
+        return {"distill": {"loss": {"_target_": loss, "_partial_": True}, "temperature": 2.0},
+                "optim": {"scheduler": {"_target_": scheduler}}}
+
+    saved = run("kd_lightning.losses.jsd_loss", "kd_lightning.schedules.WarmupCosineLR")
+    assert differences(saved, run("kd_lightning.loss.objectives.jsd_loss", "kd_lightning.loss.schedules.WarmupCosineLR")) == {}
+    assert differences(saved, run("kd_lightning.loss.objectives.kd_loss", "kd_lightning.loss.schedules.WarmupCosineLR")) == {
+        "distill.loss._target_": ("kd_lightning.losses.jsd_loss", "kd_lightning.loss.objectives.kd_loss")}

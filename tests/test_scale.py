@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from kd_lightning.cli import config_dir
+from kd_lightning.run.cli import config_dir
 
 from test_cli import run_cli
 
@@ -33,7 +33,7 @@ def test_slurm_launcher_config_composes_for_a_multinode_job() -> None:
 
 
 def test_slurm_launcher_composes_with_fsdp_for_nodes_times_gpus() -> None:
-    from kd_lightning.settings import check_trainer
+    from kd_lightning.run.settings import check_trainer
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

@@ -16,7 +16,7 @@ import torch
 
 from kd_lightning import KDError
 from kd_lightning.checkpoints import load_weights
-from kd_lightning.memory import device_memory
+from kd_lightning.run.memory_plan import device_memory
 from kd_lightning.models import GPT
 
 from test_cli import run_cli
@@ -328,7 +328,7 @@ def test_a_checkpoint_is_replaced_whole_and_put_back_when_killed_in_between(tmp_
 
 
 def test_overwrite_removes_an_earlier_runs_distributed_checkpoints(tmp_path: Path) -> None:
-    from kd_lightning.run_dir import check, clear_earlier_run
+    from kd_lightning.run.run_dir import check, clear_earlier_run
 
     shards = distributed_checkpoint(tmp_path / "distilled" / "checkpoints" / "last.ckpt", GPT(14, 16, 16, 1, 2))
     (tmp_path / "distilled" / "checkpoints" / ".last.ckpt.partial").mkdir()
@@ -339,7 +339,7 @@ def test_overwrite_removes_an_earlier_runs_distributed_checkpoints(tmp_path: Pat
 
 
 def test_a_sharded_run_made_with_lightnings_strategy_class_resumes_with_trainer_fsdps() -> None:
-    from kd_lightning.run_dir import differences
+    from kd_lightning.run.run_dir import differences
 
     def run(target: str) -> dict:
         return {"trainer": {"strategy": {"_target_": target, "data_parallel_size": 2}}}

@@ -61,7 +61,7 @@ def test_bad_speed_settings_are_one_line(settings: dict, message: str) -> None:
 
 
 def test_speed_settings_from_the_command_line(make_cfg) -> None:
-    from kd_lightning.train import train
+    from kd_lightning.run.train import train
 
     results = train(make_cfg("speed.channels_last=true", "trainer.fast_dev_run=true"))
     assert 0 <= results["distilled"]["test/acc"] <= 1

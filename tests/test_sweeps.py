@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd_lightning.report import collect
+from kd_lightning.run.report import collect
 
 from test_cli import run_cli
 
@@ -26,7 +26,7 @@ def test_a_failing_job_leaves_the_others_and_is_reported(tmp_path: Path) -> None
     assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"]
     assert [next(o for o in r["overrides"].split() if o.startswith("distill.temperature")) for r in rows] == ["distill.temperature=2", "distill.temperature=-1", "distill.temperature=4"]
     assert rows[1]["error"].startswith("distill.temperature must be between 0.01 and 100, got -1")
-    report = subprocess.run([sys.executable, "-m", "kd_lightning.report", str(tmp_path / "sweep")], capture_output=True, text=True)
+    report = subprocess.run([sys.executable, "-m", "kd_lightning.run.report", str(tmp_path / "sweep")], capture_output=True, text=True)
     assert report.returncode == 0 and "FAILED" in report.stdout
     assert "job 1 failed: distill.temperature must be between 0.01 and 100, got -1" in report.stdout
     assert (tmp_path / "sweep" / "report.csv").is_file()
@@ -61,5 +61,5 @@ def test_an_optuna_search_maximises_validation_accuracy_and_trains_the_teacher_o
     assert len(trials) == 2 and all(t["status"] == "ok" and t["val"] is not None for t in trials)
     best = yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())
     assert round(100 * best["best_value"], 2) == max(t["val"] for t in trials)  # the validation accuracy, not the test's
-    report = subprocess.run([sys.executable, "-m", "kd_lightning.report", str(tmp_path / "search")], capture_output=True, text=True)
+    report = subprocess.run([sys.executable, "-m", "kd_lightning.run.report", str(tmp_path / "search")], capture_output=True, text=True)
     assert "best of 2 trials: validation accuracy" in report.stdout and "distill.temperature=" in report.stdout

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from kd_lightning import DistillationModule, LossMix
 from kd_lightning.data import DigitsDataModule
-from kd_lightning.losses import dkd_loss
+from kd_lightning.loss.objectives import dkd_loss
 from kd_lightning.models import DigitsCNN, GPT
 from kd_lightning.progress import StageProgress
 

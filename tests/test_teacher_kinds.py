@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from kd_lightning import DistillationModule, KDError
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.data.batch import Batch
-from kd_lightning.loss_mix import LossMix
+from kd_lightning.loss.mix import LossMix
 from kd_lightning.models import DigitsCNN
 from kd_lightning.teacher import Teacher
 

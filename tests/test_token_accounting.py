@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from kd_lightning import DistillationModule, LossMix
 from kd_lightning.data.batch import IGNORE_INDEX
-from kd_lightning.losses import jsd_loss, kd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss
+from kd_lightning.loss.objectives import jsd_loss, kd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss
 from kd_lightning.models import GPT
 
 VOCAB, LENGTH, ROWS = 50, 12, 8

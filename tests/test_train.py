@@ -10,8 +10,8 @@ import torch
 
 from kd_lightning import KDError
 from conftest import settings_of
-from kd_lightning.teacher.source import trained_teacher_path
-from kd_lightning.train import train
+from kd_lightning.run.teachers import trained_teacher_path
+from kd_lightning.run.train import train
 
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
 
@@ -35,9 +35,9 @@ def test_train_runs_all_stages_and_writes_metrics(make_cfg, tmp_path: Path) -> N
 
 
 def test_without_matplotlib_the_run_works_and_says_how_to_get_plots(make_cfg, tmp_path: Path, monkeypatch, caplog) -> None:
-    import kd_lightning.plots
+    import kd_lightning.run.plots
 
-    monkeypatch.setattr(kd_lightning.plots, "pyplot", lambda: None)
+    monkeypatch.setattr(kd_lightning.run.plots, "pyplot", lambda: None)
     train(make_cfg(*FAST, "baseline=false"))
     assert (tmp_path / "run" / "metrics.json").is_file() and not (tmp_path / "run" / "curves.png").exists()
     assert "pip install 'kd_lightning[plots]'" in caplog.text

@@ -9,7 +9,7 @@ from kd_lightning import DistillationModule, KDError
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.models import DigitsCNN
 from conftest import settings_of
-from kd_lightning.teacher.source import train_teacher, trained_teacher_path
+from kd_lightning.run.teachers import train_teacher, trained_teacher_path
 
 
 def test_the_students_see_a_fixed_share_of_the_labels_and_the_teacher_all() -> None:
@@ -46,7 +46,7 @@ def test_the_teacher_stage_trains_on_every_label(make_cfg, monkeypatch: pytest.M
     assert trained_teacher_path(settings_of(cfg)) == trained_teacher_path(settings_of(make_cfg("data.labeled_fraction=1.0", "trainer.fast_dev_run=true")))
     data = DigitsDataModule(labeled_fraction=0.15)
     seen = []
-    monkeypatch.setattr("kd_lightning.teacher.source.run_stage",
+    monkeypatch.setattr("kd_lightning.run.teachers.run_stage",
                         lambda *args, **kwargs: (seen.append(data.splits["train"].targets.clone()), ({}, DigitsCNN()))[1])
     train_teacher(settings_of(cfg), data, trained_teacher_path(settings_of(cfg)))
     assert (seen[0] != -100).all()

@@ -1,7 +1,7 @@
 """Causal language models: a small GPT in plain PyTorch, and ``transformers`` models built from a config.
 
 Both map token ids ``(N, L)`` to next-token logits ``(N, L, V)``; :class:`GPT` also exposes
-:meth:`GPT.hidden_states` and :attr:`GPT.head` for the chunked loss (:mod:`kd_lightning.chunked`).
+:meth:`GPT.hidden_states` and :attr:`GPT.head` for the chunked loss (:mod:`kd_lightning.loss.chunked`).
 """
 
 from __future__ import annotations

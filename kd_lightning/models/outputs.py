@@ -67,7 +67,7 @@ def output_head(model: nn.Module) -> nn.Module | None:
 
 def hidden_and_head(model: nn.Module, batch: Batch) -> tuple[Tensor, nn.Module]:
     """A language model's final hidden states ``(N, L, H)`` for ``batch["inputs"]`` and its :func:`output_head`, so that
-    ``head(hidden)`` are its logits without ever being built whole (:mod:`kd_lightning.chunked`)."""
+    ``head(hidden)`` are its logits without ever being built whole (:mod:`kd_lightning.loss.chunked`)."""
     head = output_head(model)
     if head is None:
         raise KDError(f"distill.chunk_rows needs the student's final hidden states and output head; {type(model).__name__} "

@@ -6,7 +6,7 @@
 - :mod:`~kd_lightning.teacher.recorder`: :func:`record_teacher`, one pass of the teacher written as a recording;
 - :mod:`~kd_lightning.teacher.recorded`: :class:`RecordedTeacher`, logits looked up by ``batch["index"]`` (and
   ``batch["view"]`` for augmented training images);
-- :mod:`~kd_lightning.teacher.source`: where a run's teacher comes from (a checkpoint, trained once and cached,
+- :mod:`~kd_lightning.run.teachers`: where a run's teacher comes from (a checkpoint, trained once and cached,
   recorded once).
 
 :class:`~kd_lightning.DistillationModule` takes any :class:`Teacher` (or a plain ``nn.Module``, wrapped by

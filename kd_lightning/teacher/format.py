@@ -6,7 +6,7 @@ reads it.
 A KD step pays for a teacher forward pass; a sweep over T and alpha pays it again in every
 job. With ``teacher.mode=recorded`` one pass over the data (``Trainer.predict``) records the
 teacher's logits into memory-mapped ``.npy`` files, keyed by the teacher's weights, the data's
-contents and the augmentation (:mod:`kd_lightning.teacher.source` keeps them under
+contents and the augmentation (:mod:`kd_lightning.run.teachers` keeps them under
 ``paths.cache_dir/recordings/``); every later run with the same key answers the teacher's
 question from them (:class:`~kd_lightning.teacher.recorded.RecordedTeacher`) and never loads the teacher.
 

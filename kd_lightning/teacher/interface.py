@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kd_lightning.chunked import TeacherBlocks
+from kd_lightning.loss.chunked import TeacherBlocks
 from kd_lightning.data.batch import Batch
 
 
@@ -33,7 +33,7 @@ class Teacher(nn.Module):
 
     def training_logits(self, batch: Batch, blockwise: bool = False) -> Tensor | TeacherBlocks:
         """The logits training compares the student with. A teacher may answer by row of the flattened positions
-        (:class:`~kd_lightning.chunked.TeacherBlocks`): for the chunked loss (``blockwise``), so that its whole logits
+        (:class:`~kd_lightning.loss.chunked.TeacherBlocks`): for the chunked loss (``blockwise``), so that its whole logits
         never exist, or because it completes them from the student's (a top-k recording). This default: :meth:`logits`."""
         return self.logits(batch, "train")
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kd_lightning.chunked import TeacherBlocks
+from kd_lightning.loss.chunked import TeacherBlocks
 from kd_lightning.data.augment import RecordedViews
 from kd_lightning.data.batch import Batch
 from kd_lightning.data.memory import InMemoryDataModule
@@ -123,7 +123,7 @@ class RecordedTeacher(Teacher):
                               batch.get("labels"), found.get("label_logits"))
 
     def training_logits(self, batch: Batch, blockwise: bool = False) -> Tensor | TeacherBlocks:
-        """Training's logits, by row of the flattened positions (:class:`~kd_lightning.chunked.TeacherBlocks`). A top-k
+        """Training's logits, by row of the flattened positions (:class:`~kd_lightning.loss.chunked.TeacherBlocks`). A top-k
         recording with ``tail`` ``student`` or ``sampled`` completes its tail there: from the student's probabilities
         (:func:`student_shaped_tail`) or the recorded draws (:func:`sampled_tail`), never rebuilt evenly first."""
         found = self._lookup(batch, "train")

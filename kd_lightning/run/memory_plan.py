@@ -1,4 +1,4 @@
-"""What a run holds on each device, before renting the devices: ``python -m kd_lightning.memory OVERRIDES``.
+"""What a run holds on each device, before renting the devices: ``python -m kd_lightning.run.memory_plan OVERRIDES``.
 
 The overrides are a run's (``teacher=hf teacher.model.path=DIR trainer=fsdp trainer.devices=8 ...``); the models are
 built on PyTorch's ``meta`` device (shapes, no weights: a 70B teacher costs nothing to build) and the bytes each
@@ -190,7 +190,7 @@ def sequence_length(data: Any, given: int | None) -> int:
 
 def columns(cfg: Any, length: int | None = None) -> tuple[dict[str, DeviceMemory], dict[str, Any]]:
     """Each column of the table for the run ``cfg`` composes, and what it was computed for."""
-    from kd_lightning.settings import Settings
+    from kd_lightning.run.settings import Settings
 
     settings = Settings.from_config(cfg)
     trainer = settings.run.trainer
@@ -235,15 +235,15 @@ def format_table(table: dict[str, DeviceMemory], run: dict[str, Any], capacity_g
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m kd_lightning.memory [--length L] [--device-gib G] OVERRIDES``: the table for the run the overrides
+    """``python -m kd_lightning.run.memory_plan [--length L] [--device-gib G] OVERRIDES``: the table for the run the overrides
     compose (no run directory is made, nothing is loaded or trained)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from kd_lightning.cli import run_reporting_errors
-    from kd_lightning.config import config_dir
+    from kd_lightning.run.cli import run_reporting_errors
+    from kd_lightning.run.config import config_dir
 
-    parser = argparse.ArgumentParser(prog="python -m kd_lightning.memory", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m kd_lightning.run.memory_plan", description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, help="tokens per sequence (default: data.block_size or data.max_length)")
     parser.add_argument("--device-gib", type=float, help="a device's memory in GiB: says which columns fit")
     parser.add_argument("overrides", nargs="*", help="the run's Hydra overrides")

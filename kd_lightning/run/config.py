@@ -3,7 +3,7 @@
 - :func:`config_dir`: ``conf/`` inside the installed package, or at the top of a checkout.
 - Typed schemas: a group's YAML names its schema first in its defaults list; Hydra then
   rejects a wrong type or an unknown key at composition time, before anything is built
-  (value ranges are checked where the values enter: :class:`~kd_lightning.loss_mix.LossMix`,
+  (value ranges are checked where the values enter: :class:`~kd_lightning.loss.mix.LossMix`,
   :class:`~kd_lightning.teacher.format.RecordingSettings`).
 - One model group for teacher and student: every ``conf/model/NAME.yaml`` and every model of
   the CIFAR zoo (``kd_lightning.models.cifar.MODELS``) is an option of both the ``teacher``
@@ -34,7 +34,7 @@ RENAMED = {"distill.chunk_rows": "speed.chunk_rows"}  # {old name: new name}: re
 
 def config_dir() -> str:
     """``conf/`` inside the installed package, or at the top of a source checkout."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parents[1]
     for candidate in (package / "conf", package.parent / "conf"):
         if (candidate / "train.yaml").is_file():
             return str(candidate)
@@ -131,8 +131,8 @@ def check_known_keys(cfg: DictConfig) -> None:
     ``callbacks``) a setting the object takes no argument for (unless it takes any keyword).
 
     ``distill.loss`` passes its keys to the objective (checked when it is built), ``distill.extra_terms/weights/
-    schedules`` name terms (checked by :class:`~kd_lightning.loss_mix.LossMix`), ``optim`` is built once on a
-    placeholder (:func:`~kd_lightning.settings.check_optimizer`).
+    schedules`` name terms (checked by :class:`~kd_lightning.loss.mix.LossMix`), ``optim`` is built once on a
+    placeholder (:func:`~kd_lightning.run.settings.check_optimizer`).
     """
     for where, allowed in closed_settings().items():
         node = OmegaConf.select(cfg, where) if where else cfg

@@ -6,7 +6,7 @@ temperature, ``(..., C) -> (...)``: one value per row (a sample) or per token po
 happens around it is done in one place, :class:`Objective`: both logits in at least float32
 (float64 stays float64) whatever the autocast dtype, optionally z-scored (``standardize``) and
 divided by ``T``; then the values of the positions that count are summed and divided by their
-count (:func:`kd_lightning.reduction.reduce`), times ``T²`` when asked. Every KL, plain or against
+count (:func:`kd_lightning.loss.reduction.reduce`), times ``T²`` when asked. Every KL, plain or against
 a mixture (JSD, skew KL), is one function, :func:`mixture_kl`, which works from differences of logits:
 finite for confident models at any logit scale, and as accurate as float32 allows for close ones.
 
@@ -42,7 +42,7 @@ from torch import Tensor
 
 from kd_lightning.errors import KDError, is_number
 from kd_lightning.data.batch import counted
-from kd_lightning.reduction import both, reduce
+from kd_lightning.loss.reduction import both, reduce
 
 __all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "standardize_logits",
            "positions_to_keep", "check_temperature", "mixture_kl", "Objective"]
@@ -298,7 +298,7 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
             labels: Tensor | None = None, ignore_index: int | None = None, scale_by_t2: bool = True,
             standardize: bool = False, num_kept: Tensor | float | None = None) -> Tensor:
     """Forward KL, Hinton KD (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over kept
-    positions (``batchmean`` for ``(N, C)`` input). The keywords are those of :mod:`kd_lightning.losses`."""
+    positions (``batchmean`` for ``(N, C)`` input). The keywords are those of :mod:`kd_lightning.loss.objectives`."""
     return _loss(forward_kl, {}, student_logits, teacher_logits, temperature, mask, labels, ignore_index, scale_by_t2,
                  standardize, num_kept)
 

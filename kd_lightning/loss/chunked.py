@@ -24,8 +24,8 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.losses import Objective, kd_loss
-from kd_lightning.reduction import count
+from kd_lightning.loss.objectives import Objective, kd_loss
+from kd_lightning.loss.reduction import count
 
 TeacherRows = Callable[[slice, Tensor], Tensor]  # (rows, the student's logits there (R, V)) -> the teacher's (R, V)
 BlockTerms = Callable[[Tensor, Tensor | None, dict[str, Tensor]], Mapping[str, Tensor]]  # (student, teacher, block) -> terms
@@ -171,7 +171,7 @@ def chunked_distillation_loss(
         teacher_hidden, teacher_head: the teacher's hidden states ``(…, H_t)`` and head ``(V, H_t)``;
             or ``teacher_logits``: a function ``rows -> (rows, V)`` over the flattened tokens
             (e.g. logits rebuilt from a recording).
-        objective: any objective of :mod:`kd_lightning.losses`, or a ``functools.partial`` of one with its settings
+        objective: any objective of :mod:`kd_lightning.loss.objectives`, or a ``functools.partial`` of one with its settings
             bound, e.g. ``partial(jsd_loss, beta=0.5)`` or ``partial(kd_loss, temperature=2.0)``.
         temperature: passed to ``objective``; default the one bound to it, else the objective's own default.
         labels, ignore_index, mask: tokens whose label is ``ignore_index`` or whose mask is False
@@ -199,7 +199,7 @@ def chunked_distillation_loss(
 
     spec = Objective.of(objective)
     if spec is None:
-        raise ValueError("objective must be one of kd_lightning.losses' objectives (or a functools.partial of one).")
+        raise ValueError("objective must be one of kd_lightning.loss.objectives' objectives (or a functools.partial of one).")
     fields = {"keep": keep} | ({} if labels is None else {"labels": labels.reshape(rows)})
 
     def block_terms(student: Tensor, teacher: Tensor | None, block: dict[str, Tensor]) -> dict[str, Tensor]:

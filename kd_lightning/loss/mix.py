@@ -5,10 +5,10 @@
 Each term is logged as ``train/<name>``: ``ce``, the objective under its own name (``kd``,
 ``reverse_kl``, ``jsd``, ``skew_kl``, ``tvd``, ``dkd``, or your function's), each extra term and feature
 term under its key. The library's objectives are divergences per position; the mix reduces them
-over the positions that count (:meth:`LossMix.evaluate`, :mod:`kd_lightning.reduction`). A term's
+over the positions that count (:meth:`LossMix.evaluate`, :mod:`kd_lightning.loss.reduction`). A term's
 weight comes from exactly one place:
 
-1. ``schedules[name]`` (a :class:`~kd_lightning.schedules.Schedule`, updated every step), else
+1. ``schedules[name]`` (a :class:`~kd_lightning.loss.schedules.Schedule`, updated every step), else
 2. ``weights[name]``, else
 3. its default: ``ce`` takes ``1 − alpha``, the objective ``alpha``, an extra or feature term
    its own ``weight``.
@@ -28,10 +28,10 @@ from torch import Tensor, nn
 
 from kd_lightning.data.batch import Batch
 from kd_lightning.errors import KDError
-from kd_lightning.features import FeatureDistiller, FeatureTerm
-from kd_lightning.losses import (MAX_TEMPERATURE, MIN_TEMPERATURE, Objective, check_objective_settings, check_temperature,
+from kd_lightning.loss.features import FeatureDistiller, FeatureTerm
+from kd_lightning.loss.objectives import (MAX_TEMPERATURE, MIN_TEMPERATURE, Objective, check_objective_settings, check_temperature,
                                  kd_loss, objective_name)
-from kd_lightning.schedules import Schedule, build_schedules
+from kd_lightning.loss.schedules import Schedule, build_schedules
 
 ObjectiveFn = Callable[..., Tensor]  # (student_logits, teacher_logits, *, temperature, labels) -> scalar
 SCHEDULABLE_SETTINGS = ("temperature", "alpha")
@@ -40,7 +40,7 @@ SCHEDULABLE_SETTINGS = ("temperature", "alpha")
 class Terms(dict):
     """Named, weighted loss terms of one step; :attr:`total` is the loss.
 
-    Evaluated whole, the loss is the sum of the terms. Evaluated block by block (:mod:`kd_lightning.chunked`), the
+    Evaluated whole, the loss is the sum of the terms. Evaluated block by block (:mod:`kd_lightning.loss.chunked`), the
     terms are the detached values for the log and :attr:`total` the one value that carries the gradient."""
 
     def __init__(self, terms: Mapping[str, Tensor], total: Tensor | None = None) -> None:
@@ -59,12 +59,12 @@ class LossMix(nn.Module):
 
     Args:
         objective: the logit objective ``f(student_logits, teacher_logits, temperature=T, labels=y)``;
-            default :func:`~kd_lightning.losses.kd_loss`. Its term is named after it (``kd_loss`` -> ``kd``).
+            default :func:`~kd_lightning.loss.objectives.kd_loss`. Its term is named after it (``kd_loss`` -> ``kd``).
         temperature: ``T > 0`` passed to every logit objective.
         alpha: the CE/objective mix, ``ce`` weighted ``1 − alpha`` and the objective ``alpha``;
             ``None`` when both take their weights from ``weights`` or ``schedules``.
         extra_terms: more logit objectives, ``{name: {"objective": f, "weight": w}}``.
-        features: feature terms (:class:`~kd_lightning.features.FeatureTerm` or dicts such as
+        features: feature terms (:class:`~kd_lightning.loss.features.FeatureTerm` or dicts such as
             ``{"student": "layer3", "teacher": "layer3", "loss": "fitnet", "weight": 100}``).
         weights: ``{term name: weight}`` replacing a term's default weight.
         schedules: ``{"temperature" | "alpha" | <term name>: Schedule or dict}``.
@@ -199,7 +199,7 @@ class LossMix(nn.Module):
 
     def evaluate(self, name: str, student_logits: Tensor, teacher_logits: Tensor, batch: Batch) -> Tensor:
         """Logit term ``name`` (the objective or an extra term), unweighted, at this step's temperature: the library's
-        objectives as a divergence per position reduced over the kept positions (:mod:`kd_lightning.reduction`); your
+        objectives as a divergence per position reduced over the kept positions (:mod:`kd_lightning.loss.reduction`); your
         own called with ``temperature``, ``labels`` and, for tokens, ``mask`` (the kept tokens)."""
         keep, labels = batch.get("kept"), batch.get("labels")
         spec = self.specs[name]

@@ -1,6 +1,6 @@
 """``python -m kd_lightning``: the Hydra entry point. All the work happens in :func:`train`.
 
-``python -m kd_lightning export CKPT OUT`` (or ``kd-lightning export ...``) runs :mod:`kd_lightning.export`.
+``python -m kd_lightning export CKPT OUT`` (or ``kd-lightning export ...``) runs :mod:`kd_lightning.run.export`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.config import composed_node, config_dir, register_configs, unknown_setting
+from kd_lightning.run.config import composed_node, config_dir, register_configs, unknown_setting
 from kd_lightning.errors import KDError, one_line
 from kd_lightning.files import atomic_write_text
-from kd_lightning.report import FAILURE_FILE
+from kd_lightning.run.report import FAILURE_FILE
 
 register_configs()
 # Hydra's usual switch shows tracebacks; the entry point sets HYDRA_FULL_ERROR for its own use and keeps
@@ -59,7 +59,7 @@ def format_summary(results: dict) -> str:
 
 
 def record_failure(output_dir: Path, line: str) -> None:
-    """A failed sweep job leaves its one-line reason in ``error.txt`` for ``kd_lightning.report``, and its overrides
+    """A failed sweep job leaves its one-line reason in ``error.txt`` for ``kd_lightning.run.report``, and its overrides
     where a job refused before it started has none (``.hydra/overrides.yaml``)."""
     try:
         atomic_write_text(output_dir / FAILURE_FILE, line + "\n")
@@ -72,8 +72,8 @@ def record_failure(output_dir: Path, line: str) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from kd_lightning.stages import is_global_zero, leave_process_group
-    from kd_lightning.train import train  # import torch/Lightning after Hydra parsed the command line
+    from kd_lightning.run.stages import is_global_zero, leave_process_group
+    from kd_lightning.run.train import train  # import torch/Lightning after Hydra parsed the command line
 
     try:
         results = train(cfg)
@@ -95,7 +95,7 @@ def main(cfg: DictConfig) -> float | None:
 def entry() -> None:
     """``kd-lightning`` / ``python -m kd_lightning``: ``export`` subcommand, else the Hydra app."""
     if len(sys.argv) > 1 and sys.argv[1] == "export":
-        from kd_lightning.export import main as export_main
+        from kd_lightning.run.export import main as export_main
 
         export_main(sys.argv[2:])
     else:

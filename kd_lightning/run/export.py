@@ -47,7 +47,7 @@ def student_from_config(config: Path) -> tuple[nn.Module, tuple[int, ...] | None
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    from kd_lightning.config import build
+    from kd_lightning.run.config import build
 
     cfg = OmegaConf.load(config)
     student = build(cfg.student.model)
@@ -150,7 +150,7 @@ def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     """
     from omegaconf import OmegaConf
 
-    from kd_lightning.config import build
+    from kd_lightning.run.config import build
     from kd_lightning.models.gpt import GPT, gpt_to_transformers
 
     checkpoint, out = existing_checkpoint(checkpoint, "the checkpoint to export"), Path(out)
@@ -184,7 +184,7 @@ def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *
 def run_tokenizer(config: Path, cfg: Any) -> Any:
     """The tokenizer a text run used: the one it saved (``RUN/tokenizer``), else its ``data.tokenizer``; else ``None``."""
     from kd_lightning.models.pretrained import pretrained_tokenizer
-    from kd_lightning.run_dir import TOKENIZER_DIR
+    from kd_lightning.run.run_dir import TOKENIZER_DIR
 
     saved = config.parent.parent / TOKENIZER_DIR
     if (saved / "tokenizer_config.json").is_file():

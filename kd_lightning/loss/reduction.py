@@ -6,7 +6,7 @@ the sum over the positions that count (the batch says which: :func:`kd_lightning
 positions kept in the call, or ``num_kept`` when given: the kept positions of a whole optimizer
 step (all micro-batches of a gradient accumulation, all ranks), so that the loss and its
 gradients do not depend on how the same examples were split. The loss mix, the public
-objectives (:mod:`kd_lightning.losses`) and the chunked loss (:mod:`kd_lightning.chunked`) all
+objectives (:mod:`kd_lightning.loss.objectives`) and the chunked loss (:mod:`kd_lightning.loss.chunked`) all
 reduce through :func:`reduce`.
 """
 

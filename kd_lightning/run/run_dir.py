@@ -44,6 +44,16 @@ INERT_WHEN_ADDED = {"distill.on_policy": lambda node: isinstance(node, dict) and
                     "teacher.shard": lambda value: value is True}  # sharding came with trainer=fsdp
 # values a later release renamed that compute what they did
 RENAMED = {"trainer.strategy._target_": {"lightning.pytorch.strategies.ModelParallelStrategy": "kd_lightning.sharding.ShardedStrategy"}}
+# modules 0.5 moved: a saved ``_target_`` under the old path names what the new one does
+MOVED_MODULES = {"kd_lightning.losses": "kd_lightning.loss.objectives", "kd_lightning.schedules": "kd_lightning.loss.schedules",
+                 "kd_lightning.loss_mix": "kd_lightning.loss.mix", "kd_lightning.features": "kd_lightning.loss.features",
+                 "kd_lightning.chunked": "kd_lightning.loss.chunked", "kd_lightning.reduction": "kd_lightning.loss.reduction"}
+
+
+def moved(target: Any) -> Any:
+    """A ``_target_`` written before its module moved, under today's path (anything else as it is)."""
+    module, _, name = target.rpartition(".") if isinstance(target, str) else ("", "", "")
+    return f"{MOVED_MODULES[module]}.{name}" if module in MOVED_MODULES else target
 
 
 def is_global_zero() -> bool:
@@ -95,7 +105,8 @@ def differences(saved: Any, now: Any, key: str = "") -> dict[str, tuple[Any, Any
     """``{setting: (saved, now)}`` where two configs differ, at the outermost setting that differs (a group added
     or removed is one entry); :data:`WHERE_AND_HOW_SHOWN` is skipped, and so is a setting a later release added
     that the run's saved config lacks while it holds its off value (null, false, empty, or an interpolation), a
-    group of :data:`INERT_WHEN_ADDED` at values that change nothing, or a value :data:`RENAMED` since."""
+    group of :data:`INERT_WHEN_ADDED` at values that change nothing, or a value :data:`RENAMED` (or whose module
+    :data:`MOVED_MODULES`) since."""
     if key and named(key, WHERE_AND_HOW_SHOWN):
         return {}
     if saved is UNSET and (now in (None, False, [], {}) or (isinstance(now, str) and now.startswith("${"))):
@@ -103,6 +114,8 @@ def differences(saved: Any, now: Any, key: str = "") -> dict[str, tuple[Any, Any
     if saved is UNSET and key in INERT_WHEN_ADDED and INERT_WHEN_ADDED[key](now):
         return {}  # e.g. distill.on_policy sampling nothing: the data set's completions, as before
     if key in RENAMED and RENAMED[key].get(saved) == now:
+        return {}
+    if key.endswith("._target_") and moved(saved) == now != saved:
         return {}
     if isinstance(saved, dict) and isinstance(now, dict):
         found: dict[str, tuple[Any, Any]] = {}

@@ -1,17 +1,17 @@
 """A run's settings: the config parsed once into typed parts, every rule checked before anything is built.
 
-:func:`~kd_lightning.train.train` calls :meth:`Settings.from_config` first; each part is validated where it
+:func:`~kd_lightning.run.train.train` calls :meth:`Settings.from_config` first; each part is validated where it
 is built and then passed on instead of the config:
 
 - ``run`` (:class:`RunSettings`): seed, resume and overwrite, the baseline stage, where outputs and caches go,
   how long a stage trains;
 - ``teacher`` (:class:`TeacherSettings`): where the teacher comes from (a checkpoint, trained once, recorded);
-- ``loss_mix`` (:class:`~kd_lightning.loss_mix.LossMix`): ``distill``, the loss terms, weights and schedules;
+- ``loss_mix`` (:class:`~kd_lightning.loss.mix.LossMix`): ``distill``, the loss terms, weights and schedules;
 - ``on_policy`` (:class:`~kd_lightning.sequences.OnPolicy`): ``distill.on_policy``, where completions come from;
 - ``speed`` (:class:`~kd_lightning.speed.SpeedSettings`): how the networks run, not what they compute.
 
 The objects Hydra builds per stage (data, models, optimizer, trainer, callbacks, logger) stay config nodes,
-built with :func:`~kd_lightning.config.build` where they are needed.
+built with :func:`~kd_lightning.run.config.build` where they are needed.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning import __version__
-from kd_lightning import run_dir
+from kd_lightning.run import run_dir
 from kd_lightning.checkpoints import existing_checkpoint
-from kd_lightning.config import build, check_known_keys, unexpected_argument
+from kd_lightning.run.config import build, check_known_keys, unexpected_argument
 from kd_lightning.errors import KDError, is_integer
-from kd_lightning.features import check_live_teacher
-from kd_lightning.loss_mix import LossMix
+from kd_lightning.loss.features import check_live_teacher
+from kd_lightning.loss.mix import LossMix
 from kd_lightning.models.pretrained import check_pretrained, is_pretrained
-from kd_lightning.losses import Objective, forward_kl, unwrap
+from kd_lightning.loss.objectives import Objective, forward_kl, unwrap
 from kd_lightning.sequences import OnPolicy
 from kd_lightning.speed import SpeedSettings
 from kd_lightning.teacher.format import RecordingSettings

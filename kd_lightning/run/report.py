@@ -1,4 +1,4 @@
-"""``python -m kd_lightning.report MULTIRUN_DIR``: one table of every job of a sweep.
+"""``python -m kd_lightning.run.report MULTIRUN_DIR``: one table of every job of a sweep.
 
 Reads each job's ``metrics.json`` (test accuracies in %; for language models test perplexities, with ``gain`` the
 distilled student's change in perplexity over the student alone's, in %; for a task with answers greedy exact match
@@ -21,9 +21,9 @@ from pathlib import Path
 import yaml
 
 from kd_lightning.files import atomic_write
-from kd_lightning.plots import plot_sweep
+from kd_lightning.run.plots import plot_sweep
 
-FAILURE_FILE = "error.txt"  # written by kd_lightning.cli for a failed sweep job
+FAILURE_FILE = "error.txt"  # written by kd_lightning.run.cli for a failed sweep job
 COLUMNS = [("teacher", "teacher"), ("baseline", "alone"), ("distilled", "distilled")]
 # a row's keys that are not a stage's figure
 REPORTED = {"job", "overrides", "error", "status", "measure", "teacher", "alone", "distilled", "val", "gain"}

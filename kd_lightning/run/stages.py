@@ -17,16 +17,16 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd_lightning.checkpoints import AtomicCheckpointIO, check_resumable, load_weights
-from kd_lightning.config import build
+from kd_lightning.run.config import build
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.files import atomic_write_text
-from kd_lightning.loss_mix import LossMix
+from kd_lightning.loss.mix import LossMix
 from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
-from kd_lightning.run_dir import is_global_zero
+from kd_lightning.run.run_dir import is_global_zero
 from kd_lightning.sequences import Answers, SampleScores, Sequences
 from kd_lightning.sharding import full_state_dict, is_sharded
-from kd_lightning.settings import RunSettings, Settings
+from kd_lightning.run.settings import RunSettings, Settings
 from kd_lightning.teacher import Teacher
 
 log = logging.getLogger(__name__)

@@ -7,16 +7,17 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kd_lightning import run_dir
-from kd_lightning.config import build
+from kd_lightning.run import run_dir
+from kd_lightning.run.config import build
 from kd_lightning.files import atomic_write_text
-from kd_lightning.loss_mix import LossMix
-from kd_lightning.plots import plot_curves
-from kd_lightning.run_dir import RESULTS_FILE, TOKENIZER_DIR, is_global_zero
+from kd_lightning.loss.mix import LossMix
+from kd_lightning.run.plots import plot_curves
+from kd_lightning.run.run_dir import RESULTS_FILE, TOKENIZER_DIR, is_global_zero
 from kd_lightning.sequences import Sequences
-from kd_lightning.settings import Settings
-from kd_lightning.stages import run_stage
-from kd_lightning.teacher.source import check_models, prepare_teacher
+from kd_lightning.run.settings import Settings
+from kd_lightning.run.stages import run_stage
+from kd_lightning.run.preflight import check_models
+from kd_lightning.run.teachers import prepare_teacher
 
 __all__ = ["RESULTS_FILE", "train"]
 
@@ -24,9 +25,9 @@ __all__ = ["RESULTS_FILE", "train"]
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run the recipe described by ``cfg``; return (and write) the metrics summary.
 
-    0. the settings, parsed once and checked before anything is built or trained (:mod:`kd_lightning.settings`),
-       and only then the run directory written to (:func:`kd_lightning.run_dir.start`);
-    1. the teacher: loaded, trained once and cached, or recorded (:mod:`kd_lightning.teacher.source`);
+    0. the settings, parsed once and checked before anything is built or trained (:mod:`kd_lightning.run.settings`),
+       and only then the run directory written to (:func:`kd_lightning.run.run_dir.start`);
+    1. the teacher: loaded, trained once and cached, or recorded (:mod:`kd_lightning.run.teachers`);
     2. the student distilled from it, tested (and again in each stage of ``distill.on_policy_stages``);
     3. with ``baseline=true``, the same student trained alone (same seed, init and schedule), tested;
     4. ``metrics.json`` (and ``curves.png``) in ``paths.output_dir``. ``results["distilled_val_acc"]``, the
