@@ -19,8 +19,10 @@ optimizer state are left out; the written file loads into the bare student with
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -55,18 +57,64 @@ def student_from_config(config: Path) -> tuple[nn.Module, tuple[int, ...] | None
     return student, input_shape
 
 
-def check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool) -> None:
-    """Before anything is written: no output is the checkpoint itself or another output, and none exists unless
-    ``overwrite``."""
+EXPORT_FILE = "kd_lightning_export.json"  # in a folder --format hf wrote: the files it wrote
+
+
+def check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool, folder: bool = False) -> None:
+    """Before anything is written: no output is the checkpoint itself, holds it, or is another output, and none exists
+    unless ``overwrite`` and it is an earlier export (:func:`earlier_export`): nothing else is ever replaced."""
     resolved = [out.resolve() for out in outputs]
     for out, where in zip(outputs, resolved):
         if where == checkpoint.resolve():
             raise KDError(f"{out} is the checkpoint being exported; write the student to another path (the checkpoint is "
                           "what ckpt_path=last resumes from).")
+        if where in checkpoint.resolve().parents:
+            raise KDError(f"{out} holds the checkpoint being exported ({checkpoint}); write the export to a path of its "
+                          "own, outside the run.")
         if resolved.count(where) > 1:
             raise KDError(f"{out} is named for two outputs; give each of them its own path.")
+        if folder and out.is_file():
+            raise KDError(f"{out} is a file, but --format hf writes a folder; give a folder path (e.g. {out.with_suffix('')}).")
+        if not folder and out.is_dir():
+            raise KDError(f"{out} is a folder, but this export writes a file; give a file path (e.g. {out / 'student.pt'}).")
         if out.exists() and not overwrite:
             raise KDError(f"{out} already exists; choose another path or pass --overwrite to replace it.")
+        if out.exists():
+            earlier_export(out, folder)
+
+
+def earlier_export(out: Path, folder: bool) -> None:
+    """Refuse to replace ``out`` unless an export wrote it: a folder that ``--format hf`` wrote (its
+    ``kd_lightning_export.json`` lists every file in it), or a PyTorch archive file (a state dict, TorchScript or
+    ``torch.export``). A run directory, a folder with other files, or any other file is never replaced."""
+    if not folder:
+        if not is_torch_archive(out):
+            raise KDError(f"{out} is not a file an export wrote (not a PyTorch archive); --overwrite replaces earlier "
+                          "exports only: choose another path, or remove it yourself.")
+        return
+    if (out / ".hydra").is_dir() or (out / "metrics.json").exists():
+        raise KDError(f"{out} is a run directory; --overwrite replaces earlier exports only: write the export to a folder "
+                      "of its own.")
+    try:
+        written = set(json.loads((out / EXPORT_FILE).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise KDError(f"{out} is not a folder an export wrote (no {EXPORT_FILE}); --overwrite replaces earlier exports "
+                      "only: choose another folder, or remove it yourself.") from None
+    others = sorted(str(path.relative_to(out)) for path in out.rglob("*")
+                    if path.is_file() and str(path.relative_to(out)) not in written | {EXPORT_FILE})
+    if others:
+        raise KDError(f"{out} holds files no export wrote ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+                      "--overwrite replaces earlier exports only: move them, or choose another folder.")
+
+
+def is_torch_archive(path: Path) -> bool:
+    """Whether ``path`` is a file ``torch.save``, ``torch.jit.save`` or ``torch.export.save`` wrote (a zip archive with
+    PyTorch's version record)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith(("/version", "/archive_version", "/.data/version")) for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def stage_of(checkpoint: Path, config: Path) -> str | None:
@@ -154,7 +202,7 @@ def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     from kd_lightning.models.gpt import GPT, gpt_to_transformers
 
     checkpoint, out = existing_checkpoint(checkpoint, "the checkpoint to export"), Path(out)
-    check_outputs(checkpoint, [out], overwrite)
+    check_outputs(checkpoint, [out], overwrite, folder=True)
     config = Path(config) if config else find_run_config(checkpoint)
     cfg = OmegaConf.load(config)
     if role not in (None, "teacher", "student"):
@@ -176,6 +224,9 @@ def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        files = sorted(str(path.relative_to(tmp)) for path in tmp.rglob("*") if path.is_file())
+        (tmp / EXPORT_FILE).write_text(json.dumps({"checkpoint": str(checkpoint.resolve()), "role": role,
+                                                   "files": files}, indent=2) + "\n")
     if tokenizer is None:
         print(f"warning: the run in {config.parent.parent} saved no tokenizer; {out} holds the model alone", file=sys.stderr)
     return model
@@ -215,7 +266,8 @@ def main(argv: list[str] | None = None) -> None:
             if args.torchscript or args.torch_export:
                 raise KDError("--format hf writes a transformers folder; export TorchScript / torch.export without --format.")
             model = export_transformers(args.checkpoint, args.out, config=args.config, role=args.role, overwrite=args.overwrite)
-            print(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters) and its tokenizer "
+            tokenizer = " and its tokenizer" if (args.out / "tokenizer_config.json").is_file() else ""
+            print(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters){tokenizer} "
                   f"written to {args.out}: AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
             return
         student = export_student(args.checkpoint, args.out, config=args.config, torchscript=args.torchscript,
