@@ -42,6 +42,15 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(make_cfg, tmp_path
         for key in a:
             assert torch.equal(a[key], b[key]), (stage, key)
         assert resumed[stage] == uninterrupted[stage]
+        # every row of the curves, the ones logged before the interruption too, as the uninterrupted run wrote them
+        assert metrics_rows(tmp_path / "b", stage) == metrics_rows(tmp_path / "a", stage), stage
+
+
+def metrics_rows(run: Path, stage: str) -> list[dict[str, float]]:
+    import csv
+
+    with open(run / stage / "metrics.csv", newline="") as file:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(file)]
 
 
 def test_ckpt_path_other_than_last_is_explained(make_cfg) -> None:
