@@ -131,6 +131,15 @@ def test_a_resume_with_other_settings_is_refused_unless_the_changes_are_named(ma
     assert [entry["changed"] for entry in resumes] == [{"trainer.max_epochs": {"was": 3, "now": 4}}]
     assert yaml.safe_load((run / ".hydra" / "config.yaml").read_text())["trainer"]["max_epochs"] == 4
 
+    # a changed_on_resume entry that names no setting; a run whose record of its settings is gone
+    (run / "metrics.json").unlink()
+    with pytest.raises(KDError, match=r"changed_on_resume names distill.temprature, a setting neither this run nor"):
+        train(make_cfg(*FAST, "ckpt_path=last", "changed_on_resume=[distill.temprature]", output_dir=run))
+    (run / ".hydra" / "config.yaml").unlink()
+    with pytest.raises(KDError, match=r"holds checkpoints but not .hydra/config.yaml, the record of the settings"):
+        train(make_cfg(*FAST, "ckpt_path=last", "distill.temperature=1", output_dir=run))
+    assert not (run / ".hydra" / "config.yaml").exists() and not (run / "metrics.json").exists()
+
 
 def test_a_run_saved_before_its_targets_moved_resumes_without_a_change() -> None:
     """0.5 moved kd_lightning.losses and .schedules into kd_lightning.loss: a saved ``_target_`` there is no change."""

@@ -74,7 +74,12 @@ def check(cfg: DictConfig, output_dir: Path, resume: bool, overwrite: bool) -> N
     accepted = cfg.get("changed_on_resume") or []
     if not OmegaConf.is_list(accepted) and not isinstance(accepted, list):
         raise KDError(f"changed_on_resume must be a list of settings, got {accepted!r}; e.g. changed_on_resume=[trainer.max_epochs].")
+    if resume and earlier and not (output_dir / SAVED_CONFIG).is_file():
+        raise KDError(f"ckpt_path=last: {output_dir} holds checkpoints but not {SAVED_CONFIG}, the record of the settings "
+                      "they were trained with, so a resume could not tell a changed setting; restore that file, or start "
+                      "afresh with overwrite=true.")
     if resume:
+        check_named_settings(accepted, cfg, output_dir)
         unaccepted = {key: change for key, change in resume_changes(cfg, output_dir).items()
                       if not named(key, accepted)}
         if unaccepted:
@@ -82,6 +87,16 @@ def check(cfg: DictConfig, output_dir: Path, resume: bool, overwrite: bool) -> N
             raise KDError(f"ckpt_path=last: the settings differ from those the run in {output_dir} was made with "
                           f"({SAVED_CONFIG}): {listed}; resume with its settings, or name the changes to resume with them "
                           f"anyway: changed_on_resume=[{','.join(unaccepted)}].")
+
+
+def check_named_settings(accepted: Any, cfg: DictConfig, output_dir: Path) -> None:
+    """Each entry of ``changed_on_resume`` names a setting of this run or of the run resumed (one removed since)."""
+    saved_file = output_dir / SAVED_CONFIG
+    saved = OmegaConf.load(saved_file) if saved_file.is_file() else OmegaConf.create()
+    for key in map(str, accepted):
+        if OmegaConf.select(cfg, key, default=UNSET) is UNSET and OmegaConf.select(saved, key, default=UNSET) is UNSET:
+            raise KDError(f"changed_on_resume names {key}, a setting neither this run nor the one in {output_dir} has; "
+                          "name the settings that changed, as the refusal of the resume listed them.")
 
 
 def resume_changes(cfg: DictConfig, output_dir: Path) -> dict[str, tuple[Any, Any]]:
