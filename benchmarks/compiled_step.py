@@ -23,26 +23,45 @@ from typing import Any
 
 import lightning as L
 import torch
+from synthetic import StepWindow, SyntheticCIFAR, machine, on_device, quiet_lightning
 
 from kd_lightning import DistillationModule
 from kd_lightning.models.cifar import build_cifar_model
 from kd_lightning.speed import SpeedSettings
 
-from synthetic import StepWindow, SyntheticCIFAR, machine, on_device, quiet_lightning
+VARIANTS = {
+    "eager": SpeedSettings(),
+    "compiled": SpeedSettings(compile=True),
+    "graphs": SpeedSettings(compile=True, compile_mode="reduce-overhead"),
+}
 
-VARIANTS = {"eager": SpeedSettings(), "compiled": SpeedSettings(compile=True),
-            "graphs": SpeedSettings(compile=True, compile_mode="reduce-overhead")}
 
-
-def images_per_second(variant: str, student: torch.nn.Module, teacher: torch.nn.Module, data: SyntheticCIFAR,
-                      args: argparse.Namespace) -> float:
+def images_per_second(
+    variant: str, student: torch.nn.Module, teacher: torch.nn.Module, data: SyntheticCIFAR, args: argparse.Namespace
+) -> float:
     speed = VARIANTS[variant]
-    module = DistillationModule(speed.prepare(copy.deepcopy(student)), speed.prepare(copy.deepcopy(teacher)), num_classes=10,
-                                temperature=4.0, alpha=0.9, optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    module = DistillationModule(
+        speed.prepare(copy.deepcopy(student)),
+        speed.prepare(copy.deepcopy(teacher)),
+        num_classes=10,
+        temperature=4.0,
+        alpha=0.9,
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+    )
     timer = StepWindow(args.warmup, args.device)
-    trainer = L.Trainer(accelerator="cuda" if args.device.startswith("cuda") else "cpu", devices=1, precision=args.precision,
-                        max_steps=args.warmup + args.steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[timer])
+    trainer = L.Trainer(
+        accelerator="cuda" if args.device.startswith("cuda") else "cpu",
+        devices=1,
+        precision=args.precision,
+        max_steps=args.warmup + args.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[timer],
+    )
     trainer.fit(module, datamodule=data)
     return args.steps * args.batch_size / (timer.end - timer.start)
 
@@ -65,20 +84,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     teacher = on_device(build_cifar_model(args.teacher, num_classes=10), args.device, args.channels_last)
     student = on_device(build_cifar_model(args.student, num_classes=10), args.device, args.channels_last)
-    data = SyntheticCIFAR(size=(args.warmup + args.steps) * args.batch_size, num_classes=10, batch_size=args.batch_size,
-                          channels_last=args.channels_last)
+    data = SyntheticCIFAR(
+        size=(args.warmup + args.steps) * args.batch_size,
+        num_classes=10,
+        batch_size=args.batch_size,
+        channels_last=args.channels_last,
+    )
     data.drop_last = True  # static shapes, which CUDA graphs need
     rates: dict[str, list[float]] = {v: [] for v in args.variants}
     for repeat in range(args.repeats):
-        order = args.variants[repeat % len(args.variants):] + args.variants[: repeat % len(args.variants)]
+        order = args.variants[repeat % len(args.variants) :] + args.variants[: repeat % len(args.variants)]
         for variant in order:
             rates[variant].append(images_per_second(variant, student, teacher, data, args))
     medians = {v: statistics.median(r) for v, r in rates.items()}
-    figures = {"machine": machine(args.device), "torch": torch.__version__, "teacher": args.teacher, "student": args.student,
-               "batch_size": args.batch_size, "precision": args.precision, "channels_last": args.channels_last,
-               "images_per_s": {v: round(m, 1) for v, m in medians.items()},
-               "over_eager": {v: round(m / medians["eager"], 3) for v, m in medians.items()} if "eager" in medians else {},
-               "runs": {v: [round(x, 1) for x in r] for v, r in rates.items()}}
+    figures = {
+        "machine": machine(args.device),
+        "torch": torch.__version__,
+        "teacher": args.teacher,
+        "student": args.student,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "images_per_s": {v: round(m, 1) for v, m in medians.items()},
+        "over_eager": {v: round(m / medians["eager"], 3) for v, m in medians.items()} if "eager" in medians else {},
+        "runs": {v: [round(x, 1) for x in r] for v, r in rates.items()},
+    }
     for variant, rate in figures["images_per_s"].items():
         print(f"{variant:9s} {rate:9.1f} images/s (median of {args.repeats})")
     if args.json:

@@ -23,11 +23,10 @@ from typing import Any
 
 import lightning as L
 import torch
+from synthetic import StepWindow, SyntheticCIFAR, machine, on_device, quiet_lightning
 
 from kd_lightning import DistillationModule
 from kd_lightning.models.cifar import build_cifar_model
-
-from synthetic import StepWindow, SyntheticCIFAR, machine, on_device, quiet_lightning
 
 
 def job(args: argparse.Namespace, barrier: Any, results: Any) -> None:
@@ -37,14 +36,34 @@ def job(args: argparse.Namespace, barrier: Any, results: Any) -> None:
     torch.manual_seed(0)
     teacher = on_device(build_cifar_model(args.teacher, num_classes=10), args.device, args.channels_last)
     student = on_device(build_cifar_model(args.student, num_classes=10), args.device, args.channels_last)
-    data = SyntheticCIFAR(size=(args.warmup + args.steps) * args.batch_size, num_classes=10, batch_size=args.batch_size,
-                          channels_last=args.channels_last)
-    module = DistillationModule(student, teacher, num_classes=10, temperature=4.0, alpha=0.9,
-                                optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    data = SyntheticCIFAR(
+        size=(args.warmup + args.steps) * args.batch_size,
+        num_classes=10,
+        batch_size=args.batch_size,
+        channels_last=args.channels_last,
+    )
+    module = DistillationModule(
+        student,
+        teacher,
+        num_classes=10,
+        temperature=4.0,
+        alpha=0.9,
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9),
+    )
     window = StepWindow(args.warmup, args.device, barrier)
-    trainer = L.Trainer(accelerator="cuda" if args.device.startswith("cuda") else "cpu", devices=1, precision=args.precision,
-                        max_steps=args.warmup + args.steps, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[window])
+    trainer = L.Trainer(
+        accelerator="cuda" if args.device.startswith("cuda") else "cpu",
+        devices=1,
+        precision=args.precision,
+        max_steps=args.warmup + args.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[window],
+    )
     trainer.fit(module, datamodule=data)
     results.put((window.start, window.end))
 
@@ -62,8 +81,12 @@ def round_of(jobs: int, args: argparse.Namespace) -> dict[str, Any]:
             raise SystemExit(f"a job failed (exit status {process.exitcode})")
     wall = max(end for _, end in windows) - min(start for start, _ in windows)
     images = jobs * args.steps * args.batch_size
-    return {"jobs": jobs, "wall_s": round(wall, 3), "images_per_s": round(images / wall, 1),
-            "per_job_images_per_s": [round(args.steps * args.batch_size / (end - start), 1) for start, end in windows]}
+    return {
+        "jobs": jobs,
+        "wall_s": round(wall, 3),
+        "images_per_s": round(images / wall, 1),
+        "per_job_images_per_s": [round(args.steps * args.batch_size / (end - start), 1) for start, end in windows],
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -80,14 +103,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    figures: dict[str, Any] = {"machine": machine(args.device), "torch": torch.__version__, "teacher": args.teacher,
-                               "student": args.student, "batch_size": args.batch_size, "precision": args.precision,
-                               "channels_last": args.channels_last, "rounds": [round_of(jobs, args) for jobs in args.jobs]}
+    figures: dict[str, Any] = {
+        "machine": machine(args.device),
+        "torch": torch.__version__,
+        "teacher": args.teacher,
+        "student": args.student,
+        "batch_size": args.batch_size,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "rounds": [round_of(jobs, args) for jobs in args.jobs],
+    }
     single = figures["rounds"][0]["images_per_s"]
     for entry in figures["rounds"]:
         entry["over_one_job"] = round(entry["images_per_s"] / single, 3)
-        print(f"{entry['jobs']} concurrent job(s): {entry['images_per_s']:9.1f} images/s in all "
-              f"({entry['over_one_job']:.2f}x one job), per job {entry['per_job_images_per_s']}")
+        print(
+            f"{entry['jobs']} concurrent job(s): {entry['images_per_s']:9.1f} images/s in all "
+            f"({entry['over_one_job']:.2f}x one job), per job {entry['per_job_images_per_s']}"
+        )
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")
     return figures

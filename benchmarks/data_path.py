@@ -64,7 +64,9 @@ def epoch_torchvision(loader: DataLoader) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data-dir", required=True, help="image-folder tree with train/ and test/ (the extracted cifar10-jpeg)")
+    parser.add_argument(
+        "--data-dir", required=True, help="image-folder tree with train/ and test/ (the extracted cifar10-jpeg)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for the torchvision path")
     parser.add_argument("--repeats", type=int, default=3)
@@ -78,25 +80,42 @@ def main() -> None:
     train = dm.splits["train"]
     images = train.inputs.permute(0, 2, 3, 1).contiguous().numpy()  # the same 45,000 images, HWC uint8
     mean, std = STATS["cifar10"]
-    per_image = transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), transforms.Normalize(mean, std),
-    ])
-    loader = DataLoader(PerImageCIFAR(images, train.targets.numpy(), per_image), batch_size=args.batch_size, shuffle=True,
-                        num_workers=args.workers, persistent_workers=args.workers > 0)
+    per_image = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+    loader = DataLoader(
+        PerImageCIFAR(images, train.targets.numpy(), per_image),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        persistent_workers=args.workers > 0,
+    )
 
     epoch_in_memory(dm), epoch_torchvision(loader)  # warm-up: page in, start the workers
     times: dict[str, list[float]] = {"in_memory": [], "torchvision": []}
     for _ in range(args.repeats):
-        for name, run in (("in_memory", lambda: epoch_in_memory(dm)), ("torchvision", lambda: epoch_torchvision(loader))):
+        for name, run in (
+            ("in_memory", lambda: epoch_in_memory(dm)),
+            ("torchvision", lambda: epoch_torchvision(loader)),
+        ):
             start = time.perf_counter()
             count = run()
             times[name].append(time.perf_counter() - start)
             assert count == len(train), (name, count)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"CIFAR-10 train epoch, {len(train)} images, batch {args.batch_size}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, torchvision workers {args.workers}, {args.repeats} pairs (A B A B)")
+    print(
+        f"CIFAR-10 train epoch, {len(train)} images, batch {args.batch_size}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, torchvision workers {args.workers}, {args.repeats} pairs (A B A B)"
+    )
     for name, values in times.items():
-        print(f"  {name:12s} median {med[name]:7.2f} s   ({len(train) / med[name]:9.0f} images/s)   runs: {', '.join(f'{v:.2f}' for v in values)}")
+        print(
+            f"  {name:12s} median {med[name]:7.2f} s   ({len(train) / med[name]:9.0f} images/s)   runs: {', '.join(f'{v:.2f}' for v in values)}"
+        )
     print(f"  ratio torchvision / in_memory: {med['torchvision'] / med['in_memory']:.1f}x")
 
 

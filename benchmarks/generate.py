@@ -45,8 +45,10 @@ def main() -> None:
     model = GPT(args.vocab, args.prompt + args.new_tokens, args.dim, args.depth, 4).eval()
     prompts = torch.randint(0, args.vocab, (args.rows, args.prompt))
     times: dict[str, list[float]] = {"cached": [], "recomputed": []}
-    runs = {"cached": lambda: model.generate(prompts, args.new_tokens, greedy=True),
-            "recomputed": lambda: recomputed(model, prompts, args.new_tokens)}
+    runs = {
+        "cached": lambda: model.generate(prompts, args.new_tokens, greedy=True),
+        "recomputed": lambda: recomputed(model, prompts, args.new_tokens),
+    }
     made = {name: run() for name, run in runs.items()}  # warm-up, and the two must agree
     if not torch.equal(made["cached"], made["recomputed"]):
         raise SystemExit("the cached generation differs from the recomputed one")
@@ -57,12 +59,20 @@ def main() -> None:
             times[name].append(time.perf_counter() - start)
     tokens = args.rows * args.new_tokens
     figures = {name: tokens / statistics.median(seconds) for name, seconds in times.items()}
-    result = {"machine": f"CPU, {torch.get_num_threads()} threads", "new_tokens": args.new_tokens, "prompt": args.prompt,
-              "rows": args.rows, "tokens_per_s": figures, "ratio_cached_over_recomputed": figures["cached"] / figures["recomputed"]}
+    result = {
+        "machine": f"CPU, {torch.get_num_threads()} threads",
+        "new_tokens": args.new_tokens,
+        "prompt": args.prompt,
+        "rows": args.rows,
+        "tokens_per_s": figures,
+        "ratio_cached_over_recomputed": figures["cached"] / figures["recomputed"],
+    }
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(f"{result['machine']}; {args.rows} prompts of {args.prompt} tokens, {args.new_tokens} new tokens each, greedy")
+    print(
+        f"{result['machine']}; {args.rows} prompts of {args.prompt} tokens, {args.new_tokens} new tokens each, greedy"
+    )
     for name, value in figures.items():
         print(f"  {name:<11} {value:9.0f} generated tokens/s")
     print(f"ratio cached / recomputed: {result['ratio_cached_over_recomputed']:.2f}x (same tokens)")

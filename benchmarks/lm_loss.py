@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from synthetic import machine, synchronize  # noqa: E402
+
 from kd_lightning.loss.chunked import chunked_distillation_loss  # noqa: E402
 from kd_lightning.loss.objectives import jsd_loss, kd_loss, reverse_kl_loss  # noqa: E402
-
-from synthetic import machine, synchronize  # noqa: E402
 
 OBJECTIVES = {"kd": kd_loss, "reverse_kl": reverse_kl_loss, "jsd": partial(jsd_loss, beta=0.5)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -47,9 +47,13 @@ def inputs(args: argparse.Namespace) -> dict:
 
     labels = torch.randint(0, args.vocab, (args.tokens,), generator=g)
     labels[torch.rand(args.tokens, generator=g) < 0.1] = -100
-    return {"hidden": make(args.tokens, args.hidden), "weight": make(args.vocab, args.hidden, scale=args.hidden ** -0.5),
-            "teacher_hidden": make(args.tokens, args.hidden), "teacher_weight": make(args.vocab, args.hidden, scale=args.hidden ** -0.5),
-            "labels": labels.to(device)}
+    return {
+        "hidden": make(args.tokens, args.hidden),
+        "weight": make(args.vocab, args.hidden, scale=args.hidden**-0.5),
+        "teacher_hidden": make(args.tokens, args.hidden),
+        "teacher_weight": make(args.vocab, args.hidden, scale=args.hidden**-0.5),
+        "labels": labels.to(device),
+    }
 
 
 def run(variant: str, data: dict, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -60,11 +64,24 @@ def run(variant: str, data: dict, args: argparse.Namespace) -> tuple[torch.Tenso
     if variant == "naive":
         with torch.no_grad():
             teacher_logits = nn.functional.linear(data["teacher_hidden"], data["teacher_weight"])
-        loss = objective(nn.functional.linear(hidden, weight), teacher_logits, args.temperature,
-                         labels=data["labels"], ignore_index=-100)
+        loss = objective(
+            nn.functional.linear(hidden, weight),
+            teacher_logits,
+            args.temperature,
+            labels=data["labels"],
+            ignore_index=-100,
+        )
     else:
-        loss = chunked_distillation_loss(hidden, weight, data["teacher_hidden"], data["teacher_weight"], objective=objective,
-                                         temperature=args.temperature, labels=data["labels"], chunk_rows=args.chunk_rows)
+        loss = chunked_distillation_loss(
+            hidden,
+            weight,
+            data["teacher_hidden"],
+            data["teacher_weight"],
+            objective=objective,
+            temperature=args.temperature,
+            labels=data["labels"],
+            chunk_rows=args.chunk_rows,
+        )
     loss.backward()
     return loss.detach(), hidden.grad, weight.grad
 
@@ -85,7 +102,9 @@ def peak_memory_increase(variant: str, args: argparse.Namespace) -> int:
 
 
 def measured_in_a_fresh_process(variant: str, argv: list[str]) -> int:
-    out = subprocess.run([sys.executable, __file__, *argv, "--memory-of", variant], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, *argv, "--memory-of", variant], capture_output=True, text=True, check=True
+    )
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -114,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {variant: run(variant, data, args) for variant in ("naive", "chunked")}  # also a warm-up
     times: dict[str, list[float]] = {"naive": [], "chunked": []}
     for repeat in range(args.repeats):
-        for variant in (("naive", "chunked") if repeat % 2 == 0 else ("chunked", "naive")):
+        for variant in ("naive", "chunked") if repeat % 2 == 0 else ("chunked", "naive"):
             synchronize(args.device)
             start = time.perf_counter()
             run(variant, data, args)
@@ -123,21 +142,33 @@ def main(argv: list[str] | None = None) -> dict:
     (loss, *grads), (chunked_loss, *chunked_grads) = results["naive"], results["chunked"]
     medians = {v: statistics.median(t) for v, t in times.items()}
     figures = {
-        "machine": machine(args.device), "torch": torch.__version__, "dtype": args.dtype, "objective": args.objective,
-        "vocab": args.vocab, "tokens": args.tokens, "hidden": args.hidden, "repeats": args.repeats,
-        "peak_mem_bytes": memory, "peak_mem_ratio": round(memory["chunked"] / memory["naive"], 4),
-        "time_s": {v: round(t, 4) for v, t in medians.items()}, "time_ratio": round(medians["chunked"] / medians["naive"], 4),
+        "machine": machine(args.device),
+        "torch": torch.__version__,
+        "dtype": args.dtype,
+        "objective": args.objective,
+        "vocab": args.vocab,
+        "tokens": args.tokens,
+        "hidden": args.hidden,
+        "repeats": args.repeats,
+        "peak_mem_bytes": memory,
+        "peak_mem_ratio": round(memory["chunked"] / memory["naive"], 4),
+        "time_s": {v: round(t, 4) for v, t in medians.items()},
+        "time_ratio": round(medians["chunked"] / medians["naive"], 4),
         "max_rel_loss_diff": float((chunked_loss - loss).abs().div(loss.abs().clamp_min(1e-12)).item()),
         "max_abs_grad_diff": max(float((c.float() - g.float()).abs().max()) for c, g in zip(chunked_grads, grads)),
     }
     if args.json:
         print(json.dumps(figures, indent=2))
     else:
-        print(f"{figures['machine']}, {args.dtype}, {args.objective}: V={args.vocab} tokens={args.tokens} H={args.hidden}")
+        print(
+            f"{figures['machine']}, {args.dtype}, {args.objective}: V={args.vocab} tokens={args.tokens} H={args.hidden}"
+        )
         for v in ("naive", "chunked"):
             print(f"  {v:8s} peak +{memory[v] / 2**20:8.1f} MiB   {medians[v]:.3f} s (median of {args.repeats})")
-        print(f"  peak memory chunked / naive {figures['peak_mem_ratio']:.3f}, time {figures['time_ratio']:.3f}; "
-              f"loss rel diff {figures['max_rel_loss_diff']:.2e}, grad abs diff {figures['max_abs_grad_diff']:.2e}")
+        print(
+            f"  peak memory chunked / naive {figures['peak_mem_ratio']:.3f}, time {figures['time_ratio']:.3f}; "
+            f"loss rel diff {figures['max_rel_loss_diff']:.2e}, grad abs diff {figures['max_abs_grad_diff']:.2e}"
+        )
     return figures
 
 

@@ -44,7 +44,9 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     whole = copy.deepcopy(model)  # built once: the copy variant refills it with the gathered weights each time
     block_bytes = [sum(p.numel() * p.element_size() for p in unit.parameters()) for unit in blocks(model)]
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    unit_bytes = model_bytes - sum(block_bytes) + max(block_bytes)  # the root (gathered for all of generate()) and a block
+    unit_bytes = (
+        model_bytes - sum(block_bytes) + max(block_bytes)
+    )  # the root (gathered for all of generate()) and a block
     shard(model, init_device_mesh("cpu", (args.processes,)), "student", chunked=False)
     prompts = torch.randint(0, args.vocab, (args.rows, args.prompt), generator=torch.Generator().manual_seed(1 + rank))
 
@@ -69,13 +71,19 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     if rank == 0:
         medians = {name: statistics.median(times) for name, times in seconds.items()}
         tokens = args.processes * args.rows * args.new_tokens
-        result = {"machine": f"CPU, {args.processes} gloo processes x {torch.get_num_threads()} threads",
-                  "settings": {k: v for k, v in vars(args).items() if k != "json"},
-                  "median_s": medians, "tokens_per_s": {name: tokens / s for name, s in medians.items()},
-                  "extra_bytes": {"gathered": unit_bytes, "copy": model_bytes}, "seconds": seconds}
+        result = {
+            "machine": f"CPU, {args.processes} gloo processes x {torch.get_num_threads()} threads",
+            "settings": {k: v for k, v in vars(args).items() if k != "json"},
+            "median_s": medians,
+            "tokens_per_s": {name: tokens / s for name, s in medians.items()},
+            "extra_bytes": {"gathered": unit_bytes, "copy": model_bytes},
+            "seconds": seconds,
+        }
         for name in variants:
-            print(f"{name:>9}: {medians[name]:.3f} s, {tokens / medians[name]:,.0f} tokens/s, "
-                  f"{result['extra_bytes'][name] / 2**20:.2f} MiB beyond the shard")
+            print(
+                f"{name:>9}: {medians[name]:.3f} s, {tokens / medians[name]:,.0f} tokens/s, "
+                f"{result['extra_bytes'][name] / 2**20:.2f} MiB beyond the shard"
+            )
         print(f"ratio gathered / copy: {medians['gathered'] / medians['copy']:.2f}")
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

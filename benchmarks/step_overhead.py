@@ -26,12 +26,11 @@ from pathlib import Path
 import lightning as L
 import torch
 import torch.nn.functional as F
+from synthetic import machine, on_device, quiet_lightning, synchronize
 
 from kd_lightning import DistillationModule, kd_loss
 from kd_lightning.data import InMemoryDataModule
 from kd_lightning.models.cifar import build_cifar_model
-
-from synthetic import machine, on_device, quiet_lightning, synchronize
 
 
 class RandomCIFAR(InMemoryDataModule):
@@ -52,13 +51,31 @@ class RandomCIFAR(InMemoryDataModule):
         return {split: (self.inputs, self.targets) for split in ("train", "val", "test")}
 
 
-def run_lightning(student, teacher, data: RandomCIFAR, steps: int, temperature: float, alpha: float, device: str, precision: str) -> float:
-    module = DistillationModule(student, teacher, num_classes=100, temperature=temperature, alpha=alpha,
-                                optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4))
+def run_lightning(
+    student, teacher, data: RandomCIFAR, steps: int, temperature: float, alpha: float, device: str, precision: str
+) -> float:
+    module = DistillationModule(
+        student,
+        teacher,
+        num_classes=100,
+        temperature=temperature,
+        alpha=alpha,
+        optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4),
+    )
     with tempfile.TemporaryDirectory() as logs:
-        trainer = L.Trainer(accelerator="cuda" if device.startswith("cuda") else "cpu", devices=1, precision=precision, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0,
-                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                            logger=L.pytorch.loggers.CSVLogger(logs), log_every_n_steps=5)
+        trainer = L.Trainer(
+            accelerator="cuda" if device.startswith("cuda") else "cpu",
+            devices=1,
+            precision=precision,
+            max_steps=steps,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
+            logger=L.pytorch.loggers.CSVLogger(logs),
+            log_every_n_steps=5,
+        )
         synchronize(device)
         start = time.perf_counter()
         trainer.fit(module, datamodule=data)
@@ -66,14 +83,20 @@ def run_lightning(student, teacher, data: RandomCIFAR, steps: int, temperature: 
         return time.perf_counter() - start
 
 
-def run_plain(student, teacher, data: RandomCIFAR, steps: int, temperature: float, alpha: float, device: str, precision: str) -> float:
+def run_plain(
+    student, teacher, data: RandomCIFAR, steps: int, temperature: float, alpha: float, device: str, precision: str
+) -> float:
     synchronize(device)
     start = time.perf_counter()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     student.train()
     teacher.eval()
     loader = data.train_dataloader()
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+    autocast = (
+        torch.autocast(device.split(":")[0], dtype=torch.bfloat16)
+        if precision == "bf16-mixed"
+        else contextlib.nullcontext()
+    )
     done = 0
     while done < steps:
         for batch in loader:
@@ -107,7 +130,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     quiet_lightning()
     L.seed_everything(0, verbose=False)
-    teacher = on_device(build_cifar_model(args.teacher, 100), args.device, args.channels_last).eval().requires_grad_(False)
+    teacher = (
+        on_device(build_cifar_model(args.teacher, 100), args.device, args.channels_last).eval().requires_grad_(False)
+    )
     student0 = on_device(build_cifar_model(args.student, 100), args.device, args.channels_last)
     data = RandomCIFAR(size=args.batch_size * args.steps, batch_size=args.batch_size, channels_last=args.channels_last)
     data.setup()
@@ -121,18 +146,31 @@ def main(argv: list[str] | None = None) -> dict:
         for name, fn in runs.items():
             times[name].append(fn(copy.deepcopy(student0), teacher, data, args.steps, 4.0, 0.9, *settings))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps per run, {args.pairs} pairs (A B A B), "
-          f"{machine(args.device)}, precision {args.precision}{', channels-last' if args.channels_last else ''}, "
-          f"torch {torch.__version__}, lightning {L.__version__}")
+    print(
+        f"{args.teacher} -> {args.student}, batch {args.batch_size}, {args.steps} steps per run, {args.pairs} pairs (A B A B), "
+        f"{machine(args.device)}, precision {args.precision}{', channels-last' if args.channels_last else ''}, "
+        f"torch {torch.__version__}, lightning {L.__version__}"
+    )
     for name, values in times.items():
-        print(f"  {name:9s} median {med[name]:6.2f} s ({med[name] / args.steps * 1000:6.1f} ms/step)   runs: "
-              + ", ".join(f"{v:.2f}" for v in values))
+        print(
+            f"  {name:9s} median {med[name]:6.2f} s ({med[name] / args.steps * 1000:6.1f} ms/step)   runs: "
+            + ", ".join(f"{v:.2f}" for v in values)
+        )
     ratio = med["lightning"] / med["plain"]
     print(f"  ratio lightning / plain: {ratio:.3f}")
-    result = {"machine": machine(args.device), "teacher": args.teacher, "student": args.student, "batch_size": args.batch_size,
-              "steps": args.steps, "pairs": args.pairs, "precision": args.precision, "channels_last": args.channels_last,
-              "ms_per_step": {k: round(v / args.steps * 1000, 2) for k, v in med.items()},
-              "images_per_s": {k: round(args.batch_size * args.steps / v, 1) for k, v in med.items()}, "ratio": round(ratio, 4)}
+    result = {
+        "machine": machine(args.device),
+        "teacher": args.teacher,
+        "student": args.student,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "pairs": args.pairs,
+        "precision": args.precision,
+        "channels_last": args.channels_last,
+        "ms_per_step": {k: round(v / args.steps * 1000, 2) for k, v in med.items()},
+        "images_per_s": {k: round(args.batch_size * args.steps / v, 1) for k, v in med.items()},
+        "ratio": round(ratio, 4),
+    }
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -19,9 +19,16 @@ class SyntheticCIFAR(InMemoryDataModule):
 
     input_shape = (3, 32, 32)
 
-    def __init__(self, size: int, num_classes: int, batch_size: int, augment: bool = True, channels_last: bool = False) -> None:
-        super().__init__(batch_size=batch_size, eval_batch_size=512, drop_last=True, num_classes=num_classes,
-                         augment=RandomCropFlip(4, True) if augment else None)
+    def __init__(
+        self, size: int, num_classes: int, batch_size: int, augment: bool = True, channels_last: bool = False
+    ) -> None:
+        super().__init__(
+            batch_size=batch_size,
+            eval_batch_size=512,
+            drop_last=True,
+            num_classes=num_classes,
+            augment=RandomCropFlip(4, True) if augment else None,
+        )
         generator = torch.Generator().manual_seed(0)
         self.images = torch.randint(0, 256, (size, 3, 32, 32), dtype=torch.uint8, generator=generator)
         self.labels = torch.randint(0, num_classes, (size,), generator=generator)
@@ -29,8 +36,11 @@ class SyntheticCIFAR(InMemoryDataModule):
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         small = slice(0, min(512, len(self.labels)))
-        return {"train": (self.images, self.labels), "val": (self.images[small], self.labels[small]),
-                "test": (self.images[small], self.labels[small])}
+        return {
+            "train": (self.images, self.labels),
+            "val": (self.images[small], self.labels[small]),
+            "test": (self.images[small], self.labels[small]),
+        }
 
     def prepare_inputs(self, inputs: Tensor) -> Tensor:
         x = inputs.float().div_(255).sub_(0.5).div_(0.25)

@@ -84,14 +84,25 @@ def save_models(folder: Path, shape: str) -> None:
     for seed, role in enumerate(("teacher", "student")):
         hidden, layers = spec[role]
         torch.manual_seed(seed)
-        config = LlamaConfig(vocab_size=spec["vocab"], hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                             num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=512, bos_token_id=1,
-                             eos_token_id=2, pad_token_id=0)
+        config = LlamaConfig(
+            vocab_size=spec["vocab"],
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
         LlamaForCausalLM(config).save_pretrained(folder / role)
     vocab = {f"t{i}": i for i in range(spec["vocab"])}
     words = Tokenizer(models.WordLevel(vocab, unk_token="t3"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", bos_token="t1", eos_token="t2").save_pretrained(folder / "tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=words, pad_token="t0", bos_token="t1", eos_token="t2").save_pretrained(
+        folder / "tokenizer"
+    )
 
 
 def batches(vocab: int, steps: int, rows: int, length: int) -> list[dict[str, torch.Tensor]]:
@@ -127,8 +138,13 @@ class Steps:
         self.seconds.append(time.perf_counter() - self.started)
 
 
-def run_kd(folder: Path, data: list[dict[str, torch.Tensor]], chunk_rows: int | None, steps: Steps,
-           new_tokens: int | None = None) -> None:
+def run_kd(
+    folder: Path,
+    data: list[dict[str, torch.Tensor]],
+    chunk_rows: int | None,
+    steps: Steps,
+    new_tokens: int | None = None,
+) -> None:
     import lightning as L
     from torch.utils.data import DataLoader
 
@@ -136,8 +152,10 @@ def run_kd(folder: Path, data: list[dict[str, torch.Tensor]], chunk_rows: int | 
     from kd_lightning.loss.objectives import kd_loss
     from kd_lightning.models.pretrained import pretrained_causal_lm
 
-    ours = [{"inputs": b["input_ids"][:, :-1], "labels": b["labels"][:, 1:], "attention_mask": b["attention_mask"][:, :-1]}
-            for b in data]
+    ours = [
+        {"inputs": b["input_ids"][:, :-1], "labels": b["labels"][:, 1:], "attention_mask": b["attention_mask"][:, :-1]}
+        for b in data
+    ]
     student, teacher = pretrained_causal_lm(str(folder / "student")), pretrained_causal_lm(str(folder / "teacher"))
     sequences = None
     if new_tokens:
@@ -151,9 +169,16 @@ def run_kd(folder: Path, data: list[dict[str, torch.Tensor]], chunk_rows: int | 
                 return batch
 
         sequences = Counted(OnPolicy(fraction=1.0, max_new_tokens=new_tokens), eos_token_id=2, pad_token_id=0)
-    module = DistillationModule(student, teacher, num_classes=student.config.vocab_size, task="tokens", chunk_rows=chunk_rows,
-                                loss_mix=LossMix(objective=kd_loss, temperature=1.0, alpha=1.0),
-                                optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0), sequences=sequences)
+    module = DistillationModule(
+        student,
+        teacher,
+        num_classes=student.config.vocab_size,
+        task="tokens",
+        chunk_rows=chunk_rows,
+        loss_mix=LossMix(objective=kd_loss, temperature=1.0, alpha=1.0),
+        optimizer=partial(torch.optim.AdamW, lr=LEARNING_RATE, weight_decay=0.0),
+        sequences=sequences,
+    )
 
     class Timer(L.Callback):
         def on_train_batch_start(self, *args) -> None:
@@ -163,14 +188,24 @@ def run_kd(folder: Path, data: list[dict[str, torch.Tensor]], chunk_rows: int | 
             steps.end()
             steps.losses.append(float(outputs["loss"]))
 
-    trainer = L.Trainer(accelerator="cpu", max_steps=len(ours), logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                        callbacks=[Timer()])
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=len(ours),
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        callbacks=[Timer()],
+    )
     steps.base_rss = rss_kib()
     trainer.fit(module, train_dataloaders=DataLoader(ours, batch_size=None))
 
 
-def run_trl(folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, output: Path, new_tokens: int | None = None) -> None:
+def run_trl(
+    folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, output: Path, new_tokens: int | None = None
+) -> None:
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
@@ -180,7 +215,10 @@ def run_trl(folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, out
 
     def collate(features: list[dict]) -> dict[str, torch.Tensor]:
         batch = {name: torch.tensor([f[name] for f in features]) for name in ("input_ids", "attention_mask", "labels")}
-        batch["prompts"], batch["prompt_attention_mask"] = batch["input_ids"][:, :PROMPT], batch["attention_mask"][:, :PROMPT]
+        batch["prompts"], batch["prompt_attention_mask"] = (
+            batch["input_ids"][:, :PROMPT],
+            batch["attention_mask"][:, :PROMPT],
+        )
         return batch
 
     class Timer(TrainerCallback):
@@ -191,16 +229,40 @@ def run_trl(folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, out
             steps.end()
 
     on_policy = {"lmbda": 1.0, "max_new_tokens": new_tokens, "temperature": 1.0} if new_tokens else {"lmbda": 0.0}
-    config = GKDConfig(output_dir=str(output), use_cpu=True, bf16=False, report_to=[], beta=0.0, seq_kd=False, **on_policy,
-                       per_device_train_batch_size=rows, max_steps=len(data), learning_rate=LEARNING_RATE,
-                       lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0, optim="adamw_torch",
-                       train_sampling_strategy="sequential", remove_unused_columns=False, dataloader_drop_last=True,
-                       save_strategy="no", logging_strategy="no", seed=0, disable_tqdm=True,
-                       dataset_kwargs={"skip_prepare_dataset": True})
-    trainer = GKDTrainer(model=AutoModelForCausalLM.from_pretrained(folder / "student"),
-                         teacher_model=AutoModelForCausalLM.from_pretrained(folder / "teacher"), args=config,
-                         train_dataset=Dataset.from_list(examples), data_collator=collate,
-                         processing_class=AutoTokenizer.from_pretrained(folder / "tokenizer"), callbacks=[Timer()])
+    config = GKDConfig(
+        output_dir=str(output),
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        beta=0.0,
+        seq_kd=False,
+        **on_policy,
+        per_device_train_batch_size=rows,
+        max_steps=len(data),
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        optim="adamw_torch",
+        train_sampling_strategy="sequential",
+        remove_unused_columns=False,
+        dataloader_drop_last=True,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+        dataset_kwargs={"skip_prepare_dataset": True},
+    )
+    trainer = GKDTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder / "student"),
+        teacher_model=AutoModelForCausalLM.from_pretrained(folder / "teacher"),
+        args=config,
+        train_dataset=Dataset.from_list(examples),
+        data_collator=collate,
+        processing_class=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        callbacks=[Timer()],
+    )
     compute_loss, generate = trainer.compute_loss, trainer.generate_on_policy_outputs
 
     def recorded(*args, **kwargs):
@@ -240,15 +302,40 @@ def worker(args: argparse.Namespace) -> None:
         run_kd(folder, data, CHUNKED.get(args.worker), steps, args.new_tokens)
     timed = steps.seconds[1:]
     tokens = steps.generated[1:] if args.new_tokens else [learned(batch) for batch in data[1:]]
-    print(json.dumps({"tokens_per_s": sum(tokens) / sum(timed), "step_s": statistics.median(timed),
-                      "peak_rss_mib": peak_rss_kib() / 1024, "growth_mib": (peak_rss_kib() - steps.base_rss) / 1024,
-                      "losses": steps.losses, "generated": steps.generated, "divided_by": steps.divided_by}))
+    print(
+        json.dumps(
+            {
+                "tokens_per_s": sum(tokens) / sum(timed),
+                "step_s": statistics.median(timed),
+                "peak_rss_mib": peak_rss_kib() / 1024,
+                "growth_mib": (peak_rss_kib() - steps.base_rss) / 1024,
+                "losses": steps.losses,
+                "generated": steps.generated,
+                "divided_by": steps.divided_by,
+            }
+        )
+    )
 
 
 def one_run(tool: str, shape: str, folder: Path, args: argparse.Namespace) -> dict:
-    command = [sys.executable, __file__, "--worker", tool, "--shape", shape, "--folder", str(folder), "--steps", str(args.steps),
-               "--rows", str(args.rows), "--length", str(args.length), "--threads", str(args.threads)] + (
-        ["--new-tokens", str(args.new_tokens)] if args.new_tokens else [])
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        tool,
+        "--shape",
+        shape,
+        "--folder",
+        str(folder),
+        "--steps",
+        str(args.steps),
+        "--rows",
+        str(args.rows),
+        "--length",
+        str(args.length),
+        "--threads",
+        str(args.threads),
+    ] + (["--new-tokens", str(args.new_tokens)] if args.new_tokens else [])
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"{tool} ({shape}) failed:\n{done.stderr[-3000:]}")
@@ -256,9 +343,16 @@ def one_run(tool: str, shape: str, folder: Path, args: argparse.Namespace) -> di
 
 
 def compare(args: argparse.Namespace) -> dict:
-    results: dict = {"machine": f"CPU, {args.threads} threads", "torch": torch.__version__, "rows": args.rows,
-                     "length": args.length, "steps": args.steps, "repeats": args.repeats, "shapes": {},
-                     "on_policy_new_tokens": args.new_tokens}
+    results: dict = {
+        "machine": f"CPU, {args.threads} threads",
+        "torch": torch.__version__,
+        "rows": args.rows,
+        "length": args.length,
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "shapes": {},
+        "on_policy_new_tokens": args.new_tokens,
+    }
     try:
         import transformers
         import trl
@@ -275,24 +369,42 @@ def compare(args: argparse.Namespace) -> dict:
             for repeat in range(args.repeats):
                 for tool in tools if repeat % 2 == 0 else tools[::-1]:
                     runs[tool].append(one_run(tool, shape, folder, args))
-        figures = {tool: {key: statistics.median(run[key] for run in done) for key in ("tokens_per_s", "step_s", "peak_rss_mib", "growth_mib")}
-                   for tool, done in runs.items()}
+        figures = {
+            tool: {
+                key: statistics.median(run[key] for run in done)
+                for key in ("tokens_per_s", "step_s", "peak_rss_mib", "growth_mib")
+            }
+            for tool, done in runs.items()
+        }
         trl_losses = runs["trl"][0]["losses"]
         for tool in tools:
             figures[tool]["losses"] = runs[tool][0]["losses"]
-            figures[tool]["generated"], figures[tool]["divided_by"] = runs[tool][0]["generated"], runs[tool][0]["divided_by"]
+            figures[tool]["generated"], figures[tool]["divided_by"] = (
+                runs[tool][0]["generated"],
+                runs[tool][0]["divided_by"],
+            )
             if tool != "trl" and args.new_tokens:  # each tool's own samples: no loss to compare
                 figures[tool]["step_s_ratio_vs_trl"] = figures[tool]["step_s"] / figures["trl"]["step_s"]
-                figures[tool]["tokens_per_s_ratio_vs_trl"] = figures[tool]["tokens_per_s"] / figures["trl"]["tokens_per_s"]
+                figures[tool]["tokens_per_s_ratio_vs_trl"] = (
+                    figures[tool]["tokens_per_s"] / figures["trl"]["tokens_per_s"]
+                )
                 figures[tool]["peak_rss_ratio_vs_trl"] = figures[tool]["peak_rss_mib"] / figures["trl"]["peak_rss_mib"]
             elif tool != "trl":
                 theirs = trl_losses
-                figures[tool]["max_rel_loss_diff_vs_trl"] = max(abs(a - b) / abs(b) for a, b in zip(runs[tool][0]["losses"], theirs))
-                figures[tool]["tokens_per_s_ratio_vs_trl"] = figures[tool]["tokens_per_s"] / figures["trl"]["tokens_per_s"]
+                figures[tool]["max_rel_loss_diff_vs_trl"] = max(
+                    abs(a - b) / abs(b) for a, b in zip(runs[tool][0]["losses"], theirs)
+                )
+                figures[tool]["tokens_per_s_ratio_vs_trl"] = (
+                    figures[tool]["tokens_per_s"] / figures["trl"]["tokens_per_s"]
+                )
                 figures[tool]["peak_rss_ratio_vs_trl"] = figures[tool]["peak_rss_mib"] / figures["trl"]["peak_rss_mib"]
                 figures[tool]["growth_ratio_vs_trl"] = figures[tool]["growth_mib"] / figures["trl"]["growth_mib"]
-        results["shapes"][shape] = {"vocab": SHAPES[shape]["vocab"], "teacher": SHAPES[shape]["teacher"],
-                                    "student": SHAPES[shape]["student"], **figures}
+        results["shapes"][shape] = {
+            "vocab": SHAPES[shape]["vocab"],
+            "teacher": SHAPES[shape]["teacher"],
+            "student": SHAPES[shape]["student"],
+            **figures,
+        }
     return results
 
 
@@ -305,7 +417,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=128)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--on-policy", action="store_true", help="on-policy steps: completions sampled from the student")
+    parser.add_argument(
+        "--on-policy", action="store_true", help="on-policy steps: completions sampled from the student"
+    )
     parser.add_argument("--new-tokens", type=int, default=None, help="with --on-policy: tokens sampled per prompt (32)")
     parser.add_argument("--worker", choices=["kd", "trl", *CHUNKED], help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
@@ -322,26 +436,42 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{results['machine']}, torch {results['torch']}, transformers {results['transformers']}, trl {results['trl']}; "
-          f"{args.rows} x {args.length} tokens, {args.steps} steps, medians of {args.repeats} runs")
+    print(
+        f"{results['machine']}, torch {results['torch']}, transformers {results['transformers']}, trl {results['trl']}; "
+        f"{args.rows} x {args.length} tokens, {args.steps} steps, medians of {args.repeats} runs"
+    )
     if args.new_tokens:
-        print(f"on-policy: {args.rows} prompts of {PROMPT} tokens, {args.new_tokens} tokens sampled from the student each step")
+        print(
+            f"on-policy: {args.rows} prompts of {PROMPT} tokens, {args.new_tokens} tokens sampled from the student each step"
+        )
         for tool in ("kd", "trl"):
             f = results["shapes"]["default"][tool]
-            extra = (f"  ratio vs TRL: {f['step_s_ratio_vs_trl']:.2f}x step time, {f['tokens_per_s_ratio_vs_trl']:.2f}x tokens/s, "
-                     f"{f['peak_rss_ratio_vs_trl']:.2f}x peak" if tool == "kd" else "")
-            print(f"  {tool:<4} {f['step_s']:6.3f} s/step  {f['tokens_per_s']:7.0f} generated tokens/s  peak {f['peak_rss_mib']:6.0f} MiB"
-                  f"  loss divided by {f['divided_by'][:4]} for generated {f['generated'][:4]}{extra}")
+            extra = (
+                f"  ratio vs TRL: {f['step_s_ratio_vs_trl']:.2f}x step time, {f['tokens_per_s_ratio_vs_trl']:.2f}x tokens/s, "
+                f"{f['peak_rss_ratio_vs_trl']:.2f}x peak"
+                if tool == "kd"
+                else ""
+            )
+            print(
+                f"  {tool:<4} {f['step_s']:6.3f} s/step  {f['tokens_per_s']:7.0f} generated tokens/s  peak {f['peak_rss_mib']:6.0f} MiB"
+                f"  loss divided by {f['divided_by'][:4]} for generated {f['generated'][:4]}{extra}"
+            )
         return
     for shape, figures in results["shapes"].items():
         print(f"\n{shape}: V={figures['vocab']}, teacher {figures['teacher']}, student {figures['student']}")
         for tool in ("kd", *CHUNKED, "trl"):
             if tool in figures:
                 f = figures[tool]
-                extra = (f"  ratio vs TRL: {f['tokens_per_s_ratio_vs_trl']:.2f}x tokens/s, {f['peak_rss_ratio_vs_trl']:.2f}x peak, "
-                         f"{f['growth_ratio_vs_trl']:.2f}x growth; losses agree to {f['max_rel_loss_diff_vs_trl']:.1e}" if tool != "trl" else "")
-                print(f"  {tool:<14} {f['tokens_per_s']:9.0f} tokens/s  {f['step_s'] * 1000:7.1f} ms/step  "
-                      f"peak {f['peak_rss_mib']:7.0f} MiB  growth {f['growth_mib']:6.0f} MiB{extra}")
+                extra = (
+                    f"  ratio vs TRL: {f['tokens_per_s_ratio_vs_trl']:.2f}x tokens/s, {f['peak_rss_ratio_vs_trl']:.2f}x peak, "
+                    f"{f['growth_ratio_vs_trl']:.2f}x growth; losses agree to {f['max_rel_loss_diff_vs_trl']:.1e}"
+                    if tool != "trl"
+                    else ""
+                )
+                print(
+                    f"  {tool:<14} {f['tokens_per_s']:9.0f} tokens/s  {f['step_s'] * 1000:7.1f} ms/step  "
+                    f"peak {f['peak_rss_mib']:7.0f} MiB  growth {f['growth_mib']:6.0f} MiB{extra}"
+                )
 
 
 if __name__ == "__main__":

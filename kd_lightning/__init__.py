@@ -8,5 +8,17 @@ from kd_lightning.loss.objectives import dkd_loss, jsd_loss, kd_loss, reverse_kl
 from kd_lightning.module import DistillationModule  # noqa: E402
 from kd_lightning.teacher import LiveTeacher, Teacher  # noqa: E402
 
-__all__ = ["DistillationModule", "KDError", "LiveTeacher", "LossMix", "Teacher", "dkd_loss", "jsd_loss", "kd_loss",
-           "reverse_kl_loss", "skew_kl_loss", "tvd_loss", "__version__"]
+__all__ = [
+    "DistillationModule",
+    "KDError",
+    "LiveTeacher",
+    "LossMix",
+    "Teacher",
+    "dkd_loss",
+    "jsd_loss",
+    "kd_loss",
+    "reverse_kl_loss",
+    "skew_kl_loss",
+    "tvd_loss",
+    "__version__",
+]

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 from kd_lightning.errors import KDError
 from kd_lightning.files import atomic_write_bytes
 
-
 DISTRIBUTED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a folder's shards
 STUDENT_KEYS = "state_dict.student."  # a DistillationModule's student weights, as a distributed checkpoint names them
 
@@ -40,16 +39,22 @@ def existing_checkpoint(path: str | os.PathLike, setting: str = "teacher.checkpo
     if is_distributed_checkpoint(path):
         return path
     if path.is_dir() and any(path.glob("*.distcp")):
-        raise KDError(f"{path} holds the shards of a distributed checkpoint but not their index ({DISTRIBUTED_METADATA}): "
-                      "it is incomplete (a process killed while writing it?). Use another copy of it, or re-create it.")
+        raise KDError(
+            f"{path} holds the shards of a distributed checkpoint but not their index ({DISTRIBUTED_METADATA}): "
+            "it is incomplete (a process killed while writing it?). Use another copy of it, or re-create it."
+        )
     if path.is_dir():
         inside = sorted(p.name for p in path.iterdir() if p.suffix in {".pth", ".pt", ".ckpt"})[:3]
-        raise KDError(f"{path} is a directory, not a checkpoint file; point {setting} at the file"
-                      + (f" (it holds {', '.join(inside)})." if inside else "."))
+        raise KDError(
+            f"{path} is a directory, not a checkpoint file; point {setting} at the file"
+            + (f" (it holds {', '.join(inside)})." if inside else ".")
+        )
     if not path.is_file():
         train_one = ", or set it to null to train one" if setting == "teacher.checkpoint" else ""
-        raise KDError(f"checkpoint not found: {path}. Check {setting} (relative paths are resolved from the directory "
-                      f"you ran the command in){train_one}.")
+        raise KDError(
+            f"checkpoint not found: {path}. Check {setting} (relative paths are resolved from the directory "
+            f"you ran the command in){train_one}."
+        )
     return path
 
 
@@ -59,9 +64,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a damaged file
-        raise KDError(f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-                      "Re-download or re-create it.") from None
+        raise KDError(
+            f"cannot read checkpoint {path}: the file is corrupt or not a PyTorch checkpoint "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Re-download or re-create it."
+        ) from None
     if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
         return payload["model"]
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
@@ -71,8 +78,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
         return state
     if isinstance(payload, dict) and payload and all(isinstance(v, Tensor) for v in payload.values()):
         return payload
-    raise KDError(f"{path} holds no model weights: expected a state_dict, {{'model': state_dict}} "
-                  "(RepDistiller) or a Lightning checkpoint with 'state_dict'.")
+    raise KDError(
+        f"{path} holds no model weights: expected a state_dict, {{'model': state_dict}} "
+        "(RepDistiller) or a Lightning checkpoint with 'state_dict'."
+    )
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -95,16 +104,25 @@ def distributed_student(model: nn.Module, path: Path) -> dict[str, Tensor]:
 
     damaged = distributed_damage(path)
     if damaged is not None:
-        raise KDError(f"cannot read the distributed checkpoint {path}: it is damaged ({damaged}). Use another copy of it, "
-                      "or re-create it.")
+        raise KDError(
+            f"cannot read the distributed checkpoint {path}: it is damaged ({damaged}). Use another copy of it, "
+            "or re-create it."
+        )
     stored = FileSystemReader(path).read_metadata().state_dict_metadata
-    shapes = {k.removeprefix(STUDENT_KEYS): tuple(v.size) for k, v in stored.items()
-              if k.startswith(STUDENT_KEYS) and hasattr(v, "size")}
+    shapes = {
+        k.removeprefix(STUDENT_KEYS): tuple(v.size)
+        for k, v in stored.items()
+        if k.startswith(STUDENT_KEYS) and hasattr(v, "size")
+    }
     check_fits(model, shapes, path)
     state = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
     with warnings.catch_warnings():  # that it reads in one process, which it was asked to
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        load({"state_dict": {f"student.{k}": v for k, v in state.items()}}, storage_reader=FileSystemReader(path), no_dist=True)
+        load(
+            {"state_dict": {f"student.{k}": v for k, v in state.items()}},
+            storage_reader=FileSystemReader(path),
+            no_dist=True,
+        )
     return state
 
 
@@ -114,19 +132,27 @@ def check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str |
     expected = model.state_dict()
     missing = [k for k in expected if k not in shapes]
     unexpected = [k for k in shapes if k not in expected]
-    wrong_shape = [f"{k}: checkpoint {shapes[k]} vs model {tuple(v.shape)}"
-                   for k, v in expected.items() if k in shapes and shapes[k] != tuple(v.shape)]
+    wrong_shape = [
+        f"{k}: checkpoint {shapes[k]} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in shapes and shapes[k] != tuple(v.shape)
+    ]
     if missing or unexpected or wrong_shape:
+
         def first(items: list[str]) -> str:
             return ", ".join(items[:6]) + (f" ... ({len(items)} in all)" if len(items) > 6 else "")
 
-        problems = [f"missing keys: {first(missing)}" if missing else "",
-                    f"unexpected keys: {first(unexpected)}" if unexpected else "",
-                    f"wrong shapes: {first(wrong_shape)}" if wrong_shape else ""]
-        raise KDError(f"checkpoint {path} does not fit the model {type(model).__name__} "
-                      f"(num_classes={getattr(model, 'num_classes', '?')}): "
-                      + "; ".join(p for p in problems if p)
-                      + ". Pick the architecture the checkpoint was trained with (e.g. teacher=resnet56).")
+        problems = [
+            f"missing keys: {first(missing)}" if missing else "",
+            f"unexpected keys: {first(unexpected)}" if unexpected else "",
+            f"wrong shapes: {first(wrong_shape)}" if wrong_shape else "",
+        ]
+        raise KDError(
+            f"checkpoint {path} does not fit the model {type(model).__name__} "
+            f"(num_classes={getattr(model, 'num_classes', '?')}): "
+            + "; ".join(p for p in problems if p)
+            + ". Pick the architecture the checkpoint was trained with (e.g. teacher=resnet56)."
+        )
 
 
 def save_torch(payload: Any, path: str | os.PathLike) -> None:
@@ -162,16 +188,20 @@ def check_resumable(path: Path, stage: str) -> None:
     except (OSError, zipfile.BadZipFile) as exc:
         damaged = str(exc)
     if damaged is not None:
-        raise KDError(f"the {stage} stage's checkpoint {path} is damaged ({damaged}); delete it to restart that stage "
-                      "from its first epoch, or run without ckpt_path=last.")
+        raise KDError(
+            f"the {stage} stage's checkpoint {path} is damaged ({damaged}); delete it to restart that stage "
+            "from its first epoch, or run without ckpt_path=last."
+        )
 
 
 def check_distributed(path: Path, stage: str) -> None:
     """Refuse a damaged distributed checkpoint of ``stage`` before Lightning tries to resume from it."""
     damaged = distributed_damage(path)
     if damaged is not None:
-        raise KDError(f"the {stage} stage's distributed checkpoint {path} is damaged ({damaged}); delete it to restart "
-                      "that stage from its first epoch, or run without ckpt_path=last.")
+        raise KDError(
+            f"the {stage} stage's distributed checkpoint {path} is damaged ({damaged}); delete it to restart "
+            "that stage from its first epoch, or run without ckpt_path=last."
+        )
 
 
 def distributed_damage(path: Path) -> str | None:
@@ -184,7 +214,9 @@ def distributed_damage(path: Path) -> str | None:
         ends: dict[str, int] = {}
         for item in stored.values():
             ends[item.relative_path] = max(ends.get(item.relative_path, 0), item.offset + item.length)
-        short = [name for name, end in ends.items() if not (path / name).is_file() or (path / name).stat().st_size < end]
+        short = [
+            name for name, end in ends.items() if not (path / name).is_file() or (path / name).stat().st_size < end
+        ]
         if short:
             return f"{short[0]} is missing or cut short"
     except Exception as exc:  # no index, or an unreadable one
@@ -204,5 +236,7 @@ def check_student_state(state_dict: dict[str, Any], student: nn.Module) -> None:
         state_dict[f"loss_mix.{key}"] = state_dict.pop(key)
     missing = sorted({f"student.{k}" for k in student.state_dict()} - state_dict.keys())
     if missing:
-        raise KDError(f"the checkpoint lacks {len(missing)} student weights (first: {missing[:5]}); "
-                      "it was not saved from a DistillationModule with this student architecture.")
+        raise KDError(
+            f"the checkpoint lacks {len(missing)} student weights (first: {missing[:5]}); "
+            "it was not saved from a DistillationModule with this student architecture."
+        )

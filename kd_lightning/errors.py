@@ -33,11 +33,11 @@ def check_integer(key: str, value: object, least: int = 1, fix: str = "") -> Non
 
 FILE_SYSTEM_FIXES = {
     errno.ENOSPC: "free space there, or point the run (hydra.run.dir=...) or the caches (paths.cache_dir=..., "
-                  "$KD_LIGHTNING_CACHE) at another file system; rerun with ckpt_path=last to continue",
+    "$KD_LIGHTNING_CACHE) at another file system; rerun with ckpt_path=last to continue",
     errno.EROFS: "that file system is read-only: point the run (hydra.run.dir=...) or the caches (paths.cache_dir=..., "
-                 "$KD_LIGHTNING_CACHE) at a writable directory",
+    "$KD_LIGHTNING_CACHE) at a writable directory",
     errno.EACCES: "you may not write there: fix its permissions, or point the run (hydra.run.dir=...) or the caches "
-                  "(paths.cache_dir=..., $KD_LIGHTNING_CACHE) at a directory of yours",
+    "(paths.cache_dir=..., $KD_LIGHTNING_CACHE) at a directory of yours",
 }
 FILE_SYSTEM_FIXES[errno.EPERM] = FILE_SYSTEM_FIXES[errno.EACCES]
 

@@ -50,6 +50,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes | memoryview) -> None:
     """Write ``data`` to ``path`` atomically (a full disk raises ``OSError`` naming ``path``)."""
+
     def write(tmp: str) -> None:
         with open(tmp, "wb") as handle:
             handle.write(data)

@@ -42,11 +42,17 @@ class SplitMetrics(nn.ModuleDict):
 
     def __init__(self, num_classes: int, with_teacher: bool, task: str) -> None:
         tokens = task == "tokens"
-        metrics = {"acc": accuracy(num_classes), "ppl" if tokens else "ece": Perplexity() if tokens else calibration(num_classes)}
+        metrics = {
+            "acc": accuracy(num_classes),
+            "ppl" if tokens else "ece": Perplexity() if tokens else calibration(num_classes),
+        }
         if with_teacher:
-            metrics |= {"teacher_acc": accuracy(num_classes),
-                        "teacher_ppl" if tokens else "teacher_ece": Perplexity() if tokens else calibration(num_classes),
-                        "agreement": accuracy(num_classes), "kl_t1": MeanMetric()}
+            metrics |= {
+                "teacher_acc": accuracy(num_classes),
+                "teacher_ppl" if tokens else "teacher_ece": Perplexity() if tokens else calibration(num_classes),
+                "agreement": accuracy(num_classes),
+                "kl_t1": MeanMetric(),
+            }
         super().__init__(metrics)
         self.tokens = tokens
 

@@ -10,17 +10,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from kd_lightning.loss.chunked import HeadLogits, TeacherBlocks, blockwise_terms, resolved
-from kd_lightning.data.batch import Batch, as_batch, counted
 from kd_lightning.checkpoints import check_student_state, student_only
+from kd_lightning.data.batch import Batch, as_batch, counted
 from kd_lightning.errors import KDError
+from kd_lightning.loss.chunked import HeadLogits, TeacherBlocks, blockwise_terms, resolved
 from kd_lightning.loss.features import check_live_teacher
 from kd_lightning.loss.mix import LossMix, Terms
-from kd_lightning.metrics import SPLITS, SplitMetrics
-from kd_lightning.progress import logs_this_step
-from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits
 from kd_lightning.loss.reduction import StepTokens, reduce
 from kd_lightning.loss.schedules import optimizer_config
+from kd_lightning.metrics import SPLITS, SplitMetrics
+from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits
+from kd_lightning.progress import logs_this_step
 from kd_lightning.sequences import Answers, SampleScores, Sequences
 from kd_lightning.sharding import is_sharded, is_sharding, shard
 from kd_lightning.speed import check_chunk_rows
@@ -70,48 +70,81 @@ class DistillationModule(L.LightningModule):
             :class:`~kd_lightning.sharding.WholeCopy`), not gathering each block at every new token.
     """
 
-    def __init__(self, student: nn.Module, teacher: Teacher | nn.Module | None = None, num_classes: int | None = None,
-                 temperature: float | None = None, alpha: float | None = None, optimizer: OptimizerFactory | None = None,
-                 scheduler: SchedulerFactory | None = None, loss_mix: LossMix | None = None, task: str = "classification",
-                 chunk_rows: int | None = None, sequences: Sequences | None = None, answers: Answers | None = None,
-                 sample_scores: SampleScores | None = None, shard_teacher: bool = True,
-                 shard_dtype: str | None = None, generate_whole: bool = False) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: Teacher | nn.Module | None = None,
+        num_classes: int | None = None,
+        temperature: float | None = None,
+        alpha: float | None = None,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: SchedulerFactory | None = None,
+        loss_mix: LossMix | None = None,
+        task: str = "classification",
+        chunk_rows: int | None = None,
+        sequences: Sequences | None = None,
+        answers: Answers | None = None,
+        sample_scores: SampleScores | None = None,
+        shard_teacher: bool = True,
+        shard_dtype: str | None = None,
+        generate_whole: bool = False,
+    ) -> None:
         super().__init__()
         if task not in TASKS:
             raise KDError(f"task must be one of {TASKS}, got {task!r}.")
         check_chunk_rows(chunk_rows, task, loss_mix is not None and loss_mix.features is not None)
         if loss_mix is None:
-            loss_mix = LossMix(temperature=4.0 if temperature is None else temperature, alpha=0.9 if alpha is None else alpha)
+            loss_mix = LossMix(
+                temperature=4.0 if temperature is None else temperature, alpha=0.9 if alpha is None else alpha
+            )
         elif (temperature, alpha) not in ((None, None), (loss_mix.temperature, loss_mix.alpha)):
-            raise KDError("pass temperature and alpha inside the LossMix (LossMix(temperature=..., alpha=...)), not beside it.")
+            raise KDError(
+                "pass temperature and alpha inside the LossMix (LossMix(temperature=..., alpha=...)), not beside it."
+            )
         self.student, self.teacher, self.loss_mix = student, as_teacher(teacher), loss_mix
         num_classes = declared_classes(num_classes, student, self.teacher_network)
         check_live_teacher(loss_mix.features if self.teacher is not None else None, self.teacher_network is not None)
-        self.save_hyperparameters({"num_classes": num_classes, "temperature": loss_mix.temperature, "alpha": loss_mix.alpha,
-                                   "task": task})
+        self.save_hyperparameters(
+            {"num_classes": num_classes, "temperature": loss_mix.temperature, "alpha": loss_mix.alpha, "task": task}
+        )
         self.task, self.chunk_rows = task, chunk_rows
         if sequences is not None and sequences.settings.samples and task != "tokens":
-            raise KDError("distill.on_policy samples completions: it is for language models (token tasks), not "
-                          f"{task}; unset distill.on_policy.fraction and teacher_fraction.")
+            raise KDError(
+                "distill.on_policy samples completions: it is for language models (token tasks), not "
+                f"{task}; unset distill.on_policy.fraction and teacher_fraction."
+            )
         self.sequences = sequences  # where the training batches' completions come from (on-policy distillation)
         self.answers = answers  # a task with answers: greedy exact match in evaluation
         roles = ["student"] + (["teacher"] if self.teacher is not None else [])
-        self.exact = nn.ModuleDict({f"{split}_{role}": MeanMetric() for split in SPLITS for role in roles} if answers else {})
+        self.exact = nn.ModuleDict(
+            {f"{split}_{role}": MeanMetric() for split in SPLITS for role in roles} if answers else {}
+        )
         self.sample_scores = sample_scores  # the student's samples for held-out prompts, scored by the teacher
-        self.sampled = nn.ModuleDict({f"{split}_{name}": MeanMetric() for split in SPLITS for name in SampleScores.NAMES}
-                                     if sample_scores else {})
+        self.sampled = nn.ModuleDict(
+            {f"{split}_{name}": MeanMetric() for split in SPLITS for name in SampleScores.NAMES}
+            if sample_scores
+            else {}
+        )
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         self.shard_teacher, self.shard_dtype, self.generate_whole = shard_teacher, shard_dtype, generate_whole
         self.outputs_checked = False
         self.step_tokens = StepTokens()  # the step's count, when a step spans micro-batches or processes
         self.strict_loading = False  # checkpoints hold the student only (on_load_checkpoint insists on all of it)
-        self.metrics = nn.ModuleDict({split: SplitMetrics(num_classes, self.teacher is not None, task) for split in SPLITS})
-        self.eval_losses = nn.ModuleDict({split: MeanMetric() for split in SPLITS})  # per counted label: exact under any split
+        self.metrics = nn.ModuleDict(
+            {split: SplitMetrics(num_classes, self.teacher is not None, task) for split in SPLITS}
+        )
+        self.eval_losses = nn.ModuleDict(
+            {split: MeanMetric() for split in SPLITS}
+        )  # per counted label: exact under any split
 
     temperature = property(lambda self: self.loss_mix.temperature, doc="The mix's temperature this step.")
-    teacher_network = property(lambda self: None if self.teacher is None else self.teacher.network,
-                               doc="The teacher's network in this process, if it has one (:attr:`Teacher.network`).")
-    alpha = property(lambda self: self.loss_mix.alpha, doc="The mix's alpha this step (``None``: the terms have own weights).")
+    teacher_network = property(
+        lambda self: None if self.teacher is None else self.teacher.network,
+        doc="The teacher's network in this process, if it has one (:attr:`Teacher.network`).",
+    )
+    alpha = property(
+        lambda self: self.loss_mix.alpha, doc="The mix's alpha this step (``None``: the terms have own weights)."
+    )
 
     # -- hooks a subclass may override -------------------------------------------------
 
@@ -144,7 +177,9 @@ class DistillationModule(L.LightningModule):
         """The mix's objective at its current temperature (``T²``-scaled forward KL by default), over the kept positions."""
         return self.loss_mix.evaluate(self.loss_mix.objective_name, student_logits, teacher_logits, batch)
 
-    def loss_terms(self, student_out: Tensor | HeadLogits, teacher_out: Tensor | TeacherBlocks | None, batch: Batch) -> Terms:
+    def loss_terms(
+        self, student_out: Tensor | HeadLogits, teacher_out: Tensor | TeacherBlocks | None, batch: Batch
+    ) -> Terms:
         """Named, weighted loss terms (``ce``, the objective, extra and feature terms); the loss is their ``total``.
         A :class:`~kd_lightning.loss.chunked.HeadLogits` student has the same terms evaluated block by block."""
         if not isinstance(student_out, HeadLogits):
@@ -164,7 +199,11 @@ class DistillationModule(L.LightningModule):
         compared on the vocabulary rows both models share."""
         self.check_outputs_once(student_logits, teacher_logits, batch)
         # a CE of weight 0 (alpha=1) is not computed: at a large vocabulary it was a tenth of the step, for nothing
-        losses = {"ce": self.task_loss(student_logits, batch)} if self.loss_mix.is_active("ce") or teacher_logits is None else {}
+        losses = (
+            {"ce": self.task_loss(student_logits, batch)}
+            if self.loss_mix.is_active("ce") or teacher_logits is None
+            else {}
+        )
         if teacher_logits is not None:
             width = min(student_logits.shape[-1], teacher_logits.shape[-1])
             student_logits, teacher_logits = common_rows(student_logits, width), common_rows(teacher_logits, width)
@@ -176,8 +215,15 @@ class DistillationModule(L.LightningModule):
     def check_outputs_once(self, student_logits: Tensor, teacher_logits: Tensor | None, batch: Batch) -> None:
         """On the first batch (or block): class counts and vocabularies agree, token labels are in range."""
         if not self.outputs_checked:
-            check_outputs(student_logits, teacher_logits, batch["labels"], batch.get("kept"), self.hparams.num_classes, self.task,
-                          padding_known=self.teacher is not None and self.teacher.trained_here)
+            check_outputs(
+                student_logits,
+                teacher_logits,
+                batch["labels"],
+                batch.get("kept"),
+                self.hparams.num_classes,
+                self.task,
+                padding_known=self.teacher is not None and self.teacher.trained_here,
+            )
             self.outputs_checked = True
 
     # -- steps -------------------------------------------------------------------------
@@ -187,14 +233,18 @@ class DistillationModule(L.LightningModule):
         if self.sequences is not None:  # the data set's completions, or the student's or the teacher's own
             batch = self.sequences(batch, self.student, self.teacher_network, self.global_step, batch_idx)
         with self.loss_mix.capturing_features():
-            teacher_out = self.teacher_forward(batch) if self.teacher is not None and self.loss_mix.uses_teacher else None
+            teacher_out = (
+                self.teacher_forward(batch) if self.teacher is not None and self.loss_mix.uses_teacher else None
+            )
             student_out = self.student_forward(batch)
         terms = self.loss_terms(student_out, teacher_out, batch)
         loss = terms.total if isinstance(terms, Terms) else torch.stack(list(terms.values())).sum()
         if not self.step_spans_micro_batches:
             self.log_training(loss, terms)
             return loss
-        return self.step_tokens.add(loss, terms, batch["kept"].sum())  # divided by the whole step's count before it steps
+        return self.step_tokens.add(
+            loss, terms, batch["kept"].sum()
+        )  # divided by the whole step's count before it steps
 
     @property
     def step_spans_micro_batches(self) -> bool:
@@ -203,7 +253,11 @@ class DistillationModule(L.LightningModule):
         micro-batch. (Images: CE counts the labelled samples but the teacher's terms every sample, so no one count
         serves; their batches are of one size, whose mean of means is the step's mean.)"""
         trainer = self._trainer
-        return self.task == "tokens" and trainer is not None and (trainer.accumulate_grad_batches > 1 or trainer.world_size > 1)
+        return (
+            self.task == "tokens"
+            and trainer is not None
+            and (trainer.accumulate_grad_batches > 1 or trainer.world_size > 1)
+        )
 
     def evaluate(self, batch: Any, split: str, batch_idx: int = 0) -> None:
         batch = as_batch(batch)
@@ -211,19 +265,27 @@ class DistillationModule(L.LightningModule):
         student_logits = self.student_forward(batch)
         self.check_outputs_once(student_logits, teacher_logits, batch)
         kept = batch.get("kept")
-        self.eval_losses[split].update(self.task_loss(student_logits, batch), (kept if kept is not None else counted(batch["labels"])).sum())
+        self.eval_losses[split].update(
+            self.task_loss(student_logits, batch), (kept if kept is not None else counted(batch["labels"])).sum()
+        )
         self.log(f"{split}/loss", self.eval_losses[split])
         self.metrics[split].add_batch(student_logits, teacher_logits, batch)
         for name, metric in self.metrics[split].items():
             self.log(f"{split}/{name}", metric, prog_bar=split == "val" and name in ("acc", "ppl"))
         if self.answers is not None:
-            models = {"student": self.student} | ({"teacher": self.teacher_network} if self.teacher_network is not None else {})
+            models = {"student": self.student} | (
+                {"teacher": self.teacher_network} if self.teacher_network is not None else {}
+            )
             for role, model in models.items():
                 metric = self.exact[f"{split}_{role}"]
                 metric.update(self.answers.matches(model, batch))
-                self.log(f"{split}/{'' if role == 'student' else 'teacher_'}exact_match", metric, prog_bar=split == "val")
+                self.log(
+                    f"{split}/{'' if role == 'student' else 'teacher_'}exact_match", metric, prog_bar=split == "val"
+                )
         if self.sample_scores is not None:
-            for name, (value, weight) in self.sample_scores(self.student, self.teacher_network, batch, seed=batch_idx).items():
+            for name, (value, weight) in self.sample_scores(
+                self.student, self.teacher_network, batch, seed=batch_idx
+            ).items():
                 metric = self.sampled[f"{split}_{name}"]
                 metric.update(value.to(self.device), weight.to(self.device))
                 self.log(f"{split}/{name}", metric)
@@ -243,7 +305,9 @@ class DistillationModule(L.LightningModule):
         self.log("train/loss", loss)
         for name, value in terms.items():
             self.log(f"train/{name}", value)
-        if self.loss_mix.scheduled and logs_this_step(self._trainer):  # python floats: logging one copies it to the device
+        if self.loss_mix.scheduled and logs_this_step(
+            self._trainer
+        ):  # python floats: logging one copies it to the device
             for name, value in self.loss_mix.scheduled_values().items():
                 self.log(f"train/{name}", value)
 
@@ -274,14 +338,17 @@ class DistillationModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.step_tokens.pending:
             trainer = self.trainer
-            means = self.step_tokens.finish(trainer.strategy, self.parameters(), trainer.accumulate_grad_batches,
-                                            trainer.world_size)
+            means = self.step_tokens.finish(
+                trainer.strategy, self.parameters(), trainer.accumulate_grad_batches, trainer.world_size
+            )
             self.log_training(means.pop("loss"), means)
 
     def on_fit_start(self) -> None:
         if self.teacher is None and self.loss_mix.uses_teacher:
-            raise KDError(f"the loss mix ({self.loss_mix.extra_repr()}) needs a teacher; pass teacher=... or set alpha=0 "
-                          "to train the student alone.")
+            raise KDError(
+                f"the loss mix ({self.loss_mix.extra_repr()}) needs a teacher; pass teacher=... or set alpha=0 "
+                "to train the student alone."
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Advance the schedules: temperature, alpha and term weights for this step."""
@@ -295,9 +362,14 @@ class DistillationModule(L.LightningModule):
             check_student_state(checkpoint["state_dict"], self.student)
 
     def configure_optimizers(self) -> Any:
-        params = list(self.student.parameters()) + list(self.loss_mix.parameters())  # feature adapters learn with the student
-        optimizer = (self.optimizer_factory(params=params) if self.optimizer_factory is not None
-                     else torch.optim.SGD(params, lr=0.05, momentum=0.9))
+        params = list(self.student.parameters()) + list(
+            self.loss_mix.parameters()
+        )  # feature adapters learn with the student
+        optimizer = (
+            self.optimizer_factory(params=params)
+            if self.optimizer_factory is not None
+            else torch.optim.SGD(params, lr=0.05, momentum=0.9)
+        )
         return optimizer_config(optimizer, self.scheduler_factory, lambda: self.trainer.estimated_stepping_batches)
 
     @property

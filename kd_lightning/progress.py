@@ -39,8 +39,14 @@ class StageProgress(ProgressBar):
         line_seconds: without a terminal, the most seconds between two lines while training.
     """
 
-    def __init__(self, stage: str, terminal: bool | None = None, refresh_steps: int = 20, lines_per_stage: int = 5,
-                 line_seconds: float = 60.0) -> None:
+    def __init__(
+        self,
+        stage: str,
+        terminal: bool | None = None,
+        refresh_steps: int = 20,
+        lines_per_stage: int = 5,
+        line_seconds: float = 60.0,
+    ) -> None:
         super().__init__()
         self.stage = stage
         self.lines_per_stage = lines_per_stage
@@ -61,8 +67,14 @@ class StageProgress(ProgressBar):
         """The latest loss and validation metrics, read from the device only here (every ``refresh_steps`` steps)."""
         metrics = trainer.callback_metrics
         shown = {name: float(metrics[key]) for key, name in SHOWN.items() if key in metrics}
-        return {name: f"{100 * value:.2f}%" if name == "val acc" else f"{value:.2f}" if name == "val ppl" else f"{value:.4f}"
-                for name, value in shown.items()}
+        return {
+            name: f"{100 * value:.2f}%"
+            if name == "val acc"
+            else f"{value:.2f}"
+            if name == "val ppl"
+            else f"{value:.4f}"
+            for name, value in shown.items()
+        }
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.last_line = (time.monotonic(), trainer.global_step)
@@ -71,11 +83,18 @@ class StageProgress(ProgressBar):
         from tqdm.auto import tqdm
 
         total = trainer.estimated_stepping_batches
-        self.bar = tqdm(total=None if math.isinf(total) else int(total), desc=self.stage, unit="step", file=sys.stderr,
-                        dynamic_ncols=True, leave=True)
+        self.bar = tqdm(
+            total=None if math.isinf(total) else int(total),
+            desc=self.stage,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=True,
+        )
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if self.bar is None:
             self.line_if_quiet(trainer)
             return
@@ -94,8 +113,15 @@ class StageProgress(ProgressBar):
             return
         step, total = trainer.global_step, trainer.estimated_stepping_batches
         shown = ", ".join(f"{name} {value}" for name, value in self.shown_metrics(trainer).items())
-        log.info("stage %s: step %d%s, epoch %d%s, %.2f steps/s", self.stage, step, "" if math.isinf(total) else f"/{int(total)}",
-                 trainer.current_epoch + 1, f", {shown}" if shown else "", (step - step_then) / max(now - then, 1e-9))
+        log.info(
+            "stage %s: step %d%s, epoch %d%s, %.2f steps/s",
+            self.stage,
+            step,
+            "" if math.isinf(total) else f"/{int(total)}",
+            trainer.current_epoch + 1,
+            f", {shown}" if shown else "",
+            (step - step_then) / max(now - then, 1e-9),
+        )
         self.last_line = (now, step)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -125,10 +151,18 @@ def lightning_hushed() -> Iterator[None]:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*does not have many workers.*")  # in-memory data needs none
-            warnings.filterwarnings("ignore", r".*module\(s\) in eval mode at the start of training.*")  # the frozen teacher
-            warnings.filterwarnings("ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")  # inside Lightning
-            warnings.filterwarnings("ignore", ".*smaller than the logging interval.*")  # short epochs: logged at their end
-            warnings.filterwarnings("ignore", ".*Checkpoint directory .* exists and is not empty.*")  # resume, overwrite
+            warnings.filterwarnings(
+                "ignore", r".*module\(s\) in eval mode at the start of training.*"
+            )  # the frozen teacher
+            warnings.filterwarnings(
+                "ignore", r".*isinstance\(treespec, LeafSpec\)` is deprecated.*"
+            )  # inside Lightning
+            warnings.filterwarnings(
+                "ignore", ".*smaller than the logging interval.*"
+            )  # short epochs: logged at their end
+            warnings.filterwarnings(
+                "ignore", ".*Checkpoint directory .* exists and is not empty.*"
+            )  # resume, overwrite
             yield
     finally:
         for logger, level in zip(loggers, levels):

@@ -57,15 +57,21 @@ class OnPolicy:
         for key in ("fraction", "teacher_fraction"):
             value = getattr(self, key)
             if not is_number(value) or not 0 <= value <= 1:
-                raise KDError(f"distill.on_policy.{key} must be in [0, 1] (the chance that a batch is sampled), got {value!r}.")
+                raise KDError(
+                    f"distill.on_policy.{key} must be in [0, 1] (the chance that a batch is sampled), got {value!r}."
+                )
         if self.fraction + self.teacher_fraction > 1:
-            raise KDError(f"distill.on_policy.fraction + teacher_fraction must be at most 1 (the chances of one batch), "
-                          f"got {self.fraction} + {self.teacher_fraction}.")
+            raise KDError(
+                f"distill.on_policy.fraction + teacher_fraction must be at most 1 (the chances of one batch), "
+                f"got {self.fraction} + {self.teacher_fraction}."
+            )
         check_integer("distill.on_policy.max_new_tokens", self.max_new_tokens)
         check_integer("distill.on_policy.after_steps", self.after_steps, least=0)
         if not self.greedy and not (is_number(self.temperature) and self.temperature > 0):
-            raise KDError(f"distill.on_policy.temperature must be > 0, got {self.temperature!r}; for the likeliest token "
-                          "set distill.on_policy.greedy=true.")
+            raise KDError(
+                f"distill.on_policy.temperature must be > 0, got {self.temperature!r}; for the likeliest token "
+                "set distill.on_policy.greedy=true."
+            )
         if self.top_k is not None:
             check_integer("distill.on_policy.top_k", self.top_k)
         if self.top_p is not None and not (is_number(self.top_p) and 0 < self.top_p <= 1):
@@ -91,11 +97,18 @@ class Sequences:
 
     def describe(self) -> str:
         s = self.settings
-        how = "greedy" if s.greedy else f"temperature {s.temperature}" + (f", top_k {s.top_k}" if s.top_k else "") + (
-            f", top_p {s.top_p}" if s.top_p is not None else "")
+        how = (
+            "greedy"
+            if s.greedy
+            else f"temperature {s.temperature}"
+            + (f", top_k {s.top_k}" if s.top_k else "")
+            + (f", top_p {s.top_p}" if s.top_p is not None else "")
+        )
         after = f" after step {s.after_steps}" if s.after_steps else ""
-        return (f"student {s.fraction:g}, teacher {s.teacher_fraction:g} of the batches{after}, up to {s.max_new_tokens} "
-                f"tokens, {how}")
+        return (
+            f"student {s.fraction:g}, teacher {s.teacher_fraction:g} of the batches{after}, up to {s.max_new_tokens} "
+            f"tokens, {how}"
+        )
 
     def generator(self, step: int, micro_batch: int) -> torch.Generator:
         """The random state of one micro-batch of one optimizer step: the run's seed, the step, the micro-batch."""
@@ -109,7 +122,9 @@ class Sequences:
             return "student"
         return "teacher" if draw < self.settings.fraction + self.settings.teacher_fraction else "data"
 
-    def __call__(self, batch: Batch, student: nn.Module, teacher: nn.Module | None, step: int, micro_batch: int = 0) -> Batch:
+    def __call__(
+        self, batch: Batch, student: nn.Module, teacher: nn.Module | None, step: int, micro_batch: int = 0
+    ) -> Batch:
         """The batch to train on: ``batch`` itself, or its prompts completed by the student or the teacher."""
         if not self.settings.samples or step < self.settings.after_steps:
             return batch
@@ -119,11 +134,13 @@ class Sequences:
             return batch
         model = student if source == "student" else teacher
         if model is None:
-            raise KDError("distill.on_policy.teacher_fraction > 0 needs a live teacher to sample from (teacher.mode=live).")
+            raise KDError(
+                "distill.on_policy.teacher_fraction > 0 needs a live teacher to sample from (teacher.mode=live)."
+            )
         prompts, mask = prompts_of(batch, self.pad_token_id)
         seed = int(torch.randint(2**62, (), generator=generator))
         made = generate(model, prompts, mask, self.settings, self.eos_token_id, self.pad_token_id, seed)
-        return completed(prompts, mask, made[:, prompts.shape[1]:], self.eos_token_id, self.pad_token_id)
+        return completed(prompts, mask, made[:, prompts.shape[1] :], self.eos_token_id, self.pad_token_id)
 
 
 def token_ids(datamodule: Any) -> tuple[int | None, int]:
@@ -135,8 +152,11 @@ def token_ids(datamodule: Any) -> tuple[int | None, int]:
 def context_length(model: nn.Module) -> int | None:
     """The most positions ``model`` reads (``GPT.context_length``, a transformers config's), ``None`` if unknown."""
     config = getattr(model, "config", None)
-    return getattr(model, "context_length", None) or getattr(config, "max_position_embeddings", None) or getattr(
-        config, "n_positions", None)
+    return (
+        getattr(model, "context_length", None)
+        or getattr(config, "max_position_embeddings", None)
+        or getattr(config, "n_positions", None)
+    )
 
 
 def prompt_lengths(keep: Tensor) -> Tensor:
@@ -149,20 +169,29 @@ def prompts_of(batch: Batch, pad_token_id: int) -> tuple[Tensor, Tensor]:
     """``(prompts (N, P), mask (N, P))``: each row's tokens up to its first kept label, aligned on the right."""
     inputs, keep = batch["inputs"], batch.get("kept", counted(batch["labels"]))
     if not keep.any(1).all():
-        raise KDError("on-policy distillation needs a prompt and a completion in every row (a learned label after the "
-                      "prompt); a row of the batch has no learned token. Use chat data (data=chat) or prompt/completion pairs.")
+        raise KDError(
+            "on-policy distillation needs a prompt and a completion in every row (a learned label after the "
+            "prompt); a row of the batch has no learned token. Use chat data (data=chat) or prompt/completion pairs."
+        )
     lengths = prompt_lengths(keep)
     width = int(lengths.max())
     prompts = torch.full((len(inputs), width), pad_token_id, dtype=inputs.dtype, device=inputs.device)
     mask = torch.zeros((len(inputs), width), dtype=torch.long, device=inputs.device)
     for row, length in enumerate(lengths.tolist()):
-        prompts[row, width - length:] = inputs[row, :length]
-        mask[row, width - length:] = 1
+        prompts[row, width - length :] = inputs[row, :length]
+        mask[row, width - length :] = 1
     return prompts, mask
 
 
-def generate(model: nn.Module, prompts: Tensor, mask: Tensor, settings: OnPolicy, eos_token_id: int | None,
-             pad_token_id: int, seed: int) -> Tensor:
+def generate(
+    model: nn.Module,
+    prompts: Tensor,
+    mask: Tensor,
+    settings: OnPolicy,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    seed: int,
+) -> Tensor:
     """``(N, P + T)``: ``prompts`` continued by ``model`` (the built-in GPT's cached ``generate()``, or transformers'),
     in eval mode, under ``no_grad``, from ``seed``."""
     from kd_lightning.sharding import for_generation, is_sharded
@@ -174,19 +203,43 @@ def generate(model: nn.Module, prompts: Tensor, mask: Tensor, settings: OnPolicy
         with torch.no_grad(), torch.random.fork_rng(devices=[prompts.device] if prompts.is_cuda else []):
             torch.manual_seed(seed)
             if hasattr(model, "hidden_states") and hasattr(model, "generate"):  # kd_lightning.models.GPT
-                return model.generate(prompts, settings.max_new_tokens, prompt_mask=mask, greedy=settings.greedy,
-                                      temperature=settings.temperature, top_k=settings.top_k, top_p=settings.top_p,
-                                      eos_token_id=eos_token_id, synced=synced)
+                return model.generate(
+                    prompts,
+                    settings.max_new_tokens,
+                    prompt_mask=mask,
+                    greedy=settings.greedy,
+                    temperature=settings.temperature,
+                    top_k=settings.top_k,
+                    top_p=settings.top_p,
+                    eos_token_id=eos_token_id,
+                    synced=synced,
+                )
             if callable(getattr(model, "generate", None)) and hasattr(model, "generation_config"):  # transformers
-                sampling: dict[str, Any] = {"do_sample": False} if settings.greedy else {
-                    "do_sample": True, "temperature": settings.temperature, "top_k": settings.top_k or 0,
-                    "top_p": settings.top_p if settings.top_p is not None else 1.0}
-                return model.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
-                                      eos_token_id=eos_token_id, pad_token_id=pad_token_id, synced_gpus=synced, **sampling)
+                sampling: dict[str, Any] = (
+                    {"do_sample": False}
+                    if settings.greedy
+                    else {
+                        "do_sample": True,
+                        "temperature": settings.temperature,
+                        "top_k": settings.top_k or 0,
+                        "top_p": settings.top_p if settings.top_p is not None else 1.0,
+                    }
+                )
+                return model.generate(
+                    input_ids=prompts,
+                    attention_mask=mask,
+                    max_new_tokens=settings.max_new_tokens,
+                    eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id,
+                    synced_gpus=synced,
+                    **sampling,
+                )
     finally:
         model.train(training)
-    raise KDError(f"on-policy distillation samples from the model, but {type(model).__name__} has no generate(); use "
-                  "kd_lightning.models.GPT or a transformers causal LM.")
+    raise KDError(
+        f"on-policy distillation samples from the model, but {type(model).__name__} has no generate(); use "
+        "kd_lightning.models.GPT or a transformers causal LM."
+    )
 
 
 def completed(prompts: Tensor, mask: Tensor, completions: Tensor, eos_token_id: int | None, pad_token_id: int) -> Batch:
@@ -226,10 +279,17 @@ class Answers:
         prompts, mask = prompts_of(batch, self.pad_token_id)
         wanted = [batch["labels"][row][keep[row]] for row in range(len(keep))]
         settings = OnPolicy(greedy=True, max_new_tokens=max(len(w) for w in wanted))
-        made = completed(prompts, mask, generate(model, prompts, mask, settings, self.eos_token_id, self.pad_token_id, 0)[
-            :, prompts.shape[1]:], self.eos_token_id, self.pad_token_id)
-        return torch.tensor([float(torch.equal(made["labels"][row][made["kept"][row]], wanted[row])) for row in range(len(keep))],
-                            device=prompts.device)
+        made = completed(
+            prompts,
+            mask,
+            generate(model, prompts, mask, settings, self.eos_token_id, self.pad_token_id, 0)[:, prompts.shape[1] :],
+            self.eos_token_id,
+            self.pad_token_id,
+        )
+        return torch.tensor(
+            [float(torch.equal(made["labels"][row][made["kept"][row]], wanted[row])) for row in range(len(keep))],
+            device=prompts.device,
+        )
 
 
 class SampleScores:
@@ -257,7 +317,9 @@ class SampleScores:
             return None
         return cls(settings, *token_ids(datamodule))
 
-    def __call__(self, student: nn.Module, teacher: nn.Module | None, batch: Batch, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
+    def __call__(
+        self, student: nn.Module, teacher: nn.Module | None, batch: Batch, seed: int
+    ) -> dict[str, tuple[Tensor, Tensor]]:
         """``{name: (value, weight)}`` for ``batch``'s prompts: the teacher's scores only with a live ``teacher``."""
         from time import perf_counter
 
@@ -270,10 +332,12 @@ class SampleScores:
         started = perf_counter()
         made = generate(student, prompts, mask, settings, self.eos_token_id, self.pad_token_id, seed)
         seconds = perf_counter() - started
-        samples = completed(prompts, mask, made[:, prompts.shape[1]:], self.eos_token_id, self.pad_token_id)
+        samples = completed(prompts, mask, made[:, prompts.shape[1] :], self.eos_token_id, self.pad_token_id)
         kept, tokens = samples["kept"], samples["kept"].sum()
-        scores = {"sample_distinct_2": distinct_pairs(samples),
-                  "sample_tokens_per_s": (tokens / max(seconds, 1e-9), torch.tensor(seconds))}
+        scores = {
+            "sample_distinct_2": distinct_pairs(samples),
+            "sample_tokens_per_s": (tokens / max(seconds, 1e-9), torch.tensor(seconds)),
+        }
         if teacher is not None:
             with torch.no_grad():
                 student_log_p = model_logits(student, samples).float().log_softmax(-1)

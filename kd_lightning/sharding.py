@@ -48,13 +48,17 @@ class ShardedStrategy(ModelParallelStrategy):
 
     def trained_modules(self) -> nn.Module:
         """The module's children that a checkpoint holds: all but the teacher (the same names, so the same keys)."""
-        return nn.ModuleDict({name: child for name, child in self.lightning_module.named_children() if name != "teacher"})
+        return nn.ModuleDict(
+            {name: child for name, child in self.lightning_module.named_children() if name != "teacher"}
+        )
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         whole = not self._save_distributed_checkpoint  # gathered onto rank 0, else each rank's shards
-        return get_model_state_dict(self.trained_modules(), options=StateDictOptions(full_state_dict=whole, cpu_offload=True))
+        return get_model_state_dict(
+            self.trained_modules(), options=StateDictOptions(full_state_dict=whole, cpu_offload=True)
+        )
 
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
         path = Path(self.broadcast(filepath))
@@ -73,9 +77,17 @@ class ShardedStrategy(ModelParallelStrategy):
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         from lightning.fabric.strategies.model_parallel import _load_checkpoint
 
-        state = {"state_dict": self.trained_modules(), **{f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)}}
-        return _load_checkpoint(Path(self.broadcast(checkpoint_path)), state, strict=True, optimizer_states_from_list=True,
-                                weights_only=weights_only)
+        state = {
+            "state_dict": self.trained_modules(),
+            **{f"optimizer_{i}": opt for i, opt in enumerate(self.optimizers)},
+        }
+        return _load_checkpoint(
+            Path(self.broadcast(checkpoint_path)),
+            state,
+            strict=True,
+            optimizer_states_from_list=True,
+            weights_only=weights_only,
+        )
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
@@ -87,8 +99,9 @@ def blocks(model: nn.Module) -> list[nn.Module]:
     return list(layers) if isinstance(layers, nn.ModuleList) else []
 
 
-def shard(model: nn.Module, mesh: Any, role: str, chunked: bool, dtype: str | None = None,
-          generate_whole: bool = False) -> None:
+def shard(
+    model: nn.Module, mesh: Any, role: str, chunked: bool, dtype: str | None = None, generate_whole: bool = False
+) -> None:
     """``fully_shard`` each block of ``model``, then its root, over ``mesh`` (the data-parallel ranks); ``dtype``
     (``speed.shard_dtype``): gather the parameters in it and compute in it, reduce gradients in float32.
     ``generate_whole`` (``speed.generate_whole``): keep a :class:`WholeCopy` of it to generate with."""
@@ -99,16 +112,24 @@ def shard(model: nn.Module, mesh: Any, role: str, chunked: bool, dtype: str | No
         model.whole_copy = WholeCopy(model, dtype)  # a plain attribute: not a submodule, not in any state dict
     units = blocks(model)
     if not units:
-        raise KDError(f"trainer=fsdp shards a model by its transformer blocks, and the {role} ({type(model).__name__}) has "
-                      "none that kd_lightning knows (GPT.blocks, a transformers decoder's layers); use trainer=ddp.")
+        raise KDError(
+            f"trainer=fsdp shards a model by its transformer blocks, and the {role} ({type(model).__name__}) has "
+            "none that kd_lightning knows (GPT.blocks, a transformers decoder's layers); use trainer=ddp."
+        )
     own = callable(getattr(type(model), "hidden_states", None))  # kd_lightning.models.GPT
     if chunked and not own:
         if not isinstance(getattr(model, "base_model", None), nn.Module) or model.base_model is model:
-            raise KDError(f"trainer=fsdp with speed.chunk_rows reads the {role}'s hidden states apart from its forward, "
-                          f"which kd_lightning can gather for GPT and transformers causal LMs, not {type(model).__name__}; "
-                          "unset speed.chunk_rows or use trainer=ddp.")
+            raise KDError(
+                f"trainer=fsdp with speed.chunk_rows reads the {role}'s hidden states apart from its forward, "
+                f"which kd_lightning can gather for GPT and transformers causal LMs, not {type(model).__name__}; "
+                "unset speed.chunk_rows or use trainer=ddp."
+            )
         model.hidden_states = MethodType(base_model_hidden_states, model)  # a root method FSDP can gather for
-    policy = MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+    policy = (
+        MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
+        if dtype
+        else MixedPrecisionPolicy()
+    )
     for unit in units:
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)

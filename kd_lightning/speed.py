@@ -49,8 +49,10 @@ class SpeedSettings:
         if self.chunk_rows is not None:
             check_integer("speed.chunk_rows", self.chunk_rows, fix=" (tokens per block) or null")
         if self.shard_dtype not in SHARD_DTYPES:
-            raise KDError(f"speed.shard_dtype must be null, bfloat16 or float16, got {self.shard_dtype!r}: the dtype "
-                          "trainer=fsdp gathers the sharded parameters in.")
+            raise KDError(
+                f"speed.shard_dtype must be null, bfloat16 or float16, got {self.shard_dtype!r}: the dtype "
+                "trainer=fsdp gathers the sharded parameters in."
+            )
 
     def prepare(self, model: nn.Module) -> nn.Module:
         """``model`` in the chosen memory format, its ``forward`` compiled (in place; returns ``model``)."""
@@ -73,5 +75,7 @@ def check_chunk_rows(chunk_rows: int | None, task: str, with_features: bool) -> 
     if task != "tokens":
         raise KDError("speed.chunk_rows is for language models (task=tokens), whose logits are (N, L, V); unset it.")
     if with_features:
-        raise KDError("speed.chunk_rows cannot be combined with distill.features (the chunked loss sees the logits "
-                      "of one block of tokens at a time); unset one of them.")
+        raise KDError(
+            "speed.chunk_rows cannot be combined with distill.features (the chunked loss sees the logits "
+            "of one block of tokens at a time); unset one of them."
+        )

@@ -7,7 +7,9 @@ from pathlib import Path
 import numpy as np
 
 
-def make_image_tree(root: Path, classes: int = 3, per_class: dict[str, int] | None = None, suffix: str = ".png", size: int = 32) -> Path:
+def make_image_tree(
+    root: Path, classes: int = 3, per_class: dict[str, int] | None = None, suffix: str = ".png", size: int = 32
+) -> Path:
     """``root/{train,test}/class_k/NNNN.png`` with random RGB images; returns ``root``."""
     from PIL import Image
 
@@ -23,16 +25,20 @@ def make_image_tree(root: Path, classes: int = 3, per_class: dict[str, int] | No
     return root
 
 
-WORDS = ("the king queen lord lady good night day love death sword crown heart blood fair sweet speak know "
-         "come go thou thee art hath doth shall will not my thy our his her and of to in").split()
+WORDS = (
+    "the king queen lord lady good night day love death sword crown heart blood fair sweet speak know "
+    "come go thou thee art hath doth shall will not my thy our his her and of to in"
+).split()
 
 
-def make_corpus(root: Path, works: tuple[str, ...] = ("alpha", "beta", "gamma", "delta", "epsilon"), words: int = 600) -> Path:
+def make_corpus(
+    root: Path, works: tuple[str, ...] = ("alpha", "beta", "gamma", "delta", "epsilon"), words: int = 600
+) -> Path:
     """``root/<work>.txt``: a few short 'works' of verse-like lines drawn from a small vocabulary; returns ``root``."""
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     for work in works:
         picks = rng.choice(WORDS, size=words)
-        lines = [" ".join(picks[i:i + 8]).capitalize() + "." for i in range(0, words, 8)]
+        lines = [" ".join(picks[i : i + 8]).capitalize() + "." for i in range(0, words, 8)]
         (root / f"{work}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root

@@ -20,9 +20,18 @@ def data(**settings) -> ArithmeticDataModule:
 
 def test_problems_are_distinct_and_no_test_problem_is_trained_on() -> None:
     module = data()
-    text = {split: [module.tokenizer.decode(row).split("=")[0] for row in module.splits[split].inputs] for split in ("train", "val", "test")}
-    assert len(set(text["train"])) == 300 and not set(text["test"]) & set(text["train"]) and not set(text["val"]) & set(text["train"])
-    assert text == {split: [module.tokenizer.decode(row).split("=")[0] for row in data().splits[split].inputs] for split in text}
+    text = {
+        split: [module.tokenizer.decode(row).split("=")[0] for row in module.splits[split].inputs]
+        for split in ("train", "val", "test")
+    }
+    assert (
+        len(set(text["train"])) == 300
+        and not set(text["test"]) & set(text["train"])
+        and not set(text["val"]) & set(text["train"])
+    )
+    assert text == {
+        split: [module.tokenizer.decode(row).split("=")[0] for row in data().splits[split].inputs] for split in text
+    }
 
 
 def test_only_the_reversed_sum_and_its_end_token_are_learned() -> None:
@@ -44,8 +53,11 @@ def test_exact_match_is_the_whole_greedy_completion_up_to_its_end(monkeypatch) -
     eos = module.tokenizer.eos_token_id
     wrong = answers[1].clone()
     wrong[0] = 2 if int(wrong[0]) != 2 else 3
-    completions = [torch.cat([answers[0], torch.tensor([7, 7])]),  # right, then anything after its end: right
-                   wrong, answers[2][:-1]]  # a wrong digit; right digits without the end token: wrong
+    completions = [
+        torch.cat([answers[0], torch.tensor([7, 7])]),  # right, then anything after its end: right
+        wrong,
+        answers[2][:-1],
+    ]  # a wrong digit; right digits without the end token: wrong
 
     def generate(model, prompts, mask, settings, eos_token_id, pad_token_id, seed):
         width = settings.max_new_tokens
@@ -60,11 +72,14 @@ def test_exact_match_is_the_whole_greedy_completion_up_to_its_end(monkeypatch) -
     assert checker.matches(torch.nn.Identity(), batch).tolist() == [1.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"train_size": 6000, "digits": 2}, "too many to keep test problems out of training"),
-    ({"block_size": 8}, "data.block_size=8 is shorter than a problem of 3-digit operands and its answer"),
-    ({"vocab_size": 20}, "the arithmetic task has 14 tokens; set data.vocab_size=14"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"train_size": 6000, "digits": 2}, "too many to keep test problems out of training"),
+        ({"block_size": 8}, "data.block_size=8 is shorter than a problem of 3-digit operands and its answer"),
+        ({"vocab_size": 20}, "the arithmetic task has 14 tokens; set data.vocab_size=14"),
+    ],
+)
 def test_bad_arithmetic_settings_are_one_line(settings: dict, message: str) -> None:
     with pytest.raises(KDError, match=message):
         ArithmeticDataModule(**settings)

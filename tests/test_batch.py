@@ -17,8 +17,9 @@ LIBRARY = Path(__file__).resolve().parents[1] / "kd_lightning"
 
 def module() -> DistillationModule:
     torch.manual_seed(0)
-    return DistillationModule(DigitsCNN(width=4, hidden=8, dropout=0.0), DigitsCNN().eval(), num_classes=10,
-                              temperature=2.0, alpha=0.7)
+    return DistillationModule(
+        DigitsCNN(width=4, hidden=8, dropout=0.0), DigitsCNN().eval(), num_classes=10, temperature=2.0, alpha=0.7
+    )
 
 
 def test_a_dict_batch_and_a_tuple_batch_give_the_same_loss() -> None:

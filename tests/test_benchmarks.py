@@ -9,15 +9,31 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from data_factory import make_image_tree
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def test_step_overhead_runs_and_prints_the_ratio() -> None:
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "step_overhead.py"), "--teacher", "resnet8", "--student", "resnet8",
-                          "--batch-size", "8", "--steps", "2", "--pairs", "1"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "step_overhead.py"),
+            "--teacher",
+            "resnet8",
+            "--student",
+            "resnet8",
+            "--batch-size",
+            "8",
+            "--steps",
+            "2",
+            "--pairs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ratio lightning / plain:" in out.stdout
 
@@ -25,16 +41,40 @@ def test_step_overhead_runs_and_prints_the_ratio() -> None:
 def test_data_path_runs_on_a_generated_tree(tmp_path: Path) -> None:
     pytest.importorskip("torchvision")
     root = make_image_tree(tmp_path / "tree", classes=2, per_class={"train": 2600, "test": 2})
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "data_path.py"), "--data-dir", str(root), "--workers", "0", "--repeats", "1"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "data_path.py"), "--data-dir", str(root), "--workers", "0", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ratio torchvision / in_memory:" in out.stdout
 
 
 def test_recorded_teacher_benchmark_prints_the_ratios(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "recorded_teacher.py"), "--teacher", "resnet8", "--student", "resnet8",
-                          "--train-size", "64", "--batch-size", "16", "--repeats", "1", "--top-k", "3", "--json", str(tmp_path / "out.json")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "recorded_teacher.py"),
+            "--teacher",
+            "resnet8",
+            "--student",
+            "resnet8",
+            "--train-size",
+            "64",
+            "--batch-size",
+            "16",
+            "--repeats",
+            "1",
+            "--top-k",
+            "3",
+            "--json",
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ratio live / recorded:" in out.stdout and "ratio recorded / alone:" in out.stdout
     result = json.loads((tmp_path / "out.json").read_text())
@@ -44,19 +84,48 @@ def test_recorded_teacher_benchmark_prints_the_ratios(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # two processes
 def test_sharded_generation_benchmark_gives_the_same_tokens_both_ways(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "sharded_generation.py"), "--rows", "2", "--prompt", "4", "--new-tokens",
-                          "4", "--dim", "32", "--depth", "2", "--vocab", "64", "--repeats", "1", "--json", str(tmp_path / "out.json")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "sharded_generation.py"),
+            "--rows",
+            "2",
+            "--prompt",
+            "4",
+            "--new-tokens",
+            "4",
+            "--dim",
+            "32",
+            "--depth",
+            "2",
+            "--vocab",
+            "64",
+            "--repeats",
+            "1",
+            "--json",
+            str(tmp_path / "out.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ratio gathered / copy:" in out.stdout
     result = json.loads((tmp_path / "out.json").read_text())
-    assert set(result["median_s"]) == {"gathered", "copy"} and result["extra_bytes"]["copy"] > result["extra_bytes"]["gathered"]
+    assert (
+        set(result["median_s"]) == {"gathered", "copy"}
+        and result["extra_bytes"]["copy"] > result["extra_bytes"]["gathered"]
+    )
 
 
 @pytest.mark.slow  # every GPU benchmark in its dry mode, concurrent jobs included
 def test_gpu_check_dry_mode_on_cpu_writes_the_json(tmp_path: Path) -> None:
-    out = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path / "gpu.json")],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), "--device", "cpu", "--out", str(tmp_path / "gpu.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "gpu.json").read_text())
     assert summary["precision"] == "bf16-mixed" and summary["channels_last"] is True
@@ -68,16 +137,37 @@ def test_gpu_check_dry_mode_on_cpu_writes_the_json(tmp_path: Path) -> None:
 
 
 def test_gpu_check_without_a_gpu_says_so(tmp_path: Path) -> None:
-    out = subprocess.run(["bash", str(BENCHMARKS / "gpu_check.sh"), "--out", str(tmp_path / "gpu.json")],
-                         capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    out = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), "--out", str(tmp_path / "gpu.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
     assert out.returncode != 0 and "--device cpu" in out.stderr
     assert not (tmp_path / "gpu.json").exists()
 
 
 @pytest.mark.slow  # half a minute of loss evaluations
 def test_lm_loss_benchmark_reports_memory_time_and_exactness() -> None:
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "lm_loss.py"), "--vocab", "512", "--tokens", "64", "--hidden", "16",
-                          "--repeats", "1", "--json"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "lm_loss.py"),
+            "--vocab",
+            "512",
+            "--tokens",
+            "64",
+            "--hidden",
+            "16",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout)
     assert figures["peak_mem_ratio"] > 0 and figures["time_ratio"] > 0
@@ -87,20 +177,61 @@ def test_lm_loss_benchmark_reports_memory_time_and_exactness() -> None:
 @pytest.mark.slow  # over 30 s on 2 cores
 def test_the_trl_benchmark_runs_both_tools_on_the_same_batches_and_their_losses_agree() -> None:
     pytest.importorskip("trl", reason="benchmarks/vs_trl.py compares with TRL (pip install -e '.[lm,trl]')")
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "vs_trl.py"), "--shapes", "default", "--repeats", "1", "--steps", "2",
-                          "--rows", "2", "--length", "32", "--json"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "vs_trl.py"),
+            "--shapes",
+            "default",
+            "--repeats",
+            "1",
+            "--steps",
+            "2",
+            "--rows",
+            "2",
+            "--length",
+            "32",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout)["shapes"]["default"]
     assert len(figures["kd"]["losses"]) == len(figures["trl"]["losses"]) == 2
     assert figures["kd"]["max_rel_loss_diff_vs_trl"] < 1e-5
-    assert figures["kd"]["tokens_per_s"] > 0 and figures["trl"]["peak_rss_mib"] > 0 and figures["kd"]["growth_ratio_vs_trl"] > 0
+    assert (
+        figures["kd"]["tokens_per_s"] > 0
+        and figures["trl"]["peak_rss_mib"] > 0
+        and figures["kd"]["growth_ratio_vs_trl"] > 0
+    )
 
 
 @pytest.mark.slow  # two tools, each in its own process
 def test_the_trl_benchmark_times_on_policy_steps_and_says_what_each_divides_by() -> None:
     pytest.importorskip("trl", reason="benchmarks/vs_trl.py compares with TRL (pip install -e '.[lm,trl]')")
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "vs_trl.py"), "--on-policy", "--new-tokens", "4", "--repeats", "1",
-                          "--steps", "2", "--rows", "2", "--length", "32", "--json"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "vs_trl.py"),
+            "--on-policy",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+            "--steps",
+            "2",
+            "--rows",
+            "2",
+            "--length",
+            "32",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout)["shapes"]["default"]
     for tool in ("kd", "trl"):
@@ -110,9 +241,30 @@ def test_the_trl_benchmark_times_on_policy_steps_and_says_what_each_divides_by()
 
 
 def test_the_generation_benchmark_compares_cached_and_recomputed_tokens() -> None:
-    out = subprocess.run([sys.executable, str(BENCHMARKS / "generate.py"), "--new-tokens", "8", "--prompt", "4", "--rows", "2",
-                          "--dim", "16", "--depth", "1", "--vocab", "50", "--repeats", "1", "--json"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "generate.py"),
+            "--new-tokens",
+            "8",
+            "--prompt",
+            "4",
+            "--rows",
+            "2",
+            "--dim",
+            "16",
+            "--depth",
+            "1",
+            "--vocab",
+            "50",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert set(result["tokens_per_s"]) == {"cached", "recomputed"} and result["ratio_cached_over_recomputed"] > 0

@@ -11,8 +11,15 @@ from torch import nn
 from kd_lightning.loss.chunked import chunked_distillation_loss
 from kd_lightning.loss.objectives import dkd_loss, jsd_loss, kd_loss, reverse_kl_loss, skew_kl_loss, tvd_loss
 
-OBJECTIVES = {"kd": kd_loss, "reverse_kl": reverse_kl_loss, "jsd": partial(jsd_loss, beta=0.3), "dkd": partial(dkd_loss, nckd_weight=2.0),
-              "skew_kl": skew_kl_loss, "skew_reverse_kl": partial(skew_kl_loss, reverse=True), "tvd": tvd_loss}
+OBJECTIVES = {
+    "kd": kd_loss,
+    "reverse_kl": reverse_kl_loss,
+    "jsd": partial(jsd_loss, beta=0.3),
+    "dkd": partial(dkd_loss, nckd_weight=2.0),
+    "skew_kl": skew_kl_loss,
+    "skew_reverse_kl": partial(skew_kl_loss, reverse=True),
+    "tvd": tvd_loss,
+}
 
 
 def models(vocab: int = 37, hidden: int = 8, teacher_hidden: int = 12, padded: int = 0):
@@ -25,8 +32,13 @@ def models(vocab: int = 37, hidden: int = 8, teacher_hidden: int = 12, padded: i
         if padded:
             with torch.no_grad():
                 head.bias[vocab:] = -float("inf")
-    return student, teacher, torch.randn(3, 5, hidden, generator=g), torch.randn(3, 5, teacher_hidden, generator=g), \
-        torch.randint(0, vocab, (3, 5), generator=g)
+    return (
+        student,
+        teacher,
+        torch.randn(3, 5, hidden, generator=g),
+        torch.randn(3, 5, teacher_hidden, generator=g),
+        torch.randint(0, vocab, (3, 5), generator=g),
+    )
 
 
 def plain_and_chunked(objective, temperature: float, labels: torch.Tensor, padded: int = 0, **kwargs):
@@ -38,8 +50,17 @@ def plain_and_chunked(objective, temperature: float, labels: torch.Tensor, padde
         hidden = h_s.clone().requires_grad_(True)
         loss_fn = partial(objective, labels=labels, ignore_index=-100)
         if chunked:
-            loss = chunked_distillation_loss(hidden, head, h_t, teacher, objective=objective, temperature=temperature,
-                                             labels=labels, chunk_rows=4, **kwargs)
+            loss = chunked_distillation_loss(
+                hidden,
+                head,
+                h_t,
+                teacher,
+                objective=objective,
+                temperature=temperature,
+                labels=labels,
+                chunk_rows=4,
+                **kwargs,
+            )
         else:
             with torch.no_grad():
                 teacher_logits = teacher(h_t)
@@ -61,7 +82,8 @@ def test_chunked_equals_plain(name: str, temperature: float, masking: str) -> No
     elif masking == "all_ignored":
         labels = torch.full_like(labels, -100)
     (loss, *grads), (chunked_loss, *chunked_grads) = plain_and_chunked(
-        OBJECTIVES[name], temperature, labels, padded=3 if masking == "padded_vocabulary" else 0)
+        OBJECTIVES[name], temperature, labels, padded=3 if masking == "padded_vocabulary" else 0
+    )
     assert torch.isfinite(chunked_loss) and all(torch.isfinite(g).all() for g in chunked_grads)
     torch.testing.assert_close(chunked_loss, loss, rtol=1e-5, atol=1e-7)
     for grad, chunked_grad in zip(grads, chunked_grads):
@@ -83,8 +105,15 @@ def test_gradient_accumulation_with_a_global_count_equals_one_batch() -> None:
     num_kept = (labels != -100).sum()
     parts = []
     for i in range(3):
-        part = chunked_distillation_loss(h_s[i:i + 1], parts_head, h_t[i:i + 1], teacher, labels=labels[i:i + 1],
-                                         temperature=2.0, num_kept=num_kept)
+        part = chunked_distillation_loss(
+            h_s[i : i + 1],
+            parts_head,
+            h_t[i : i + 1],
+            teacher,
+            labels=labels[i : i + 1],
+            temperature=2.0,
+            num_kept=num_kept,
+        )
         part.backward()  # gradients accumulate in parts_head, as over micro-batches
         parts.append(part.detach())
     torch.testing.assert_close(sum(parts), whole.detach(), rtol=1e-5, atol=1e-7)
@@ -100,7 +129,9 @@ def test_teacher_logits_from_a_function_and_bfloat16_hidden_states() -> None:
     head = student.bfloat16()
     loss = chunked_distillation_loss(hidden, head, teacher_logits=lambda rows: teacher_logits[rows], labels=labels)
     loss.backward()
-    assert loss.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.bfloat16
+    assert (
+        loss.dtype == torch.float32 and hidden.grad.dtype == torch.bfloat16 and head.weight.grad.dtype == torch.bfloat16
+    )
     reference = kd_loss(head(hidden.detach()).float(), teacher_logits.reshape(3, 5, 37), 1.0)
     torch.testing.assert_close(loss.detach(), reference, rtol=2e-2, atol=1e-3)
 
@@ -130,7 +161,9 @@ def test_float64_stays_float64_and_nothing_kept_is_zero() -> None:
     student, teacher, h_s, h_t, labels = models()
     head, teacher_head = student.double(), teacher.double()
     hidden = h_s.double().requires_grad_(True)
-    loss = chunked_distillation_loss(hidden, head, h_t.double(), teacher_head, labels=labels, temperature=2.0, chunk_rows=4)
+    loss = chunked_distillation_loss(
+        hidden, head, h_t.double(), teacher_head, labels=labels, temperature=2.0, chunk_rows=4
+    )
     loss.backward()
     assert loss.dtype == hidden.grad.dtype == head.weight.grad.dtype == torch.float64
     with torch.no_grad():
@@ -138,13 +171,17 @@ def test_float64_stays_float64_and_nothing_kept_is_zero() -> None:
     torch.testing.assert_close(loss.detach(), plain, rtol=1e-12, atol=1e-14)
     nothing = torch.full_like(labels, -100)
     assert chunked_distillation_loss(hidden, head, h_t.double(), teacher_head, labels=nothing, num_kept=0).item() == 0.0
-    assert kd_loss(head(hidden), teacher_head(h_t.double()), labels=nothing, ignore_index=-100, num_kept=0).item() == 0.0
+    assert (
+        kd_loss(head(hidden), teacher_head(h_t.double()), labels=nothing, ignore_index=-100, num_kept=0).item() == 0.0
+    )
 
 
 def test_a_temperature_bound_to_the_objective_is_used() -> None:
     """``objective=partial(kd_loss, temperature=2.0)`` (the docstring's example): that temperature, no TypeError."""
     student, teacher, h_s, h_t, labels = models()
-    bound = chunked_distillation_loss(h_s, student, h_t, teacher, objective=partial(kd_loss, temperature=2.0), labels=labels)
+    bound = chunked_distillation_loss(
+        h_s, student, h_t, teacher, objective=partial(kd_loss, temperature=2.0), labels=labels
+    )
     given = chunked_distillation_loss(h_s, student, h_t, teacher, temperature=2.0, labels=labels)
     torch.testing.assert_close(bound, given)
     assert not torch.allclose(bound, chunked_distillation_loss(h_s, student, h_t, teacher, labels=labels))  # not T=1

@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from data_factory import make_image_tree
 
 from kd_lightning import KDError
 from kd_lightning.data import CIFARDataModule
 from kd_lightning.data import cifar as cifar_module
 from kd_lightning.data.augment import RandomCropFlip
-
-from data_factory import make_image_tree
 
 
 def datamodule(root: Path, **kwargs) -> CIFARDataModule:
@@ -131,7 +130,10 @@ def test_real_torchvision_cifar10_on_generated_files(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     for name, n in [*((f"data_batch_{i}", 4) for i in range(1, 6)), ("test_batch", 3)]:
         with open(folder / name, "wb") as handle:
-            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))}, handle)
+            pickle.dump(
+                {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": list(rng.integers(0, 10, n))},
+                handle,
+            )
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, handle)
     orig = datasets.CIFAR10._check_integrity
@@ -146,7 +148,7 @@ def test_real_torchvision_cifar10_on_generated_files(tmp_path: Path) -> None:
 def reference_crop_flip(image: torch.Tensor, top: int, left: int, flip: bool, pad: int) -> torch.Tensor:
     """One image, the torchvision way: pad with zeros, crop at (top, left), then flip."""
     padded = F.pad(image, [pad] * 4)
-    crop = padded[:, top: top + image.shape[1], left: left + image.shape[2]]
+    crop = padded[:, top : top + image.shape[1], left : left + image.shape[2]]
     return crop.flip(-1) if flip else crop
 
 
@@ -157,7 +159,9 @@ def test_batched_crop_flip_equals_per_image_reference() -> None:
     views = augment.draw(16)
     out = augment.apply(images, views)
     for i in range(16):
-        expected = reference_crop_flip(images[i], int(views.offsets[i, 0]), int(views.offsets[i, 1]), bool(views.flips[i]), 4)
+        expected = reference_crop_flip(
+            images[i], int(views.offsets[i, 0]), int(views.offsets[i, 1]), bool(views.flips[i]), 4
+        )
         assert torch.equal(out[i], expected), i
     assert augment.distinct_views == 162  # 9 x 9 offsets x 2 flips
 
@@ -172,7 +176,9 @@ def test_augmentation_only_in_training_and_inputs_normalised(tmp_path: Path) -> 
     dm.trainer = StubTrainer()
     x_eval = dm.on_after_batch_transfer(batch, 0)["inputs"]
     mean, std = cifar_module.STATS["cifar10"]
-    expected = (batch["inputs"].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    expected = (batch["inputs"].float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(
+        1, 3, 1, 1
+    )
     assert torch.allclose(x_eval, expected)
     StubTrainer.training = True
     torch.manual_seed(1)
@@ -199,10 +205,19 @@ def test_teacher_and_student_see_the_same_augmented_batch(tmp_path: Path) -> Non
                 seen["student"].append(batch["inputs"].clone())
             return super().student_forward(batch)
 
-    dm = CIFARDataModule(name="cifar10", num_classes=10, data_dir=str(make_image_tree(tmp_path / "tree")), val_size=3, batch_size=5)
+    dm = CIFARDataModule(
+        name="cifar10", num_classes=10, data_dir=str(make_image_tree(tmp_path / "tree")), val_size=3, batch_size=5
+    )
     module = Recording(build_cifar_model("resnet8", 10), build_cifar_model("resnet8", 10), num_classes=10)
-    L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              limit_val_batches=0, default_root_dir=tmp_path).fit(module, datamodule=dm)
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+    ).fit(module, datamodule=dm)
     assert len(seen["teacher"]) == 3
     for t, s in zip(seen["teacher"], seen["student"]):
         assert torch.equal(t, s)

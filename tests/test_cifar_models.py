@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SHARED
 
 from kd_lightning import KDError
 from kd_lightning.checkpoints import load_weights, save_weights
 from kd_lightning.models.cifar import MODELS, build_cifar_model
-
-from conftest import SHARED
 
 REFERENCE = SHARED / "reference" / "repdistiller_cifar"
 needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason=f"reference checkpoints not found at {REFERENCE}")
@@ -62,7 +61,10 @@ def test_plain_and_lightning_checkpoints_are_accepted(tmp_path: Path) -> None:
     torch.manual_seed(0)
     source = build_cifar_model("resnet8", 10)
     torch.save(source.state_dict(), tmp_path / "plain.pt")
-    torch.save({"state_dict": {f"student.{k}": v for k, v in source.state_dict().items()}, "epoch": 3}, tmp_path / "lightning.ckpt")
+    torch.save(
+        {"state_dict": {f"student.{k}": v for k, v in source.state_dict().items()}, "epoch": 3},
+        tmp_path / "lightning.ckpt",
+    )
     save_weights(source, tmp_path / "repdistiller.pth", epoch=240)
     for file in ("plain.pt", "lightning.ckpt", "repdistiller.pth"):
         target = load_weights(build_cifar_model("resnet8", 10), tmp_path / file)

@@ -9,17 +9,30 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import SHARED
 from data_factory import make_image_tree
 
 
-def run_cli(tmp_path: Path, *args: str, multirun: bool = False, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    tmp_path: Path, *args: str, multirun: bool = False, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache"), "HYDRA_FULL_ERROR": "0", **(env or {})}
     flags = ["-m"] if multirun else []
     return subprocess.run(
-        [sys.executable, "-m", "kd_lightning", *flags, "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", *args],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "kd_lightning",
+            *flags,
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            *args,
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -37,7 +50,9 @@ def test_a_refused_run_writes_nothing_into_the_run_it_was_refused_for(tmp_path: 
     the architecture from), overrides and log stay the finished run's."""
     assert run_cli(tmp_path, "trainer.fast_dev_run=true", "hydra.run.dir=run").returncode == 0
     before = {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()}
-    assert {".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "cli.log"} <= {str(p.relative_to(tmp_path / "run")) for p in before}
+    assert {".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "cli.log"} <= {
+        str(p.relative_to(tmp_path / "run")) for p in before
+    }
     out = run_cli(tmp_path, "trainer.fast_dev_run=true", "student=digits_cnn", "hydra.run.dir=run")
     assert out.returncode == 1 and "already holds the results of a run" in out.stderr
     assert {path: path.read_bytes() for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
@@ -45,8 +60,13 @@ def test_a_refused_run_writes_nothing_into_the_run_it_was_refused_for(tmp_path: 
 
 def test_two_by_two_sweep(tmp_path: Path) -> None:
     out = run_cli(
-        tmp_path, "distill.temperature=1,4", "distill.alpha=0.5,0.9", "trainer.fast_dev_run=true",
-        "baseline=false", "hydra.sweep.dir=sweep", multirun=True,
+        tmp_path,
+        "distill.temperature=1,4",
+        "distill.alpha=0.5,0.9",
+        "trainer.fast_dev_run=true",
+        "baseline=false",
+        "hydra.sweep.dir=sweep",
+        multirun=True,
     )
     assert out.returncode == 0, out.stderr
     jobs = sorted((tmp_path / "sweep").glob("*/metrics.json"))
@@ -79,8 +99,14 @@ def test_unknown_model_names_the_available_ones(tmp_path: Path, override: str) -
 def test_cifar_recipe_fast_dev_run_on_generated_data(tmp_path: Path) -> None:
     make_image_tree(tmp_path / "cifar", classes=4, per_class={"train": 20, "test": 4})
     # a relative data path means the launch directory: Hydra does not chdir
-    out = run_cli(tmp_path, "+recipe=cifar_resnet", "data.data_dir=cifar", "data.val_size=10",
-                  "trainer.fast_dev_run=true", "hydra.run.dir=run")
+    out = run_cli(
+        tmp_path,
+        "+recipe=cifar_resnet",
+        "data.data_dir=cifar",
+        "data.val_size=10",
+        "trainer.fast_dev_run=true",
+        "hydra.run.dir=run",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "student distilled" in out.stdout
     assert (tmp_path / "run" / "teacher").is_dir()  # no checkpoint given: the teacher stage ran
@@ -90,8 +116,16 @@ def test_cifar_recipe_fast_dev_run_on_generated_data(tmp_path: Path) -> None:
 def test_cifar_recipe_with_a_repdistiller_teacher_checkpoint(tmp_path: Path) -> None:
     make_image_tree(tmp_path / "cifar", classes=4, per_class={"train": 20, "test": 4})
     checkpoint = SHARED / "reference" / "repdistiller_cifar" / "resnet56.pth"
-    out = run_cli(tmp_path, "+recipe=cifar_resnet", "data.data_dir=cifar", "data.val_size=10", "baseline=false",
-                  f"teacher.checkpoint={checkpoint}", "trainer.fast_dev_run=true", "hydra.run.dir=run")
+    out = run_cli(
+        tmp_path,
+        "+recipe=cifar_resnet",
+        "data.data_dir=cifar",
+        "data.val_size=10",
+        "baseline=false",
+        f"teacher.checkpoint={checkpoint}",
+        "trainer.fast_dev_run=true",
+        "hydra.run.dir=run",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert not (tmp_path / "run" / "teacher").exists()
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import settings_of
 from hydra.utils import instantiate
 
-from conftest import settings_of
 from kd_lightning import KDError
-from kd_lightning.run.config import MODEL_ROLES, config_dir, model_configs
 from kd_lightning.models.cifar import MODELS
+from kd_lightning.run.config import MODEL_ROLES, config_dir, model_configs
 
 CONF = Path(config_dir())
 
@@ -59,8 +59,16 @@ def test_every_model_serves_as_teacher_and_student(make_cfg, name: str, tmp_path
     if pretrained:  # read from a folder: one the test writes
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                     num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "model")
+        LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                num_key_value_heads=2,
+            )
+        ).save_pretrained(tmp_path / "model")
     model = instantiate(cfg.teacher.model, **({"path": str(tmp_path / "model")} if pretrained else {}))
     assert sum(p.numel() for p in model.parameters()) > 0
 
@@ -83,7 +91,9 @@ def test_default_config_instantiates_everything(make_cfg) -> None:
     datamodule = instantiate(cfg.data)
     datamodule.setup()
     assert {len(datamodule.splits[s]) for s in ("train", "val", "test")} == {1077, 360}
-    instantiate(cfg.optim.scheduler)(instantiate(cfg.optim.optimizer)(params=instantiate(cfg.student.model).parameters()))
+    instantiate(cfg.optim.scheduler)(
+        instantiate(cfg.optim.optimizer)(params=instantiate(cfg.student.model).parameters())
+    )
     for conf in cfg.callbacks.values():
         instantiate(conf)
     instantiate(cfg.logger)

@@ -7,12 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import run_cli
 
 from kd_lightning import DistillationModule
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.models import DigitsCNN
-
-from test_cli import run_cli
 
 FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=4"]
 

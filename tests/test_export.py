@@ -13,7 +13,14 @@ from omegaconf import OmegaConf
 from kd_lightning.models import GPT
 from kd_lightning.run.export import main as export_main
 
-STUDENT = {"_target_": "kd_lightning.models.GPT", "vocab_size": 50, "context_length": 8, "dim": 8, "depth": 1, "heads": 2}
+STUDENT = {
+    "_target_": "kd_lightning.models.GPT",
+    "vocab_size": 50,
+    "context_length": 8,
+    "dim": 8,
+    "depth": 1,
+    "heads": 2,
+}
 
 
 @pytest.fixture
@@ -50,7 +57,9 @@ def test_overwrite_never_removes_a_run_or_a_folder_with_the_users_files(run: Pat
     checkpoint = str(run / "distilled" / "checkpoints" / "last.ckpt")
     before = snapshot(run)
     for target in (run, run / "distilled", run / "distilled" / "checkpoints"):  # each holds the checkpoint
-        assert "holds the checkpoint being exported" in refused(capsys, checkpoint, str(target), "--format", "hf", "--overwrite")
+        assert "holds the checkpoint being exported" in refused(
+            capsys, checkpoint, str(target), "--format", "hf", "--overwrite"
+        )
     other_run = tmp_path / "other_run"
     (other_run / ".hydra").mkdir(parents=True)
     assert "is a run directory" in refused(capsys, checkpoint, str(other_run), "--format", "hf", "--overwrite")
@@ -65,12 +74,14 @@ def test_overwrite_never_removes_a_run_or_a_folder_with_the_users_files(run: Pat
     export_main([checkpoint, str(tmp_path / "hf"), "--format", "hf", "--overwrite"])
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "kd_lightning_export.json").is_file()
     (tmp_path / "hf" / "README.md").write_text("my model card\n")
-    assert "holds files no export wrote (README.md)" in refused(capsys, checkpoint, str(tmp_path / "hf"), "--format", "hf",
-                                                                   "--overwrite")
+    assert "holds files no export wrote (README.md)" in refused(
+        capsys, checkpoint, str(tmp_path / "hf"), "--format", "hf", "--overwrite"
+    )
     assert (tmp_path / "hf" / "README.md").read_text() == "my model card\n"
     (tmp_path / "file").write_text("x")
-    assert "is a file, but --format hf writes a folder" in refused(capsys, checkpoint, str(tmp_path / "file"), "--format",
-                                                                   "hf", "--overwrite")
+    assert "is a file, but --format hf writes a folder" in refused(
+        capsys, checkpoint, str(tmp_path / "file"), "--format", "hf", "--overwrite"
+    )
 
 
 def test_a_state_dict_export_replaces_an_earlier_export_only(run: Path, tmp_path: Path, capsys) -> None:

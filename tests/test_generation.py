@@ -65,15 +65,23 @@ def test_sampling_is_reproducible_from_a_generator_and_top_k_1_is_greedy() -> No
     first = gpt.generate(prompts, 15, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3))
     again = gpt.generate(prompts, 15, temperature=0.8, top_p=0.9, generator=torch.Generator().manual_seed(3))
     assert torch.equal(first, again)
-    assert torch.equal(gpt.generate(prompts, 15, top_k=1, generator=torch.Generator().manual_seed(4)),
-                       gpt.generate(prompts, 15, greedy=True))
+    assert torch.equal(
+        gpt.generate(prompts, 15, top_k=1, generator=torch.Generator().manual_seed(4)),
+        gpt.generate(prompts, 15, greedy=True),
+    )
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
-    ({"max_new_tokens": 45}, "a prompt of 6 tokens and max_new_tokens=45 exceed the model's context of 48"),
-    ({"max_new_tokens": 5, "temperature": 0.0}, r"the sampling temperature must be > 0, got 0.0; for the likeliest token use greedy"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer, got 0"),
+        ({"max_new_tokens": 45}, "a prompt of 6 tokens and max_new_tokens=45 exceed the model's context of 48"),
+        (
+            {"max_new_tokens": 5, "temperature": 0.0},
+            r"the sampling temperature must be > 0, got 0.0; for the likeliest token use greedy",
+        ),
+    ],
+)
 def test_bad_generation_settings_are_one_line(settings: dict, message: str) -> None:
     with pytest.raises(KDError, match=message):
         model().generate(torch.zeros(2, 6, dtype=torch.long), **settings)

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from data_factory import make_corpus
+
 from kd_lightning import DistillationModule, KDError, LossMix
 from kd_lightning.data.batch import IGNORE_INDEX
 from kd_lightning.loss.objectives import kd_loss
@@ -33,7 +33,13 @@ def corpus(tmp_path: Path) -> Path:
 
 
 def text_data(corpus: Path, **kwargs) -> TextDataModule:
-    settings = {"val_works": ["beta"], "test_works": ["gamma"], "vocab_size": VOCAB, "block_size": 16, "batch_size": 8} | kwargs
+    settings = {
+        "val_works": ["beta"],
+        "test_works": ["gamma"],
+        "vocab_size": VOCAB,
+        "block_size": 16,
+        "batch_size": 8,
+    } | kwargs
     data = TextDataModule(str(corpus), **settings)
     data.setup()
     return data
@@ -46,6 +52,7 @@ def tiny_gpt(vocab: int = VOCAB, dim: int = 16, depth: int = 1, seed: int = 0) -
 
 # -- the data ---------------------------------------------------------------------------------------
 
+
 def test_works_are_split_whole_and_blocks_predict_the_next_token(corpus: Path) -> None:
     data = text_data(corpus)
     tokenizer = data.tokenizer
@@ -53,22 +60,31 @@ def test_works_are_split_whole_and_blocks_predict_the_next_token(corpus: Path) -
         stream = tokenizer.encode((corpus / f"{work}.txt").read_text()).ids
         x, y = data.splits[split].inputs, data.splits[split].targets
         kept = y != IGNORE_INDEX
-        assert y[kept].tolist() == stream + [tokenizer.token_to_id("<|endoftext|>")]  # every token of the work, once, in order
-        assert torch.equal(x[:, 1:][kept[:, 1:]], y[:, :-1][kept[:, 1:]])  # the label of position i is the input at i + 1
+        assert y[kept].tolist() == stream + [
+            tokenizer.token_to_id("<|endoftext|>")
+        ]  # every token of the work, once, in order
+        assert torch.equal(
+            x[:, 1:][kept[:, 1:]], y[:, :-1][kept[:, 1:]]
+        )  # the label of position i is the input at i + 1
         assert not kept[-1].all()  # the last block is padded with -100
     train = data.splits["train"]
     assert train.inputs.shape[1] == 16 and (train.targets != IGNORE_INDEX).all()
-    assert torch.equal(text_data(corpus).splits["train"].inputs, train.inputs)  # the tokenizer and blocks are deterministic
+    assert torch.equal(
+        text_data(corpus).splits["train"].inputs, train.inputs
+    )  # the tokenizer and blocks are deterministic
     assert len(text_data(corpus, train_tokens=100).splits["train"]) == 100 // 16
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"data_dir": "missing"}, "is not a folder"),
-    ({"val_works": ["hamlet"]}, "choose among the files"),
-    ({"test_works": ["beta"]}, "both a validation and a test work"),
-    ({"vocab_size": 100}, "data.vocab_size must be an integer >= 257"),
-    ({"num_classes": 10}, "must equal data.vocab_size"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"data_dir": "missing"}, "is not a folder"),
+        ({"val_works": ["hamlet"]}, "choose among the files"),
+        ({"test_works": ["beta"]}, "both a validation and a test work"),
+        ({"vocab_size": 100}, "data.vocab_size must be an integer >= 257"),
+        ({"num_classes": 10}, "must equal data.vocab_size"),
+    ],
+)
 def test_bad_text_settings_are_one_line(corpus: Path, change: dict, message: str) -> None:
     settings = {"data_dir": str(corpus), "val_works": ["beta"], "test_works": ["gamma"], "vocab_size": VOCAB} | change
     with pytest.raises(KDError, match=message):
@@ -83,6 +99,7 @@ def test_a_folder_without_text_is_refused(tmp_path: Path) -> None:
 
 # -- the module on tokens -------------------------------------------------------------------------
 
+
 def token_batch(seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     inputs = torch.randint(0, VOCAB, (3, 16), generator=g)
@@ -95,7 +112,9 @@ def token_batch(seed: int = 0) -> dict:
 
 def test_the_token_loss_is_ce_and_kd_over_the_kept_tokens() -> None:
     student, teacher = tiny_gpt(seed=1), tiny_gpt(dim=32, seed=2)
-    module = DistillationModule(student, teacher, num_classes=VOCAB, loss_mix=LossMix(temperature=2.0, alpha=0.7), task="tokens")
+    module = DistillationModule(
+        student, teacher, num_classes=VOCAB, loss_mix=LossMix(temperature=2.0, alpha=0.7), task="tokens"
+    )
     batch = token_batch()
     loss = module.training_step(batch, 0)
     keep = (batch["labels"] != IGNORE_INDEX) & batch["attention_mask"].bool()
@@ -147,6 +166,7 @@ def test_sequences_longer_than_the_context_are_refused() -> None:
 
 # -- vocabularies ------------------------------------------------------------------------------------
 
+
 def padded_teacher(extra_rows: int, bias: float) -> GPT:
     """A teacher whose output head has ``extra_rows`` padding rows with bias ``bias`` (untied)."""
     teacher = tiny_gpt(VOCAB + extra_rows, dim=32, seed=2)
@@ -159,7 +179,9 @@ def padded_teacher(extra_rows: int, bias: float) -> GPT:
 def test_vocabularies_padded_differently_are_compared_on_the_common_rows() -> None:
     student, teacher = tiny_gpt(seed=1), padded_teacher(20, bias=-1e4)
     batch = token_batch()
-    module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", loss_mix=LossMix(alpha=1.0, temperature=1.0))
+    module = DistillationModule(
+        student, teacher, num_classes=VOCAB, task="tokens", loss_mix=LossMix(alpha=1.0, temperature=1.0)
+    )
     loss = module.training_step(batch, 0)
     keep = batch["labels"] != IGNORE_INDEX
     keep &= batch["attention_mask"].bool()
@@ -182,8 +204,16 @@ def test_the_padding_check_looks_at_the_teacher_that_is_distilled(make_cfg, corp
     probability there and was refused). Loaded from a checkpoint, the same teacher is checked, on its real weights."""
     from kd_lightning.run.train import train
 
-    tiny = ["+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "student.model.dim=16", "student.model.depth=1",
-            "teacher.model.vocab_size=400", "trainer.limit_train_batches=2", "baseline=false"]
+    tiny = [
+        "+recipe=lm_shakespeare",
+        f"data.data_dir={corpus}",
+        *TINY,
+        "student.model.dim=16",
+        "student.model.depth=1",
+        "teacher.model.vocab_size=400",
+        "trainer.limit_train_batches=2",
+        "baseline=false",
+    ]
     live = train(make_cfg(*tiny, output_dir=tmp_path / "live"))
     recorded = train(make_cfg(*tiny, "teacher.mode=recorded", output_dir=tmp_path / "recorded"))
     assert math.isfinite(live["distilled"]["test/ppl"]) and math.isfinite(recorded["distilled"]["test/ppl"])
@@ -209,21 +239,39 @@ def test_different_tokenizers_are_refused(corpus: Path, tmp_path: Path) -> None:
 
 # -- Hugging Face models built from configs -------------------------------------------------------------
 
+
 def test_a_hugging_face_teacher_and_student_from_configs(corpus: Path) -> None:
     pytest.importorskip("transformers", reason="Hugging Face models need the 'lm' extra (transformers)")
     from kd_lightning.models import hf_causal_lm
 
     teacher = hf_causal_lm("gpt2", vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=2, n_head=2)
-    student = hf_causal_lm("llama", vocab_size=VOCAB + 12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)  # 12 padding rows
+    student = hf_causal_lm(
+        "llama",
+        vocab_size=VOCAB + 12,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+    )  # 12 padding rows
     data = text_data(corpus)
     module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens")
-    trainer = L.Trainer(accelerator="cpu", max_steps=3, limit_val_batches=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        limit_val_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     before = [p.clone() for p in teacher.parameters()]
     trainer.fit(module, datamodule=data)
     (metrics,) = trainer.test(module, datamodule=data, verbose=False)
-    assert 1 < metrics["test/ppl"] < 10 * VOCAB and 1 < metrics["test/teacher_ppl"] and 0 <= metrics["test/agreement"] <= 1
+    assert (
+        1 < metrics["test/ppl"] < 10 * VOCAB and 1 < metrics["test/teacher_ppl"] and 0 <= metrics["test/agreement"] <= 1
+    )
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters()))  # the teacher never changes
 
 
@@ -255,6 +303,7 @@ def test_hugging_face_models_get_the_attention_mask() -> None:
 
 # -- a recorded teacher for tokens ----------------------------------------------------------------
 
+
 def live_logits(teacher: GPT, data: TextDataModule, split: str) -> torch.Tensor:
     with torch.no_grad():
         return teacher(data.splits[split].inputs)
@@ -265,7 +314,9 @@ def test_a_token_recording_keeps_the_top_k_and_bounds_the_rest(corpus: Path, tmp
 
     data, teacher = text_data(corpus), tiny_gpt(dim=32, seed=2)
     record_teacher(teacher, data, tmp_path / "top8", {}, RecordingSettings(1, 8), accelerator="cpu", vocab_size=VOCAB)
-    record_teacher(teacher, data, tmp_path / "full", {}, RecordingSettings(1, None), accelerator="cpu", vocab_size=VOCAB)
+    record_teacher(
+        teacher, data, tmp_path / "full", {}, RecordingSettings(1, None), accelerator="cpu", vocab_size=VOCAB
+    )
     top8, full = RecordedTeacher(tmp_path / "top8"), RecordedTeacher(tmp_path / "full")
     n = len(data.splits["val"])
     assert tuple(top8.arrays["val"]["topk_indices"].shape) == (n, 1, 16, 8)
@@ -286,13 +337,16 @@ class Killed(RuntimeError):
     pass
 
 
-def test_a_killed_token_recording_resumes_and_matches_an_uninterrupted_one(corpus: Path, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_killed_token_recording_resumes_and_matches_an_uninterrupted_one(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from kd_lightning import teacher as recording
     from kd_lightning.teacher import recorder
 
     data, teacher = text_data(corpus, batch_size=4, eval_batch_size=4), tiny_gpt(dim=32, seed=2)
-    settings = recording.RecordingSettings(1, 8, tail="sampled", tail_samples=4)  # the draws too must resume identically
+    settings = recording.RecordingSettings(
+        1, 8, tail="sampled", tail_samples=4
+    )  # the draws too must resume identically
     recording.record_teacher(teacher, data, tmp_path / "whole", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
     monkeypatch.setattr(recorder, "PROGRESS_EVERY_S", 0.0)
     calls = {"n": 0}
@@ -306,12 +360,16 @@ def test_a_killed_token_recording_resumes_and_matches_an_uninterrupted_one(corpu
 
     monkeypatch.setattr(recorder._Recorder, "predict_step", killed_after_three)
     with pytest.raises(Killed):
-        recording.record_teacher(teacher, data, tmp_path / "resumed", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
+        recording.record_teacher(
+            teacher, data, tmp_path / "resumed", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB
+        )
     assert not (tmp_path / "resumed").exists() and (tmp_path / ".resumed.partial" / "progress.json").is_file()
     monkeypatch.setattr(recorder._Recorder, "predict_step", original)
     forwards = {"n": 0}
     teacher.register_forward_hook(lambda *args: forwards.__setitem__("n", forwards["n"] + 1))
-    recording.record_teacher(teacher, data, tmp_path / "resumed", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB)
+    recording.record_teacher(
+        teacher, data, tmp_path / "resumed", {"k": 1}, settings, accelerator="cpu", vocab_size=VOCAB
+    )
     total_batches = sum(math.ceil(len(split) / 4) for split in data.splits.values())
     assert forwards["n"] == total_batches - 3 + 1  # the 3 recorded batches are skipped (+1: the example forward)
     whole, resumed = recording.RecordedTeacher(tmp_path / "whole"), recording.RecordedTeacher(tmp_path / "resumed")
@@ -325,7 +383,9 @@ def test_a_killed_token_recording_resumes_and_matches_an_uninterrupted_one(corpu
 def test_a_truncated_token_recording_is_named_with_the_fix(corpus: Path, tmp_path: Path) -> None:
     from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 
-    record_teacher(tiny_gpt(dim=32, seed=2), text_data(corpus), tmp_path / "rec", {}, RecordingSettings(1, 8), accelerator="cpu")
+    record_teacher(
+        tiny_gpt(dim=32, seed=2), text_data(corpus), tmp_path / "rec", {}, RecordingSettings(1, 8), accelerator="cpu"
+    )
     path = tmp_path / "rec" / "train.topk_values.npy"
     path.write_bytes(path.read_bytes()[:-100])
     with pytest.raises(KDError, match=f"missing or corrupt .*delete {tmp_path / 'rec'} to record the teacher again"):
@@ -348,7 +408,9 @@ def test_a_corpus_that_is_not_text_in_its_encoding_or_too_short_is_refused_by_na
     utf16 = make_corpus(corpus.parent / "utf16")
     for path in utf16.glob("*.txt"):
         path.write_text(path.read_text(), encoding="utf-16")
-    assert len(text_data(utf16, encoding="utf-16").splits["train"]) == len(text_data(make_corpus(corpus.parent / "plain")).splits["train"])
+    assert len(text_data(utf16, encoding="utf-16").splits["train"]) == len(
+        text_data(make_corpus(corpus.parent / "plain")).splits["train"]
+    )
     with pytest.raises(KDError, match="data.encoding='klingon' is not a text encoding"):
         text_data(utf16, encoding="klingon")
     work.write_text(text)
@@ -358,15 +420,31 @@ def test_a_corpus_that_is_not_text_in_its_encoding_or_too_short_is_refused_by_na
 
 # -- the recipe from the command line ------------------------------------------------------------------
 
-TINY = ["data.val_works=[beta]", "data.test_works=[gamma]", f"data.vocab_size={VOCAB}", "data.block_size=16",
-        "teacher.model.dim=32", "teacher.model.depth=1", "trainer.max_epochs=1", "teacher.fit.max_epochs=1"]
+TINY = [
+    "data.val_works=[beta]",
+    "data.test_works=[gamma]",
+    f"data.vocab_size={VOCAB}",
+    "data.block_size=16",
+    "teacher.model.dim=32",
+    "teacher.model.depth=1",
+    "trainer.max_epochs=1",
+    "teacher.fit.max_epochs=1",
+]
 
 
 def test_the_recipe_runs_end_to_end_on_a_tiny_corpus(tmp_path: Path, corpus: Path) -> None:
     from test_cli import run_cli
 
-    out = run_cli(tmp_path, "+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "student.model.dim=16",
-                  "student.model.depth=1", "speed.chunk_rows=24", "hydra.run.dir=run")  # every stage chunked
+    out = run_cli(
+        tmp_path,
+        "+recipe=lm_shakespeare",
+        f"data.data_dir={corpus}",
+        *TINY,
+        "student.model.dim=16",
+        "student.model.depth=1",
+        "speed.chunk_rows=24",
+        "hydra.run.dir=run",
+    )  # every stage chunked
     assert out.returncode == 0, out.stderr
     results = json.loads((tmp_path / "run" / "metrics.json").read_text())
     for stage in ("teacher", "distilled", "baseline"):
@@ -382,10 +460,22 @@ def test_a_recorded_teacher_and_a_hugging_face_student_from_the_command_line(tmp
     pytest.importorskip("transformers", reason="Hugging Face models need the 'lm' extra (transformers)")
     from test_cli import run_cli
 
-    out = run_cli(tmp_path, "+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "student=llama_student",
-                  "student.model.hidden_size=16", "student.model.intermediate_size=32", "student.model.num_hidden_layers=1",
-                  "teacher.mode=recorded", "teacher.recording.top_k=8", "teacher.recording.tail=sampled",
-                  "teacher.recording.tail_samples=4", "baseline=false", "hydra.run.dir=run")
+    out = run_cli(
+        tmp_path,
+        "+recipe=lm_shakespeare",
+        f"data.data_dir={corpus}",
+        *TINY,
+        "student=llama_student",
+        "student.model.hidden_size=16",
+        "student.model.intermediate_size=32",
+        "student.model.num_hidden_layers=1",
+        "teacher.mode=recorded",
+        "teacher.recording.top_k=8",
+        "teacher.recording.tail=sampled",
+        "teacher.recording.tail_samples=4",
+        "baseline=false",
+        "hydra.run.dir=run",
+    )
     assert out.returncode == 0, out.stderr
     assert "44 bytes per token; the top 8 hold" in out.stdout and "4 draws from the tail per token" in out.stdout
     results = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -398,8 +488,10 @@ def test_a_corpus_folder_without_text_is_one_line_from_the_command_line(tmp_path
     (tmp_path / "empty").mkdir()
     out = run_cli(tmp_path, "+recipe=lm_shakespeare", f"data.data_dir={tmp_path / 'empty'}", "hydra.run.dir=run")
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines() == [f"error: data.data_dir={tmp_path / 'empty'} holds no .txt files; point it at "
-                                               "a folder of .txt files, one work each."]
+    assert out.stderr.strip().splitlines() == [
+        f"error: data.data_dir={tmp_path / 'empty'} holds no .txt files; point it at "
+        "a folder of .txt files, one work each."
+    ]
 
 
 def test_the_student_shaped_tail_is_the_coarsened_kl() -> None:
@@ -417,7 +509,9 @@ def test_the_student_shaped_tail_is_the_coarsened_kl() -> None:
     top = torch.zeros_like(p, dtype=torch.bool).scatter_(-1, indices, True)
     m, q_tail = (p * ~top).sum(-1), (q * ~top).sum(-1)
     torch.testing.assert_close(p_hat * ~top, (m / q_tail)[:, None] * q * ~top)  # the tail, shaped like the student's
-    coarse = (p.gather(-1, indices) * (p.gather(-1, indices) / q.gather(-1, indices)).log()).sum(-1) + m * (m / q_tail).log()
+    coarse = (p.gather(-1, indices) * (p.gather(-1, indices) / q.gather(-1, indices)).log()).sum(-1) + m * (
+        m / q_tail
+    ).log()
     torch.testing.assert_close(kd_loss(student, log_p_hat, 1.0, scale_by_t2=False), coarse.mean())
     assert ((p - p_hat).abs().sum(-1) <= 2 * m + 1e-6).all()
 
@@ -440,33 +534,58 @@ def test_the_sampled_tail_is_the_teacher_exactly_when_the_draws_match_and_in_exp
     values, indices = teacher.topk(6, -1)
     draws = draw_from_tail(teacher.expand(2000, 3, 40), indices.expand(2000, 3, 6), 8, seed=1)
     assert not (draws[..., None] == indices[..., None, :]).any()  # never one of the top k
-    p_hat = sampled_tail(values.expand(2000, 3, 6), indices.expand(2000, 3, 6), teacher.logsumexp(-1).expand(2000, 3),
-                         draws, 40).exp()
+    p_hat = sampled_tail(
+        values.expand(2000, 3, 6), indices.expand(2000, 3, 6), teacher.logsumexp(-1).expand(2000, 3), draws, 40
+    ).exp()
     torch.testing.assert_close(p_hat.sum(-1), torch.ones(2000, 3))
-    torch.testing.assert_close(p_hat.gather(-1, indices.expand(2000, 3, 6)), teacher.softmax(-1).gather(-1, indices).expand(2000, 3, 6))
+    torch.testing.assert_close(
+        p_hat.gather(-1, indices.expand(2000, 3, 6)), teacher.softmax(-1).gather(-1, indices).expand(2000, 3, 6)
+    )
     torch.testing.assert_close(p_hat.mean(0), teacher.softmax(-1), atol=4e-3, rtol=0)  # 16,000 draws per row
     torch.testing.assert_close(draw_from_tail(teacher, indices, 8, seed=1), draw_from_tail(teacher, indices, 8, seed=1))
 
 
-def test_training_from_a_top_k_recording_looks_the_teacher_up_once_per_step(corpus: Path, tmp_path: Path,
-                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_from_a_top_k_recording_looks_the_teacher_up_once_per_step(
+    corpus: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A deferred teacher (top-k, tail shaped by the student or by the draws) is answered by complete() alone in
     training: no evenly-spread rebuild that is thrown away; validation still asks logits()."""
     from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 
     data = text_data(corpus)
-    record_teacher(tiny_gpt(dim=32, seed=2), data, tmp_path / "rec", {}, RecordingSettings(1, 8, tail="sampled", tail_samples=4),
-                   accelerator="cpu", vocab_size=VOCAB)
+    record_teacher(
+        tiny_gpt(dim=32, seed=2),
+        data,
+        tmp_path / "rec",
+        {},
+        RecordingSettings(1, 8, tail="sampled", tail_samples=4),
+        accelerator="cpu",
+        vocab_size=VOCAB,
+    )
     assert RecordedTeacher(tmp_path / "rec").meta["bytes_per_position"] == 8 * 2 + 8 * 2 + 4 + 4 * 2  # + 4 int16 draws
     for tail in ("student", "sampled"):
         teacher = RecordedTeacher(tmp_path / "rec", tail=tail)
         asked: list[str] = []
-        monkeypatch.setattr(RecordedTeacher, "logits", lambda self, batch, split, original=RecordedTeacher.logits:
-                            asked.append(split) or original(self, batch, split))
+        monkeypatch.setattr(
+            RecordedTeacher,
+            "logits",
+            lambda self, batch, split, original=RecordedTeacher.logits: (
+                asked.append(split) or original(self, batch, split)
+            ),
+        )
         module = DistillationModule(tiny_gpt(), teacher, num_classes=VOCAB, task="tokens", loss_mix=LossMix(alpha=0.5))
-        L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_progress_bar=False,
-                  enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
-                  default_root_dir=tmp_path).fit(module, datamodule=data)
+        L.Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            limit_train_batches=2,
+            limit_val_batches=1,
+            logger=False,
+            enable_progress_bar=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            default_root_dir=tmp_path,
+        ).fit(module, datamodule=data)
         assert "train" not in asked and "val" in asked, tail
         assert math.isfinite(float(module.trainer.callback_metrics["train/loss"]))
         monkeypatch.undo()
@@ -474,16 +593,29 @@ def test_training_from_a_top_k_recording_looks_the_teacher_up_once_per_step(corp
 
 # -- the chunked loss inside the module (speed.chunk_rows) ------------------------------------------------
 
-def plain_and_chunked_step(student: torch.nn.Module, teacher, batch: dict, chunk_rows: int = 5,
-                           loss_mix: LossMix | None = None, module_type: type = DistillationModule) -> dict[str, torch.Tensor]:
+
+def plain_and_chunked_step(
+    student: torch.nn.Module,
+    teacher,
+    batch: dict,
+    chunk_rows: int = 5,
+    loss_mix: LossMix | None = None,
+    module_type: type = DistillationModule,
+) -> dict[str, torch.Tensor]:
     """One training step with and without ``chunk_rows``: the same loss, logged terms and student gradients."""
     import copy
 
     results = []
     for rows in (None, chunk_rows):
         model = copy.deepcopy(student)
-        module = module_type(model, teacher, num_classes=VOCAB, task="tokens", chunk_rows=rows,
-                             loss_mix=loss_mix or LossMix(temperature=2.0, alpha=0.7))
+        module = module_type(
+            model,
+            teacher,
+            num_classes=VOCAB,
+            task="tokens",
+            chunk_rows=rows,
+            loss_mix=loss_mix or LossMix(temperature=2.0, alpha=0.7),
+        )
         logged: dict[str, torch.Tensor] = {}
         module.log = lambda name, value, **kwargs: logged.__setitem__(name, value)
         loss = module.training_step(batch, 0)
@@ -493,7 +625,9 @@ def plain_and_chunked_step(student: torch.nn.Module, teacher, batch: dict, chunk
     torch.testing.assert_close(chunked, plain, rtol=1e-5, atol=1e-7)
     assert chunked_log.keys() == plain_log.keys()
     for name in plain_log:
-        torch.testing.assert_close(torch.as_tensor(chunked_log[name]), torch.as_tensor(plain_log[name]), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(
+            torch.as_tensor(chunked_log[name]), torch.as_tensor(plain_log[name]), rtol=1e-5, atol=1e-7
+        )
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, rtol=0, atol=1e-6, msg=name)
     return plain_log
@@ -502,23 +636,40 @@ def plain_and_chunked_step(student: torch.nn.Module, teacher, batch: dict, chunk
 def test_the_chunked_step_is_the_plain_step_with_a_live_teacher_and_alone() -> None:
     batch = token_batch()
     plain_and_chunked_step(tiny_gpt(seed=1), tiny_gpt(dim=32, seed=2), batch)  # the teacher's logits made per block too
-    plain_and_chunked_step(tiny_gpt(seed=1), None, batch, loss_mix=LossMix.task_only())  # CE alone (teacher stage, baseline)
+    plain_and_chunked_step(
+        tiny_gpt(seed=1), None, batch, loss_mix=LossMix.task_only()
+    )  # CE alone (teacher stage, baseline)
 
 
 def test_the_chunked_step_is_the_plain_step_from_a_recording(corpus: Path, tmp_path: Path) -> None:
     from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 
     data = text_data(corpus)
-    record_teacher(tiny_gpt(dim=32, seed=2), data, tmp_path / "rec", {}, RecordingSettings(1, 8, tail="sampled", tail_samples=4),
-                   accelerator="cpu", vocab_size=VOCAB)
+    record_teacher(
+        tiny_gpt(dim=32, seed=2),
+        data,
+        tmp_path / "rec",
+        {},
+        RecordingSettings(1, 8, tail="sampled", tail_samples=4),
+        accelerator="cpu",
+        vocab_size=VOCAB,
+    )
     train = data.splits["train"]
-    batch = {"inputs": train.inputs[:3], "labels": train.targets[:3].clone(), "index": torch.arange(3),
-             "attention_mask": torch.ones(3, 16, dtype=torch.long)}
+    batch = {
+        "inputs": train.inputs[:3],
+        "labels": train.targets[:3].clone(),
+        "index": torch.arange(3),
+        "attention_mask": torch.ones(3, 16, dtype=torch.long),
+    }
     batch["labels"][0, :5] = IGNORE_INDEX
     batch["attention_mask"][2, 12:] = 0
     for tail in ("student", "sampled", "uniform"):
-        plain_and_chunked_step(tiny_gpt(seed=1), RecordedTeacher(tmp_path / "rec", tail=tail), batch,
-                               loss_mix=LossMix(temperature=1.0, alpha=0.5))
+        plain_and_chunked_step(
+            tiny_gpt(seed=1),
+            RecordedTeacher(tmp_path / "rec", tail=tail),
+            batch,
+            loss_mix=LossMix(temperature=1.0, alpha=0.5),
+        )
 
 
 def test_the_chunked_step_with_hugging_face_models() -> None:
@@ -526,9 +677,18 @@ def test_the_chunked_step_with_hugging_face_models() -> None:
     from kd_lightning.models import hf_causal_lm
 
     teacher = hf_causal_lm("gpt2", vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2)
-    student = hf_causal_lm("llama", vocab_size=VOCAB + 12, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16, bos_token_id=0,
-                           eos_token_id=0)  # 12 padding rows
+    student = hf_causal_lm(
+        "llama",
+        vocab_size=VOCAB + 12,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=0,
+        eos_token_id=0,
+    )  # 12 padding rows
     plain_and_chunked_step(student, teacher.eval(), token_batch())
 
 
@@ -573,12 +733,16 @@ def test_chunk_rows_refusals_are_one_line() -> None:
     with pytest.raises(KDError, match="speed.chunk_rows must be a positive integer"):
         DistillationModule(tiny_gpt(), None, num_classes=VOCAB, task="tokens", chunk_rows=0)
     plain_lm = torch.nn.Sequential(torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, VOCAB))
-    module = DistillationModule(plain_lm, None, num_classes=VOCAB, task="tokens", chunk_rows=8, loss_mix=LossMix.task_only())
+    module = DistillationModule(
+        plain_lm, None, num_classes=VOCAB, task="tokens", chunk_rows=8, loss_mix=LossMix.task_only()
+    )
     with pytest.raises(KDError, match="has neither hidden_states\\(\\) and head .* nor get_output_embeddings"):
         module.training_step(token_batch(), 0)
     torch.manual_seed(0)
     scaled = ScaledGPT(VOCAB, context_length=16, dim=16, depth=1, heads=2)
-    module = DistillationModule(scaled, None, num_classes=VOCAB, task="tokens", chunk_rows=8, loss_mix=LossMix.task_only())
+    module = DistillationModule(
+        scaled, None, num_classes=VOCAB, task="tokens", chunk_rows=8, loss_mix=LossMix.task_only()
+    )
     with pytest.raises(KDError, match="does not give its logits"):
         module.training_step(token_batch(), 0)
 
@@ -604,11 +768,24 @@ def test_a_top_k_recording_gives_the_teacher_s_exact_perplexity(corpus: Path, tm
     assert torch.equal(rebuilt.argmax(-1), spread.argmax(-1))
 
 
-def test_on_policy_distillation_of_running_text_is_refused_before_training(make_cfg, tmp_path: Path, corpus: Path) -> None:
+def test_on_policy_distillation_of_running_text_is_refused_before_training(
+    make_cfg, tmp_path: Path, corpus: Path
+) -> None:
     from kd_lightning.run.train import train
 
-    with pytest.raises(KDError, match=r"every training row of TextDataModule is learned from its first token \(running text "
-                                      r"has no prompts\); use chat data"):
-        train(make_cfg("+recipe=lm_shakespeare", f"data.data_dir={corpus}", *TINY, "distill.alpha=1",
-                       "distill.on_policy.fraction=1", output_dir=tmp_path / "run"))
+    with pytest.raises(
+        KDError,
+        match=r"every training row of TextDataModule is learned from its first token \(running text "
+        r"has no prompts\); use chat data",
+    ):
+        train(
+            make_cfg(
+                "+recipe=lm_shakespeare",
+                f"data.data_dir={corpus}",
+                *TINY,
+                "distill.alpha=1",
+                "distill.on_policy.fraction=1",
+                output_dir=tmp_path / "run",
+            )
+        )
     assert not (tmp_path / "run").exists()  # refused before the run directory was written

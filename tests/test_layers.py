@@ -36,8 +36,12 @@ def in_run_wing(module: str) -> bool:
 
 
 def test_the_library_never_imports_the_run_wing() -> None:
-    upward = {(module, target) for module, targets in imports().items() for target in targets
-              if not in_run_wing(module) and module != "kd_lightning.__main__" and in_run_wing(target)}
+    upward = {
+        (module, target)
+        for module, targets in imports().items()
+        for target in targets
+        if not in_run_wing(module) and module != "kd_lightning.__main__" and in_run_wing(target)
+    }
     assert not upward, sorted(upward)
 
 

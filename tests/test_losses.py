@@ -132,5 +132,5 @@ def test_a_divergence_is_never_negative_even_at_the_largest_temperature(objectiv
     generator = torch.Generator().manual_seed(0)
     teacher = torch.randn(64, 100, generator=generator) * 5
     for student in (teacher.clone(), teacher + 1e-4 * torch.randn(64, 100, generator=generator)):
-        per_row = [objective(student[i:i + 1], teacher[i:i + 1], 100.0).item() for i in range(64)]
+        per_row = [objective(student[i : i + 1], teacher[i : i + 1], 100.0).item() for i in range(64)]
         assert min(per_row) >= 0.0

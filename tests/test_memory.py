@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from kd_lightning.run.memory_plan import device_memory, main, shard_bytes
 from kd_lightning.models import GPT
+from kd_lightning.run.memory_plan import device_memory, main, shard_bytes
 
 
 def test_a_shard_is_ceil_rows_over_processes_of_every_parameter() -> None:
@@ -29,7 +29,10 @@ def test_fsdp_divides_what_ddp_copies() -> None:
     assert ddp.student_parameters == ddp.student_gradients == student_bytes and ddp.optimizer_state == 2 * student_bytes
     assert fsdp.student_parameters == pytest.approx(student_bytes / 4, rel=0.05) and ddp.gathered == 0 < fsdp.gathered
     assert whole.teacher_parameters == ddp.teacher_parameters == sum(p.numel() for p in teacher.parameters()) * 4
-    assert fsdp.teacher_parameters == pytest.approx(ddp.teacher_parameters / 4, rel=0.05) and recorded.teacher_parameters == 0
+    assert (
+        fsdp.teacher_parameters == pytest.approx(ddp.teacher_parameters / 4, rel=0.05)
+        and recorded.teacher_parameters == 0
+    )
     assert fsdp.activations == ddp.activations and fsdp.total < whole.total < ddp.total
 
 
@@ -37,7 +40,12 @@ def test_the_command_prints_the_columns_for_a_run_it_does_not_start(tmp_path, ca
     monkeypatch.chdir(tmp_path)
     main(["--device-gib", "80", "+recipe=lm_shakespeare", "trainer=fsdp", "trainer.devices=8", "data.batch_size=4"])
     out = capsys.readouterr().out
-    assert "per device, 8 processes" in out and out.splitlines()[1].startswith("MiB") and "batch 4 x 128 tokens" in out and "chunked loss (512 rows)" in out
+    assert (
+        "per device, 8 processes" in out
+        and out.splitlines()[1].startswith("MiB")
+        and "batch 4 x 128 tokens" in out
+        and "chunked loss (512 rows)" in out
+    )
     rows = {line[:24].strip(): line[24:].split() for line in out.splitlines()[2:]}
     assert set(rows) >= {"teacher parameters", "student parameters", "optimizer state", "total", "fits 80 GiB"}
     teacher = [float(v) for v in rows["teacher parameters"]]  # ddp, fsdp, fsdp whole teacher, recorded

@@ -21,9 +21,15 @@ def small_student() -> DigitsCNN:
 
 def fit(module: DistillationModule, tmp_path: Path, **trainer_kwargs) -> L.Trainer:
     trainer = L.Trainer(
-        accelerator="cpu", max_epochs=1, limit_train_batches=4, limit_val_batches=2,
-        enable_progress_bar=False, enable_model_summary=False, logger=False,
-        default_root_dir=tmp_path, **trainer_kwargs,
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=4,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        default_root_dir=tmp_path,
+        **trainer_kwargs,
     )
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     return trainer
@@ -88,7 +94,9 @@ def test_checkpoint_of_another_student_is_refused(tmp_path: Path) -> None:
     trainer = fit(DistillationModule(small_student(), DigitsCNN(), num_classes=10), tmp_path)
     trainer.save_checkpoint(tmp_path / "s.ckpt")
     with pytest.raises(Exception, match="student"):
-        DistillationModule.load_from_checkpoint(tmp_path / "s.ckpt", student=nn.Sequential(nn.Flatten(), nn.Linear(64, 10)))
+        DistillationModule.load_from_checkpoint(
+            tmp_path / "s.ckpt", student=nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        )
 
 
 def batch_of(n: int = 8, classes: int = 10):
@@ -169,7 +177,15 @@ def test_kd_without_a_teacher_fails_when_fit_starts(tmp_path: Path) -> None:
 def test_validation_and_test_log_teacher_accuracy_and_agreement(tmp_path: Path) -> None:
     module = DistillationModule(small_student(), DigitsCNN(), num_classes=10)
     trainer = fit(module, tmp_path)
-    assert {"val/acc", "val/loss", "val/teacher_acc", "val/agreement", "train/loss", "train/ce", "train/kd"} <= trainer.callback_metrics.keys()
+    assert {
+        "val/acc",
+        "val/loss",
+        "val/teacher_acc",
+        "val/agreement",
+        "train/loss",
+        "train/ce",
+        "train/kd",
+    } <= trainer.callback_metrics.keys()
     (test,) = trainer.test(module, datamodule=DigitsDataModule(batch_size=64), verbose=False)
     assert {"test/acc", "test/teacher_acc", "test/agreement"} <= test.keys()
 
@@ -190,8 +206,12 @@ def test_fidelity_metrics_match_a_direct_computation(tmp_path: Path) -> None:
     kl = (p_t * (p_t.log() - s.log_softmax(-1))).sum(-1).mean()
     assert test["test/kl_t1"] == pytest.approx(kl.item(), rel=1e-4)
     assert test["test/agreement"] == pytest.approx((s.argmax(-1) == t.argmax(-1)).float().mean().item(), abs=1e-6)
-    assert test["test/ece"] == pytest.approx(multiclass_calibration_error(s.softmax(-1), y, 10, n_bins=15).item(), abs=1e-5)
-    assert test["test/teacher_ece"] == pytest.approx(multiclass_calibration_error(p_t, y, 10, n_bins=15).item(), abs=1e-5)
+    assert test["test/ece"] == pytest.approx(
+        multiclass_calibration_error(s.softmax(-1), y, 10, n_bins=15).item(), abs=1e-5
+    )
+    assert test["test/teacher_ece"] == pytest.approx(
+        multiclass_calibration_error(p_t, y, 10, n_bins=15).item(), abs=1e-5
+    )
 
 
 def test_a_ce_of_weight_zero_is_not_computed() -> None:
@@ -205,7 +225,9 @@ def test_a_ce_of_weight_zero_is_not_computed() -> None:
             return super().task_loss(student_logits, batch)
 
     torch.manual_seed(0)
-    module = Counting(DigitsCNN(width=4, hidden=8, dropout=0.0), DigitsCNN(), num_classes=10, alpha=1.0, temperature=2.0)
+    module = Counting(
+        DigitsCNN(width=4, hidden=8, dropout=0.0), DigitsCNN(), num_classes=10, alpha=1.0, temperature=2.0
+    )
     x, y = torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,))
     loss = module.training_step((x, y), 0)
     assert not calls

@@ -26,7 +26,9 @@ def test_notebook_executes(path: Path, tmp_path: Path, monkeypatch: pytest.Monke
     if path.stem.startswith("04"):
         pytest.importorskip("tokenizers", reason="the language-model notebook needs the 'lm' extra")
     book = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nbclient.NotebookClient(
+        book, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
     if path.stem.startswith("01"):
         printed = "".join(o.get("text", "") for c in book.cells if c.cell_type == "code" for o in c.outputs)
         assert printed.count("0.008507") == 3 and "True" in printed

@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_lightning.loss.chunked import chunked_distillation_loss
-from kd_lightning.loss.objectives import dkd_loss, jsd_loss, kd_loss, mixture_kl, reverse_kl_loss, skew_kl_loss, tvd_loss
+from kd_lightning.loss.objectives import (
+    dkd_loss,
+    jsd_loss,
+    kd_loss,
+    mixture_kl,
+    reverse_kl_loss,
+    skew_kl_loss,
+    tvd_loss,
+)
 
 OBJECTIVES = {
     "kd": kd_loss,
@@ -66,8 +74,9 @@ def gradient_scale(name: str, temperature: float, positions: int, exact: torch.T
     return (temperature if t2 else 1 / temperature) / positions * max(1.0, divergence)
 
 
-def assert_close_to_float64(name: str, value: torch.Tensor, grad: torch.Tensor, exact: torch.Tensor,
-                            exact_grad: torch.Tensor, scale: float) -> None:
+def assert_close_to_float64(
+    name: str, value: torch.Tensor, grad: torch.Tensor, exact: torch.Tensor, exact_grad: torch.Tensor, scale: float
+) -> None:
     assert value.dtype == torch.float32 and value.isfinite(), (name, value)
     assert grad.isfinite().all(), name
     error = (value.double() - exact).abs() / exact.abs()
@@ -84,12 +93,19 @@ def test_every_objective_is_finite_and_as_exact_as_float64(scale: float, tempera
     for name, objective in OBJECTIVES.items():
         value, grad = value_and_grads(objective, student, teacher, temperature, labels)
         exact, exact_grad = value_and_grads(objective, student.double(), teacher.double(), temperature, labels)
-        assert_close_to_float64(f"{name} std={scale} T={temperature}", value, grad, exact, exact_grad,
-                                gradient_scale(name, temperature, labels.numel(), exact))
+        assert_close_to_float64(
+            f"{name} std={scale} T={temperature}",
+            value,
+            grad,
+            exact,
+            exact_grad,
+            gradient_scale(name, temperature, labels.numel(), exact),
+        )
 
 
-@pytest.mark.parametrize("case", ["gap_of_500_nats", "padded_vocabulary", "teacher_rules_out_classes",
-                                  "student_rules_out_classes"])
+@pytest.mark.parametrize(
+    "case", ["gap_of_500_nats", "padded_vocabulary", "teacher_rules_out_classes", "student_rules_out_classes"]
+)
 @pytest.mark.parametrize("temperature", [0.5, 2.0, 10.0])
 def test_gaps_and_minus_infinity_columns(case: str, temperature: float) -> None:
     student, teacher = logits((6, 512), 3.0, seed=7)
@@ -108,13 +124,22 @@ def test_gaps_and_minus_infinity_columns(case: str, temperature: float) -> None:
         student[:, 100:140] = -math.inf
         names.remove("kd")  # KL(p_t ‖ p_s) is truly infinite there, and so is DKD's NCKD
         names.remove("dkd")
-    labels = torch.where((teacher.gather(-1, labels[:, None]).isinf() | student.gather(-1, labels[:, None]).isinf())[:, 0],
-                         torch.zeros_like(labels), labels)
+    labels = torch.where(
+        (teacher.gather(-1, labels[:, None]).isinf() | student.gather(-1, labels[:, None]).isinf())[:, 0],
+        torch.zeros_like(labels),
+        labels,
+    )
     for name in names:
         value, grad = value_and_grads(OBJECTIVES[name], student, teacher, temperature, labels)
         exact, exact_grad = value_and_grads(OBJECTIVES[name], student.double(), teacher.double(), temperature, labels)
-        assert_close_to_float64(f"{name} {case} T={temperature}", value, grad, exact, exact_grad,
-                                gradient_scale(name, temperature, labels.numel(), exact))
+        assert_close_to_float64(
+            f"{name} {case} T={temperature}",
+            value,
+            grad,
+            exact,
+            exact_grad,
+            gradient_scale(name, temperature, labels.numel(), exact),
+        )
 
 
 def independent_mixture_kl(first: torch.Tensor, second: torch.Tensor, weight: float) -> torch.Tensor:
@@ -123,8 +148,9 @@ def independent_mixture_kl(first: torch.Tensor, second: torch.Tensor, weight: fl
     if weight == 0:
         log_p_over_m = log_p - log_q
     else:
-        log_p_over_m = -torch.logaddexp(torch.tensor(math.log(weight), dtype=torch.float64),
-                                        math.log1p(-weight) + log_q - log_p)
+        log_p_over_m = -torch.logaddexp(
+            torch.tensor(math.log(weight), dtype=torch.float64), math.log1p(-weight) + log_q - log_p
+        )
     return torch.where(log_p > -math.inf, log_p.exp() * log_p_over_m, 0.0).sum(-1)
 
 
@@ -133,8 +159,12 @@ def independent_mixture_kl(first: torch.Tensor, second: torch.Tensor, weight: fl
 def test_the_float64_reference_is_the_textbook_divergence(weight: float, scale: float) -> None:
     first, second = logits((16, 257), scale, seed=3)
     first[:, :4] = second[:, :4] = -math.inf
-    torch.testing.assert_close(mixture_kl(first.double(), second.double(), weight),
-                               independent_mixture_kl(first, second, weight), rtol=1e-11, atol=1e-13)
+    torch.testing.assert_close(
+        mixture_kl(first.double(), second.double(), weight),
+        independent_mixture_kl(first, second, weight),
+        rtol=1e-11,
+        atol=1e-13,
+    )
 
 
 def head_pair(scale: float, vocab: int = VOCAB, hidden: int = 16, rows: int = 48, seed: int = 0):
@@ -148,8 +178,10 @@ def head_pair(scale: float, vocab: int = VOCAB, hidden: int = 16, rows: int = 48
     return head, states, torch.randn(rows, vocab, generator=g) * scale
 
 
-CHUNKED = {name: OBJECTIVES[name] for name in ("kd", "reverse_kl", "jsd_0.1", "jsd_0.5", "jsd_0.9", "skew_kl",
-                                               "skew_reverse_kl", "tvd", "dkd")}
+CHUNKED = {
+    name: OBJECTIVES[name]
+    for name in ("kd", "reverse_kl", "jsd_0.1", "jsd_0.5", "jsd_0.9", "skew_kl", "skew_reverse_kl", "tvd", "dkd")
+}
 
 
 @pytest.mark.parametrize("scale", [1.0, 30.0, 100.0])
@@ -163,16 +195,29 @@ def test_the_chunked_loss_is_as_exact_as_float64(scale: float, temperature: floa
             chunk_head = nn.Linear(16, VOCAB, bias=False).to(dtype)
             chunk_head.weight.data.copy_(head.weight)
             h = hidden.to(dtype).clone().requires_grad_(True)
-            loss = chunked_distillation_loss(h, chunk_head, objective=objective, temperature=temperature, labels=labels,
-                                             teacher_logits=lambda rows, t=teacher.to(dtype): t[rows], chunk_rows=16)
+            loss = chunked_distillation_loss(
+                h,
+                chunk_head,
+                objective=objective,
+                temperature=temperature,
+                labels=labels,
+                teacher_logits=lambda rows, t=teacher.to(dtype): t[rows],
+                chunk_rows=16,
+            )
             loss.backward()
             results.append((loss.detach(), torch.cat([h.grad.flatten(), chunk_head.weight.grad.flatten()])))
         (value, grad), (exact, exact_grad) = results
         # a logit gradient of size ``gradient_scale`` reaches the hidden states through the head and the head through
         # the hidden states: at most the spectral norms of both times as large
         through = torch.linalg.matrix_norm(head.weight.detach(), 2) + torch.linalg.matrix_norm(hidden, 2)
-        assert_close_to_float64(f"chunked {name} std={scale} T={temperature}", value, grad, exact, exact_grad,
-                                gradient_scale(name, temperature, labels.numel(), exact) * through.item())
+        assert_close_to_float64(
+            f"chunked {name} std={scale} T={temperature}",
+            value,
+            grad,
+            exact,
+            exact_grad,
+            gradient_scale(name, temperature, labels.numel(), exact) * through.item(),
+        )
 
 
 @pytest.mark.parametrize("scale", [1.0, 100.0])

@@ -9,15 +9,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_lightning.loss.objectives import (dkd_loss, jsd_loss, kd_loss, objective_name, reverse_kl_loss, skew_kl_loss, standardize_logits,
-                                 tvd_loss)
+from kd_lightning.loss.objectives import (
+    dkd_loss,
+    jsd_loss,
+    kd_loss,
+    objective_name,
+    reverse_kl_loss,
+    skew_kl_loss,
+    standardize_logits,
+    tvd_loss,
+)
 
 SHAPES = [(5, 7), (3, 4, 6)]
 
 
 def logits_pair(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=g, dtype=torch.float64) * 2, torch.randn(*shape, generator=g, dtype=torch.float64) * 2
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * 2, torch.randn(
+        *shape, generator=g, dtype=torch.float64
+    ) * 2
 
 
 def labels_for(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
@@ -25,6 +35,7 @@ def labels_for(shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
 
 
 # -- the formulas, transcribed --------------------------------------------------------------------
+
 
 def forward_kl_formula(s, t, T):
     p, q = torch.softmax(t / T, -1), torch.softmax(s / T, -1)
@@ -91,8 +102,9 @@ def test_forward_and_reverse_kl_match_their_formulas(shape, T) -> None:
 @pytest.mark.parametrize("weights", ["gkd", "continuous"])
 def test_jsd_matches_its_formula(shape, beta, weights) -> None:
     s, t = logits_pair(shape, seed=2)
-    torch.testing.assert_close(jsd_loss(s, t, 2.0, beta, weights=weights), jsd_formula(s, t, 2.0, beta, weights),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        jsd_loss(s, t, 2.0, beta, weights=weights), jsd_formula(s, t, 2.0, beta, weights), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_jsd_beta_means_what_it_means_in_trl() -> None:
@@ -112,10 +124,13 @@ def test_jsd_special_cases() -> None:
     torch.testing.assert_close(jsd_loss(s, t, 2.0, 0.5), jsd_loss(t, s, 2.0, 0.5))
     assert 0 < jsd_loss(s * 50, t * 50, 1.0, 0.5) <= torch.log(torch.tensor(2.0, dtype=torch.float64))
     # the continuous weighting tends to forward KL as beta goes to 0; GKD's to 0 (hence TRL's special case at 0)
-    torch.testing.assert_close(jsd_loss(s, t, 2.0, 1e-6, weights="continuous", scale_by_t2=True), kd_loss(s, t, 2.0),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        jsd_loss(s, t, 2.0, 1e-6, weights="continuous", scale_by_t2=True), kd_loss(s, t, 2.0), rtol=1e-4, atol=1e-6
+    )
     assert jsd_loss(s, t, 2.0, 1e-6) < 1e-4 * kd_loss(s, t, 2.0)
-    torch.testing.assert_close(jsd_loss(s, t, 2.0, 0.5, weights="continuous"), jsd_loss(s, t, 2.0, 0.5))  # the same at 0.5
+    torch.testing.assert_close(
+        jsd_loss(s, t, 2.0, 0.5, weights="continuous"), jsd_loss(s, t, 2.0, 0.5)
+    )  # the same at 0.5
     with pytest.raises(ValueError, match="beta must be in"):
         jsd_loss(s, t, 2.0, 1.5)
 
@@ -125,8 +140,9 @@ def test_jsd_special_cases() -> None:
 @pytest.mark.parametrize("reverse", [False, True])
 def test_skew_kl_matches_its_formula(shape, skew, reverse) -> None:
     s, t = logits_pair(shape, seed=13)
-    torch.testing.assert_close(skew_kl_loss(s, t, 2.0, skew, reverse), skew_kl_formula(s, t, 2.0, skew, reverse),
-                               rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        skew_kl_loss(s, t, 2.0, skew, reverse), skew_kl_formula(s, t, 2.0, skew, reverse), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_skew_kl_special_cases() -> None:
@@ -160,14 +176,18 @@ def test_dkd_decomposes_kd() -> None:
     s, t = logits_pair((1, 9), seed=5)
     y = labels_for((1, 9))
     p_target = torch.softmax(t / 3.0, -1)[0, y[0]]
-    torch.testing.assert_close(dkd_loss(s, t, 3.0, labels=y, tckd_weight=1.0, nckd_weight=float(1 - p_target)), kd_loss(s, t, 3.0))
+    torch.testing.assert_close(
+        dkd_loss(s, t, 3.0, labels=y, tckd_weight=1.0, nckd_weight=float(1 - p_target)), kd_loss(s, t, 3.0)
+    )
     assert dkd_loss(t, t, 3.0, labels=y).item() == pytest.approx(0.0, abs=1e-12)
 
 
 def test_dkd_on_sequences_equals_flattened_rows() -> None:
     s, t = logits_pair((3, 4, 6), seed=6)
     y = labels_for((3, 4, 6))
-    torch.testing.assert_close(dkd_loss(s, t, 2.0, labels=y), dkd_loss(s.reshape(12, 6), t.reshape(12, 6), 2.0, labels=y.reshape(12)))
+    torch.testing.assert_close(
+        dkd_loss(s, t, 2.0, labels=y), dkd_loss(s.reshape(12, 6), t.reshape(12, 6), 2.0, labels=y.reshape(12))
+    )
     with pytest.raises(ValueError, match="needs labels"):
         dkd_loss(s, t, 2.0, labels=None)
 
@@ -185,8 +205,12 @@ def test_standardisation_is_the_objective_on_z_scored_logits(objective) -> None:
 def test_dkd_standardisation() -> None:
     s, t = logits_pair((6, 8), seed=8)
     y = labels_for((6, 8))
-    torch.testing.assert_close(dkd_loss(s, t, 2.0, labels=y, standardize=True),
-                               dkd_formula(standardize_formula(s), standardize_formula(t), y, 1.0, 8.0, 2.0), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        dkd_loss(s, t, 2.0, labels=y, standardize=True),
+        dkd_formula(standardize_formula(s), standardize_formula(t), y, 1.0, 8.0, 2.0),
+        rtol=1e-8,
+        atol=1e-10,
+    )
 
 
 OBJECTIVES = {
@@ -255,13 +279,26 @@ def test_the_issue_example_is_finite_and_exact() -> None:
     assert value.item() == pytest.approx(0.6132, abs=1e-4)
 
 
-@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, partial(jsd_loss, beta=0.3), partial(dkd_loss, nckd_weight=2.0),
-                                       skew_kl_loss, partial(skew_kl_loss, reverse=True), tvd_loss])
+@pytest.mark.parametrize(
+    "objective",
+    [
+        kd_loss,
+        reverse_kl_loss,
+        partial(jsd_loss, beta=0.3),
+        partial(dkd_loss, nckd_weight=2.0),
+        skew_kl_loss,
+        partial(skew_kl_loss, reverse=True),
+        tvd_loss,
+    ],
+)
 @pytest.mark.parametrize("standardize", [False, True])
 def test_padded_vocabulary_rows_change_nothing(objective, standardize: bool) -> None:
     """-inf in both models' padding rows: the value and gradient of the unpadded vocabulary, no NaN."""
     g = torch.Generator().manual_seed(3)
-    s, t = torch.randn(2, 5, 7, generator=g, dtype=torch.float64), torch.randn(2, 5, 7, generator=g, dtype=torch.float64)
+    s, t = (
+        torch.randn(2, 5, 7, generator=g, dtype=torch.float64),
+        torch.randn(2, 5, 7, generator=g, dtype=torch.float64),
+    )
     labels = torch.randint(0, 7, (2, 5), generator=g)
     labels[0, 1] = -100
     padding = torch.full((2, 5, 3), -INF, dtype=torch.float64)
@@ -318,8 +355,10 @@ def test_mixtures_at_a_high_temperature_are_as_accurate_as_the_textbook_float32_
     g = torch.Generator().manual_seed(0)
     s, t = torch.randn(4, 16, 5003, generator=g), torch.randn(4, 16, 5003, generator=g)
     p_s, p_t = (s / 10).softmax(-1), (t / 10).softmax(-1)
-    naive = {"jsd": ((1 - beta) * naive_mixture_kl(p_t, p_s, beta) + beta * naive_mixture_kl(p_s, p_t, 1 - beta)).mean(),
-             "skew_kl": naive_mixture_kl(p_t, p_s, beta).mean()}
+    naive = {
+        "jsd": ((1 - beta) * naive_mixture_kl(p_t, p_s, beta) + beta * naive_mixture_kl(p_s, p_t, 1 - beta)).mean(),
+        "skew_kl": naive_mixture_kl(p_t, p_s, beta).mean(),
+    }
     ours = {"jsd": lambda x, y: jsd_loss(x, y, 10.0, beta), "skew_kl": lambda x, y: skew_kl_loss(x, y, 10.0, beta)}
     for name, loss in ours.items():
         exact = loss(s.double(), t.double())
@@ -337,7 +376,9 @@ def test_logits_that_are_not_logits_of_one_batch_are_named_as_such() -> None:
         kd_loss(s, t[:, :5])
 
 
-@pytest.mark.parametrize("weights", [{"nckd_weight": -8.0}, {"tckd_weight": float("nan")}, {"nckd_weight": float("inf")}])
+@pytest.mark.parametrize(
+    "weights", [{"nckd_weight": -8.0}, {"tckd_weight": float("nan")}, {"nckd_weight": float("inf")}]
+)
 def test_dkd_weights_must_be_finite_and_not_negative(weights) -> None:
     s, t = logits_pair((4, 6), seed=18)
     with pytest.raises(ValueError, match="must be a finite number >= 0"):

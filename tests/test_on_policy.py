@@ -34,8 +34,10 @@ def test_a_completion_is_learned_up_to_and_including_its_first_eos_and_nothing_e
     completions = torch.tensor([[20, EOS, 21, 22], [23, 24, 25, 26]])  # the first stops at EOS, the second runs out
     batch = completed(prompts, mask, completions, EOS, PAD)
     assert batch["inputs"].tolist() == [[5, 6, 7, 20, 0, 0, 0, 0], [10, 11, 12, 13, 14, 23, 24, 25]]
-    assert batch["labels"].tolist() == [[-100, -100, 20, EOS, -100, -100, -100, -100],
-                                        [-100, -100, -100, -100, 23, 24, 25, 26]]
+    assert batch["labels"].tolist() == [
+        [-100, -100, 20, EOS, -100, -100, -100, -100],
+        [-100, -100, -100, -100, 23, 24, 25, 26],
+    ]
     assert batch["kept"].sum() == 6  # the step's normaliser counts the generated tokens
 
 
@@ -43,8 +45,10 @@ def modules(sequences: Sequences) -> tuple[DistillationModule, DistillationModul
     torch.manual_seed(0)
     student, teacher = GPT(VOCAB, 32, 16, 1, 2), GPT(VOCAB, 32, 16, 1, 2)
     mix = LossMix(temperature=1.0, alpha=0.5)
-    return (DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", loss_mix=mix, sequences=sequences),
-            DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", loss_mix=mix))
+    return (
+        DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", loss_mix=mix, sequences=sequences),
+        DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", loss_mix=mix),
+    )
 
 
 def test_the_on_policy_loss_and_gradients_are_the_off_policy_ones_on_the_same_samples() -> None:
@@ -71,7 +75,9 @@ def test_the_same_step_samples_the_same_completions_and_another_step_others() ->
     student = GPT(VOCAB, 32, 16, 1, 2)
     batch = as_batch(chat_batch())
     first = sequences(batch, student, None, step=7, micro_batch=1)
-    assert torch.equal(first["inputs"], sequences(batch, student, None, step=7, micro_batch=1)["inputs"])  # a resumed run
+    assert torch.equal(
+        first["inputs"], sequences(batch, student, None, step=7, micro_batch=1)["inputs"]
+    )  # a resumed run
     assert not torch.equal(first["inputs"], sequences(batch, student, None, step=8, micro_batch=1)["inputs"])
 
 
@@ -84,7 +90,9 @@ def test_fractions_choose_the_source_of_each_batch() -> None:
     teacher = GPT(VOCAB, 32, 16, 1, 2)
     written = teacher_only(as_batch(chat_batch()), GPT(VOCAB, 32, 16, 1, 2), teacher, step=0)
     prompts, mask = prompts_of(as_batch(chat_batch()), PAD)
-    expected = completed(prompts, mask, teacher.generate(prompts, 4, prompt_mask=mask, greedy=True, eos_token_id=EOS)[:, 5:], EOS, PAD)
+    expected = completed(
+        prompts, mask, teacher.generate(prompts, 4, prompt_mask=mask, greedy=True, eos_token_id=EOS)[:, 5:], EOS, PAD
+    )
     assert torch.equal(written["inputs"], expected["inputs"]) and torch.equal(written["labels"], expected["labels"])
 
 
@@ -92,22 +100,36 @@ def test_a_transformers_student_samples_with_its_own_generate() -> None:
     pytest.importorskip("transformers", reason="transformers models need the 'lm' extra")
     from kd_lightning.models.gpt import hf_causal_lm
 
-    student = hf_causal_lm("llama", vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    student = hf_causal_lm(
+        "llama",
+        vocab_size=VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     sequences = Sequences(OnPolicy(fraction=1.0, max_new_tokens=5, top_k=10, top_p=0.9), EOS, PAD)
     batch = sequences(as_batch(chat_batch()), student.train(), None, step=2)
     assert student.training and batch["inputs"].shape[0] == 2 and 1 <= int(batch["kept"][0].sum()) <= 5
     assert torch.equal(batch["inputs"], sequences(as_batch(chat_batch()), student, None, step=2)["inputs"])
 
 
-@pytest.mark.parametrize(("settings", "message"), [
-    ({"fraction": 1.5}, r"distill.on_policy.fraction must be in \[0, 1\]"),
-    ({"fraction": 0.7, "teacher_fraction": 0.5}, "fraction \\+ teacher_fraction must be at most 1"),
-    ({"max_new_tokens": 0}, "distill.on_policy.max_new_tokens must be a positive integer, got 0"),
-    ({"temperature": 0.0}, "distill.on_policy.temperature must be > 0, got 0.0; for the likeliest token set "
-                           "distill.on_policy.greedy=true"),
-    ({"top_p": 0.0}, r"distill.on_policy.top_p must be in \(0, 1\]"),
-])
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"fraction": 1.5}, r"distill.on_policy.fraction must be in \[0, 1\]"),
+        ({"fraction": 0.7, "teacher_fraction": 0.5}, "fraction \\+ teacher_fraction must be at most 1"),
+        ({"max_new_tokens": 0}, "distill.on_policy.max_new_tokens must be a positive integer, got 0"),
+        (
+            {"temperature": 0.0},
+            "distill.on_policy.temperature must be > 0, got 0.0; for the likeliest token set "
+            "distill.on_policy.greedy=true",
+        ),
+        ({"top_p": 0.0}, r"distill.on_policy.top_p must be in \(0, 1\]"),
+    ],
+)
 def test_bad_on_policy_settings_are_one_line(settings: dict, message: str) -> None:
     with pytest.raises(KDError, match=message):
         OnPolicy(**settings)
@@ -118,15 +140,26 @@ def test_on_policy_refusals_before_training(make_cfg) -> None:
 
     with pytest.raises(KDError, match="samples completions that no recording holds .*use teacher.mode=live"):
         settings_of(make_cfg("teacher.mode=recorded", "distill.on_policy.fraction=1.0"))
-    with pytest.raises(KDError, match="distill.on_policy has no setting 'lambda'; its settings are fraction, teacher_fraction"):
+    with pytest.raises(
+        KDError, match="distill.on_policy has no setting 'lambda'; its settings are fraction, teacher_fraction"
+    ):
         settings_of(make_cfg("+distill.on_policy.lambda=1.0"))
     with pytest.raises(KDError, match="cross-entropy on them would teach it to repeat itself. Set distill.alpha=1"):
         settings_of(make_cfg("distill.on_policy.fraction=0.5", "distill.alpha=0.9"))
-    assert settings_of(make_cfg("distill.on_policy.teacher_fraction=0.5", "distill.alpha=0.9")).on_policy.teacher_fraction == 0.5
+    assert (
+        settings_of(make_cfg("distill.on_policy.teacher_fraction=0.5", "distill.alpha=0.9")).on_policy.teacher_fraction
+        == 0.5
+    )
     with pytest.raises(KDError, match="distill.on_policy samples completions: it is for language models"):
-        DistillationModule(torch.nn.Linear(4, 3), torch.nn.Linear(4, 3), num_classes=3,
-                           sequences=Sequences(OnPolicy(fraction=1.0), EOS, PAD))
-    with pytest.raises(KDError, match="Linear has no generate\\(\\); use kd_lightning.models.GPT or a transformers causal LM"):
+        DistillationModule(
+            torch.nn.Linear(4, 3),
+            torch.nn.Linear(4, 3),
+            num_classes=3,
+            sequences=Sequences(OnPolicy(fraction=1.0), EOS, PAD),
+        )
+    with pytest.raises(
+        KDError, match="Linear has no generate\\(\\); use kd_lightning.models.GPT or a transformers causal LM"
+    ):
         Sequences(OnPolicy(fraction=1.0), EOS, PAD)(as_batch(chat_batch()), torch.nn.Linear(4, 3), None, step=0)
     with pytest.raises(KDError, match="a row of the batch has no learned token"):
         prompts_of(as_batch({"inputs": torch.zeros(1, 4, dtype=torch.long), "labels": torch.full((1, 4), -100)}), PAD)
@@ -134,11 +167,11 @@ def test_on_policy_refusals_before_training(make_cfg) -> None:
 
 def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp_path, caplog) -> None:
     pytest.importorskip("transformers", reason="chat data needs the 'lm' extra")
-    from transformers import AutoTokenizer
-
     from data_factory import make_corpus
     from test_chat import TALK, TEMPLATE, write_chats
     from test_pretrained import save_llama, save_tokenizer
+    from transformers import AutoTokenizer
+
     from kd_lightning.run.train import train
 
     size = save_tokenizer(make_corpus(tmp_path / "corpus"), tmp_path / "teacher")
@@ -146,20 +179,53 @@ def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp
     tokenizer.chat_template = TEMPLATE
     tokenizer.save_pretrained(tmp_path / "teacher")
     save_llama(tmp_path / "teacher", size, max_position_embeddings=160)
-    chats = write_chats(tmp_path / "chats", [{"messages": TALK[1:3]}, {"prompt": "Who is it?", "completion": "Nobody."}] * 4)
+    chats = write_chats(
+        tmp_path / "chats", [{"messages": TALK[1:3]}, {"prompt": "Who is it?", "completion": "Nobody."}] * 4
+    )
     with caplog.at_level("INFO", logger="kd_lightning"):
-        results = train(make_cfg("teacher=hf", f"teacher.model.path={tmp_path / 'teacher'}", "data=chat", f"data.data_dir={chats}",
-                                 f"data.vocab_size={size}", "data.max_length=96", "data.block_size=160", "student=gpt_student",
-                                 "student.model.dim=16", "student.model.depth=1", "trainer.max_epochs=1", "baseline=false",
-                                 "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=8", "distill.alpha=1",
-                                 output_dir=tmp_path / "run"))
+        results = train(
+            make_cfg(
+                "teacher=hf",
+                f"teacher.model.path={tmp_path / 'teacher'}",
+                "data=chat",
+                f"data.data_dir={chats}",
+                f"data.vocab_size={size}",
+                "data.max_length=96",
+                "data.block_size=160",
+                "student=gpt_student",
+                "student.model.dim=16",
+                "student.model.depth=1",
+                "trainer.max_epochs=1",
+                "baseline=false",
+                "distill.on_policy.fraction=1.0",
+                "distill.on_policy.max_new_tokens=8",
+                "distill.alpha=1",
+                output_dir=tmp_path / "run",
+            )
+        )
     assert "completions sampled: student 1, teacher 0 of the batches, up to 8 tokens, temperature 1.0" in caplog.text
     assert results["distilled"]["test/ppl"] > 1
-    with pytest.raises(KDError, match=r"distill.on_policy.max_new_tokens=150 after prompts of up to \d+ tokens exceeds the "
-                                      "student's context of 160"):
-        train(make_cfg("teacher=hf", f"teacher.model.path={tmp_path / 'teacher'}", "data=chat", f"data.data_dir={chats}",
-                       f"data.vocab_size={size}", "data.max_length=96", "data.block_size=160", "student=gpt_student",
-                       "distill.on_policy.fraction=1.0", "distill.on_policy.max_new_tokens=150", "distill.alpha=1", output_dir=tmp_path / "refused"))
+    with pytest.raises(
+        KDError,
+        match=r"distill.on_policy.max_new_tokens=150 after prompts of up to \d+ tokens exceeds the "
+        "student's context of 160",
+    ):
+        train(
+            make_cfg(
+                "teacher=hf",
+                f"teacher.model.path={tmp_path / 'teacher'}",
+                "data=chat",
+                f"data.data_dir={chats}",
+                f"data.vocab_size={size}",
+                "data.max_length=96",
+                "data.block_size=160",
+                "student=gpt_student",
+                "distill.on_policy.fraction=1.0",
+                "distill.on_policy.max_new_tokens=150",
+                "distill.alpha=1",
+                output_dir=tmp_path / "refused",
+            )
+        )
 
 
 def test_the_samples_scores_are_the_teachers_nll_and_the_reverse_kl_on_the_students_own_completions() -> None:
@@ -171,10 +237,15 @@ def test_the_samples_scores_are_the_teachers_nll_and_the_reverse_kl_on_the_stude
     scores = SampleScores(settings, EOS, PAD)(student, teacher, as_batch(chat_batch()), seed=7)
     prompts, mask = prompts_of(as_batch(chat_batch()), PAD)
     torch.manual_seed(7)  # generate() draws from the seed it is given, in a forked random state
-    samples = completed(prompts, mask, student.generate(prompts, 3, prompt_mask=mask, eos_token_id=EOS)[:, prompts.shape[1]:], EOS, PAD)
+    samples = completed(
+        prompts, mask, student.generate(prompts, 3, prompt_mask=mask, eos_token_id=EOS)[:, prompts.shape[1] :], EOS, PAD
+    )
     kept = samples["kept"]
     with torch.no_grad():
-        log_s, log_t = student(samples["inputs"]).log_softmax(-1)[kept], teacher(samples["inputs"]).log_softmax(-1)[kept]
+        log_s, log_t = (
+            student(samples["inputs"]).log_softmax(-1)[kept],
+            teacher(samples["inputs"]).log_softmax(-1)[kept],
+        )
     drawn = samples["labels"][kept]
     nll, tokens = scores["sample_teacher_nll"]
     assert tokens == kept.sum() and torch.allclose(nll, -log_t.gather(-1, drawn[:, None]).mean(), atol=1e-6)
@@ -200,24 +271,51 @@ def test_the_sample_scores_make_only_what_fits_in_the_students_context() -> None
     assert scores["sample_teacher_nll"][1] <= 8 * len(batch["inputs"])
 
 
-ARITHMETIC = ["data=arithmetic", "data.train_size=256", "data.val_size=32", "data.test_size=32", "data.batch_size=32",
-              "data.eval_batch_size=32", "teacher=gpt_teacher", "teacher.model.dim=16", "teacher.model.depth=1",
-              "teacher.model.heads=2", "teacher.fit.max_epochs=1", "student=gpt_student", "student.model.dim=16",
-              "student.model.depth=1", "distill.alpha=1", "distill.temperature=1", "distill.on_policy.max_new_tokens=5",
-              "trainer.max_epochs=3", "trainer.limit_train_batches=4", "baseline=false"]
+ARITHMETIC = [
+    "data=arithmetic",
+    "data.train_size=256",
+    "data.val_size=32",
+    "data.test_size=32",
+    "data.batch_size=32",
+    "data.eval_batch_size=32",
+    "teacher=gpt_teacher",
+    "teacher.model.dim=16",
+    "teacher.model.depth=1",
+    "teacher.model.heads=2",
+    "teacher.fit.max_epochs=1",
+    "student=gpt_student",
+    "student.model.dim=16",
+    "student.model.depth=1",
+    "distill.alpha=1",
+    "distill.temperature=1",
+    "distill.on_policy.max_new_tokens=5",
+    "trainer.max_epochs=3",
+    "trainer.limit_train_batches=4",
+    "baseline=false",
+]
 
 
 def test_a_killed_on_policy_run_resumed_samples_what_the_uninterrupted_one_did(make_cfg, tmp_path) -> None:
     from crash_callback import Preempted
     from test_resume import student_weights
+
     from kd_lightning.run.train import train
 
     mixed = [*ARITHMETIC, "distill.on_policy.fraction=0.5", "distill.on_policy.teacher_fraction=0.25"]
     uninterrupted = train(make_cfg(*mixed, output_dir=tmp_path / "a"))
     with pytest.raises(Preempted):  # in epoch 1, after the epoch-0 checkpoint
-        train(make_cfg(*mixed, "+callbacks.crash._target_=crash_callback.CrashAtStep", "+callbacks.crash.stage=distilled",
-                       "+callbacks.crash.step=6", output_dir=tmp_path / "b"))
-    resumed = train(make_cfg(*mixed, "ckpt_path=last", "changed_on_resume=[callbacks.crash]", output_dir=tmp_path / "b"))
+        train(
+            make_cfg(
+                *mixed,
+                "+callbacks.crash._target_=crash_callback.CrashAtStep",
+                "+callbacks.crash.stage=distilled",
+                "+callbacks.crash.step=6",
+                output_dir=tmp_path / "b",
+            )
+        )
+    resumed = train(
+        make_cfg(*mixed, "ckpt_path=last", "changed_on_resume=[callbacks.crash]", output_dir=tmp_path / "b")
+    )
     a, b = student_weights(tmp_path / "a", "distilled"), student_weights(tmp_path / "b", "distilled")
     assert all(torch.equal(a[key], b[key]) for key in a)
     untimed = lambda metrics: {k: v for k, v in metrics.items() if not k.endswith("tokens_per_s")}  # noqa: E731
@@ -226,19 +324,35 @@ def test_a_killed_on_policy_run_resumed_samples_what_the_uninterrupted_one_did(m
 
 def test_on_policy_stages_distil_the_same_student_as_runs_of_their_own(make_cfg, tmp_path, capsys) -> None:
     from test_resume import student_weights
+
     from kd_lightning.run.cli import format_summary
     from kd_lightning.run.train import train
 
-    results = train(make_cfg(*ARITHMETIC, "distill.on_policy.fraction=1", "distill.on_policy.after_steps=4",
-                             "+distill.on_policy_stages.off_policy={fraction:0.0}",
-                             "+distill.on_policy_stages.mixed={fraction:0.5}",
-                             output_dir=tmp_path / "all"))
-    alone = train(make_cfg(*ARITHMETIC, "distill.on_policy.fraction=0.5", "distill.on_policy.after_steps=4",
-                           output_dir=tmp_path / "mixed"))
+    results = train(
+        make_cfg(
+            *ARITHMETIC,
+            "distill.on_policy.fraction=1",
+            "distill.on_policy.after_steps=4",
+            "+distill.on_policy_stages.off_policy={fraction:0.0}",
+            "+distill.on_policy_stages.mixed={fraction:0.5}",
+            output_dir=tmp_path / "all",
+        )
+    )
+    alone = train(
+        make_cfg(
+            *ARITHMETIC,
+            "distill.on_policy.fraction=0.5",
+            "distill.on_policy.after_steps=4",
+            output_dir=tmp_path / "mixed",
+        )
+    )
     a, b = student_weights(tmp_path / "all", "mixed"), student_weights(tmp_path / "mixed", "distilled")
     assert all(torch.equal(a[key], b[key]) for key in a)
     untimed = lambda metrics: {k: v for k, v in metrics.items() if not k.endswith("tokens_per_s")}  # noqa: E731
-    assert untimed(results["mixed"]) == untimed(alone["distilled"]) and results["on_policy_stages"] == ["off_policy", "mixed"]
+    assert untimed(results["mixed"]) == untimed(alone["distilled"]) and results["on_policy_stages"] == [
+        "off_policy",
+        "mixed",
+    ]
     for stage in ("distilled", "off_policy", "mixed"):
         assert 0 <= results[stage]["test/exact_match"] <= 1 and results[stage]["test/sample_teacher_nll"] > 0
         assert 0 < results[stage]["test/sample_distinct_2"] <= 1
@@ -250,12 +364,15 @@ def test_on_policy_stages_distil_the_same_student_as_runs_of_their_own(make_cfg,
     assert not (tmp_path / "all" / "off_policy").exists() and not (tmp_path / "all" / "mixed").exists()
 
 
-@pytest.mark.parametrize(("stages", "message"), [
-    ("baseline={fraction:0.0}", "distill.on_policy_stages: 'baseline' cannot name a stage"),
-    ("off={lambda:0.0}", "distill.on_policy_stages.off has no setting 'lambda'"),
-    ("off={fraction:2.0}", r"distill.on_policy.fraction must be in \[0, 1\]"),
-    ("off=0.5", r"distill.on_policy_stages.off must be distill.on_policy settings, e.g. \{fraction: 0.0\}"),
-])
+@pytest.mark.parametrize(
+    ("stages", "message"),
+    [
+        ("baseline={fraction:0.0}", "distill.on_policy_stages: 'baseline' cannot name a stage"),
+        ("off={lambda:0.0}", "distill.on_policy_stages.off has no setting 'lambda'"),
+        ("off={fraction:2.0}", r"distill.on_policy.fraction must be in \[0, 1\]"),
+        ("off=0.5", r"distill.on_policy_stages.off must be distill.on_policy settings, e.g. \{fraction: 0.0\}"),
+    ],
+)
 def test_bad_on_policy_stages_are_one_line(make_cfg, stages: str, message: str) -> None:
     from conftest import settings_of
 
@@ -269,8 +386,16 @@ def test_the_onpolicy_arithmetic_recipe_writes_each_students_exact_match(make_cf
     from kd_lightning.run.run_dir import RESULTS_FILE
     from kd_lightning.run.train import train
 
-    smoke = ["data.train_size=256", "data.val_size=32", "data.test_size=32", "data.batch_size=32", "data.eval_batch_size=32",
-             "teacher.fit.max_epochs=1", "trainer.max_epochs=1", "trainer.limit_train_batches=3"]
+    smoke = [
+        "data.train_size=256",
+        "data.val_size=32",
+        "data.test_size=32",
+        "data.batch_size=32",
+        "data.eval_batch_size=32",
+        "teacher.fit.max_epochs=1",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+    ]
     results = train(make_cfg("+recipe=onpolicy_arithmetic", *smoke, output_dir=tmp_path / "run"))
     written = json.loads((tmp_path / "run" / RESULTS_FILE).read_text())
     assert written["on_policy_stages"] == ["off_policy", "mixed"]

@@ -6,14 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_factory import make_image_tree
 
 from kd_lightning import DistillationModule, kd_loss
 from kd_lightning.models import DigitsCNN
 from kd_lightning.run.train import train
 
-from data_factory import make_image_tree
-
-FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+]
 
 
 def test_kd_loss_under_bf16_autocast_is_float32_and_close_to_full_precision() -> None:
@@ -40,6 +44,13 @@ def test_digits_default_trains_in_bf16_mixed(make_cfg) -> None:
 @pytest.mark.slow  # over 30 s on 2 cores
 def test_cifar_recipe_fast_dev_run_in_bf16_mixed(make_cfg, tmp_path: Path) -> None:
     root = make_image_tree(tmp_path / "cifar", classes=4, per_class={"train": 12, "test": 4})
-    results = train(make_cfg("+recipe=cifar_resnet", f"data.data_dir={root}", "data.val_size=8",
-                             "trainer.fast_dev_run=true", "trainer.precision=bf16-mixed"))
+    results = train(
+        make_cfg(
+            "+recipe=cifar_resnet",
+            f"data.data_dir={root}",
+            "data.val_size=8",
+            "trainer.fast_dev_run=true",
+            "trainer.precision=bf16-mixed",
+        )
+    )
     assert "test/acc" in results["distilled"]

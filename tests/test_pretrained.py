@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from data_factory import make_corpus
+
 from kd_lightning import KDError
 from kd_lightning.run.train import train
 
@@ -21,7 +21,9 @@ from kd_lightning.data.text import train_tokenizer  # noqa: E402
 from kd_lightning.models import pretrained_causal_lm  # noqa: E402
 
 
-def save_tokenizer(corpus: Path, folder: Path, vocab_size: int = 300, works: tuple[str, ...] = ("alpha", "delta", "epsilon")) -> int:
+def save_tokenizer(
+    corpus: Path, folder: Path, vocab_size: int = 300, works: tuple[str, ...] = ("alpha", "delta", "epsilon")
+) -> int:
     """A byte-level BPE tokenizer trained on ``works``, saved as a transformers tokenizer; its number of tokens."""
     bpe = train_tokenizer([(corpus / f"{work}.txt").read_text() for work in works], vocab_size)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
@@ -31,9 +33,22 @@ def save_tokenizer(corpus: Path, folder: Path, vocab_size: int = 300, works: tup
 
 def save_llama(folder: Path, vocab_size: int, seed: int = 0, **config) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**{"vocab_size": vocab_size, "hidden_size": 32, "intermediate_size": 64,
-                                            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
-                                            "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 0} | config))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            **{
+                "vocab_size": vocab_size,
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": 16,
+                "bos_token_id": 0,
+                "eos_token_id": 0,
+            }
+            | config
+        )
+    )
     model.save_pretrained(folder)
     return model
 
@@ -47,15 +62,28 @@ def teacher_dir(tmp_path: Path) -> tuple[Path, Path, int]:
     return corpus, tmp_path / "teacher", size
 
 
-def run_settings(corpus: Path, teacher: Path, size: int, student: tuple[str, ...] = ("student.model.dim=16",
-                                                                                   "student.model.depth=1")) -> list[str]:
-    return ["+recipe=lm_shakespeare", f"data.data_dir={corpus}", "data.val_works=[beta]", "data.test_works=[gamma]",
-            f"data.vocab_size={size}", "data.block_size=16", "teacher=hf", f"teacher.model.path={teacher}", *student,
-            "trainer.max_epochs=1", "trainer.limit_train_batches=3", "baseline=false"]
+def run_settings(
+    corpus: Path, teacher: Path, size: int, student: tuple[str, ...] = ("student.model.dim=16", "student.model.depth=1")
+) -> list[str]:
+    return [
+        "+recipe=lm_shakespeare",
+        f"data.data_dir={corpus}",
+        "data.val_works=[beta]",
+        "data.test_works=[gamma]",
+        f"data.vocab_size={size}",
+        "data.block_size=16",
+        "teacher=hf",
+        f"teacher.model.path={teacher}",
+        *student,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=3",
+        "baseline=false",
+    ]
 
 
-def test_a_pretrained_teacher_is_distilled_from_as_it_is_with_its_tokenizer(make_cfg, teacher_dir, tmp_path: Path,
-                                                                              caplog) -> None:
+def test_a_pretrained_teacher_is_distilled_from_as_it_is_with_its_tokenizer(
+    make_cfg, teacher_dir, tmp_path: Path, caplog
+) -> None:
     corpus, teacher, size = teacher_dir
     weights = (teacher / "model.safetensors").read_bytes()
     with caplog.at_level("INFO", logger="kd_lightning"):
@@ -67,7 +95,9 @@ def test_a_pretrained_teacher_is_distilled_from_as_it_is_with_its_tokenizer(make
     assert 0.5 * size < results["teacher"]["test/ppl"] < 2 * size
     assert (teacher / "model.safetensors").read_bytes() == weights
 
-    recorded = train(make_cfg(*run_settings(corpus, teacher, size), "teacher.mode=recorded", output_dir=tmp_path / "recorded"))
+    recorded = train(
+        make_cfg(*run_settings(corpus, teacher, size), "teacher.mode=recorded", output_dir=tmp_path / "recorded")
+    )
     assert recorded["teacher"]["test/ppl"] == pytest.approx(results["teacher"]["test/ppl"], rel=1e-2)  # float16 logits
 
 
@@ -81,16 +111,29 @@ def test_a_model_read_with_from_pretrained_trains_in_train_mode(teacher_dir) -> 
 
 def test_bad_pretrained_folders_are_one_line_before_training(make_cfg, teacher_dir, tmp_path: Path) -> None:
     corpus, teacher, size = teacher_dir
+
     def refused(*overrides: str, match: str) -> None:
-        student = tuple(o for o in overrides if o.startswith("student")) or ("student.model.dim=16", "student.model.depth=1")
+        student = tuple(o for o in overrides if o.startswith("student")) or (
+            "student.model.dim=16",
+            "student.model.depth=1",
+        )
         settings = run_settings(corpus, teacher, size, student)
         with pytest.raises(KDError, match=match) as error:
-            train(make_cfg(*settings, *(o for o in overrides if not o.startswith("student")), output_dir=tmp_path / "refused"))
+            train(
+                make_cfg(
+                    *settings, *(o for o in overrides if not o.startswith("student")), output_dir=tmp_path / "refused"
+                )
+            )
         assert "\n" not in str(error.value) and not (tmp_path / "refused").exists()
 
-    refused(f"teacher.model.path={tmp_path / 'nowhere'}", match=r"teacher.model.path=.*nowhere: no such folder \(looked in ")
+    refused(
+        f"teacher.model.path={tmp_path / 'nowhere'}", match=r"teacher.model.path=.*nowhere: no such folder \(looked in "
+    )
     refused("teacher.model.path=null", match="set teacher.model.path to the pretrained model")
-    refused("teacher.model.dtype=float64", match="teacher.model.dtype must be one of float32, bfloat16, float16, got 'float64'")
+    refused(
+        "teacher.model.dtype=float64",
+        match="teacher.model.dtype must be one of float32, bfloat16, float16, got 'float64'",
+    )
     (tmp_path / "config_only").mkdir()
     (tmp_path / "config_only" / "config.json").write_text((teacher / "config.json").read_text())
     refused(f"teacher.model.path={tmp_path / 'config_only'}", match="holds a config.json but no weights")
@@ -99,40 +142,72 @@ def test_bad_pretrained_folders_are_one_line_before_training(make_cfg, teacher_d
 
     # weights but no tokenizer
     save_llama(tmp_path / "bare", size)
-    refused(f"teacher.model.path={tmp_path / 'bare'}", match=r"no tokenizer at .*bare.*: looked in the folder .*; the model "
-                                                              "folder needs its tokenizer files")
+    refused(
+        f"teacher.model.path={tmp_path / 'bare'}",
+        match=r"no tokenizer at .*bare.*: looked in the folder .*; the model "
+        "folder needs its tokenizer files",
+    )
     # model code of its own
     save_llama(tmp_path / "remote", size)
     config = json.loads((tmp_path / "remote" / "config.json").read_text())
-    (tmp_path / "remote" / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "modeling.Mine"}}))
-    refused("student=hf", f"student.model.path={tmp_path / 'remote'}", match="ships its own model code, which runs only with "
-                                                                             "trust_remote_code=true")
+    (tmp_path / "remote" / "config.json").write_text(
+        json.dumps(config | {"auto_map": {"AutoModelForCausalLM": "modeling.Mine"}})
+    )
+    refused(
+        "student=hf",
+        f"student.model.path={tmp_path / 'remote'}",
+        match="ships its own model code, which runs only with trust_remote_code=true",
+    )
     # a student whose folder has another tokenizer
     other = save_tokenizer(corpus, tmp_path / "other_student", works=("beta", "gamma"))
     save_llama(tmp_path / "other_student", other)
-    refused("student=hf", f"student.model.path={tmp_path / 'other_student'}", match="teacher and student use different tokenizers")
+    refused(
+        "student=hf",
+        f"student.model.path={tmp_path / 'other_student'}",
+        match="teacher and student use different tokenizers",
+    )
     # the run's vocabulary is the tokenizer's
-    refused(f"data.vocab_size={size + 5}", match=rf"data.vocab_size={size + 5} but the tokenizer .* has {size} tokens; set "
-                                                 rf"data.vocab_size={size}")
+    refused(
+        f"data.vocab_size={size + 5}",
+        match=rf"data.vocab_size={size + 5} but the tokenizer .* has {size} tokens; set "
+        rf"data.vocab_size={size}",
+    )
 
 
 # -- a transformers model out --------------------------------------------------------------------
 
-def test_export_format_hf_writes_a_model_plain_transformers_loads_with_the_same_logits(make_cfg, tmp_path: Path, capsys) -> None:
+
+def test_export_format_hf_writes_a_model_plain_transformers_loads_with_the_same_logits(
+    make_cfg, tmp_path: Path, capsys
+) -> None:
     """The built-in GPT as GPT-2, the teacher stage too, and a pretrained (transformers) student as it is; the run's
     tokenizer beside each."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from kd_lightning.checkpoints import load_weights
-    from kd_lightning.run.export import main as export_main
     from kd_lightning.models import GPT
+    from kd_lightning.run.export import main as export_main
 
     corpus = make_corpus(tmp_path / "corpus")
     run = tmp_path / "run"
-    train(make_cfg("+recipe=lm_shakespeare", f"data.data_dir={corpus}", "data.val_works=[beta]", "data.test_works=[gamma]",
-                   "data.vocab_size=300", "data.block_size=16", "teacher.model.dim=32", "teacher.model.depth=1",
-                   "student.model.dim=16", "student.model.depth=1", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-                   "baseline=false", output_dir=run))
+    train(
+        make_cfg(
+            "+recipe=lm_shakespeare",
+            f"data.data_dir={corpus}",
+            "data.val_works=[beta]",
+            "data.test_works=[gamma]",
+            "data.vocab_size=300",
+            "data.block_size=16",
+            "teacher.model.dim=32",
+            "teacher.model.depth=1",
+            "student.model.dim=16",
+            "student.model.depth=1",
+            "trainer.max_epochs=1",
+            "trainer.limit_train_batches=3",
+            "baseline=false",
+            output_dir=run,
+        )
+    )
     tokens = torch.randint(0, 300, (2, 16))
     for stage, width, depth, heads in (("distilled", 16, 1, 2), ("teacher", 32, 1, 4)):
         export_main([str(run / stage / "checkpoints" / "last.ckpt"), str(tmp_path / stage), "--format", "hf"])
@@ -147,19 +222,33 @@ def test_export_format_hf_writes_a_model_plain_transformers_loads_with_the_same_
     assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id  # generate() stops at the end of a text
 
     # the trained teacher a later run reuses from the cache: the same model with --role teacher and the run's config
-    cached, = (tmp_path / "cache" / "trained_teachers").glob("*.pth")
-    export_main([str(cached), str(tmp_path / "cached"), "--format", "hf", "--role", "teacher", "--config",
-                 str(run / ".hydra" / "config.yaml")])
+    (cached,) = (tmp_path / "cache" / "trained_teachers").glob("*.pth")
+    export_main(
+        [
+            str(cached),
+            str(tmp_path / "cached"),
+            "--format",
+            "hf",
+            "--role",
+            "teacher",
+            "--config",
+            str(run / ".hydra" / "config.yaml"),
+        ]
+    )
     with torch.no_grad():
-        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "cached")(tokens).logits,
-                                   AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")(tokens).logits)
+        torch.testing.assert_close(
+            AutoModelForCausalLM.from_pretrained(tmp_path / "cached")(tokens).logits,
+            AutoModelForCausalLM.from_pretrained(tmp_path / "teacher")(tokens).logits,
+        )
     with pytest.raises(SystemExit):
         export_main([str(cached), str(tmp_path / "state.pt"), "--role", "teacher"])
     assert "--role is for --format hf" in capsys.readouterr().err
 
     # refused before anything is written: an existing folder, TorchScript with --format hf
     with pytest.raises(SystemExit):
-        export_main([str(run / "distilled" / "checkpoints" / "last.ckpt"), str(tmp_path / "distilled"), "--format", "hf"])
+        export_main(
+            [str(run / "distilled" / "checkpoints" / "last.ckpt"), str(tmp_path / "distilled"), "--format", "hf"]
+        )
     assert "already exists; choose another path or pass --overwrite" in capsys.readouterr().err
 
 
@@ -171,8 +260,12 @@ def test_a_pretrained_student_exports_as_it_is(make_cfg, teacher_dir, tmp_path: 
 
     corpus, teacher, size = teacher_dir
     save_llama(tmp_path / "student", size, seed=1)
-    train(make_cfg(*run_settings(corpus, teacher, size, ("student=hf", f"student.model.path={tmp_path / 'student'}")),
-                   output_dir=tmp_path / "run"))
+    train(
+        make_cfg(
+            *run_settings(corpus, teacher, size, ("student=hf", f"student.model.path={tmp_path / 'student'}")),
+            output_dir=tmp_path / "run",
+        )
+    )
     checkpoint = tmp_path / "run" / "distilled" / "checkpoints" / "last.ckpt"
     export_transformers(checkpoint, tmp_path / "out")
     trained = load_weights(pretrained_causal_lm(str(tmp_path / "student")), checkpoint).eval()
@@ -180,11 +273,14 @@ def test_a_pretrained_student_exports_as_it_is(make_cfg, teacher_dir, tmp_path: 
     tokens = torch.randint(0, size, (2, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, trained(tokens).logits)
-    assert not torch.equal(loaded.lm_head.weight, save_llama(tmp_path / "fresh", size, seed=1).lm_head.weight)  # it trained
+    assert not torch.equal(
+        loaded.lm_head.weight, save_llama(tmp_path / "fresh", size, seed=1).lm_head.weight
+    )  # it trained
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 
 # -- a student made from the teacher -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_a_student_from_the_teacher_s_layers_keeps_their_weights(tmp_path: Path, family: str) -> None:
@@ -212,8 +308,12 @@ def test_a_student_from_the_teacher_s_layers_keeps_their_weights(tmp_path: Path,
     with torch.no_grad():  # generation's key/value cache is indexed by the new layer numbers
         student.generate(tokens[:, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
     fresh = student_from_teacher(pretrained_causal_lm(str(tmp_path / "t")), keep_layers=[0, 3], init="fresh")
-    assert fresh.training and {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in student.state_dict().items()}
-    assert not any(torch.equal(a, b) for a, b in zip(layers(fresh)[1].parameters(), layers(teacher)[3].parameters()) if a.std() > 0)
+    assert fresh.training and {k: v.shape for k, v in fresh.state_dict().items()} == {
+        k: v.shape for k, v in student.state_dict().items()
+    }
+    assert not any(
+        torch.equal(a, b) for a, b in zip(layers(fresh)[1].parameters(), layers(teacher)[3].parameters()) if a.std() > 0
+    )
     with pytest.raises(KDError, match="student.model.init must be teacher .* or fresh .*, got 'random'"):
         student_from_teacher(pretrained_causal_lm(str(tmp_path / "t")), keep_layers=[0], init="random")
 
@@ -227,14 +327,25 @@ def test_student_from_teacher_end_to_end_and_its_refusals(make_cfg, teacher_dir,
     results = train(make_cfg(*run_settings(corpus, teacher, size, from_teacher), output_dir=tmp_path / "run"))
     assert math.isfinite(results["distilled"]["test/ppl"])
 
-    for keep, message in (("[0,3]", r"keep_layers=\[0, 3\] must name distinct layers of the teacher's 3 \(0..2\); \[3\] are not"),
-                          ("[1,1]", "must name distinct layers"), ("null", "set student.model.keep_layers to the teacher's layers")):
+    for keep, message in (
+        ("[0,3]", r"keep_layers=\[0, 3\] must name distinct layers of the teacher's 3 \(0..2\); \[3\] are not"),
+        ("[1,1]", "must name distinct layers"),
+        ("null", "set student.model.keep_layers to the teacher's layers"),
+    ):
         with pytest.raises(KDError, match=message):
-            train(make_cfg(*run_settings(corpus, teacher, size, ("student=from_teacher", f"student.model.keep_layers={keep}")),
-                           output_dir=tmp_path / "refused"))
+            train(
+                make_cfg(
+                    *run_settings(corpus, teacher, size, ("student=from_teacher", f"student.model.keep_layers={keep}")),
+                    output_dir=tmp_path / "refused",
+                )
+            )
     assert not (tmp_path / "refused").exists()
     with pytest.raises(KDError, match="student=from_teacher copies the layers of a pretrained teacher"):
-        train(make_cfg("+recipe=lm_shakespeare", f"data.data_dir={corpus}", *from_teacher, output_dir=tmp_path / "refused"))
+        train(
+            make_cfg(
+                "+recipe=lm_shakespeare", f"data.data_dir={corpus}", *from_teacher, output_dir=tmp_path / "refused"
+            )
+        )
     with pytest.raises(KDError, match="student=from_teacher takes the decoder layers of a transformers causal LM"):
         student_from_teacher(GPT(64, 8, 16, 2, 2), keep_layers=[0])
 

@@ -11,25 +11,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_factory import make_image_tree
 
 from kd_lightning import KDError
 from kd_lightning.data import CIFARDataModule
-from kd_lightning.models.cifar import build_cifar_model
 from kd_lightning.data.augment import RecordedViews
+from kd_lightning.models.cifar import build_cifar_model
+from kd_lightning.run.train import train
 from kd_lightning.teacher import RecordedTeacher, RecordingSettings, record_teacher
 from kd_lightning.teacher.format import rebuild_logits
-from kd_lightning.run.train import train
 
-from data_factory import make_image_tree
-
-FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+]
 FP16_TOLERANCE = {"rtol": 2e-3, "atol": 2e-3}  # float16 keeps 11 significant bits
 
 
 @pytest.fixture
 def tiny_cifar(tmp_path: Path) -> CIFARDataModule:
     root = make_image_tree(tmp_path / "tree", classes=3, per_class={"train": 2, "test": 1})
-    dm = CIFARDataModule(name="cifar10", num_classes=10, data_dir=str(root), val_size=2, batch_size=4, eval_batch_size=4)
+    dm = CIFARDataModule(
+        name="cifar10", num_classes=10, data_dir=str(root), val_size=2, batch_size=4, eval_batch_size=4
+    )
     dm.setup()
     return dm
 
@@ -60,21 +66,27 @@ def test_a_recorded_teacher_with_all_views_is_the_live_teacher(tiny_cifar: CIFAR
         for slot in range(bank.per_sample):  # every recorded view of every image is the teacher's output on it
             slots = torch.full_like(index, slot)
             view = tiny_cifar.prepare_inputs(tiny_cifar.augment.apply(images, bank.views(index, slots)))
-            torch.testing.assert_close(outputs.logits({"index": index, "view": slots}, "train"), teacher(view), **FP16_TOLERANCE)
+            torch.testing.assert_close(
+                outputs.logits({"index": index, "view": slots}, "train"), teacher(view), **FP16_TOLERANCE
+            )
 
     # a training batch as the datamodule builds it (random recorded views): the same loss from either teacher
     slots = torch.randint(0, 162, (len(index),), generator=torch.Generator().manual_seed(1))
     inputs = tiny_cifar.prepare_inputs(tiny_cifar.augment.apply(images, bank.views(index, slots)))
     batch = {"inputs": inputs, "labels": tiny_cifar.splits["train"].targets, "index": index, "view": slots}
     student = build_cifar_model("resnet8", 10)
-    live, recorded = (DistillationModule(student, source, num_classes=10).training_step(dict(batch), 0)
-                      for source in (LiveTeacher(teacher), outputs))
+    live, recorded = (
+        DistillationModule(student, source, num_classes=10).training_step(dict(batch), 0)
+        for source in (LiveTeacher(teacher), outputs)
+    )
     torch.testing.assert_close(recorded, live, rtol=1e-3, atol=1e-5)
     for split in ("val", "test"):  # evaluation splits: one unaugmented view
         data = tiny_cifar.splits[split]
         with torch.no_grad():
             expected = teacher(tiny_cifar.prepare_inputs(data.inputs))
-        torch.testing.assert_close(outputs.logits({"index": torch.arange(len(data))}, split), expected, **FP16_TOLERANCE)
+        torch.testing.assert_close(
+            outputs.logits({"index": torch.arange(len(data))}, split), expected, **FP16_TOLERANCE
+        )
 
 
 def test_training_replays_recorded_views_and_never_runs_a_teacher(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
@@ -98,8 +110,15 @@ def test_training_replays_recorded_views_and_never_runs_a_teacher(tiny_cifar: CI
 
     module = Checking(build_cifar_model("resnet8", 10), outputs, num_classes=10)
     assert module.teacher is outputs
-    L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-              limit_val_batches=1, default_root_dir=tmp_path).fit(module, datamodule=tiny_cifar)
+    L.Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        limit_val_batches=1,
+        default_root_dir=tmp_path,
+    ).fit(module, datamodule=tiny_cifar)
     assert len(seen) == 2  # 4 training images, batch 4, 2 epochs
     for cached, live in seen:  # the student's augmented input is one the teacher was recorded on
         torch.testing.assert_close(cached, live, **FP16_TOLERANCE)
@@ -115,7 +134,9 @@ def test_top_k_rebuilds_the_teacher_distribution() -> None:
     values, indices = logits.topk(10, -1)
     rebuilt = rebuild_logits(values, indices, lse, 100)
     p, q = logits.softmax(-1), rebuilt.softmax(-1)
-    torch.testing.assert_close(q.gather(-1, indices), p.gather(-1, indices))  # the top-k probabilities are the teacher's
+    torch.testing.assert_close(
+        q.gather(-1, indices), p.gather(-1, indices)
+    )  # the top-k probabilities are the teacher's
     torch.testing.assert_close(q.sum(-1), torch.ones(6))
     tail = torch.ones_like(p, dtype=torch.bool).scatter_(-1, indices, False)
     torch.testing.assert_close((q * tail).sum(-1), (p * tail).sum(-1))  # and so is the tail's total mass
@@ -130,10 +151,14 @@ def test_top_k_rebuilt_with_the_label_s_logit_keeps_the_label_s_probability() ->
     rebuilt = rebuild_logits(values, indices, lse, 100, labels, logits.gather(-1, labels.clamp_min(0)[:, None])[:, 0])
     p, q = logits.softmax(-1), rebuilt.softmax(-1)
     counted = labels >= 0
-    torch.testing.assert_close(q[counted].gather(-1, labels[counted, None]), p[counted].gather(-1, labels[counted, None]))
+    torch.testing.assert_close(
+        q[counted].gather(-1, labels[counted, None]), p[counted].gather(-1, labels[counted, None])
+    )
     torch.testing.assert_close(q.gather(-1, indices), p.gather(-1, indices))  # the top k, still exact
     torch.testing.assert_close(q.sum(-1), torch.ones(6))
-    torch.testing.assert_close(q[3], rebuild_logits(values, indices, lse, 100)[3].softmax(-1))  # -100: the plain rebuild
+    torch.testing.assert_close(
+        q[3], rebuild_logits(values, indices, lse, 100)[3].softmax(-1)
+    )  # -100: the plain rebuild
 
 
 def test_top_k_recording_is_smaller_and_close(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
@@ -152,7 +177,9 @@ def test_top_k_recording_is_smaller_and_close(tiny_cifar: CIFARDataModule, tmp_p
     assert 0 <= top3.meta["tail_mass"]["mean"] <= top3.meta["tail_mass"]["max"] <= 1 and full.meta["tail_mass"] is None
 
 
-def test_a_run_from_the_cache_does_not_load_the_teacher(make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_run_from_the_cache_does_not_load_the_teacher(
+    make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = train(make_cfg("teacher.mode=recorded", *FAST, output_dir=tmp_path / "a"))
     recordings = list((tmp_path / "cache" / "recordings").glob("*/meta.json"))
     assert len(recordings) == 1
@@ -168,7 +195,11 @@ def test_a_run_from_the_cache_does_not_load_the_teacher(make_cfg, tmp_path: Path
     original_build = teachers.build
     monkeypatch.setattr(teachers, "teacher_model", no_teacher)
     for module in (teachers, preflight):
-        monkeypatch.setattr(module, "build", lambda node, **kw: no_teacher() if node == cfg.teacher.model else original_build(node, **kw))
+        monkeypatch.setattr(
+            module,
+            "build",
+            lambda node, **kw: no_teacher() if node == cfg.teacher.model else original_build(node, **kw),
+        )
     second = train(cfg)
     assert second["teacher"] == first["teacher"]
     assert len(list((tmp_path / "cache" / "recordings").glob("*/meta.json"))) == 1
@@ -220,7 +251,9 @@ def damage(path: Path, offset: int, data: bytes) -> None:
         handle.write(data)
 
 
-def test_a_recording_changed_after_it_was_written_is_refused_by_name(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
+def test_a_recording_changed_after_it_was_written_is_refused_by_name(
+    tiny_cifar: CIFARDataModule, tmp_path: Path
+) -> None:
     """Garbage written into a top-k recording trained on NaN and 6.5e4 (the values) or crashed with a 141-line traceback
     (the indices): each file's SHA-256 is checked when the recording is opened, and its values' ranges always."""
     import shutil
@@ -232,8 +265,11 @@ def test_a_recording_changed_after_it_was_written_is_refused_by_name(tiny_cifar:
         damaged = tmp_path / "damaged"
         shutil.copytree(tmp_path / "top3", damaged)
         damage(damaged / values.name, values.stat().st_size - 16, garbage)
-        with pytest.raises(KDError, match=rf"{damaged / values.name} was changed after it was recorded .* delete {damaged} "
-                                          "and it is recorded again"):
+        with pytest.raises(
+            KDError,
+            match=rf"{damaged / values.name} was changed after it was recorded .* delete {damaged} "
+            "and it is recorded again",
+        ):
             RecordedTeacher(damaged)
         shutil.rmtree(damaged)
 
@@ -253,10 +289,26 @@ def test_a_recording_changed_after_it_was_written_is_refused_by_name(tiny_cifar:
 
 
 def test_a_sweep_over_temperature_records_the_teacher_outputs_once(tmp_path: Path) -> None:
-    out = subprocess.run([sys.executable, "-m", "kd_lightning", "-m", "distill.temperature=1,2,4,8", "teacher.mode=recorded",
-                          "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "baseline=false", *FAST,
-                          "hydra.sweep.dir=sweep"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kd_lightning",
+            "-m",
+            "distill.temperature=1,2,4,8",
+            "teacher.mode=recorded",
+            "trainer.accelerator=cpu",
+            "trainer.enable_progress_bar=false",
+            "baseline=false",
+            *FAST,
+            "hydra.sweep.dir=sweep",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")},
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     log = out.stdout + out.stderr
     assert log.count("teacher recording: recording") == 3  # train, val, test splits, once
@@ -282,8 +334,8 @@ def test_recorded_outputs_pickle_by_path(tiny_cifar: CIFARDataModule, tmp_path: 
 
 def test_a_datamodule_without_sample_indices_is_refused(make_cfg) -> None:
     import lightning as L
-
     from conftest import settings_of
+
     from kd_lightning.run.teachers import prepare_teacher
 
     with pytest.raises(KDError, match="needs a datamodule derived from kd_lightning.data.InMemoryDataModule"):
@@ -292,5 +344,7 @@ def test_a_datamodule_without_sample_indices_is_refused(make_cfg) -> None:
 
 def test_a_failed_recording_leaves_nothing_behind(tiny_cifar: CIFARDataModule, tmp_path: Path) -> None:
     with pytest.raises(KDError, match="top_k=11 must be between 1 and the 10 classes"):
-        record_teacher(teacher_model(), tiny_cifar, tmp_path / "outputs", {}, RecordingSettings(2, 11), accelerator="cpu")
+        record_teacher(
+            teacher_model(), tiny_cifar, tmp_path / "outputs", {}, RecordingSettings(2, 11), accelerator="cpu"
+        )
     assert list(tmp_path.iterdir()) == [tmp_path / "tree"]

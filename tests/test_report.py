@@ -61,32 +61,57 @@ def test_a_job_whose_results_cannot_be_read_is_marked_and_the_others_reported(tm
 
 def test_language_model_jobs_are_reported_by_test_perplexity(tmp_path: Path, capsys) -> None:
     for name, seed, alone, distilled in (("0", 0, 120.0, 100.0), ("1", 1, 110.0, 99.0)):
-        job(tmp_path, name, [f"seed={seed}"], {"teacher": {"test/ppl": 60.0, "test/acc": 0.3}, "baseline": {"test/ppl": alone},
-                                                "distilled": {"test/ppl": distilled}, "ppl_ratio": distilled / alone})
+        job(
+            tmp_path,
+            name,
+            [f"seed={seed}"],
+            {
+                "teacher": {"test/ppl": 60.0, "test/acc": 0.3},
+                "baseline": {"test/ppl": alone},
+                "distilled": {"test/ppl": distilled},
+                "ppl_ratio": distilled / alone,
+            },
+        )
     main([str(tmp_path)])
     printed = capsys.readouterr().out
     assert printed.startswith("test perplexity (lower is better)")
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
-    assert [(r["teacher"], r["alone"], r["distilled"], r["gain"]) for r in rows] == [("60.0", "120.0", "100.0", "-16.67"),
-                                                                                    ("60.0", "110.0", "99.0", "-10.0")]
+    assert [(r["teacher"], r["alone"], r["distilled"], r["gain"]) for r in rows] == [
+        ("60.0", "120.0", "100.0", "-16.67"),
+        ("60.0", "110.0", "99.0", "-10.0"),
+    ]
     mean_row = next(line for line in printed.splitlines() if line.startswith("mean"))
     assert mean_row.split()[3:7] == ["60.0", "115.0", "99.5", "-"]  # teacher, alone, distilled, val (none for LMs)
 
 
-def test_a_task_with_answers_is_reported_by_exact_match_with_a_column_per_on_policy_stage(tmp_path: Path, capsys) -> None:
+def test_a_task_with_answers_is_reported_by_exact_match_with_a_column_per_on_policy_stage(
+    tmp_path: Path, capsys
+) -> None:
     job(tmp_path, "0", ["seed=0"], None)  # failed first: the stage columns come from the later jobs
     (tmp_path / "0" / "error.txt").write_text("error: something\n")
     for name, seed, on, off in (("1", 1, 0.30, 0.40), ("2", 2, 0.34, 0.44)):
-        job(tmp_path, name, [f"seed={seed}"], {"teacher": {"test/exact_match": 1.0}, "baseline": {"test/exact_match": 0.42},
-                                                "distilled": {"test/exact_match": on, "test/ppl": 2.0},
-                                                "off_policy": {"test/exact_match": off}, "on_policy_stages": ["off_policy"]})
+        job(
+            tmp_path,
+            name,
+            [f"seed={seed}"],
+            {
+                "teacher": {"test/exact_match": 1.0},
+                "baseline": {"test/exact_match": 0.42},
+                "distilled": {"test/exact_match": on, "test/ppl": 2.0},
+                "off_policy": {"test/exact_match": off},
+                "on_policy_stages": ["off_policy"],
+            },
+        )
     main([str(tmp_path)])
     printed = capsys.readouterr().out
     assert printed.startswith("test exact match, % of the greedy answers")
     header = next(line for line in printed.splitlines() if line.startswith("job"))
     assert header.split()[:6] == ["job", "status", "teacher", "alone", "distilled", "off_policy"]
     rows = list(csv.DictReader(open(tmp_path / "report.csv")))
-    assert [(r["distilled"], r["off_policy"], r["gain"]) for r in rows] == [("", "", ""), ("30.0", "40.0", "-12.0"),
-                                                                           ("34.0", "44.0", "-8.0")]
+    assert [(r["distilled"], r["off_policy"], r["gain"]) for r in rows] == [
+        ("", "", ""),
+        ("30.0", "40.0", "-12.0"),
+        ("34.0", "44.0", "-8.0"),
+    ]
     mean_row = next(line for line in printed.splitlines() if line.startswith("mean"))
     assert mean_row.split()[3:7] == ["100.0", "42.0", "32.0", "42.0"]

@@ -18,13 +18,24 @@ from kd_lightning.speed import SpeedSettings
 
 def trained_student(settings: SpeedSettings, tmp_path: Path, steps: int = 4) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    student, teacher = DigitsCNN(width=8, hidden=16, dropout=0.0), DigitsCNN()  # no dropout: compiled code draws other masks
+    student, teacher = (
+        DigitsCNN(width=8, hidden=16, dropout=0.0),
+        DigitsCNN(),
+    )  # no dropout: compiled code draws other masks
     data = DigitsDataModule(batch_size=64, drop_last=True)
     data.memory_format = settings.memory_format()
     module = DistillationModule(settings.prepare(student), settings.prepare(teacher), num_classes=10)
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(module, datamodule=data)
     return copy.deepcopy(student.state_dict())
 
@@ -51,10 +62,13 @@ def test_a_compiled_step_trains_the_same_student(tmp_path: Path) -> None:
     assert_same_training(eager, compiled)
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"compile_mode": "fast"}, "speed.compile_mode must be one of default, reduce-overhead"),
-    ({"compile": "yes"}, "speed.compile must be true or false"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"compile_mode": "fast"}, "speed.compile_mode must be one of default, reduce-overhead"),
+        ({"compile": "yes"}, "speed.compile must be true or false"),
+    ],
+)
 def test_bad_speed_settings_are_one_line(settings: dict, message: str) -> None:
     with pytest.raises(KDError, match=message):
         SpeedSettings(**settings)

@@ -9,12 +9,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_cli import run_cli
 
 from kd_lightning.run.report import collect
 
-from test_cli import run_cli
-
-FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+]
 
 
 @pytest.mark.slow  # over 30 s on 2 cores
@@ -24,9 +28,15 @@ def test_a_failing_job_leaves_the_others_and_is_reported(tmp_path: Path) -> None
     assert "temperature must be between 0.01 and 100" in out.stderr
     rows = collect(tmp_path / "sweep")  # ...and every other job finished and kept its results
     assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"]
-    assert [next(o for o in r["overrides"].split() if o.startswith("distill.temperature")) for r in rows] == ["distill.temperature=2", "distill.temperature=-1", "distill.temperature=4"]
+    assert [next(o for o in r["overrides"].split() if o.startswith("distill.temperature")) for r in rows] == [
+        "distill.temperature=2",
+        "distill.temperature=-1",
+        "distill.temperature=4",
+    ]
     assert rows[1]["error"].startswith("distill.temperature must be between 0.01 and 100, got -1")
-    report = subprocess.run([sys.executable, "-m", "kd_lightning.run.report", str(tmp_path / "sweep")], capture_output=True, text=True)
+    report = subprocess.run(
+        [sys.executable, "-m", "kd_lightning.run.report", str(tmp_path / "sweep")], capture_output=True, text=True
+    )
     assert report.returncode == 0 and "FAILED" in report.stdout
     assert "job 1 failed: distill.temperature must be between 0.01 and 100, got -1" in report.stdout
     assert (tmp_path / "sweep" / "report.csv").is_file()
@@ -36,9 +46,23 @@ def test_a_failing_job_leaves_the_others_and_is_reported(tmp_path: Path) -> None
 def test_parallel_jobs_share_one_teacher_training(tmp_path: Path) -> None:
     env = {**os.environ, "KD_LIGHTNING_CACHE": str(tmp_path / "cache")}
     jobs = [
-        subprocess.Popen([sys.executable, "-m", "kd_lightning", "trainer.accelerator=cpu", "trainer.enable_progress_bar=false",
-                          f"distill.temperature={t}", *FAST, f"hydra.run.dir=run_{t}"],
-                         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "kd_lightning",
+                "trainer.accelerator=cpu",
+                "trainer.enable_progress_bar=false",
+                f"distill.temperature={t}",
+                *FAST,
+                f"hydra.run.dir=run_{t}",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for t in (2, 8)
     ]
     for job in jobs:
@@ -52,14 +76,22 @@ def test_parallel_jobs_share_one_teacher_training(tmp_path: Path) -> None:
 
 @pytest.mark.slow  # over 30 s on 2 cores
 def test_an_optuna_search_maximises_validation_accuracy_and_trains_the_teacher_once(tmp_path: Path) -> None:
-    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason='the search needs pip install "kd_lightning[search]"')
-    out = run_cli(tmp_path, "+recipe=digits_search", "hydra.sweeper.n_trials=2", *FAST, "hydra.sweep.dir=search", multirun=True)
+    pytest.importorskip(
+        "hydra_plugins.hydra_optuna_sweeper", reason='the search needs pip install "kd_lightning[search]"'
+    )
+    out = run_cli(
+        tmp_path, "+recipe=digits_search", "hydra.sweeper.n_trials=2", *FAST, "hydra.sweep.dir=search", multirun=True
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     log = out.stdout + out.stderr
     assert log.count("teacher: no checkpoint given, training one") == 1 and log.count("teacher: reusing") == 1
     trials = collect(tmp_path / "search")
     assert len(trials) == 2 and all(t["status"] == "ok" and t["val"] is not None for t in trials)
     best = yaml.safe_load((tmp_path / "search" / "optimization_results.yaml").read_text())
-    assert round(100 * best["best_value"], 2) == max(t["val"] for t in trials)  # the validation accuracy, not the test's
-    report = subprocess.run([sys.executable, "-m", "kd_lightning.run.report", str(tmp_path / "search")], capture_output=True, text=True)
+    assert round(100 * best["best_value"], 2) == max(
+        t["val"] for t in trials
+    )  # the validation accuracy, not the test's
+    report = subprocess.run(
+        [sys.executable, "-m", "kd_lightning.run.report", str(tmp_path / "search")], capture_output=True, text=True
+    )
     assert "best of 2 trials: validation accuracy" in report.stdout and "distill.temperature=" in report.stdout

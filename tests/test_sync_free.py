@@ -21,12 +21,24 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from kd_lightning import DistillationModule, LossMix
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.loss.objectives import dkd_loss
-from kd_lightning.models import DigitsCNN, GPT
+from kd_lightning.models import GPT, DigitsCNN
 from kd_lightning.progress import StageProgress
 
-HOST_READS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::nonzero_static", "aten::masked_select", "aten::equal",
-              "aten::is_nonzero", "aten::unique_consecutive", "aten::_unique2"}
-WATCHED = ("kd_lightning", "logger_connector", "test_sync_free")  # our code, Lightning turning logged values into numbers
+HOST_READS = {
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::nonzero_static",
+    "aten::masked_select",
+    "aten::equal",
+    "aten::is_nonzero",
+    "aten::unique_consecutive",
+    "aten::_unique2",
+}
+WATCHED = (
+    "kd_lightning",
+    "logger_connector",
+    "test_sync_free",
+)  # our code, Lightning turning logged values into numbers
 
 
 class HostReadWatch(TorchDispatchMode):
@@ -36,8 +48,11 @@ class HostReadWatch(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func._schema.name in HOST_READS:
-            frames = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack()
-                      if any(part in f.filename for part in WATCHED)]
+            frames = [
+                f"{Path(f.filename).name}:{f.lineno} {f.name}"
+                for f in traceback.extract_stack()
+                if any(part in f.filename for part in WATCHED)
+            ]
             if frames:
                 self.reads.append(f"{func._schema.name} from " + " <- ".join(reversed(frames)))
         return func(*args, **(kwargs or {}))
@@ -70,10 +85,19 @@ class WatchSteps(L.Callback):
 
 def run_steps(module: DistillationModule, data: L.LightningDataModule, tmp_path: Path) -> WatchSteps:
     watch = WatchSteps()
-    trainer = L.Trainer(max_steps=5, accelerator="auto", devices=1, log_every_n_steps=50, num_sanity_val_steps=0,
-                        limit_val_batches=0, default_root_dir=str(tmp_path), enable_model_summary=False,
-                        enable_checkpointing=False, callbacks=[watch, StageProgress("distilled", terminal=True, refresh_steps=100)],
-                        logger=L.pytorch.loggers.CSVLogger(tmp_path))
+    trainer = L.Trainer(
+        max_steps=5,
+        accelerator="auto",
+        devices=1,
+        log_every_n_steps=50,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(tmp_path),
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[watch, StageProgress("distilled", terminal=True, refresh_steps=100)],
+        logger=L.pytorch.loggers.CSVLogger(tmp_path),
+    )
     trainer.fit(module, datamodule=data)
     assert watch.watched_steps == 3
     return watch
@@ -84,9 +108,15 @@ def test_a_distillation_step_makes_no_host_reads(mix: str, tmp_path: Path) -> No
     if mix == "kd":
         loss_mix = LossMix(temperature=4.0, alpha=0.9)
     else:  # a labelled objective, a scheduled temperature and a scheduled term weight
-        loss_mix = LossMix(objective=dkd_loss, alpha=None, weights={"ce": 1.0},
-                           schedules={"temperature": {"kind": "cosine", "start": 8, "end": 2, "length": 10, "interval": "step"},
-                                      "dkd": {"kind": "warmup", "start": 0, "end": 1, "length": 3, "interval": "step"}})
+        loss_mix = LossMix(
+            objective=dkd_loss,
+            alpha=None,
+            weights={"ce": 1.0},
+            schedules={
+                "temperature": {"kind": "cosine", "start": 8, "end": 2, "length": 10, "interval": "step"},
+                "dkd": {"kind": "warmup", "start": 0, "end": 1, "length": 3, "interval": "step"},
+            },
+        )
     module = DistillationModule(DigitsCNN(width=8, hidden=16), DigitsCNN(), num_classes=10, loss_mix=loss_mix)
     watch = run_steps(module, DigitsDataModule(batch_size=32, labeled_fraction=0.5), tmp_path)
     assert watch.mode.reads == []
@@ -106,8 +136,14 @@ def test_a_token_step_makes_no_host_reads(chunk_rows: int | None, tmp_path: Path
             return torch.utils.data.DataLoader(rows, batch_size=8)
 
     torch.manual_seed(0)
-    module = DistillationModule(GPT(64, 8, dim=16, depth=1, heads=2), GPT(72, 8, dim=32, depth=1, heads=2), num_classes=64,
-                                task="tokens", loss_mix=LossMix(temperature=1.0, alpha=0.5), chunk_rows=chunk_rows)
+    module = DistillationModule(
+        GPT(64, 8, dim=16, depth=1, heads=2),
+        GPT(72, 8, dim=32, depth=1, heads=2),
+        num_classes=64,
+        task="tokens",
+        loss_mix=LossMix(temperature=1.0, alpha=0.5),
+        chunk_rows=chunk_rows,
+    )
     with torch.no_grad():
         module.teacher.model.head.weight[64:] = 0  # padding rows the teacher never predicts ...
     module.teacher.model.head = torch.nn.Linear(32, 72)
@@ -120,6 +156,7 @@ def test_a_token_step_makes_no_host_reads(chunk_rows: int | None, tmp_path: Path
 
 def test_the_watch_sees_a_host_read(tmp_path: Path) -> None:
     """The check can fail: a step that reads its loss on the host is caught."""
+
     class Reads(DistillationModule):
         def training_step(self, batch, batch_idx):
             loss = super().training_step(batch, batch_idx)

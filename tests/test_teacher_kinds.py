@@ -35,8 +35,16 @@ class FunctionTeacher(Teacher):
 def fitted_student(teacher, tmp_path: Path) -> tuple[DistillationModule, dict[str, float]]:
     L.seed_everything(0)
     module = DistillationModule(DigitsCNN(width=4, hidden=8, dropout=0.0), teacher, num_classes=10)
-    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=6, limit_val_batches=2,
-                        enable_progress_bar=False, enable_model_summary=False, logger=False, default_root_dir=tmp_path)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=6,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        logger=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     return module, {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -57,5 +65,9 @@ def test_what_needs_the_teachers_network_is_refused_for_a_teacher_without_one() 
     assert teacher.network is None and not teacher.scores_new_sequences
     features = [{"student": "features", "teacher": "features"}]
     with pytest.raises(KDError, match="needs the live teacher's activations"):
-        DistillationModule(DigitsCNN(width=4, hidden=8), teacher, num_classes=10,
-                           loss_mix=LossMix(temperature=4.0, alpha=0.9, features=features))
+        DistillationModule(
+            DigitsCNN(width=4, hidden=8),
+            teacher,
+            num_classes=10,
+            loss_mix=LossMix(temperature=4.0, alpha=0.9, features=features),
+        )

@@ -41,30 +41,53 @@ class RankParts(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         batch = padded_batch()
-        mine = {name: value[self.trainer.global_rank::self.processes] for name, value in batch.items()}
+        mine = {name: value[self.trainer.global_rank :: self.processes] for name, value in batch.items()}
         size = len(mine["inputs"]) // self.micro_batches
-        return DataLoader([{name: value[i:i + size] for name, value in mine.items()} for i in range(0, len(mine["inputs"]), size)],
-                          batch_size=None)
+        return DataLoader(
+            [{name: value[i : i + size] for name, value in mine.items()} for i in range(0, len(mine["inputs"]), size)],
+            batch_size=None,
+        )
 
 
-def trained(micro_batches: int, objective, chunk_rows: int | None, processes: int = 1) -> tuple[dict[str, torch.Tensor], float]:
+def trained(
+    micro_batches: int, objective, chunk_rows: int | None, processes: int = 1
+) -> tuple[dict[str, torch.Tensor], float]:
     """The student's weights after one SGD step over the batch cut into ``micro_batches`` on each of ``processes``,
     and the logged loss."""
     torch.manual_seed(0)
     student, teacher = GPT(VOCAB, LENGTH, 16, 1, 2), GPT(VOCAB, LENGTH, 16, 1, 2)
-    module = DistillationModule(student, teacher, num_classes=VOCAB, task="tokens", chunk_rows=chunk_rows,
-                                loss_mix=LossMix(temperature=2.0, alpha=0.5, objective=objective),
-                                optimizer=partial(torch.optim.SGD, lr=1.0))
-    trainer = L.Trainer(accelerator="cpu", devices=processes, strategy="ddp_spawn" if processes > 1 else "auto",
-                        max_steps=1, accumulate_grad_batches=micro_batches, logger=False, use_distributed_sampler=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0)
+    module = DistillationModule(
+        student,
+        teacher,
+        num_classes=VOCAB,
+        task="tokens",
+        chunk_rows=chunk_rows,
+        loss_mix=LossMix(temperature=2.0, alpha=0.5, objective=objective),
+        optimizer=partial(torch.optim.SGD, lr=1.0),
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=processes,
+        strategy="ddp_spawn" if processes > 1 else "auto",
+        max_steps=1,
+        accumulate_grad_batches=micro_batches,
+        logger=False,
+        use_distributed_sampler=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(module, datamodule=RankParts(processes, micro_batches))
     return {k: v.clone() for k, v in module.student.state_dict().items()}, float(trainer.callback_metrics["train/loss"])
 
 
-@pytest.mark.parametrize("objective", [kd_loss, reverse_kl_loss, partial(jsd_loss, beta=0.3), skew_kl_loss, tvd_loss],
-                         ids=["kd", "reverse_kl", "jsd", "skew_kl", "tvd"])
+@pytest.mark.parametrize(
+    "objective",
+    [kd_loss, reverse_kl_loss, partial(jsd_loss, beta=0.3), skew_kl_loss, tvd_loss],
+    ids=["kd", "reverse_kl", "jsd", "skew_kl", "tvd"],
+)
 @pytest.mark.parametrize("chunk_rows", [None, 5], ids=["plain", "chunked"])
 def test_accumulated_micro_batches_give_the_one_batch_step(objective, chunk_rows: int | None) -> None:
     whole, whole_loss = trained(1, objective, chunk_rows)
@@ -72,7 +95,9 @@ def test_accumulated_micro_batches_give_the_one_batch_step(objective, chunk_rows
         split, split_loss = trained(micro_batches, objective, chunk_rows)
         assert split_loss == pytest.approx(whole_loss, rel=1e-6)
         for name in whole:
-            torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-6, msg=f"{micro_batches} micro-batches: {name}")
+            torch.testing.assert_close(
+                split[name], whole[name], atol=1e-6, rtol=1e-6, msg=f"{micro_batches} micro-batches: {name}"
+            )
 
 
 @pytest.mark.slow  # two processes
@@ -84,7 +109,9 @@ def test_two_processes_give_the_one_process_step(chunk_rows: int | None) -> None
         split, split_loss = trained(micro_batches, kd_loss, chunk_rows, processes=2)
         assert split_loss == pytest.approx(whole_loss, rel=1e-6)
         for name in whole:
-            torch.testing.assert_close(split[name], whole[name], atol=1e-6, rtol=1e-6, msg=f"2 processes x {micro_batches}: {name}")
+            torch.testing.assert_close(
+                split[name], whole[name], atol=1e-6, rtol=1e-6, msg=f"2 processes x {micro_batches}: {name}"
+            )
 
 
 def test_the_mean_of_micro_batch_means_would_not_be_the_step() -> None:
@@ -94,5 +121,7 @@ def test_the_mean_of_micro_batch_means_would_not_be_the_step() -> None:
     kept = (batch["labels"] != IGNORE_INDEX).sum(1).float()
     per_row = torch.rand(ROWS, generator=torch.Generator().manual_seed(1))
     token_mean = (per_row * kept).sum() / kept.sum()
-    mean_of_means = torch.stack([(per_row[i:i + 2] * kept[i:i + 2]).sum() / kept[i:i + 2].sum() for i in range(0, ROWS, 2)]).mean()
+    mean_of_means = torch.stack(
+        [(per_row[i : i + 2] * kept[i : i + 2]).sum() / kept[i : i + 2].sum() for i in range(0, ROWS, 2)]
+    ).mean()
     assert abs(float(mean_of_means - token_mean)) > 1e-3

@@ -7,13 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import settings_of
 
 from kd_lightning import KDError
-from conftest import settings_of
 from kd_lightning.run.teachers import trained_teacher_path
 from kd_lightning.run.train import train
 
-FAST = ["trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2"]
+FAST = [
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=3",
+    "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2",
+]
 
 
 def test_train_runs_all_stages_and_writes_metrics(make_cfg, tmp_path: Path) -> None:
@@ -34,7 +39,9 @@ def test_train_runs_all_stages_and_writes_metrics(make_cfg, tmp_path: Path) -> N
     assert results["teacher"]["test/ece"] is not None
 
 
-def test_without_matplotlib_the_run_works_and_says_how_to_get_plots(make_cfg, tmp_path: Path, monkeypatch, caplog) -> None:
+def test_without_matplotlib_the_run_works_and_says_how_to_get_plots(
+    make_cfg, tmp_path: Path, monkeypatch, caplog
+) -> None:
     import kd_lightning.run.plots
 
     monkeypatch.setattr(kd_lightning.run.plots, "pyplot", lambda: None)
@@ -52,14 +59,19 @@ def test_a_sweep_over_distillation_settings_trains_the_teacher_once(make_cfg, tm
     results = train(second)
     assert not (tmp_path / "b" / "teacher").exists()  # no teacher stage the second time
     assert trained_teacher_path(settings_of(first)).stat().st_mtime_ns == stamp
-    assert results["teacher"]["test/acc"] == json.loads((tmp_path / "a" / "metrics.json").read_text())["teacher"]["test/acc"]
+    assert (
+        results["teacher"]["test/acc"]
+        == json.loads((tmp_path / "a" / "metrics.json").read_text())["teacher"]["test/acc"]
+    )
 
 
 def test_teacher_key_changes_with_what_defines_the_teacher(make_cfg) -> None:
     base = trained_teacher_path(settings_of(make_cfg()))
     assert trained_teacher_path(settings_of(make_cfg("seed=1"))) != base
     assert trained_teacher_path(settings_of(make_cfg("teacher.model.hidden=64"))) != base
-    assert trained_teacher_path(settings_of(make_cfg("trainer.fast_dev_run=true"))) != base  # a smoke test never poisons real runs
+    assert (
+        trained_teacher_path(settings_of(make_cfg("trainer.fast_dev_run=true"))) != base
+    )  # a smoke test never poisons real runs
     assert trained_teacher_path(settings_of(make_cfg("trainer.enable_progress_bar=true"))) == base
 
 
@@ -118,5 +130,8 @@ def test_corrupt_teacher_checkpoint_is_named(make_cfg, tmp_path: Path) -> None:
 def test_checkpoint_of_another_architecture_lists_the_keys(make_cfg, tmp_path: Path) -> None:
     other = tmp_path / "other.pth"
     torch.save({"model": {"fc.weight": torch.zeros(10, 64), "fc.bias": torch.zeros(10)}}, other)
-    with pytest.raises(KDError, match=r"does not fit the model DigitsCNN.*missing keys: features\.0\.weight.*unexpected keys: fc\.weight"):
+    with pytest.raises(
+        KDError,
+        match=r"does not fit the model DigitsCNN.*missing keys: features\.0\.weight.*unexpected keys: fc\.weight",
+    ):
         train(make_cfg(*FAST, f"teacher.checkpoint={other}"))

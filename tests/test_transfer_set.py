@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import settings_of
 
 from kd_lightning import DistillationModule, KDError
 from kd_lightning.data import DigitsDataModule
 from kd_lightning.models import DigitsCNN
-from conftest import settings_of
 from kd_lightning.run.teachers import train_teacher, trained_teacher_path
 
 
@@ -43,11 +43,15 @@ def test_a_batch_without_labels_trains_on_the_teacher_alone() -> None:
 
 def test_the_teacher_stage_trains_on_every_label(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg("data.labeled_fraction=0.15", "trainer.fast_dev_run=true")
-    assert trained_teacher_path(settings_of(cfg)) == trained_teacher_path(settings_of(make_cfg("data.labeled_fraction=1.0", "trainer.fast_dev_run=true")))
+    assert trained_teacher_path(settings_of(cfg)) == trained_teacher_path(
+        settings_of(make_cfg("data.labeled_fraction=1.0", "trainer.fast_dev_run=true"))
+    )
     data = DigitsDataModule(labeled_fraction=0.15)
     seen = []
-    monkeypatch.setattr("kd_lightning.run.teachers.run_stage",
-                        lambda *args, **kwargs: (seen.append(data.splits["train"].targets.clone()), ({}, DigitsCNN()))[1])
+    monkeypatch.setattr(
+        "kd_lightning.run.teachers.run_stage",
+        lambda *args, **kwargs: (seen.append(data.splits["train"].targets.clone()), ({}, DigitsCNN()))[1],
+    )
     train_teacher(settings_of(cfg), data, trained_teacher_path(settings_of(cfg)))
     assert (seen[0] != -100).all()
 

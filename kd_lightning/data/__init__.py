@@ -8,4 +8,14 @@ from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.memory import InMemoryDataModule, TensorSplit
 from kd_lightning.data.text import TextDataModule
 
-__all__ = ["ArithmeticDataModule", "Batch", "ChatDataModule", "CIFARDataModule", "DigitsDataModule", "InMemoryDataModule", "TensorSplit", "TextDataModule", "as_batch"]
+__all__ = [
+    "ArithmeticDataModule",
+    "Batch",
+    "ChatDataModule",
+    "CIFARDataModule",
+    "DigitsDataModule",
+    "InMemoryDataModule",
+    "TensorSplit",
+    "TextDataModule",
+    "as_batch",
+]

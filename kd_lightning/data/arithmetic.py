@@ -36,7 +36,7 @@ class CharTokenizer:
     def decode(self, ids: list[int] | Tensor) -> str:
         """The characters of ``ids`` up to the first end token; padding left out."""
         text = []
-        for token in (ids.tolist() if isinstance(ids, Tensor) else ids):
+        for token in ids.tolist() if isinstance(ids, Tensor) else ids:
             if token == self.eos_token_id:
                 break
             if token != self.pad_token_id:
@@ -58,26 +58,52 @@ class ArithmeticDataModule(InMemoryDataModule):
     task = "tokens"
     exact_match = True  # the greedy completion of each prompt is checked against its answer
 
-    def __init__(self, digits: int = 3, train_size: int = 20_000, val_size: int = 500, test_size: int = 1_000,
-                 data_seed: int = 0, block_size: int = 16, batch_size: int = 64, eval_batch_size: int | None = 256,
-                 vocab_size: int | None = None, num_classes: int | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        digits: int = 3,
+        train_size: int = 20_000,
+        val_size: int = 500,
+        test_size: int = 1_000,
+        data_seed: int = 0,
+        block_size: int = 16,
+        batch_size: int = 64,
+        eval_batch_size: int | None = 256,
+        vocab_size: int | None = None,
+        num_classes: int | None = None,
+        **kwargs,
+    ) -> None:
         self.tokenizer = CharTokenizer()
         for key, value in (("data.vocab_size", vocab_size), ("data.num_classes", num_classes)):
             if value not in (None, len(self.tokenizer)):
                 raise KDError(f"the arithmetic task has {len(self.tokenizer)} tokens; set {key}={len(self.tokenizer)}.")
-        for key, value in (("data.digits", digits), ("data.train_size", train_size), ("data.val_size", val_size),
-                           ("data.test_size", test_size)):
+        for key, value in (
+            ("data.digits", digits),
+            ("data.train_size", train_size),
+            ("data.val_size", val_size),
+            ("data.test_size", test_size),
+        ):
             check_integer(key, value)
-        distinct = (10 ** digits) ** 2
+        distinct = (10**digits) ** 2
         if train_size + val_size + test_size > distinct // 2:
-            raise KDError(f"{train_size + val_size + test_size} problems of at most {digits} digits are too many to keep "
-                          f"test problems out of training (there are {distinct}); raise data.digits or shrink the splits.")
+            raise KDError(
+                f"{train_size + val_size + test_size} problems of at most {digits} digits are too many to keep "
+                f"test problems out of training (there are {distinct}); raise data.digits or shrink the splits."
+            )
         longest = 2 * digits + 2 + digits + 1 + 1  # a+b= , the sum, the end token
         if block_size < longest - 1:
-            raise KDError(f"data.block_size={block_size} is shorter than a problem of {digits}-digit operands and its answer "
-                          f"({longest - 1} positions); set data.block_size={longest - 1} or more.")
-        super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_classes=len(self.tokenizer), **kwargs)
-        self.digits, self.sizes, self.data_seed, self.block_size = digits, (train_size, val_size, test_size), data_seed, block_size
+            raise KDError(
+                f"data.block_size={block_size} is shorter than a problem of {digits}-digit operands and its answer "
+                f"({longest - 1} positions); set data.block_size={longest - 1} or more."
+            )
+        super().__init__(
+            batch_size=batch_size, eval_batch_size=eval_batch_size, num_classes=len(self.tokenizer), **kwargs
+        )
+        self.digits, self.sizes, self.data_seed, self.block_size = (
+            digits,
+            (train_size, val_size, test_size),
+            data_seed,
+            block_size,
+        )
         self.width = longest - 1
 
     def example_input(self, batch_size: int = 2) -> Tensor:
@@ -92,7 +118,7 @@ class ArithmeticDataModule(InMemoryDataModule):
 
         def operand() -> int:  # 1 to `digits` digits, uniformly, then any number of that many digits
             length = draw.randint(1, self.digits)
-            return draw.randrange(0 if length == 1 else 10 ** (length - 1), 10 ** length)
+            return draw.randrange(0 if length == 1 else 10 ** (length - 1), 10**length)
 
         seen: set[tuple[int, int]] = set()
         splits = {}
@@ -111,7 +137,9 @@ class ArithmeticDataModule(InMemoryDataModule):
         prompt = self.tokenizer.encode(f"{a:0{self.digits}d}+{b:0{self.digits}d}=")
         answer = self.tokenizer.encode(str(a + b)[::-1]) + [self.tokenizer.eos_token_id]
         tokens = prompt + answer + [self.tokenizer.pad_token_id] * (self.width + 1 - len(prompt) - len(answer))
-        labels = [IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX] * (self.width + 1 - len(prompt) - len(answer))
+        labels = (
+            [IGNORE_INDEX] * (len(prompt) - 1) + answer + [IGNORE_INDEX] * (self.width + 1 - len(prompt) - len(answer))
+        )
         return tokens[:-1], labels
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:

@@ -40,7 +40,9 @@ class RandomCropFlip:
         """How many distinct views of one image exist: ``(2·pad + 1)²`` offsets × 2 flips."""
         return (2 * self.padding + 1) ** 2 * (2 if self.flip else 1)
 
-    def draw(self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None) -> CropFlipViews:
+    def draw(
+        self, n: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    ) -> CropFlipViews:
         """Random parameters for ``n`` images."""
         offsets = torch.randint(0, 2 * self.padding + 1, (n, 2), device=device, generator=generator)
         if self.flip:
@@ -82,7 +84,9 @@ class RecordedViews:
     flips: Tensor
 
     @classmethod
-    def draw(cls, augment: RandomCropFlip, num_samples: int, views_per_sample: int | str, seed: int = VIEW_SEED) -> RecordedViews:
+    def draw(
+        cls, augment: RandomCropFlip, num_samples: int, views_per_sample: int | str, seed: int = VIEW_SEED
+    ) -> RecordedViews:
         """``views_per_sample`` random views per sample, or every distinct view once (``"all"``)."""
         if views_per_sample == "all":
             side = 2 * augment.padding + 1
@@ -93,8 +97,10 @@ class RecordedViews:
             return cls(offsets[None].to(torch.uint8), flip_of[None])
         generator = torch.Generator().manual_seed(seed)
         drawn = augment.draw(num_samples * views_per_sample, generator=generator)
-        return cls(drawn.offsets.view(num_samples, views_per_sample, 2).to(torch.uint8),
-                   drawn.flips.view(num_samples, views_per_sample))
+        return cls(
+            drawn.offsets.view(num_samples, views_per_sample, 2).to(torch.uint8),
+            drawn.flips.view(num_samples, views_per_sample),
+        )
 
     @property
     def per_sample(self) -> int:

@@ -76,8 +76,10 @@ def as_batch(batch: Any) -> Batch:
         return with_kept(batch)  # type: ignore[arg-type]
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and 2 <= len(batch) <= len(TUPLE_FIELDS):
         return with_kept(Batch(**dict(zip(TUPLE_FIELDS, batch))))
-    raise KDError(f"cannot read a batch of type {type(batch).__name__}: yield a dict with 'inputs' and 'labels', "
-                  "or an (inputs, labels) / (inputs, labels, index) tuple.")
+    raise KDError(
+        f"cannot read a batch of type {type(batch).__name__}: yield a dict with 'inputs' and 'labels', "
+        "or an (inputs, labels) / (inputs, labels, index) tuple."
+    )
 
 
 def with_kept(batch: Batch) -> Batch:

@@ -28,7 +28,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-
 from torch.utils.data import Sampler
 
 from kd_lightning.data.batch import IGNORE_INDEX, Batch
@@ -62,14 +61,30 @@ class ChatDataModule(InMemoryDataModule):
 
     task = "tokens"
 
-    def __init__(self, data_dir: str, tokenizer: str | None = None, vocab_size: int | None = None, max_length: int = 512,
-                 truncation: str = "refuse", supervise: str = "all", chat_template: str | None = None,
-                 packing: bool = False, group_by_length: bool = True, block_size: int | None = None, batch_size: int = 8, eval_batch_size: int | None = None, num_classes: int | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        data_dir: str,
+        tokenizer: str | None = None,
+        vocab_size: int | None = None,
+        max_length: int = 512,
+        truncation: str = "refuse",
+        supervise: str = "all",
+        chat_template: str | None = None,
+        packing: bool = False,
+        group_by_length: bool = True,
+        block_size: int | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_classes: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         if num_classes not in (None, vocab_size):
             raise KDError(f"data.num_classes ({num_classes}) must equal data.vocab_size ({vocab_size}) for chat data.")
         if not tokenizer:
-            raise KDError("chat data needs a pretrained tokenizer with a chat template: set data.tokenizer=DIR_OR_HUB_ID (by "
-                          "default the teacher's folder, with teacher=hf teacher.model.path=...).")
+            raise KDError(
+                "chat data needs a pretrained tokenizer with a chat template: set data.tokenizer=DIR_OR_HUB_ID (by "
+                "default the teacher's folder, with teacher=hf teacher.model.path=...)."
+            )
         check_integer("data.vocab_size", vocab_size)
         check_integer("data.max_length", max_length, 2)
         if truncation not in ("refuse", "right"):
@@ -83,7 +98,12 @@ class ChatDataModule(InMemoryDataModule):
                 raise KDError(f"{key} must be true or false, got {flag!r}.")
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_classes=vocab_size, **kwargs)
         self.data_dir, self.pretrained, self.vocab_size = Path(data_dir), tokenizer, vocab_size
-        self.max_length, self.truncation, self.supervise, self.chat_template = max_length, truncation, supervise, chat_template
+        self.max_length, self.truncation, self.supervise, self.chat_template = (
+            max_length,
+            truncation,
+            supervise,
+            chat_template,
+        )
         self.packing, self.group_by_length = packing, group_by_length
         self.tokenizer: Any = None
 
@@ -97,17 +117,22 @@ class ChatDataModule(InMemoryDataModule):
         if self.chat_template is not None:
             self.tokenizer.chat_template = self.chat_template
         if not getattr(self.tokenizer, "chat_template", None):
-            raise KDError(f"the tokenizer {self.pretrained} has no chat template; set data.chat_template to one (a Jinja "
-                          "template, as in tokenizer_config.json).")
+            raise KDError(
+                f"the tokenizer {self.pretrained} has no chat template; set data.chat_template to one (a Jinja "
+                "template, as in tokenizer_config.json)."
+            )
         splits = {}
         for split, (where, examples) in read_splits(self.data_dir).items():
-            sequences = self.cut([self.encode(conversation(example, where, i), where, i) for i, example in enumerate(examples)], where)
+            sequences = self.cut(
+                [self.encode(conversation(example, where, i), where, i) for i, example in enumerate(examples)], where
+            )
             splits[split] = (packed if self.packing else padded)(sequences, self.max_length, self.pad_id())
         self.log_padding(splits["train"])
         return splits
 
     def encode(self, messages: list[dict[str, str]], where: str, index: int) -> tuple[list[int], list[bool]]:
         """``(token ids, whether each is an assistant token to supervise)`` of one conversation."""
+
         def render(upto: int, prompt: bool) -> str:
             return self.tokenizer.apply_chat_template(messages[:upto], tokenize=False, add_generation_prompt=prompt)
 
@@ -118,12 +143,14 @@ class ChatDataModule(InMemoryDataModule):
         for turn in turns:
             start, end = render(turn, True), render(turn + 1, False)
             if not (start.startswith(done) and end.startswith(start)):
-                raise KDError(f"{where}, example {index}: the chat template does not render the conversation as a sequence "
-                              "of prefixes (each turn appended to the one before), so the assistant's tokens cannot be told "
-                              "apart; use a template that does.")
-            pieces += [(start[len(done):], False), (end[len(start):], turn in supervised)]
+                raise KDError(
+                    f"{where}, example {index}: the chat template does not render the conversation as a sequence "
+                    "of prefixes (each turn appended to the one before), so the assistant's tokens cannot be told "
+                    "apart; use a template that does."
+                )
+            pieces += [(start[len(done) :], False), (end[len(start) :], turn in supervised)]
             done = end
-        pieces.append((render(len(messages), False)[len(done):], False))
+        pieces.append((render(len(messages), False)[len(done) :], False))
         ids: list[int] = []
         mask: list[bool] = []
         for text, assistant in pieces:
@@ -140,29 +167,42 @@ class ChatDataModule(InMemoryDataModule):
         long = [i for i, (ids, _) in enumerate(sequences) if len(ids) > length]
         if long and self.truncation == "refuse":
             longest = max(len(sequences[i][0]) for i in long)
-            raise KDError(f"{where}: {len(long)} of {len(sequences)} conversations are longer than data.max_length="
-                          f"{self.max_length} tokens (the longest has {longest}); raise data.max_length, or cut them with "
-                          "data.truncation=right.")
+            raise KDError(
+                f"{where}: {len(long)} of {len(sequences)} conversations are longer than data.max_length="
+                f"{self.max_length} tokens (the longest has {longest}); raise data.max_length, or cut them with "
+                "data.truncation=right."
+            )
         if long:
-            log.info("chat data: %d of %d conversations in %s cut to data.max_length=%d tokens", len(long), len(sequences),
-                     Path(where).name, self.max_length)
+            log.info(
+                "chat data: %d of %d conversations in %s cut to data.max_length=%d tokens",
+                len(long),
+                len(sequences),
+                Path(where).name,
+                self.max_length,
+            )
         examples = []
         for ids, mask in sequences:
             ids, mask = ids[:length], mask[:length]
             examples.append((ids[:-1], [token if keep else IGNORE_INDEX for token, keep in zip(ids[1:], mask[1:])]))
         if not any(label != IGNORE_INDEX for _, labels in examples for label in labels):
-            raise KDError(f"{where}: no assistant token is left to learn from (after truncation to data.max_length="
-                          f"{self.max_length}); check the conversations and data.max_length.")
+            raise KDError(
+                f"{where}: no assistant token is left to learn from (after truncation to data.max_length="
+                f"{self.max_length}); check the conversations and data.max_length."
+            )
         return examples
 
     def pad_id(self) -> int:
         """The id padding is filled with (never learned: its labels are ``-100``): the pad token, else EOS, else 0."""
-        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id or 0
+        return (
+            self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id or 0
+        )
 
     def train_order(self, data: TensorSplit) -> Sampler[int]:
         """Grouped by length (``data.group_by_length``, unpacked rows; in runs of 50 global batches), else :class:`EpochShuffle`."""
         if self.group_by_length and not self.packing:
-            return LengthGroupedShuffle(data.fields["length"], self.batch_size * self.processes()[1], self.current_epoch)
+            return LengthGroupedShuffle(
+                data.fields["length"], self.batch_size * self.processes()[1], self.current_epoch
+            )
         return EpochShuffle(len(data), self.current_epoch)
 
     def collate(self, batch: Batch) -> Batch:
@@ -178,9 +218,15 @@ class ChatDataModule(InMemoryDataModule):
         batches = lengths[order].split(self.batch_size)
         served = sum(len(batch) * int(batch.max()) for batch in batches)
         share = 1 - int(lengths.sum()) / served
-        log.info("chat data: %d training %s, padding %.1f%% of the tokens of their batches (%.1f%% if padded to "
-                 "data.max_length=%d)", len(lengths), "rows of packed conversations" if self.packing else "conversations",
-                 100 * share, 100 * (1 - int(lengths.sum()) / (len(lengths) * self.max_length)), self.max_length)
+        log.info(
+            "chat data: %d training %s, padding %.1f%% of the tokens of their batches (%.1f%% if padded to "
+            "data.max_length=%d)",
+            len(lengths),
+            "rows of packed conversations" if self.packing else "conversations",
+            100 * share,
+            100 * (1 - int(lengths.sum()) / (len(lengths) * self.max_length)),
+            self.max_length,
+        )
 
     def save_tokenizer(self, folder: Path) -> None:
         """The run's tokenizer (its chat template included), for ``export --format hf``."""
@@ -192,16 +238,20 @@ class ChatDataModule(InMemoryDataModule):
 def read_splits(data_dir: Path) -> dict[str, tuple[str, list[Any]]]:
     """``{split: (where it was read, its examples)}`` of a folder of split files or a saved ``datasets.DatasetDict``."""
     if not data_dir.is_dir():
-        raise KDError(f"data.data_dir={data_dir} is not a folder; point it at a folder with train, validation and test "
-                      "files (.jsonl, .json or .parquet), or a DatasetDict saved with save_to_disk.")
+        raise KDError(
+            f"data.data_dir={data_dir} is not a folder; point it at a folder with train, validation and test "
+            "files (.jsonl, .json or .parquet), or a DatasetDict saved with save_to_disk."
+        )
     if (data_dir / "dataset_dict.json").is_file():
         return read_saved_dataset(data_dir)
     splits = {}
     for split, stem in SPLIT_FILES.items():
         found = [data_dir / f"{stem}{suffix}" for suffix in FILE_TYPES if (data_dir / f"{stem}{suffix}").is_file()]
         if not found:
-            raise KDError(f"data.data_dir={data_dir} has no {stem}.jsonl, {stem}.json or {stem}.parquet; it needs train, "
-                          "validation and test files.")
+            raise KDError(
+                f"data.data_dir={data_dir} has no {stem}.jsonl, {stem}.json or {stem}.parquet; it needs train, "
+                "validation and test files."
+            )
         splits[split] = (str(found[0]), read_examples(found[0]))
     return splits
 
@@ -211,13 +261,17 @@ def read_saved_dataset(data_dir: Path) -> dict[str, tuple[str, list[Any]]]:
     try:
         import datasets
     except ImportError:
-        raise KDError(f"{data_dir} is a saved datasets.DatasetDict, which needs the datasets package: pip install "
-                      "'kd_lightning[lm]'.") from None
+        raise KDError(
+            f"{data_dir} is a saved datasets.DatasetDict, which needs the datasets package: pip install "
+            "'kd_lightning[lm]'."
+        ) from None
     try:
         saved = datasets.load_from_disk(str(data_dir))
     except (OSError, ValueError) as error:
-        raise KDError(f"cannot read the saved data set {data_dir} ({str(error).splitlines()[0]}); write it again with "
-                      "DatasetDict.save_to_disk.") from None
+        raise KDError(
+            f"cannot read the saved data set {data_dir} ({str(error).splitlines()[0]}); write it again with "
+            "DatasetDict.save_to_disk."
+        ) from None
     if not isinstance(saved, datasets.DatasetDict) or not set(SPLIT_FILES.values()) <= set(saved):
         have = sorted(saved) if isinstance(saved, datasets.DatasetDict) else "one Dataset"
         raise KDError(f"{data_dir} must be a DatasetDict with splits train, validation and test, got {have}.")
@@ -230,11 +284,15 @@ def read_examples(path: Path) -> list[Any]:
         try:
             import pyarrow.parquet
         except ImportError:
-            raise KDError(f"{path} needs the pyarrow package (with datasets): pip install 'kd_lightning[lm]'.") from None
+            raise KDError(
+                f"{path} needs the pyarrow package (with datasets): pip install 'kd_lightning[lm]'."
+            ) from None
         try:
             return pyarrow.parquet.read_table(path).to_pylist()
         except (OSError, ValueError) as error:
-            raise KDError(f"{path} is not a valid parquet file ({str(error).splitlines()[0]}); fix or replace the file.") from None
+            raise KDError(
+                f"{path} is not a valid parquet file ({str(error).splitlines()[0]}); fix or replace the file."
+            ) from None
     try:
         text = path.read_text(encoding="utf-8")
         if path.suffix == ".jsonl":
@@ -287,7 +345,10 @@ def conversation(example: Any, path: str, index: int) -> list[dict[str, str]]:
     if isinstance(example, dict) and "messages" in example:
         messages = example["messages"]
     elif isinstance(example, dict) and {"prompt", "completion"} <= set(example):
-        messages = [{"role": "user", "content": example["prompt"]}, {"role": "assistant", "content": example["completion"]}]
+        messages = [
+            {"role": "user", "content": example["prompt"]},
+            {"role": "assistant", "content": example["completion"]},
+        ]
     else:
         raise KDError(f"{where} has neither messages nor prompt and completion; give each example one of them.")
     if not isinstance(messages, list) or not messages:

@@ -37,7 +37,12 @@ def read_image_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     from PIL import Image
 
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    files = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    files = [
+        (f, label)
+        for label, c in enumerate(classes)
+        for f in sorted((root / c).iterdir())
+        if f.suffix.lower() in IMAGE_SUFFIXES
+    ]
     if not files:
         raise KDError(f"no images in {root}: expected {root}/<class>/<image>.png|jpg. Check data.data_dir.")
     images = []
@@ -46,7 +51,9 @@ def read_image_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
             with Image.open(path) as image:
                 images.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
         except Exception as exc:
-            raise KDError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); delete or replace the file.") from None
+            raise KDError(
+                f"cannot decode image {path} ({type(exc).__name__}: {exc}); delete or replace the file."
+            ) from None
     shapes = {image.shape for image in images}
     if len(shapes) > 1:
         raise KDError(f"images in {root} differ in size ({sorted(shapes)[:3]}...); CIFAR images are all 32x32.")
@@ -55,8 +62,14 @@ def read_image_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
 
 def tree_fingerprint(data_dir: Path) -> np.ndarray:
     """Per split: number of files, total bytes, newest modification time. Changes when the tree does."""
-    stats = [[f.stat() for f in (data_dir / split).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES] for split in ("train", "test")]
-    return np.array([[len(st), sum(x.st_size for x in st), max((x.st_mtime_ns for x in st), default=0)] for st in stats], dtype=np.int64)
+    stats = [
+        [f.stat() for f in (data_dir / split).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
+        for split in ("train", "test")
+    ]
+    return np.array(
+        [[len(st), sum(x.st_size for x in st), max((x.st_mtime_ns for x in st), default=0)] for st in stats],
+        dtype=np.int64,
+    )
 
 
 def load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -64,7 +77,9 @@ def load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[
 
     The cache is used only while the tree's fingerprint (file counts, sizes, times) is unchanged.
     """
-    candidates = [data_dir / CACHE_NAME] + ([cache_dir / f"{data_dir.resolve().as_posix().strip('/').replace('/', '_')}-{CACHE_NAME}"] if cache_dir else [])
+    candidates = [data_dir / CACHE_NAME] + (
+        [cache_dir / f"{data_dir.resolve().as_posix().strip('/').replace('/', '_')}-{CACHE_NAME}"] if cache_dir else []
+    )
     fingerprint = tree_fingerprint(data_dir)
     for cache in candidates:
         if cache.is_file():
@@ -81,7 +96,9 @@ def load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[
         images, labels, classes[split] = read_image_folder(data_dir / split)
         splits[split] = (images, labels)
     if classes["train"] != classes["test"]:
-        raise KDError(f"train/ and test/ in {data_dir} have different class folders: {classes['train']} vs {classes['test']}.")
+        raise KDError(
+            f"train/ and test/ in {data_dir} have different class folders: {classes['train']} vs {classes['test']}."
+        )
     for cache in candidates:
         arrays = {f"{s}_{k}": v for s, (im, lb) in splits.items() for k, v in (("images", im), ("labels", lb))}
         try:
@@ -102,8 +119,10 @@ def load_torchvision(name: str, data_dir: Path, download: bool) -> dict[str, tup
         try:
             ds = cls(root=str(data_dir), train=train, download=download)
         except RuntimeError as exc:
-            raise KDError(f"{name} not found in {data_dir} ({exc}); set data.download=true or point data.data_dir "
-                          "at a directory holding it (or at an image-folder tree with train/ and test/).") from None
+            raise KDError(
+                f"{name} not found in {data_dir} ({exc}); set data.download=true or point data.data_dir "
+                "at a directory holding it (or at an image-folder tree with train/ and test/)."
+            ) from None
         splits[split] = (np.asarray(ds.data, dtype=np.uint8), np.asarray(ds.targets, dtype=np.int64))
     return splits
 
@@ -143,7 +162,9 @@ class CIFARDataModule(InMemoryDataModule):
             raise KDError(f"data.name must be one of {sorted(STATS)}, got {name!r}.")
         if source not in {"auto", "folder", "torchvision"}:
             raise KDError(f"data.source must be auto, folder or torchvision, got {source!r}.")
-        super().__init__(batch_size=batch_size, augment=augment if augment is not None else RandomCropFlip(4, True), **kwargs)
+        super().__init__(
+            batch_size=batch_size, augment=augment if augment is not None else RandomCropFlip(4, True), **kwargs
+        )
         self.name = name
         self.data_dir = Path(data_dir)
         self.source = source
@@ -159,16 +180,22 @@ class CIFARDataModule(InMemoryDataModule):
         is_tree = (self.data_dir / "train").is_dir()
         if self.source == "folder" or (self.source == "auto" and is_tree):
             if not self.data_dir.is_dir():
-                raise KDError(f"data directory {self.data_dir} does not exist. Set data.data_dir to a tree with "
-                              "train/<class>/ and test/<class>/ (e.g. the extracted cifar10-jpeg).")
+                raise KDError(
+                    f"data directory {self.data_dir} does not exist. Set data.data_dir to a tree with "
+                    "train/<class>/ and test/<class>/ (e.g. the extracted cifar10-jpeg)."
+                )
             if not is_tree or not (self.data_dir / "test").is_dir():
-                raise KDError(f"{self.data_dir} has no train/ and test/ folders; expected train/<class>/*.png|jpg and test/<class>/*.")
+                raise KDError(
+                    f"{self.data_dir} has no train/ and test/ folders; expected train/<class>/*.png|jpg and test/<class>/*."
+                )
             return load_folder_tree(self.data_dir, self.cache_dir)
         try:
             import torchvision  # noqa: F401
         except ImportError:
-            raise KDError(f"no image-folder tree at {self.data_dir} (train/, test/) and torchvision is not installed. "
-                          "Point data.data_dir at an extracted image-folder tree, or pip install 'kd_lightning[vision]'.") from None
+            raise KDError(
+                f"no image-folder tree at {self.data_dir} (train/, test/) and torchvision is not installed. "
+                "Point data.data_dir at an extracted image-folder tree, or pip install 'kd_lightning[vision]'."
+            ) from None
         return load_torchvision(self.name, self.data_dir, self.download)
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -180,7 +207,7 @@ class CIFARDataModule(InMemoryDataModule):
         if not 0 <= self.val_size < len(train_y):
             raise KDError(f"data.val_size={self.val_size} must be between 0 and the {len(train_y)} training images.")
         order = np.random.default_rng(self.split_seed).permutation(len(train_y))
-        val_idx, train_idx = order[: self.val_size], order[self.val_size:]
+        val_idx, train_idx = order[: self.val_size], order[self.val_size :]
         if self.train_subset is not None:
             train_idx = train_idx[: self.train_subset]
 

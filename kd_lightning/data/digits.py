@@ -45,12 +45,19 @@ class DigitsDataModule(InMemoryDataModule):
             images, labels, test_size=self.test_fraction, stratify=labels, random_state=self.split_seed
         )
         train_x, val_x, train_y, val_y = train_test_split(
-            rest_x, rest_y, test_size=self.val_fraction / (1 - self.test_fraction),
-            stratify=rest_y, random_state=self.split_seed,
+            rest_x,
+            rest_y,
+            test_size=self.val_fraction / (1 - self.test_fraction),
+            stratify=rest_y,
+            random_state=self.split_seed,
         )
 
         def as_tensors(x, y) -> tuple[Tensor, Tensor]:
             # pixel values are integers 0..16
             return torch.tensor(x, dtype=torch.float32).div_(16).view(-1, *self.input_shape), torch.tensor(y)
 
-        return {"train": as_tensors(train_x, train_y), "val": as_tensors(val_x, val_y), "test": as_tensors(test_x, test_y)}
+        return {
+            "train": as_tensors(train_x, train_y),
+            "val": as_tensors(val_x, val_y),
+            "test": as_tensors(test_x, test_y),
+        }

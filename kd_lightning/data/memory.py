@@ -21,6 +21,7 @@ from kd_lightning.data.augment import RandomCropFlip, RecordedViews
 from kd_lightning.data.batch import IGNORE_INDEX, Batch
 from kd_lightning.errors import KDError, check_integer, is_number
 
+
 class TensorSplit(Dataset):
     """One split held as tensors; ``__getitems__`` returns a whole batch at once.
 
@@ -101,9 +102,9 @@ class RankShare(DistributedSampler):
     def shares(self) -> Iterator[list[int]]:
         order, width = list(self.order), self.batch_size * self.num_replicas
         for start in range(0, len(order), width):
-            batch = order[start:start + width]
+            batch = order[start : start + width]
             if len(batch) == width:
-                yield batch[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+                yield batch[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
             elif not self.drop_last and len(batch) >= self.num_replicas:
                 yield [int(i) for i in torch.tensor(batch).tensor_split(self.num_replicas)[self.rank]]
 
@@ -141,8 +142,10 @@ class InMemoryDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if not is_number(labeled_fraction) or not 0 < labeled_fraction <= 1:
-            raise KDError(f"data.labeled_fraction must be in (0, 1], got {labeled_fraction!r}: the share of training samples "
-                          "whose labels the students see (1: all).")
+            raise KDError(
+                f"data.labeled_fraction must be in (0, 1], got {labeled_fraction!r}: the share of training samples "
+                "whose labels the students see (1: all)."
+            )
         self.labeled_fraction = float(labeled_fraction)
         self.train_labels: Tensor | None = None  # every training label, for the teacher stage
         for key, size in (("data.batch_size", batch_size), ("data.eval_batch_size", eval_batch_size)):
@@ -165,18 +168,22 @@ class InMemoryDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         if not self.splits:
-            splits = {name: split if isinstance(split, TensorSplit) else TensorSplit(*split)
-                      for name, split in self.load_splits().items()}
+            splits = {
+                name: split if isinstance(split, TensorSplit) else TensorSplit(*split)
+                for name, split in self.load_splits().items()
+            }
             empty = [name for name, split in splits.items() if len(split) == 0]
             if empty:
-                raise KDError(f"the {empty[0]} split of {type(self).__name__} holds no samples: a stage would train or "
-                              "test on nothing. Check the data's location and split settings.")
+                raise KDError(
+                    f"the {empty[0]} split of {type(self).__name__} holds no samples: a stage would train or "
+                    "test on nothing. Check the data's location and split settings."
+                )
             self.splits = splits
             if self.labeled_fraction < 1:
                 train = self.splits["train"]
                 self.train_labels = train.targets
                 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(UNLABELED_SEED))
-                unlabeled = order[round(self.labeled_fraction * len(train)):]
+                unlabeled = order[round(self.labeled_fraction * len(train)) :]
                 train.targets = train.targets.clone().index_fill_(0, unlabeled, IGNORE_INDEX)
 
     @contextlib.contextmanager

@@ -53,13 +53,23 @@ def exchanges(text: str, work: str, max_chars: int) -> list[dict]:
     for scene in speeches(text):
         for (speaker, speech), (replier, reply) in zip(scene, scene[1:]):
             if speaker != replier and len(speech) <= max_chars and len(reply) <= max_chars:
-                found.append({"messages": [{"role": "user", "content": speech}, {"role": "assistant", "content": reply}],
-                              "work": work, "speakers": [speaker, replier]})
+                found.append(
+                    {
+                        "messages": [{"role": "user", "content": speech}, {"role": "assistant", "content": reply}],
+                        "work": work,
+                        "speakers": [speaker, replier],
+                    }
+                )
     return found
 
 
-def convert(corpus: Path, out: Path, max_chars: int = 400, validation: tuple[str, ...] = VALIDATION,
-            test: tuple[str, ...] = TEST) -> dict[str, int]:
+def convert(
+    corpus: Path,
+    out: Path,
+    max_chars: int = 400,
+    validation: tuple[str, ...] = VALIDATION,
+    test: tuple[str, ...] = TEST,
+) -> dict[str, int]:
     """Write ``out/{train,validation,test}.jsonl`` from the plays in ``corpus``; the number of conversations of each."""
     works = {path.name.removesuffix("_gut.txt").removesuffix(".txt"): path for path in sorted(corpus.glob("*.txt"))}
     if not works:
@@ -74,8 +84,9 @@ def convert(corpus: Path, out: Path, max_chars: int = 400, validation: tuple[str
     out.mkdir(parents=True, exist_ok=True)
     for split, examples in splits.items():
         if not examples:
-            raise KDError(f"no conversations for the {split} split: its works have no speeches of at most {max_chars} "
-                          "characters.")
+            raise KDError(
+                f"no conversations for the {split} split: its works have no speeches of at most {max_chars} characters."
+            )
         atomic_write_text(out / f"{split}.jsonl", "".join(json.dumps(example) + "\n" for example in examples))
     return {split: len(examples) for split, examples in splits.items()}
 
@@ -89,7 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--test", default=",".join(TEST), help="works held out for test")
     args = parser.parse_args(argv)
     try:
-        counts = convert(args.corpus, args.out, args.max_chars, tuple(args.validation.split(",")), tuple(args.test.split(",")))
+        counts = convert(
+            args.corpus, args.out, args.max_chars, tuple(args.validation.split(",")), tuple(args.test.split(","))
+        )
     except KDError as error:
         raise SystemExit(f"error: {error}") from None
     print(f"wrote {args.out}: " + ", ".join(f"{count} {split}" for split, count in counts.items()) + " conversations")

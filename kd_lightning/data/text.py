@@ -33,8 +33,9 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
     except ImportError:
         raise KDError("text data needs the tokenizers package: pip install 'kd_lightning[lm]'.") from None
     tokenizer = ByteLevelBPETokenizer()
-    tokenizer.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT],
-                                  show_progress=False)
+    tokenizer.train_from_iterator(
+        texts, vocab_size=vocab_size, min_frequency=2, special_tokens=[END_OF_TEXT], show_progress=False
+    )
     return tokenizer
 
 
@@ -90,20 +91,28 @@ class TextDataModule(InMemoryDataModule):
         **kwargs,
     ) -> None:
         if num_classes not in (None, vocab_size):
-            raise KDError(f"data.num_classes ({num_classes}) must equal data.vocab_size ({vocab_size}) for text: the "
-                          "models predict one class per token; set data.num_classes=${{data.vocab_size}}.")
+            raise KDError(
+                f"data.num_classes ({num_classes}) must equal data.vocab_size ({vocab_size}) for text: the "
+                "models predict one class per token; set data.num_classes=${{data.vocab_size}}."
+            )
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size, num_classes=vocab_size, **kwargs)
         if tokenizer is None:
-            check_integer("data.vocab_size", vocab_size, 257, " (a byte-level tokenizer has 256 byte tokens + <|endoftext|>)")
+            check_integer(
+                "data.vocab_size", vocab_size, 257, " (a byte-level tokenizer has 256 byte tokens + <|endoftext|>)"
+            )
         self.pretrained = tokenizer
         check_integer("data.block_size", block_size)
         if train_tokens is not None and (not is_integer(train_tokens) or train_tokens <= block_size):
-            raise KDError(f"data.train_tokens must be null or an integer above data.block_size ({block_size}), got {train_tokens!r}.")
+            raise KDError(
+                f"data.train_tokens must be null or an integer above data.block_size ({block_size}), got {train_tokens!r}."
+            )
         try:
             codecs.lookup(encoding)
         except (LookupError, TypeError):
-            raise KDError(f"data.encoding={encoding!r} is not a text encoding Python knows; set e.g. data.encoding=utf-8 "
-                          "(or utf-16, latin-1).") from None
+            raise KDError(
+                f"data.encoding={encoding!r} is not a text encoding Python knows; set e.g. data.encoding=utf-8 "
+                "(or utf-16, latin-1)."
+            ) from None
         self.encoding = encoding
         self.data_dir = Path(data_dir)
         self.val_works, self.test_works = list(val_works), list(test_works)
@@ -115,19 +124,27 @@ class TextDataModule(InMemoryDataModule):
     def works(self) -> dict[str, list[Path]]:
         """``{"train" | "val" | "test": [files]}``; refuses a missing folder, no text, an unknown held-out work."""
         if not self.data_dir.is_dir():
-            raise KDError(f"data.data_dir={self.data_dir} is not a folder; point it at a folder of .txt files "
-                          "(README: 'Distil a language model' says how to get the Shakespeare corpus).")
+            raise KDError(
+                f"data.data_dir={self.data_dir} is not a folder; point it at a folder of .txt files "
+                "(README: 'Distil a language model' says how to get the Shakespeare corpus)."
+            )
         files = {path.stem: path for path in sorted(self.data_dir.glob("*.txt"))}
         if not files:
-            raise KDError(f"data.data_dir={self.data_dir} holds no .txt files; point it at a folder of .txt files, one work each.")
+            raise KDError(
+                f"data.data_dir={self.data_dir} holds no .txt files; point it at a folder of .txt files, one work each."
+            )
         held_out = {"val": self.val_works, "test": self.test_works}
         for split, names in held_out.items():
             unknown = [name for name in names if name not in files]
             if unknown or not names:
-                raise KDError(f"data.{split}_works names {unknown or 'no work'}; choose among the files of {self.data_dir}: "
-                              f"{', '.join(list(files)[:8])}{', ...' if len(files) > 8 else ''}.")
+                raise KDError(
+                    f"data.{split}_works names {unknown or 'no work'}; choose among the files of {self.data_dir}: "
+                    f"{', '.join(list(files)[:8])}{', ...' if len(files) > 8 else ''}."
+                )
         if set(self.val_works) & set(self.test_works):
-            raise KDError(f"{sorted(set(self.val_works) & set(self.test_works))} is both a validation and a test work; hold each out once.")
+            raise KDError(
+                f"{sorted(set(self.val_works) & set(self.test_works))} is both a validation and a test work; hold each out once."
+            )
         train = [path for name, path in files.items() if name not in {*self.val_works, *self.test_works}]
         if not train:
             raise KDError(f"every file of {self.data_dir} is held out; leave some works for training.")
@@ -141,11 +158,15 @@ class TextDataModule(InMemoryDataModule):
         try:
             text = path.read_bytes().decode(self.encoding)
         except UnicodeDecodeError as error:
-            raise KDError(f"{path} is not {self.encoding} text ({error.reason} at byte {error.start}); set data.encoding "
-                          "to its encoding (e.g. utf-16, latin-1), or take the file out of data.data_dir.") from None
+            raise KDError(
+                f"{path} is not {self.encoding} text ({error.reason} at byte {error.start}); set data.encoding "
+                "to its encoding (e.g. utf-16, latin-1), or take the file out of data.data_dir."
+            ) from None
         if "\x00" in text:
-            raise KDError(f"{path} holds NUL characters: it is binary data, or text in another encoding than "
-                          f"data.encoding={self.encoding}; take it out of data.data_dir, or set data.encoding.")
+            raise KDError(
+                f"{path} holds NUL characters: it is binary data, or text in another encoding than "
+                f"data.encoding={self.encoding}; take it out of data.data_dir, or set data.encoding."
+            )
         return text
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
@@ -162,11 +183,16 @@ class TextDataModule(InMemoryDataModule):
                 stream = stream[: self.train_tokens + 1]
             splits[split] = to_blocks(stream, self.block_size, pad_last=split != "train")
             if not len(splits[split][0]):
-                raise KDError(f"the {split} works ({', '.join(path.stem for path in works[split])}) give no block of "
-                              f"data.block_size={self.block_size} tokens ({len(stream) - 1} tokens); lower data.block_size, "
-                              "raise data.train_tokens, or give that split more text.")
-        log.info("text: %s tokens (train/val/test), tokenizer of %d tokens", "/".join(str(int((y != IGNORE_INDEX).sum()))
-                 for _, y in splits.values()), self.vocab_size)
+                raise KDError(
+                    f"the {split} works ({', '.join(path.stem for path in works[split])}) give no block of "
+                    f"data.block_size={self.block_size} tokens ({len(stream) - 1} tokens); lower data.block_size, "
+                    "raise data.train_tokens, or give that split more text."
+                )
+        log.info(
+            "text: %s tokens (train/val/test), tokenizer of %d tokens",
+            "/".join(str(int((y != IGNORE_INDEX).sum())) for _, y in splits.values()),
+            self.vocab_size,
+        )
         return splits
 
     def save_tokenizer(self, folder: Path) -> None:
@@ -183,8 +209,12 @@ class TextDataModule(InMemoryDataModule):
                 with atomic_directory(folder) as tmp:
                     tokenizer.save(str(tmp / "tokenizer.json"))
                 return
-            tokenizer = PreTrainedTokenizerFast(tokenizer_object=tokenizer._tokenizer, eos_token=END_OF_TEXT,
-                                                bos_token=END_OF_TEXT, model_max_length=self.block_size)
+            tokenizer = PreTrainedTokenizerFast(
+                tokenizer_object=tokenizer._tokenizer,
+                eos_token=END_OF_TEXT,
+                bos_token=END_OF_TEXT,
+                model_max_length=self.block_size,
+            )
         save_tokenizer(tokenizer, folder)
 
     def tokenize(self, train_texts: list[str]) -> tuple[Any, int]:
@@ -192,11 +222,16 @@ class TextDataModule(InMemoryDataModule):
         (``data.tokenizer``) or a byte-level BPE tokenizer trained on ``train_texts``."""
         if self.pretrained is None:
             self.tokenizer = train_tokenizer(train_texts, self.vocab_size)
-            return (lambda documents: [e.ids for e in self.tokenizer.encode_batch(documents)]), self.tokenizer.token_to_id(END_OF_TEXT)
+            return (
+                lambda documents: [e.ids for e in self.tokenizer.encode_batch(documents)]
+            ), self.tokenizer.token_to_id(END_OF_TEXT)
         from kd_lightning.models.pretrained import pretrained_tokenizer
 
         self.tokenizer = pretrained_tokenizer(self.pretrained, vocab_size=self.vocab_size)
         if self.tokenizer.eos_token_id is None:
-            raise KDError(f"the tokenizer {self.pretrained} has no EOS token to separate the works; use a tokenizer with one.")
-        return (lambda documents: self.tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]), \
-            self.tokenizer.eos_token_id
+            raise KDError(
+                f"the tokenizer {self.pretrained} has no EOS token to separate the works; use a tokenizer with one."
+            )
+        return (
+            lambda documents: self.tokenizer(documents, add_special_tokens=False, verbose=False)["input_ids"]
+        ), self.tokenizer.eos_token_id

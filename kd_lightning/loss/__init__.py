@@ -12,7 +12,24 @@
 
 from kd_lightning.loss.chunked import chunked_distillation_loss
 from kd_lightning.loss.mix import LossMix
-from kd_lightning.loss.objectives import dkd_loss, jsd_loss, kd_loss, mixture_kl, reverse_kl_loss, skew_kl_loss, tvd_loss
+from kd_lightning.loss.objectives import (
+    dkd_loss,
+    jsd_loss,
+    kd_loss,
+    mixture_kl,
+    reverse_kl_loss,
+    skew_kl_loss,
+    tvd_loss,
+)
 
-__all__ = ["LossMix", "chunked_distillation_loss", "dkd_loss", "jsd_loss", "kd_loss", "mixture_kl", "reverse_kl_loss",
-           "skew_kl_loss", "tvd_loss"]
+__all__ = [
+    "LossMix",
+    "chunked_distillation_loss",
+    "dkd_loss",
+    "jsd_loss",
+    "kd_loss",
+    "mixture_kl",
+    "reverse_kl_loss",
+    "skew_kl_loss",
+    "tvd_loss",
+]

@@ -28,7 +28,9 @@ from kd_lightning.loss.objectives import Objective, kd_loss
 from kd_lightning.loss.reduction import count
 
 TeacherRows = Callable[[slice, Tensor], Tensor]  # (rows, the student's logits there (R, V)) -> the teacher's (R, V)
-BlockTerms = Callable[[Tensor, Tensor | None, dict[str, Tensor]], Mapping[str, Tensor]]  # (student, teacher, block) -> terms
+BlockTerms = Callable[
+    [Tensor, Tensor | None, dict[str, Tensor]], Mapping[str, Tensor]
+]  # (student, teacher, block) -> terms
 
 
 def head_weights(head: nn.Linear | Tensor) -> tuple[Tensor, Tensor | None]:
@@ -80,8 +82,14 @@ class _ChunkedLoss(torch.autograd.Function):
     """Forward computes the loss and, block by block, its gradients; backward scales them."""
 
     @staticmethod
-    def forward(ctx: Any, hidden: Tensor, weight: Tensor, bias: Tensor | None, block_loss: Callable[[slice, Tensor], Tensor],
-                chunk_rows: int) -> Tensor:
+    def forward(
+        ctx: Any,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        block_loss: Callable[[slice, Tensor], Tensor],
+        chunk_rows: int,
+    ) -> Tensor:
         dtype = torch.promote_types(hidden.dtype, torch.float32)  # float32 at least; float64 stays float64
         grad_hidden = torch.zeros_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=dtype)
@@ -99,19 +107,31 @@ class _ChunkedLoss(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += grad_logits.sum(0)
             total += loss.detach()
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(bias.dtype))
+        ctx.save_for_backward(
+            grad_hidden, grad_weight.to(weight.dtype), None if grad_bias is None else grad_bias.to(bias.dtype)
+        )
         return total
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
-        return (grad_hidden * grad_output.to(grad_hidden.dtype), grad_weight * grad_output.to(grad_weight.dtype),
-                None if grad_bias is None else grad_bias * grad_output.to(grad_bias.dtype), None, None)
+        return (
+            grad_hidden * grad_output.to(grad_hidden.dtype),
+            grad_weight * grad_output.to(grad_weight.dtype),
+            None if grad_bias is None else grad_bias * grad_output.to(grad_bias.dtype),
+            None,
+            None,
+        )
 
 
-def blockwise_terms(student: HeadLogits, teacher: Tensor | TeacherBlocks | None, fields: Mapping[str, Tensor],
-                    block_terms: BlockTerms, keep: Tensor | None, num_kept: Tensor | float | None = None
-                    ) -> tuple[Tensor, dict[str, Tensor]]:
+def blockwise_terms(
+    student: HeadLogits,
+    teacher: Tensor | TeacherBlocks | None,
+    fields: Mapping[str, Tensor],
+    block_terms: BlockTerms,
+    keep: Tensor | None,
+    num_kept: Tensor | float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """The loss of ``block_terms`` over all positions of ``student``, one block of rows at a time.
 
     Args:
@@ -131,8 +151,11 @@ def blockwise_terms(student: HeadLogits, teacher: Tensor | TeacherBlocks | None,
     flat = {name: value.reshape(1, -1) for name, value in fields.items()}
     kept = None if keep is None else keep.reshape(-1)
     divisor = count(kept, hidden[:, 0], num_kept)
-    teacher_rows = teacher.rows if isinstance(teacher, TeacherBlocks) else (
-        None if teacher is None else (lambda rows, _, whole=teacher.reshape(-1, teacher.shape[-1]): whole[rows]))
+    teacher_rows = (
+        teacher.rows
+        if isinstance(teacher, TeacherBlocks)
+        else (None if teacher is None else (lambda rows, _, whole=teacher.reshape(-1, teacher.shape[-1]): whole[rows]))
+    )
     logged: dict[str, Tensor] = {}
 
     def block_loss(rows: slice, logits: Tensor) -> Tensor:
@@ -183,7 +206,11 @@ def chunked_distillation_loss(
         The scalar loss; gradients flow to ``student_hidden`` and the student head only.
     """
     rows = student_hidden.shape[:-1]
-    keep = torch.ones(rows, dtype=torch.bool, device=student_hidden.device) if mask is None else mask.reshape(rows).to(torch.bool)
+    keep = (
+        torch.ones(rows, dtype=torch.bool, device=student_hidden.device)
+        if mask is None
+        else mask.reshape(rows).to(torch.bool)
+    )
     if labels is not None and ignore_index is not None:
         keep = keep & (labels.reshape(rows) != ignore_index)
     if teacher_logits is None:
@@ -192,19 +219,29 @@ def chunked_distillation_loss(
         teacher_weight, teacher_bias = head_weights(teacher_head)
         flat_teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         if flat_teacher.shape[0] != keep.numel():
-            raise ValueError(f"teacher hidden states have {flat_teacher.shape[0]} tokens, the student's {keep.numel()}.")
+            raise ValueError(
+                f"teacher hidden states have {flat_teacher.shape[0]} tokens, the student's {keep.numel()}."
+            )
 
         def teacher_logits(rows: slice) -> Tensor:
             return nn.functional.linear(flat_teacher[rows], teacher_weight, teacher_bias)
 
     spec = Objective.of(objective)
     if spec is None:
-        raise ValueError("objective must be one of kd_lightning.loss.objectives' objectives (or a functools.partial of one).")
+        raise ValueError(
+            "objective must be one of kd_lightning.loss.objectives' objectives (or a functools.partial of one)."
+        )
     fields = {"keep": keep} | ({} if labels is None else {"labels": labels.reshape(rows)})
 
     def block_terms(student: Tensor, teacher: Tensor | None, block: dict[str, Tensor]) -> dict[str, Tensor]:
         return {"objective": spec(student, teacher, temperature, keep=block["keep"], labels=block.get("labels"))}
 
-    loss, _ = blockwise_terms(HeadLogits(student_hidden, student_head, chunk_rows), TeacherBlocks(lambda rows, _: teacher_logits(rows)),
-                              fields, block_terms, keep, num_kept)
+    loss, _ = blockwise_terms(
+        HeadLogits(student_hidden, student_head, chunk_rows),
+        TeacherBlocks(lambda rows, _: teacher_logits(rows)),
+        fields,
+        block_terms,
+        keep,
+        num_kept,
+    )
     return loss

@@ -57,8 +57,10 @@ def as_terms(specs: Iterable[FeatureTerm | Mapping[str, Any]] | None) -> list[Fe
         try:
             terms.append(FeatureTerm(**dict(spec)))
         except TypeError as exc:
-            raise KDError(f"distill.features entry {dict(spec)}: {exc}; an entry takes student, teacher, loss, "
-                          "weight, name (and p for attention).") from None
+            raise KDError(
+                f"distill.features entry {dict(spec)}: {exc}; an entry takes student, teacher, loss, "
+                "weight, name (and p for attention)."
+            ) from None
     names = [t.name for t in terms]
     if len(set(names)) != len(names):
         raise KDError(f"distill.features has two terms named alike ({names}); give them distinct name=... values.")
@@ -94,8 +96,10 @@ def build_adapter(student: Tensor, teacher: Tensor) -> nn.Module:
         return nn.Conv2d(student.shape[1], teacher.shape[1], kernel_size=1)
     if student.dim() == teacher.dim() and student.dim() in (2, 3):
         return nn.Linear(student.shape[-1], teacher.shape[-1])
-    raise KDError(f"cannot build an adapter from a student feature of shape {tuple(student.shape)} to a teacher "
-                  f"feature of shape {tuple(teacher.shape)}; pair layers whose outputs are both maps or both vectors.")
+    raise KDError(
+        f"cannot build an adapter from a student feature of shape {tuple(student.shape)} to a teacher "
+        f"feature of shape {tuple(teacher.shape)}; pair layers whose outputs are both maps or both vectors."
+    )
 
 
 class FeatureDistiller(nn.Module):
@@ -121,15 +125,19 @@ class FeatureDistiller(nn.Module):
     def layers(self, student: nn.Module, teacher: nn.Module) -> list[tuple[str, str, nn.Module]]:
         """``(side, path, module)`` of every distinct hooked layer; a missing path is refused with the fix."""
         found = []
-        for side, model, paths in (("student", student, {t.student for t in self.terms}),
-                                   ("teacher", teacher, {t.teacher for t in self.terms})):
+        for side, model, paths in (
+            ("student", student, {t.student for t in self.terms}),
+            ("teacher", teacher, {t.teacher for t in self.terms}),
+        ):
             for path in sorted(paths):
                 try:
                     found.append((side, path, model.get_submodule(path)))
                 except AttributeError:
                     names = [n for n, _ in model.named_modules() if n and "." not in n]
-                    raise KDError(f"the {side} has no module {path!r} for feature distillation; its top-level modules "
-                                  f"are {names}. Use a path from model.named_modules(), e.g. layer3 or features.3.") from None
+                    raise KDError(
+                        f"the {side} has no module {path!r} for feature distillation; its top-level modules "
+                        f"are {names}. Use a path from model.named_modules(), e.g. layer3 or features.3."
+                    ) from None
         return found
 
     def check_paths(self, student: nn.Module, teacher: nn.Module) -> None:
@@ -146,6 +154,7 @@ class FeatureDistiller(nn.Module):
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
             if self.capturing:
                 self.captured[side][path] = first_tensor(output)
+
         return capture
 
     def detach(self) -> None:
@@ -166,8 +175,10 @@ class FeatureDistiller(nn.Module):
         if not fitting:
             return
         if not hasattr(datamodule, "example_input"):
-            raise KDError("feature distillation sizes its adapters from an example input: give the datamodule an "
-                          "example_input() method, or call module.loss_mix.features.build_adapters(student, teacher, x) first.")
+            raise KDError(
+                "feature distillation sizes its adapters from an example input: give the datamodule an "
+                "example_input() method, or call module.loss_mix.features.build_adapters(student, teacher, x) first."
+            )
         self.build_adapters(student, teacher, datamodule.example_input())
 
     def build_adapters(self, student: nn.Module, teacher: nn.Module, example_input: Tensor) -> None:
@@ -184,7 +195,9 @@ class FeatureDistiller(nn.Module):
                 student(example_input)
             for i in needed:
                 term = self.terms[i]
-                self.adapters[str(i)] = build_adapter(self.captured["student"][term.student], self.captured["teacher"][term.teacher])
+                self.adapters[str(i)] = build_adapter(
+                    self.captured["student"][term.student], self.captured["teacher"][term.teacher]
+                )
         finally:
             self.capturing = False
             self.clear()
@@ -198,22 +211,30 @@ class FeatureDistiller(nn.Module):
                 s = self.captured["student"][term.student].float()
                 t = self.captured["teacher"][term.teacher].detach().float()
             except KeyError as exc:
-                raise KDError(f"feature term {term.name}: layer {exc} produced no output in this step; the layer is "
-                              "not on the forward path of the model.") from None
+                raise KDError(
+                    f"feature term {term.name}: layer {exc} produced no output in this step; the layer is "
+                    "not on the forward path of the model."
+                ) from None
             if term.loss == "fitnet":
                 if str(i) not in self.adapters:
-                    raise KDError("feature adapters are not built; call build_adapters(student, teacher, x) before training.")
+                    raise KDError(
+                        "feature adapters are not built; call build_adapters(student, teacher, x) before training."
+                    )
                 s = self.adapters[str(i)](s)
             s, t = match_spatial(s, t)
             if term.loss == "attention":
                 if s.dim() != 4 or t.dim() != 4:
-                    raise KDError(f"attention transfer ({term.name}) needs (N, C, H, W) feature maps, got "
-                                  f"{tuple(s.shape)} and {tuple(t.shape)}.")
+                    raise KDError(
+                        f"attention transfer ({term.name}) needs (N, C, H, W) feature maps, got "
+                        f"{tuple(s.shape)} and {tuple(t.shape)}."
+                    )
                 loss = (attention_map(s, term.p) - attention_map(t, term.p)).pow(2).mean()
             else:
                 if s.shape != t.shape:
-                    raise KDError(f"feature term {term.name}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; "
-                                  "use loss: fitnet to learn an adapter between different widths.")
+                    raise KDError(
+                        f"feature term {term.name}: student {tuple(s.shape)} vs teacher {tuple(t.shape)}; "
+                        "use loss: fitnet to learn an adapter between different widths."
+                    )
                 loss = F.mse_loss(s, t)
             out[term.name] = loss
         return out
@@ -222,5 +243,7 @@ class FeatureDistiller(nn.Module):
 def check_live_teacher(features: Any, live: bool) -> None:
     """Feature terms read the live teacher's activations: refused with a recorded teacher."""
     if features and not live:
-        raise KDError("distill.features needs the live teacher's activations; set teacher.mode=live "
-                      "(a recorded teacher has logits only).")
+        raise KDError(
+            "distill.features needs the live teacher's activations; set teacher.mode=live "
+            "(a recorded teacher has logits only)."
+        )

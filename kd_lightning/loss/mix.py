@@ -29,8 +29,15 @@ from torch import Tensor, nn
 from kd_lightning.data.batch import Batch
 from kd_lightning.errors import KDError
 from kd_lightning.loss.features import FeatureDistiller, FeatureTerm
-from kd_lightning.loss.objectives import (MAX_TEMPERATURE, MIN_TEMPERATURE, Objective, check_objective_settings, check_temperature,
-                                 kd_loss, objective_name)
+from kd_lightning.loss.objectives import (
+    MAX_TEMPERATURE,
+    MIN_TEMPERATURE,
+    Objective,
+    check_objective_settings,
+    check_temperature,
+    kd_loss,
+    objective_name,
+)
 from kd_lightning.loss.schedules import Schedule, build_schedules
 
 ObjectiveFn = Callable[..., Tensor]  # (student_logits, teacher_logits, *, temperature, labels) -> scalar
@@ -50,8 +57,10 @@ class Terms(dict):
 
 def check_alpha(alpha: float) -> None:
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
-        raise KDError(f"distill.alpha must be in [0, 1], got {alpha}: loss = (1 - alpha) * CE + alpha * KD, "
-                      "so alpha=0 is plain training and alpha=1 pure distillation; set e.g. distill.alpha=0.9.")
+        raise KDError(
+            f"distill.alpha must be in [0, 1], got {alpha}: loss = (1 - alpha) * CE + alpha * KD, "
+            "so alpha=0 is plain training and alpha=1 pure distillation; set e.g. distill.alpha=0.9."
+        )
 
 
 class LossMix(nn.Module):
@@ -96,10 +105,14 @@ class LossMix(nn.Module):
             raise KDError(f"two loss terms share a name ({names}); rename the extra or feature term.")
         for name, spec in (extra_terms or {}).items():
             if "objective" not in spec:
-                raise KDError(f"distill.extra_terms.{name} needs an objective: {{objective: {{_target_: ..., _partial_: true}}, weight: w}}.")
+                raise KDError(
+                    f"distill.extra_terms.{name} needs an objective: {{objective: {{_target_: ..., _partial_: true}}, weight: w}}."
+                )
             self.extra_terms[name] = spec["objective"]
             self.defaults[name] = float(spec.get("weight", 1.0))
-        self.features = FeatureDistiller(feature_terms) if features else None  # a submodule: adapters train and checkpoint
+        self.features = (
+            FeatureDistiller(feature_terms) if features else None
+        )  # a submodule: adapters train and checkpoint
         for term in feature_terms:
             self.defaults[term.name] = float(term.weight)
         self.weights = {name: float(w) for name, w in (weights or {}).items()}
@@ -113,7 +126,9 @@ class LossMix(nn.Module):
             check_objective_settings(f"distill.extra_terms.{name}.objective", objective)
         self.scheduled: dict[str, float] = {}
         # the library's objectives, as divergences per position reduced here (your own functions: called as they are)
-        self.specs = {name: Objective.of(f) for name, f in ((self.objective_name, self.objective), *self.extra_terms.items())}
+        self.specs = {
+            name: Objective.of(f) for name, f in ((self.objective_name, self.objective), *self.extra_terms.items())
+        }
 
     @classmethod
     def task_only(cls) -> LossMix:
@@ -129,29 +144,41 @@ class LossMix(nn.Module):
             raise KDError(f"distill.weights has {sorted(unknown)}, which is not a loss term; the terms are {names}.")
         unknown = self.schedules.keys() - {*SCHEDULABLE_SETTINGS, *names}
         if unknown:
-            raise KDError(f"distill.schedules has {sorted(unknown)}, which is not a schedulable quantity; use "
-                          f"temperature, alpha or a loss term's name: {names}.")
+            raise KDError(
+                f"distill.schedules has {sorted(unknown)}, which is not a schedulable quantity; use "
+                f"temperature, alpha or a loss term's name: {names}."
+            )
         twice = sorted(self.weights.keys() & self.schedules.keys())
         twice += sorted(name for name in self.weights.keys() & extra_terms.keys() if "weight" in extra_terms[name])
         if twice:
-            raise KDError(f"the weight of {twice} is set twice (distill.weights and distill.schedules or the term's own weight); "
-                          "set each weight in one place.")
+            raise KDError(
+                f"the weight of {twice} is set twice (distill.weights and distill.schedules or the term's own weight); "
+                "set each weight in one place."
+            )
         for name, schedule in self.schedules.items():
             low, high = schedule.extremes()
             if name == "temperature" and not MIN_TEMPERATURE <= low <= high <= MAX_TEMPERATURE:
-                raise KDError(f"distill.schedules.temperature spans [{low}, {high}]; the temperature must stay between "
-                              f"{MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}.")
+                raise KDError(
+                    f"distill.schedules.temperature spans [{low}, {high}]; the temperature must stay between "
+                    f"{MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}."
+                )
             if name == "alpha" and not (0 <= low and high <= 1):
                 raise KDError(f"distill.schedules.alpha spans [{low}, {high}]; alpha must stay in [0, 1].")
             if name not in SCHEDULABLE_SETTINGS and not (low >= 0 and math.isfinite(high)):
-                raise KDError(f"distill.schedules.{name} spans [{low}, {high}]; a loss term's weight must stay a finite number >= 0.")
+                raise KDError(
+                    f"distill.schedules.{name} spans [{low}, {high}]; a loss term's weight must stay a finite number >= 0."
+                )
         takes_alpha = self.terms_taking_alpha
         if self.alpha is None and takes_alpha:
-            raise KDError(f"distill.alpha is null but {takes_alpha} take their weight from it; set distill.alpha, or "
-                          f"give {takes_alpha} weights in distill.weights.")
+            raise KDError(
+                f"distill.alpha is null but {takes_alpha} take their weight from it; set distill.alpha, or "
+                f"give {takes_alpha} weights in distill.weights."
+            )
         if not takes_alpha and (self.alpha is not None or "alpha" in self.schedules):
-            raise KDError(f"distill.alpha has no effect here: ce and {self.objective_name} take their weights from "
-                          "distill.weights / distill.schedules; set distill.alpha=null (or drop those weights).")
+            raise KDError(
+                f"distill.alpha has no effect here: ce and {self.objective_name} take their weights from "
+                "distill.weights / distill.schedules; set distill.alpha=null (or drop those weights)."
+            )
 
     @property
     def term_names(self) -> list[str]:
@@ -193,7 +220,9 @@ class LossMix(nn.Module):
 
     def scheduled_values(self) -> dict[str, float]:
         """This step's scheduled values by their logged names: ``temperature``, ``alpha``, ``weight/<term>``."""
-        return {name if name in SCHEDULABLE_SETTINGS else f"weight/{name}": value for name, value in self.scheduled.items()}
+        return {
+            name if name in SCHEDULABLE_SETTINGS else f"weight/{name}": value for name, value in self.scheduled.items()
+        }
 
     # -- the terms -----------------------------------------------------------------------------
 
@@ -240,5 +269,7 @@ class LossMix(nn.Module):
     def extra_repr(self) -> str:
         if not self.uses_teacher:  # the teacher stage and the student alone: T and zero weights say nothing
             return f"ce={round(self.weight('ce'), 6)}, no teacher term"
-        weights = ", ".join(f"{n}={'scheduled' if n in self.schedules else round(self.weight(n), 6)}" for n in self.term_names)
+        weights = ", ".join(
+            f"{n}={'scheduled' if n in self.schedules else round(self.weight(n), 6)}" for n in self.term_names
+        )
         return f"T={self.temperature}, {weights}"

@@ -40,12 +40,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.errors import KDError, is_number
 from kd_lightning.data.batch import counted
+from kd_lightning.errors import KDError, is_number
 from kd_lightning.loss.reduction import both, reduce
 
-__all__ = ["kd_loss", "reverse_kl_loss", "jsd_loss", "skew_kl_loss", "tvd_loss", "dkd_loss", "standardize_logits",
-           "positions_to_keep", "check_temperature", "mixture_kl", "Objective"]
+__all__ = [
+    "kd_loss",
+    "reverse_kl_loss",
+    "jsd_loss",
+    "skew_kl_loss",
+    "tvd_loss",
+    "dkd_loss",
+    "standardize_logits",
+    "positions_to_keep",
+    "check_temperature",
+    "mixture_kl",
+    "Objective",
+]
 
 # Beyond these the T²-scaled divergence is numerically meaningless: at large T the float32
 # rounding of KL (about 1e-7 of log C) times T² swamps the term (≈ Var(s − t)/2), at T = 100
@@ -56,13 +67,16 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0
 def check_temperature(temperature: float) -> None:
     """Raise :class:`~kd_lightning.KDError` (a ``ValueError``) unless ``0.01 <= temperature <= 100``."""
     if not is_number(temperature) or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        raise KDError(f"distill.temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {temperature} "
-                      "(beyond them the T²-scaled term is rounding noise or vanishes). The usual values are 1-8 "
-                      "(4 in the CIFAR recipe); set e.g. distill.temperature=4.")
+        raise KDError(
+            f"distill.temperature must be between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}, got {temperature} "
+            "(beyond them the T²-scaled term is rounding noise or vanishes). The usual values are 1-8 "
+            "(4 in the CIFAR recipe); set e.g. distill.temperature=4."
+        )
 
 
-def positions_to_keep(logits: Tensor, mask: Tensor | None = None, labels: Tensor | None = None,
-                      ignore_index: int | None = None) -> Tensor | None:
+def positions_to_keep(
+    logits: Tensor, mask: Tensor | None = None, labels: Tensor | None = None, ignore_index: int | None = None
+) -> Tensor | None:
     """Boolean mask of the positions that count, shape ``logits.shape[:-1]``, or ``None`` for all.
 
     ``mask`` is True where a position is kept; ``labels == ignore_index`` drops a position.
@@ -73,8 +87,10 @@ def positions_to_keep(logits: Tensor, mask: Tensor | None = None, labels: Tensor
             raise ValueError("ignore_index needs labels: pass labels=... of shape logits.shape[:-1].")
         keep = both(keep, labels != ignore_index)
     if keep is not None and keep.shape != logits.shape[:-1]:
-        raise ValueError(f"mask shape {tuple(keep.shape)} does not match the logits' positions "
-                         f"{tuple(logits.shape[:-1])}; it must have one entry per row of logits.")
+        raise ValueError(
+            f"mask shape {tuple(keep.shape)} does not match the logits' positions "
+            f"{tuple(logits.shape[:-1])}; it must have one entry per row of logits."
+        )
     return keep
 
 
@@ -97,6 +113,7 @@ def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 # -- divergences per position, from tempered logits (..., C) -> (...) --------------------------------
+
 
 def mixture_kl(first: Tensor, second: Tensor, weight: float = 0.0) -> Tensor:
     """``KL(p ‖ weight·p + (1 − weight)·q)`` per row of ``(..., C)`` logits, ``p = softmax(first)``,
@@ -154,13 +171,17 @@ def jsd(student: Tensor, teacher: Tensor, beta: float = 0.5, weights: str = "gkd
     if beta in (0, 1):
         return mixture_kl(teacher, student) if beta == 0 else mixture_kl(student, teacher)
     teacher_weight = beta if weights == "gkd" else 1 - beta
-    return teacher_weight * mixture_kl(teacher, student, beta) + (1 - teacher_weight) * mixture_kl(student, teacher, 1 - beta)
+    return teacher_weight * mixture_kl(teacher, student, beta) + (1 - teacher_weight) * mixture_kl(
+        student, teacher, 1 - beta
+    )
 
 
 def skew_kl(student: Tensor, teacher: Tensor, skew: float = 0.1, reverse: bool = False) -> Tensor:
     """``KL(p_t ‖ skew·p_t + (1−skew)·p_s)`` (reverse: the roles swapped) per position."""
     if not 0 <= skew < 1:
-        raise ValueError(f"skew must be in [0, 1), got {skew}: 0 is plain KL, the DistiLLM default 0.1 (at 1 the loss is always 0).")
+        raise ValueError(
+            f"skew must be in [0, 1), got {skew}: 0 is plain KL, the DistiLLM default 0.1 (at 1 the loss is always 0)."
+        )
     return mixture_kl(student, teacher, skew) if reverse else mixture_kl(teacher, student, skew)
 
 
@@ -169,19 +190,29 @@ def tvd(student: Tensor, teacher: Tensor) -> Tensor:
     return 0.5 * (teacher.softmax(-1) - student.softmax(-1)).abs().sum(-1)
 
 
-def dkd(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None, tckd_weight: float = 1.0,
-        nckd_weight: float = 8.0) -> Tensor:
+def dkd(
+    student: Tensor,
+    teacher: Tensor,
+    *,
+    labels: Tensor | None = None,
+    tckd_weight: float = 1.0,
+    nckd_weight: float = 8.0,
+) -> Tensor:
     """``tckd_weight·TCKD + nckd_weight·NCKD`` per position, decoupled around each position's label."""
     if labels is None or labels.shape != student.shape[:-1]:
         raise ValueError(f"dkd_loss needs labels of shape {tuple(student.shape[:-1])} (one class per position).")
     for key, weight in (("tckd_weight", tckd_weight), ("nckd_weight", nckd_weight)):
         if not (is_number(weight) and math.isfinite(weight) and weight >= 0):
-            raise ValueError(f"{key} must be a finite number >= 0, got {weight!r} (a negative weight drives the loss to "
-                             "-inf; the paper's CIFAR values are tckd_weight=1, nckd_weight=8).")
+            raise ValueError(
+                f"{key} must be a finite number >= 0, got {weight!r} (a negative weight drives the loss to "
+                "-inf; the paper's CIFAR values are tckd_weight=1, nckd_weight=8)."
+            )
     target = torch.where(counted(labels), labels, torch.zeros_like(labels)).long()[..., None]  # uncounted: any class
 
     def binary(log_p: Tensor) -> Tensor:  # log [p_g, 1 − p_g], the second as a log-sum-exp over the other classes
-        return torch.cat([log_p.gather(-1, target), log_p.scatter(-1, target, -math.inf).logsumexp(-1, keepdim=True)], -1)
+        return torch.cat(
+            [log_p.gather(-1, target), log_p.scatter(-1, target, -math.inf).logsumexp(-1, keepdim=True)], -1
+        )
 
     classes = torch.arange(student.shape[-1] - 1, device=target.device)
     others = classes + (classes >= target).long()  # the C − 1 classes other than the target, per position
@@ -202,6 +233,7 @@ def takes_labels(divergence: Callable[..., Tensor]) -> bool:
 
 
 # -- an objective: a divergence with its settings, evaluated and reduced in one place ---------------
+
 
 @dataclass(frozen=True)
 class Objective:
@@ -247,18 +279,25 @@ class Objective:
         reduction = {"scale_by_t2": spec.scale_by_t2, "temperature": spec.temperature, **reduction}
         return cls(spec.divergence, {**spec.settings, **keywords}, **reduction)
 
-    def per_position(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float,
-                     labels: Tensor | None = None) -> Tensor:
+    def per_position(
+        self, student_logits: Tensor, teacher_logits: Tensor, temperature: float, labels: Tensor | None = None
+    ) -> Tensor:
         """The divergence at each position ``(...)`` of ``(..., C)`` logits (the teacher's detached)."""
         shapes = f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)}"
         if not (student_logits.is_floating_point() and teacher_logits.is_floating_point()):
-            raise ValueError(f"{shapes} must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}; "
-                             "pass the models' logits, not class indices.")
+            raise ValueError(
+                f"{shapes} must be floating point, got {student_logits.dtype} and {teacher_logits.dtype}; "
+                "pass the models' logits, not class indices."
+            )
         if student_logits.shape[:-1] != teacher_logits.shape[:-1]:
-            raise ValueError(f"{shapes} are for different positions (batch or sequence shapes differ); pass both models' "
-                             "logits of the same batch.")
+            raise ValueError(
+                f"{shapes} are for different positions (batch or sequence shapes differ); pass both models' "
+                "logits of the same batch."
+            )
         if student_logits.shape[-1] != teacher_logits.shape[-1]:
-            raise ValueError(f"{shapes} differ in classes; teacher and student must predict the same number of classes.")
+            raise ValueError(
+                f"{shapes} differ in classes; teacher and student must predict the same number of classes."
+            )
         check_temperature(temperature)
         s, t = at_least_float32(student_logits), at_least_float32(teacher_logits.detach())
         if self.standardize:
@@ -266,8 +305,16 @@ class Objective:
         label = {"labels": labels} if self.by_label else {}
         return self.divergence(s / temperature, t / temperature, **self.settings, **label)
 
-    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, temperature: float | None = None, *,
-                 keep: Tensor | None = None, labels: Tensor | None = None, num_kept: Tensor | float | None = None) -> Tensor:
+    def __call__(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        temperature: float | None = None,
+        *,
+        keep: Tensor | None = None,
+        labels: Tensor | None = None,
+        num_kept: Tensor | float | None = None,
+    ) -> Tensor:
         """The scalar loss: the divergence summed over the kept positions (``keep``, and for DKD the labelled ones),
         divided by their count or ``num_kept``, times ``T²`` if :attr:`scale_by_t2`."""
         temperature = temperature if temperature is not None else self.temperature
@@ -285,38 +332,97 @@ def check_settings(name: str, divergence: Callable[..., Tensor], settings: dict[
         raise TypeError(f"{name}() {error}") from None
 
 
-def _loss(divergence: Callable[..., Tensor], settings: dict[str, Any], student_logits: Tensor, teacher_logits: Tensor,
-          temperature: float, mask: Tensor | None, labels: Tensor | None, ignore_index: int | None, scale_by_t2: bool,
-          standardize: bool, num_kept: Tensor | float | None) -> Tensor:
+def _loss(
+    divergence: Callable[..., Tensor],
+    settings: dict[str, Any],
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    mask: Tensor | None,
+    labels: Tensor | None,
+    ignore_index: int | None,
+    scale_by_t2: bool,
+    standardize: bool,
+    num_kept: Tensor | float | None,
+) -> Tensor:
     """What every public objective does: its divergence over the kept positions, through :class:`Objective`."""
     objective = Objective(divergence, settings, scale_by_t2=scale_by_t2, standardize=standardize)
     keep = positions_to_keep(student_logits, mask, labels, ignore_index)
     return objective(student_logits, teacher_logits, temperature, keep=keep, labels=labels, num_kept=num_kept)
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *, mask: Tensor | None = None,
-            labels: Tensor | None = None, ignore_index: int | None = None, scale_by_t2: bool = True,
-            standardize: bool = False, num_kept: Tensor | float | None = None) -> Tensor:
+def kd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = True,
+    standardize: bool = False,
+    num_kept: Tensor | float | None = None,
+) -> Tensor:
     """Forward KL, Hinton KD (Hinton et al. 2015): ``T² · KL(softmax(t/T) ‖ softmax(s/T))``, averaged over kept
     positions (``batchmean`` for ``(N, C)`` input). The keywords are those of :mod:`kd_lightning.loss.objectives`."""
-    return _loss(forward_kl, {}, student_logits, teacher_logits, temperature, mask, labels, ignore_index, scale_by_t2,
-                 standardize, num_kept)
+    return _loss(
+        forward_kl,
+        {},
+        student_logits,
+        teacher_logits,
+        temperature,
+        mask,
+        labels,
+        ignore_index,
+        scale_by_t2,
+        standardize,
+        num_kept,
+    )
 
 
-def reverse_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *,
-                    mask: Tensor | None = None, labels: Tensor | None = None, ignore_index: int | None = None,
-                    scale_by_t2: bool = False, standardize: bool = False,
-                    num_kept: Tensor | float | None = None) -> Tensor:
+def reverse_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = False,
+    standardize: bool = False,
+    num_kept: Tensor | float | None = None,
+) -> Tensor:
     """Reverse KL: ``KL(softmax(s/T) ‖ softmax(t/T)) = Σ p_s (log p_s − log p_t)``, mode-seeking. Used for generative
     students (MiniLLM, Gu et al. 2024). ``T²`` scaling is off by default."""
-    return _loss(reverse_kl, {}, student_logits, teacher_logits, temperature, mask, labels, ignore_index, scale_by_t2,
-                 standardize, num_kept)
+    return _loss(
+        reverse_kl,
+        {},
+        student_logits,
+        teacher_logits,
+        temperature,
+        mask,
+        labels,
+        ignore_index,
+        scale_by_t2,
+        standardize,
+        num_kept,
+    )
 
 
-def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, beta: float = 0.5,
-             weights: str = "gkd", *, mask: Tensor | None = None, labels: Tensor | None = None,
-             ignore_index: int | None = None, scale_by_t2: bool = False, standardize: bool = False,
-             num_kept: Tensor | float | None = None) -> Tensor:
+def jsd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    weights: str = "gkd",
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = False,
+    standardize: bool = False,
+    num_kept: Tensor | float | None = None,
+) -> Tensor:
     """Generalised Jensen-Shannon divergence between teacher and student, ``beta ∈ [0, 1]``.
 
     The mixture is ``M = beta·p_t + (1−beta)·p_s`` and, as in GKD (Agarwal et al. 2024), TRL and Liger-Kernel,
@@ -326,14 +432,35 @@ def jsd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
     terms the other way round, ``(1−beta)·KL(p_t ‖ M) + beta·KL(p_s ‖ M)``, continuous from forward KL at 0 to reverse
     KL at 1 (kd_lightning's ``jsd`` before 0.5; the same at ``beta=0.5``). ``T²`` scaling is off by default.
     """
-    return _loss(jsd, {"beta": beta, "weights": weights}, student_logits, teacher_logits, temperature, mask, labels,
-                 ignore_index, scale_by_t2, standardize, num_kept)
+    return _loss(
+        jsd,
+        {"beta": beta, "weights": weights},
+        student_logits,
+        teacher_logits,
+        temperature,
+        mask,
+        labels,
+        ignore_index,
+        scale_by_t2,
+        standardize,
+        num_kept,
+    )
 
 
-def skew_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, skew: float = 0.1,
-                 reverse: bool = False, *, mask: Tensor | None = None, labels: Tensor | None = None,
-                 ignore_index: int | None = None, scale_by_t2: bool = False, standardize: bool = False,
-                 num_kept: Tensor | float | None = None) -> Tensor:
+def skew_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    skew: float = 0.1,
+    reverse: bool = False,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = False,
+    standardize: bool = False,
+    num_kept: Tensor | float | None = None,
+) -> Tensor:
     """Skew KL (DistiLLM, Ko et al. 2024): KL against a mixture that keeps the student's side finite.
 
     Forward (``reverse=False``): ``KL(p_t ‖ skew·p_t + (1−skew)·p_s)``; reverse: ``KL(p_s ‖ skew·p_s + (1−skew)·p_t)``.
@@ -341,22 +468,63 @@ def skew_kl_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: fl
     distribution bounds the log-ratio by ``−log(skew)``, so a token the student gives almost no probability cannot blow
     the loss up.
     """
-    return _loss(skew_kl, {"skew": skew, "reverse": reverse}, student_logits, teacher_logits, temperature, mask,
-                 labels, ignore_index, scale_by_t2, standardize, num_kept)
+    return _loss(
+        skew_kl,
+        {"skew": skew, "reverse": reverse},
+        student_logits,
+        teacher_logits,
+        temperature,
+        mask,
+        labels,
+        ignore_index,
+        scale_by_t2,
+        standardize,
+        num_kept,
+    )
 
 
-def tvd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, *, mask: Tensor | None = None,
-             labels: Tensor | None = None, ignore_index: int | None = None, scale_by_t2: bool = False,
-             standardize: bool = False, num_kept: Tensor | float | None = None) -> Tensor:
+def tvd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = False,
+    standardize: bool = False,
+    num_kept: Tensor | float | None = None,
+) -> Tensor:
     """Total variation distance ``½ Σ_c |p_t − p_s|`` (in [0, 1]), bounded and symmetric (Wen et al. 2023)."""
-    return _loss(tvd, {}, student_logits, teacher_logits, temperature, mask, labels, ignore_index, scale_by_t2,
-                 standardize, num_kept)
+    return _loss(
+        tvd,
+        {},
+        student_logits,
+        teacher_logits,
+        temperature,
+        mask,
+        labels,
+        ignore_index,
+        scale_by_t2,
+        standardize,
+        num_kept,
+    )
 
 
-def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 4.0, tckd_weight: float = 1.0,
-             nckd_weight: float = 8.0, *, mask: Tensor | None = None, labels: Tensor | None = None,
-             ignore_index: int | None = None, scale_by_t2: bool = True, standardize: bool = False,
-             num_kept: Tensor | float | None = None) -> Tensor:
+def dkd_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 4.0,
+    tckd_weight: float = 1.0,
+    nckd_weight: float = 8.0,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = True,
+    standardize: bool = False,
+    num_kept: Tensor | float | None = None,
+) -> Tensor:
     """Decoupled KD (Zhao et al. 2022): ``tckd_weight·TCKD + nckd_weight·NCKD`` (the paper's alpha, beta).
 
     With ``g`` the label's class, TCKD is the KL between the binary distributions ``[p_g, 1 − p_g]`` of teacher and
@@ -370,8 +538,19 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float 
         tckd_weight, nckd_weight: the paper's alpha and beta, weights of TCKD and NCKD (1 and 8 in its CIFAR setting);
             named apart from ``distill.alpha``, the CE/objective mix.
     """
-    return _loss(dkd, {"tckd_weight": tckd_weight, "nckd_weight": nckd_weight}, student_logits, teacher_logits,
-                 temperature, mask, labels, ignore_index, scale_by_t2, standardize, num_kept)
+    return _loss(
+        dkd,
+        {"tckd_weight": tckd_weight, "nckd_weight": nckd_weight},
+        student_logits,
+        teacher_logits,
+        temperature,
+        mask,
+        labels,
+        ignore_index,
+        scale_by_t2,
+        standardize,
+        num_kept,
+    )
 
 
 # the divergence behind each public objective, with its defaults: what a configured ``distill.loss`` evaluates

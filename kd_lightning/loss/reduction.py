@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 
+
 def both(first: Tensor | None, second: Tensor | None) -> Tensor | None:
     """The positions kept by both masks (``None``: all positions)."""
     if first is None or second is None:
@@ -33,8 +34,9 @@ def count(keep: Tensor | None, like: Tensor, num_kept: Tensor | float | None = N
     return torch.as_tensor(num_kept, dtype=dtype, device=like.device).clamp_min(1)
 
 
-def reduce(per_position: Tensor, keep: Tensor | None = None, num_kept: Tensor | float | None = None,
-           scale: float = 1.0) -> Tensor:
+def reduce(
+    per_position: Tensor, keep: Tensor | None = None, num_kept: Tensor | float | None = None, scale: float = 1.0
+) -> Tensor:
     """``scale · Σ_kept per_position / count``; positions that do not count contribute exactly 0 (their NaN too).
 
     Args:
@@ -44,8 +46,10 @@ def reduce(per_position: Tensor, keep: Tensor | None = None, num_kept: Tensor | 
         scale: a constant factor (``T²`` for the objectives that ask for it).
     """
     if keep is not None and keep.shape != per_position.shape:
-        raise ValueError(f"mask shape {tuple(keep.shape)} does not match the logits' positions "
-                         f"{tuple(per_position.shape)}; it must have one entry per row of logits.")
+        raise ValueError(
+            f"mask shape {tuple(keep.shape)} does not match the logits' positions "
+            f"{tuple(per_position.shape)}; it must have one entry per row of logits."
+        )
     kept = per_position if keep is None else torch.where(keep, per_position, torch.zeros_like(per_position))
     loss = kept.sum() / count(keep, per_position, num_kept)
     return loss * scale if scale != 1 else loss
@@ -74,12 +78,16 @@ class StepTokens:
     def add(self, loss: Tensor, terms: dict[str, Tensor], kept: Tensor) -> Tensor:
         """Count one micro-batch (``kept``: its number of kept positions); return the sum to back-propagate."""
         kept = kept.detach().to(torch.float32)
-        values = {"positions": kept, "loss": loss.detach() * kept} | {name: value.detach() * kept for name, value in terms.items()}
+        values = {"positions": kept, "loss": loss.detach() * kept} | {
+            name: value.detach() * kept for name, value in terms.items()
+        }
         for name, value in values.items():
             self.sums[name] = self.sums[name] + value if name in self.sums else value
         return loss * kept.to(loss.dtype)
 
-    def finish(self, strategy: Any, parameters: Iterable[nn.Parameter], micro_batches: int, world_size: int) -> dict[str, Tensor]:
+    def finish(
+        self, strategy: Any, parameters: Iterable[nn.Parameter], micro_batches: int, world_size: int
+    ) -> dict[str, Tensor]:
         """Scale the accumulated gradients to the step's mean (one all-reduce); return ``{"loss": ..., term: ...}``, the
         step's means, and start the next step."""
         names = list(self.sums)

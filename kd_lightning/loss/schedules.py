@@ -49,8 +49,10 @@ class Schedule:
         if self.interval not in ("epoch", "step"):
             raise KDError(f"schedule interval must be epoch or step, got {self.interval!r}.")
         if self.kind in ("linear", "warmup", "cosine") and (self.end is None or not self.length or self.length <= 0):
-            raise KDError(f"a {self.kind} schedule needs end=... and length=... (> 0, in {self.interval}s), "
-                          f"e.g. {{kind: {self.kind}, start: 8, end: 2, length: 30}}.")
+            raise KDError(
+                f"a {self.kind} schedule needs end=... and length=... (> 0, in {self.interval}s), "
+                f"e.g. {{kind: {self.kind}, start: 8, end: 2, length: 30}}."
+            )
 
     def extremes(self) -> tuple[float, float]:
         """The smallest and largest value the schedule ever takes (it is monotone between them)."""
@@ -86,8 +88,10 @@ def build_schedules(config: Mapping[str, Any] | None) -> dict[str, Schedule]:
         try:
             schedules[name] = Schedule(**dict(spec))
         except TypeError as exc:
-            raise KDError(f"distill.schedules.{name}: {exc}; a schedule takes kind, start, end, length, "
-                          "milestones, gamma, interval.") from None
+            raise KDError(
+                f"distill.schedules.{name}: {exc}; a schedule takes kind, start, end, length, "
+                "milestones, gamma, interval."
+            ) from None
     return schedules
 
 
@@ -101,11 +105,19 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
 
     interval = "step"
 
-    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 100, total_steps: int | None = None,
-                 min_lr_ratio: float = 0.0, last_epoch: int = -1) -> None:
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        warmup_steps: int = 100,
+        total_steps: int | None = None,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+    ) -> None:
         if warmup_steps < 0 or (total_steps is not None and total_steps < 1) or not 0 <= min_lr_ratio <= 1:
-            raise KDError(f"WarmupCosineLR needs warmup_steps >= 0, total_steps >= 1 (or null) and min_lr_ratio in [0, 1]; "
-                          f"got {warmup_steps}, {total_steps}, {min_lr_ratio}.")
+            raise KDError(
+                f"WarmupCosineLR needs warmup_steps >= 0, total_steps >= 1 (or null) and min_lr_ratio in [0, 1]; "
+                f"got {warmup_steps}, {total_steps}, {min_lr_ratio}."
+            )
         self.warmup_steps, self.total_steps, self.min_lr_ratio = warmup_steps, total_steps, min_lr_ratio
         super().__init__(optimizer, last_epoch)
 
@@ -121,7 +133,9 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LRScheduler):
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
 
-def optimizer_config(optimizer: torch.optim.Optimizer, scheduler_factory: Any, stepping_batches: Callable[[], int]) -> Any:
+def optimizer_config(
+    optimizer: torch.optim.Optimizer, scheduler_factory: Any, stepping_batches: Callable[[], int]
+) -> Any:
     """What ``configure_optimizers`` returns: the optimizer, with its scheduler stepped once per epoch or once per
     optimizer step (a scheduler whose ``interval`` is ``"step"``); a :class:`WarmupCosineLR` without ``total_steps``
     lasts ``stepping_batches()``, the whole run."""
@@ -130,4 +144,7 @@ def optimizer_config(optimizer: torch.optim.Optimizer, scheduler_factory: Any, s
     scheduler = scheduler_factory(optimizer)
     if getattr(scheduler, "total_steps", 0) is None:
         scheduler.total_steps = int(stepping_batches())
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": getattr(scheduler, "interval", "epoch")}}
+    return {
+        "optimizer": optimizer,
+        "lr_scheduler": {"scheduler": scheduler, "interval": getattr(scheduler, "interval", "epoch")},
+    }

@@ -124,7 +124,10 @@ class WideStage(nn.Module):
     def __init__(self, blocks: int, in_planes: int, out_planes: int, stride: int) -> None:
         super().__init__()
         self.layer = nn.Sequential(
-            *[WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1) for i in range(blocks)]
+            *[
+                WideBasicBlock(in_planes if i == 0 else out_planes, out_planes, stride if i == 0 else 1)
+                for i in range(blocks)
+            ]
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -172,7 +175,11 @@ def vgg_block(widths: list[int], in_channels: int) -> nn.Sequential:
     """conv-bn-relu repeated, without the final relu (applied in forward, as in the reference)."""
     layers: list[nn.Module] = []
     for width in widths:
-        layers += [nn.Conv2d(in_channels, width, kernel_size=3, padding=1), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        layers += [
+            nn.Conv2d(in_channels, width, kernel_size=3, padding=1),
+            nn.BatchNorm2d(width),
+            nn.ReLU(inplace=True),
+        ]
         in_channels = width
     return nn.Sequential(*layers[:-1])
 
@@ -187,7 +194,9 @@ class VGG(nn.Module):
         stages = VGG_STAGES[depth]
         self.num_classes = num_classes
         in_channels = [3] + [s[-1] for s in stages[:-1]]
-        self.block0, self.block1, self.block2, self.block3, self.block4 = (vgg_block(s, c) for s, c in zip(stages, in_channels))
+        self.block0, self.block1, self.block2, self.block3, self.block4 = (
+            vgg_block(s, c) for s, c in zip(stages, in_channels)
+        )
         self.classifier = nn.Linear(512, num_classes)
         init_weights(self)
         for m in self.modules():

@@ -33,8 +33,9 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v = cache[0].extend(cache[1], k, v)
         causal = allowed is None and k.shape[2] == length  # new tokens after cached ones see every cached one
-        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=causal,
-                                                  dropout_p=self.dropout if self.training else 0.0)
+        attended = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, is_causal=causal, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.proj(attended.transpose(1, 2).reshape(n, length, dim))
 
 
@@ -62,8 +63,15 @@ class GPT(nn.Module):
         dropout: on attention weights and block outputs while training.
     """
 
-    def __init__(self, vocab_size: int, context_length: int = 128, dim: int = 128, depth: int = 4, heads: int = 4,
-                 dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        vocab_size: int,
+        context_length: int = 128,
+        dim: int = 128,
+        depth: int = 4,
+        heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise KDError(f"model.dim ({dim}) must be a multiple of model.heads ({heads}).")
@@ -94,9 +102,11 @@ class GPT(nn.Module):
         """
         length = tokens.shape[1]
         if length > self.context_length:
-            raise KDError(f"a sequence of {length} tokens is longer than the model's context of {self.context_length}; "
-                          f"set data.block_size={self.context_length} or less (or build the model with "
-                          f"context_length={length}).")
+            raise KDError(
+                f"a sequence of {length} tokens is longer than the model's context of {self.context_length}; "
+                f"set data.block_size={self.context_length} or less (or build the model with "
+                f"context_length={length})."
+            )
         positions = torch.arange(length, device=tokens.device) if position_ids is None else position_ids
         allowed = None if position_ids is None else within_example(position_ids)
         return self.read(tokens, positions, allowed)
@@ -116,9 +126,20 @@ class GPT(nn.Module):
         return self.head(self.hidden_states(tokens, position_ids))
 
     @torch.no_grad()
-    def generate(self, prompts: Tensor, max_new_tokens: int, *, prompt_mask: Tensor | None = None, greedy: bool = False,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 eos_token_id: int | None = None, generator: torch.Generator | None = None, synced: bool = False) -> Tensor:
+    def generate(
+        self,
+        prompts: Tensor,
+        max_new_tokens: int,
+        *,
+        prompt_mask: Tensor | None = None,
+        greedy: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+        synced: bool = False,
+    ) -> Tensor:
         """Continue ``prompts`` ``(N, P)`` by up to ``max_new_tokens`` tokens each: ``(N, P + T)``, ``T`` the tokens made.
 
         Each new token reads only itself against the keys and values of the tokens before it (a key/value cache), in
@@ -133,15 +154,19 @@ class GPT(nn.Module):
         rows, prompt_length = prompts.shape
         check_integer("max_new_tokens", max_new_tokens)
         if prompt_length + max_new_tokens > self.context_length:
-            raise KDError(f"a prompt of {prompt_length} tokens and max_new_tokens={max_new_tokens} exceed the model's "
-                          f"context of {self.context_length}; lower max_new_tokens or shorten the prompts.")
+            raise KDError(
+                f"a prompt of {prompt_length} tokens and max_new_tokens={max_new_tokens} exceed the model's "
+                f"context of {self.context_length}; lower max_new_tokens or shorten the prompts."
+            )
         real = torch.ones_like(prompts, dtype=torch.bool) if prompt_mask is None else prompt_mask.to(torch.bool)
         positions = (real.long().cumsum(-1) - 1).clamp_min(0)
         padded = not bool(real.all())  # without padding no mask is needed: causal, then every cached token
         allowed = None
         if padded:
             causal = torch.ones(prompt_length, prompt_length, dtype=torch.bool, device=prompts.device).tril()
-            itself = torch.eye(prompt_length, dtype=torch.bool, device=prompts.device)  # a padding query reads itself, not NaN
+            itself = torch.eye(
+                prompt_length, dtype=torch.bool, device=prompts.device
+            )  # a padding query reads itself, not NaN
             allowed = ((causal & real[:, None, :]) | itself)[:, None]
         cache = KVCache(len(self.blocks), prompt_length + max_new_tokens)
         training = self.training
@@ -161,7 +186,9 @@ class GPT(nn.Module):
                 position = position + 1
                 if padded:
                     real = torch.cat([real, real.new_ones(rows, 1)], 1)
-                logits = self.head(self.read(token[:, None], position, real[:, None, None, :] if padded else None, cache)[:, -1])
+                logits = self.head(
+                    self.read(token[:, None], position, real[:, None, None, :] if padded else None, cache)[:, -1]
+                )
         finally:
             self.train(training)
         return torch.cat(made, 1)
@@ -187,14 +214,22 @@ class KVCache:
         return self.keys[block][:, :, :end], self.values[block][:, :, :end]
 
 
-def next_token(logits: Tensor, greedy: bool, temperature: float, top_k: int | None, top_p: float | None,
-               generator: torch.Generator | None) -> Tensor:
+def next_token(
+    logits: Tensor,
+    greedy: bool,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> Tensor:
     """``(N,)`` tokens from next-token logits ``(N, V)``: the likeliest, or drawn at ``temperature`` from the ``top_k``
     likeliest and the nucleus holding ``top_p`` of the probability."""
     if greedy:
         return logits.argmax(-1)
     if not temperature > 0:
-        raise KDError(f"the sampling temperature must be > 0, got {temperature}; for the likeliest token use greedy=true.")
+        raise KDError(
+            f"the sampling temperature must be > 0, got {temperature}; for the likeliest token use greedy=true."
+        )
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
@@ -202,7 +237,9 @@ def next_token(logits: Tensor, greedy: bool, temperature: float, top_k: int | No
     if top_p is not None and top_p < 1:
         ordered, order = logits.sort(-1, descending=True)
         before = ordered.softmax(-1).cumsum(-1) - ordered.softmax(-1)  # probability of the likelier tokens
-        logits = logits.masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p), float("-inf"))
+        logits = logits.masked_fill(
+            torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, before >= top_p), float("-inf")
+        )
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
@@ -241,23 +278,49 @@ def gpt_to_transformers(model: GPT) -> nn.Module:
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
-        raise KDError("exporting as a transformers model needs the transformers package: pip install 'kd_lightning[lm]'.") from None
+        raise KDError(
+            "exporting as a transformers model needs the transformers package: pip install 'kd_lightning[lm]'."
+        ) from None
     dim, blocks = model.token_embedding.embedding_dim, model.blocks
-    config = GPT2Config(vocab_size=model.vocab_size, n_positions=model.context_length, n_embd=dim, n_layer=len(blocks),
-                        n_head=blocks[0].attention.heads if len(blocks) else 1, n_inner=4 * dim, activation_function="gelu",
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=model.norm.eps,
-                        tie_word_embeddings=True, bos_token_id=None, eos_token_id=None)
+    config = GPT2Config(
+        vocab_size=model.vocab_size,
+        n_positions=model.context_length,
+        n_embd=dim,
+        n_layer=len(blocks),
+        n_head=blocks[0].attention.heads if len(blocks) else 1,
+        n_inner=4 * dim,
+        activation_function="gelu",
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        layer_norm_epsilon=model.norm.eps,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     converted = GPT2LMHeadModel(config)
-    state = {"transformer.wte.weight": model.token_embedding.weight, "transformer.wpe.weight": model.position_embedding.weight,
-             "transformer.ln_f.weight": model.norm.weight, "transformer.ln_f.bias": model.norm.bias}
+    state = {
+        "transformer.wte.weight": model.token_embedding.weight,
+        "transformer.wpe.weight": model.position_embedding.weight,
+        "transformer.ln_f.weight": model.norm.weight,
+        "transformer.ln_f.bias": model.norm.bias,
+    }
     for i, block in enumerate(blocks):
-        ours = {"ln_1": block.norm1, "ln_2": block.norm2, "attn.c_attn": block.attention.qkv, "attn.c_proj": block.attention.proj,
-                "mlp.c_fc": block.mlp[0], "mlp.c_proj": block.mlp[2]}
+        ours = {
+            "ln_1": block.norm1,
+            "ln_2": block.norm2,
+            "attn.c_attn": block.attention.qkv,
+            "attn.c_proj": block.attention.proj,
+            "mlp.c_fc": block.mlp[0],
+            "mlp.c_proj": block.mlp[2],
+        }
         for name, layer in ours.items():
             transposed = isinstance(layer, nn.Linear)  # GPT-2's Conv1D holds (in, out)
             state[f"transformer.h.{i}.{name}.weight"] = layer.weight.t() if transposed else layer.weight
             state[f"transformer.h.{i}.{name}.bias"] = layer.bias
-    missing, unexpected = converted.load_state_dict({k: v.detach().clone().contiguous() for k, v in state.items()}, strict=False)
+    missing, unexpected = converted.load_state_dict(
+        {k: v.detach().clone().contiguous() for k, v in state.items()}, strict=False
+    )
     left = [key for key in missing if key != "lm_head.weight"]  # tied to wte
     if left or unexpected:
         raise KDError(f"GPT -> GPT-2 conversion left weights unset: {left or unexpected}; please report this.")

@@ -13,7 +13,6 @@ from torch import Tensor, nn
 from kd_lightning.data.batch import Batch
 from kd_lightning.errors import KDError
 
-
 PASSED_ALONG = ("attention_mask", "position_ids")  # batch fields a model gets when its forward takes them
 
 
@@ -33,9 +32,13 @@ def passed_along(model: nn.Module, batch: Batch) -> dict[str, Any]:
     packed rows by their ``position_ids``). Packed rows are refused for a model that cannot take ``position_ids``,
     rather than read as one long sequence."""
     if "position_ids" in batch and not forward_takes(type(model), "position_ids"):
-        raise KDError(f"the batch is packed (data.packing=true) but {type(model).__name__}.forward takes no position_ids, so "
-                      "its examples would attend to each other; set data.packing=false.")
-    along: dict[str, Any] = {name: batch[name] for name in PASSED_ALONG if name in batch and forward_takes(type(model), name)}
+        raise KDError(
+            f"the batch is packed (data.packing=true) but {type(model).__name__}.forward takes no position_ids, so "
+            "its examples would attend to each other; set data.packing=false."
+        )
+    along: dict[str, Any] = {
+        name: batch[name] for name in PASSED_ALONG if name in batch and forward_takes(type(model), name)
+    }
     return along | ({"use_cache": False} if forward_takes(type(model), "use_cache") else {})
 
 
@@ -50,8 +53,10 @@ def model_logits(model: nn.Module, batch: Batch) -> Tensor:
         return output
     logits = getattr(output, "logits", None)
     if not isinstance(logits, Tensor):
-        raise KDError(f"{type(model).__name__} returned a {type(output).__name__}, not logits: return a tensor, or an "
-                      "output with a .logits field (as transformers models do).")
+        raise KDError(
+            f"{type(model).__name__} returned a {type(output).__name__}, not logits: return a tensor, or an "
+            "output with a .logits field (as transformers models do)."
+        )
     return logits
 
 
@@ -70,9 +75,11 @@ def hidden_and_head(model: nn.Module, batch: Batch) -> tuple[Tensor, nn.Module]:
     ``head(hidden)`` are its logits without ever being built whole (:mod:`kd_lightning.loss.chunked`)."""
     head = output_head(model)
     if head is None:
-        raise KDError(f"distill.chunk_rows needs the student's final hidden states and output head; {type(model).__name__} "
-                      "has neither hidden_states() and head (as kd_lightning.models.GPT) nor get_output_embeddings() "
-                      "(as transformers causal LMs). Unset distill.chunk_rows.")
+        raise KDError(
+            f"distill.chunk_rows needs the student's final hidden states and output head; {type(model).__name__} "
+            "has neither hidden_states() and head (as kd_lightning.models.GPT) nor get_output_embeddings() "
+            "(as transformers causal LMs). Unset distill.chunk_rows."
+        )
     along = passed_along(model, batch)
     if callable(getattr(model, "hidden_states", None)):
         return model.hidden_states(batch["inputs"], **along), head
@@ -91,8 +98,10 @@ def check_head_gives_logits(model: nn.Module, batch: Batch) -> None:
     finally:
         model.train(training)
     if not agree:
-        raise KDError(f"{type(model).__name__}'s output head applied to its final hidden states does not give its logits "
-                      "(the model changes them after the head); unset distill.chunk_rows.")
+        raise KDError(
+            f"{type(model).__name__}'s output head applied to its final hidden states does not give its logits "
+            "(the model changes them after the head); unset distill.chunk_rows."
+        )
 
 
 def input_rows(model: nn.Module) -> int:
@@ -106,12 +115,17 @@ def check_packing(model: nn.Module, role: str) -> None:
     """``data.packing=true``: in eval mode, two short random examples packed into one row (``position_ids`` restarting
     at 0) must give ``model`` the logits each gives alone; else its examples would attend to each other."""
     if not forward_takes(type(model), "position_ids"):
-        raise KDError(f"data.packing=true needs models that take position_ids; the {role} ({type(model).__name__}) does "
-                      "not; set data.packing=false.")
+        raise KDError(
+            f"data.packing=true needs models that take position_ids; the {role} ({type(model).__name__}) does "
+            "not; set data.packing=false."
+        )
     generator = torch.Generator().manual_seed(0)
     first, second = (torch.randint(input_rows(model), (1, n), generator=generator) for n in (5, 3))
     device = next(model.parameters()).device
-    row = {"inputs": torch.cat([first, second], 1).to(device), "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=device)}
+    row = {
+        "inputs": torch.cat([first, second], 1).to(device),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]], device=device),
+    }
     training = model.training
     try:
         with torch.no_grad():
@@ -121,6 +135,8 @@ def check_packing(model: nn.Module, role: str) -> None:
         model.train(training)
     tolerance = 1e-4 if next(model.parameters()).dtype == torch.float32 else 3e-2
     if not torch.allclose(packed, alone, rtol=tolerance, atol=tolerance):
-        raise KDError(f"the {role} ({type(model).__name__}) does not keep attention inside each packed example: a packed "
-                      "row gives other logits than its examples alone (an attention implementation that ignores "
-                      "position_ids?); set data.packing=false.")
+        raise KDError(
+            f"the {role} ({type(model).__name__}) does not keep attention inside each packed example: a packed "
+            "row gives other logits than its examples alone (an attention implementation that ignores "
+            "position_ids?); set data.packing=false."
+        )

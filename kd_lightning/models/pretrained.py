@@ -31,11 +31,19 @@ def where_looked(path: str) -> str:
         return f"the folder {Path(path).expanduser().resolve()}"
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    return f"the hub cache {HF_HUB_CACHE}" + (" (offline: HF_HUB_OFFLINE=1)" if offline() else " and the Hugging Face hub")
+    return f"the hub cache {HF_HUB_CACHE}" + (
+        " (offline: HF_HUB_OFFLINE=1)" if offline() else " and the Hugging Face hub"
+    )
 
 
-def pretrained_causal_lm(path: str, dtype: str = "float32", revision: str | None = None,
-                         attn_implementation: str | None = None, trust_remote_code: bool = False, **kwargs: Any) -> nn.Module:
+def pretrained_causal_lm(
+    path: str,
+    dtype: str = "float32",
+    revision: str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+    **kwargs: Any,
+) -> nn.Module:
     """``AutoModelForCausalLM.from_pretrained(path, ...)`` in train mode (``from_pretrained`` returns eval mode, in
     which a student would train with its dropout off), every problem as one line.
 
@@ -56,21 +64,29 @@ def pretrained_causal_lm(path: str, dtype: str = "float32", revision: str | None
         raise KDError(f"the model's dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     if not isinstance(path, str) or not path:
         raise KDError("set the pretrained model's path: teacher.model.path=DIR_OR_HUB_ID (or student.model.path=...).")
-    options = {"revision": revision, "trust_remote_code": bool(trust_remote_code)} | ({"local_files_only": True} if offline() else {})
+    options = {"revision": revision, "trust_remote_code": bool(trust_remote_code)} | (
+        {"local_files_only": True} if offline() else {}
+    )
     try:
         config = AutoConfig.from_pretrained(path, **options)
     except OSError as error:
-        raise KDError(f"no pretrained model at {path!r}: looked in {where_looked(path)} ({first_line(error)}); point "
-                      "model.path at a folder written by save_pretrained (config.json and the weights), or a hub id in "
-                      "the local cache.") from None
+        raise KDError(
+            f"no pretrained model at {path!r}: looked in {where_looked(path)} ({first_line(error)}); point "
+            "model.path at a folder written by save_pretrained (config.json and the weights), or a hub id in "
+            "the local cache."
+        ) from None
     except ValueError as error:
         if "trust_remote_code" in str(error):
-            raise KDError(f"{path} ships its own model code, which runs only with trust_remote_code=true; read that code, "
-                          "then set model.trust_remote_code=true.") from None
+            raise KDError(
+                f"{path} ships its own model code, which runs only with trust_remote_code=true; read that code, "
+                "then set model.trust_remote_code=true."
+            ) from None
         raise KDError(f"{path} holds no model transformers knows ({first_line(error)}).") from None
     if getattr(config, "auto_map", None) and not trust_remote_code:
-        raise KDError(f"{path} ships its own model code, which runs only with trust_remote_code=true; read that code, then "
-                      "set model.trust_remote_code=true.")
+        raise KDError(
+            f"{path} ships its own model code, which runs only with trust_remote_code=true; read that code, then "
+            "set model.trust_remote_code=true."
+        )
     if attn_implementation is not None:
         options["attn_implementation"] = attn_implementation
     from transformers.utils import logging as transformers_logging
@@ -78,34 +94,47 @@ def pretrained_causal_lm(path: str, dtype: str = "float32", revision: str | None
     bars = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per model would break the run's log lines
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=getattr(torch, dtype), **options, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=getattr(torch, dtype), **options, **kwargs
+        )
     except (OSError, ValueError) as error:
-        raise KDError(f"cannot read the pretrained model at {path!r} ({first_line(error)}); it needs its weights "
-                      "(model.safetensors or pytorch_model.bin) beside config.json.") from None
+        raise KDError(
+            f"cannot read the pretrained model at {path!r} ({first_line(error)}); it needs its weights "
+            "(model.safetensors or pytorch_model.bin) beside config.json."
+        ) from None
     finally:
         if bars:
             transformers_logging.enable_progress_bar()
     return model.train()
 
 
-def pretrained_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False,
-                         vocab_size: int | None = None) -> Any:
+def pretrained_tokenizer(
+    path: str, revision: str | None = None, trust_remote_code: bool = False, vocab_size: int | None = None
+) -> Any:
     """``AutoTokenizer.from_pretrained(path)``, every problem as one line; with ``vocab_size`` (``data.vocab_size``),
     refused unless it has that many tokens."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise KDError("a pretrained tokenizer needs the transformers package: pip install 'kd_lightning[lm]'.") from None
-    options = {"revision": revision, "trust_remote_code": bool(trust_remote_code)} | ({"local_files_only": True} if offline() else {})
+        raise KDError(
+            "a pretrained tokenizer needs the transformers package: pip install 'kd_lightning[lm]'."
+        ) from None
+    options = {"revision": revision, "trust_remote_code": bool(trust_remote_code)} | (
+        {"local_files_only": True} if offline() else {}
+    )
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **options)
     except (OSError, ValueError, TypeError) as error:
-        raise KDError(f"no tokenizer at {path!r}: looked in {where_looked(path)} ({first_line(error)}); the model folder "
-                      "needs its tokenizer files (tokenizer.json, tokenizer_config.json: save_pretrained them with the model), "
-                      "or point data.tokenizer at a folder that has them.") from None
+        raise KDError(
+            f"no tokenizer at {path!r}: looked in {where_looked(path)} ({first_line(error)}); the model folder "
+            "needs its tokenizer files (tokenizer.json, tokenizer_config.json: save_pretrained them with the model), "
+            "or point data.tokenizer at a folder that has them."
+        ) from None
     if vocab_size is not None and len(tokenizer) != vocab_size:
-        raise KDError(f"data.vocab_size={vocab_size} but the tokenizer {path} has {len(tokenizer)} tokens; set "
-                      f"data.vocab_size={len(tokenizer)}.")
+        raise KDError(
+            f"data.vocab_size={vocab_size} but the tokenizer {path} has {len(tokenizer)} tokens; set "
+            f"data.vocab_size={len(tokenizer)}."
+        )
     return tokenizer
 
 
@@ -117,7 +146,12 @@ def save_tokenizer(tokenizer: Any, folder: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def check_pretrained(where: str, node: Any) -> None:
@@ -133,14 +167,20 @@ def check_pretrained(where: str, node: Any) -> None:
     folder = Path(str(path)).expanduser()
     if folder.is_dir():
         if not (folder / "config.json").is_file():
-            raise KDError(f"{where}.path={path} holds no model (no config.json in {folder.resolve()}); point it at a folder "
-                          "written by save_pretrained.")
+            raise KDError(
+                f"{where}.path={path} holds no model (no config.json in {folder.resolve()}); point it at a folder "
+                "written by save_pretrained."
+            )
         if not any((folder / name).is_file() for name in WEIGHT_FILES):
-            raise KDError(f"{where}.path={path} holds a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
-                          "save the model with save_pretrained, weights included.")
+            raise KDError(
+                f"{where}.path={path} holds a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
+                "save the model with save_pretrained, weights included."
+            )
     elif str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # a path, not a hub id (owner/name)
-        raise KDError(f"{where}.path={path}: no such folder (looked in {folder.resolve()}); point it at a folder written "
-                      "by save_pretrained, or a hub id.")
+        raise KDError(
+            f"{where}.path={path}: no such folder (looked in {folder.resolve()}); point it at a folder written "
+            "by save_pretrained, or a hub id."
+        )
 
 
 def pretrained_fingerprint(node: Any) -> str:
@@ -150,7 +190,9 @@ def pretrained_fingerprint(node: Any) -> str:
     if folder.is_dir():
         from kd_lightning.files import file_sha256
 
-        files = sorted(path for path in folder.iterdir() if path.name == "config.json" or path.suffix in (".safetensors", ".bin"))
+        files = sorted(
+            path for path in folder.iterdir() if path.name == "config.json" or path.suffix in (".safetensors", ".bin")
+        )
         digest = hashlib.sha256("".join(f"{path.name}:{file_sha256(path)};" for path in files).encode()).hexdigest()
         return f"{digest[:16]}-{node.get('dtype', 'float32')}"
     return f"{node.get('path')}@{node.get('revision') or 'main'}-{node.get('dtype', 'float32')}"
@@ -195,21 +237,29 @@ def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = Non
     ``len(keep_layers)`` layers) with fresh weights from the seed, the student to compare the teacher's layers with.
     """
     if init not in ("teacher", "fresh"):
-        raise KDError(f"student.model.init must be teacher (the teacher's layers) or fresh (the same architecture, fresh "
-                      f"weights), got {init!r}.")
+        raise KDError(
+            f"student.model.init must be teacher (the teacher's layers) or fresh (the same architecture, fresh "
+            f"weights), got {init!r}."
+        )
     found = decoder_layers(teacher)
     if found is None:
-        raise KDError(f"student=from_teacher takes the decoder layers of a transformers causal LM ({', '.join(DECODER_LAYERS)}); "
-                      f"{type(teacher).__name__} has none of them. Use a student of its own (student=llama_student, ...).")
+        raise KDError(
+            f"student=from_teacher takes the decoder layers of a transformers causal LM ({', '.join(DECODER_LAYERS)}); "
+            f"{type(teacher).__name__} has none of them. Use a student of its own (student=llama_student, ...)."
+        )
     holder, name = found
     layers = getattr(holder, name)
     if not keep_layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep_layers):
-        raise KDError(f"set student.model.keep_layers to the teacher's layers to keep, e.g. [0,{len(layers) - 1}] (it has "
-                      f"{len(layers)}), got {keep_layers!r}.")
+        raise KDError(
+            f"set student.model.keep_layers to the teacher's layers to keep, e.g. [0,{len(layers) - 1}] (it has "
+            f"{len(layers)}), got {keep_layers!r}."
+        )
     outside = [i for i in keep_layers if not 0 <= i < len(layers)]
     if outside or len(set(keep_layers)) != len(keep_layers):
-        raise KDError(f"student.model.keep_layers={list(keep_layers)} must name distinct layers of the teacher's "
-                      f"{len(layers)} (0..{len(layers) - 1}){f'; {outside} are not' if outside else ''}.")
+        raise KDError(
+            f"student.model.keep_layers={list(keep_layers)} must name distinct layers of the teacher's "
+            f"{len(layers)} (0..{len(layers) - 1}){f'; {outside} are not' if outside else ''}."
+        )
     setattr(holder, name, nn.ModuleList(layers[i] for i in keep_layers))
     for index, layer in enumerate(getattr(holder, name)):
         for module in layer.modules():  # the key/value cache is indexed by layer

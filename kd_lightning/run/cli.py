@@ -16,9 +16,9 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from kd_lightning.run.config import composed_node, config_dir, register_configs, unknown_setting
 from kd_lightning.errors import KDError, one_line
 from kd_lightning.files import atomic_write_text
+from kd_lightning.run.config import composed_node, config_dir, register_configs, unknown_setting
 from kd_lightning.run.report import FAILURE_FILE
 
 register_configs()
@@ -30,30 +30,41 @@ VERBOSE = os.environ["KD_LIGHTNING_TRACEBACK"] == "1"
 
 def format_summary(results: dict) -> str:
     """The table printed at the end of a run: accuracy, calibration and fidelity per stage."""
+
     def cell(metrics: dict, key: str, scale: float, fmt: str) -> str:
         value = metrics.get(key)
         return f"{'-':>{len(format(0.0, fmt))}}" if value is None else format(scale * value, fmt)
 
     stages = [("teacher", "teacher"), ("baseline", "student alone"), ("distilled", "student distilled")] + [
-        (key, f"distilled: {key}") for key in results.get("on_policy_stages", [])]
+        (key, f"distilled: {key}") for key in results.get("on_policy_stages", [])
+    ]
     tokens = "test/ppl" in results.get("distilled", {})
     answers = "test/exact_match" in results.get("distilled", {})
     second = ("ppl", "test/ppl", 1, "7.2f") if tokens else ("ECE", "test/ece", 1, "7.4f")
     width = max(20, *(len(name) for key, name in stages if key in results))
-    lines = ["", f"{'test split':{width}s} {'acc %':>7s} {second[0]:>7s} {'agree %':>8s} {'KL(t‖s)':>8s}"
-             + (f" {'exact %':>8s}" if answers else "")]
+    lines = [
+        "",
+        f"{'test split':{width}s} {'acc %':>7s} {second[0]:>7s} {'agree %':>8s} {'KL(t‖s)':>8s}"
+        + (f" {'exact %':>8s}" if answers else ""),
+    ]
     for key, name in stages:
         if key in results:
             m = results[key]
-            lines.append(f"{name:{width}s} {cell(m, 'test/acc', 100, '7.2f')} {cell(m, *second[1:])} "
-                         f"{cell(m, 'test/agreement', 100, '8.2f')} {cell(m, 'test/kl_t1', 1, '8.4f')}"
-                         + (f" {cell(m, 'test/exact_match', 100, '8.2f')}" if answers else ""))
+            lines.append(
+                f"{name:{width}s} {cell(m, 'test/acc', 100, '7.2f')} {cell(m, *second[1:])} "
+                f"{cell(m, 'test/agreement', 100, '8.2f')} {cell(m, 'test/kl_t1', 1, '8.4f')}"
+                + (f" {cell(m, 'test/exact_match', 100, '8.2f')}" if answers else "")
+            )
     if "gain" in results:
-        lines.append(f"{'gain from KD':{width}s} {100 * results['gain']:+7.2f}"
-                     + (f" {100 * (results['ppl_ratio'] - 1):+6.1f}%" if "ppl_ratio" in results else ""))
-    lines.append("agree: top-1 agreement with the teacher; KL(t‖s): KL(teacher ‖ student) at T=1; "
-                 + ("acc: next-token accuracy; ppl: perplexity per token" if tokens else "ECE: 15-bin calibration error")
-                 + ("; exact: greedy answers exactly right" if answers else ""))
+        lines.append(
+            f"{'gain from KD':{width}s} {100 * results['gain']:+7.2f}"
+            + (f" {100 * (results['ppl_ratio'] - 1):+6.1f}%" if "ppl_ratio" in results else "")
+        )
+    lines.append(
+        "agree: top-1 agreement with the teacher; KL(t‖s): KL(teacher ‖ student) at T=1; "
+        + ("acc: next-token accuracy; ppl: perplexity per token" if tokens else "ECE: 15-bin calibration error")
+        + ("; exact: greedy answers exactly right" if answers else "")
+    )
     lines.append(f"outputs: {results['output_dir']}")
     return "\n".join(lines)
 
@@ -107,8 +118,11 @@ def hydra_error_line(error: HydraException) -> str:
     unknown = re.match(r"Could not override '([^']+)'", str(error))
     if unknown and re.search(r"not in (struct|'\w+')", str(error.__cause__ or error)):
         key = unknown.group(1)
-        others = [arg for arg in sys.argv[1:] if not arg.startswith(("-", "hydra.", "hydra/"))
-                  and arg.lstrip("+~").split("=")[0] != key]
+        others = [
+            arg
+            for arg in sys.argv[1:]
+            if not arg.startswith(("-", "hydra.", "hydra/")) and arg.lstrip("+~").split("=")[0] != key
+        ]
         return one_line(unknown_setting(key, node=composed_node(key.rpartition(".")[0], others)))
     cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ is not None and str(error.__cause__) else ""
     return " ".join(f"{str(error).strip()}{cause}".split())

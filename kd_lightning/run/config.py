@@ -20,9 +20,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from hydra._internal.utils import _locate
 from hydra.core.config_store import ConfigStore
 from hydra.errors import InstantiationException
-from hydra._internal.utils import _locate
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -60,8 +60,14 @@ def model_configs() -> dict[str, Any]:
     """``{name: model config}``: the files of ``conf/model/`` and the CIFAR zoo."""
     from kd_lightning.models.cifar import MODELS
 
-    configs: dict[str, Any] = {name: {"_target_": "kd_lightning.models.cifar.build_cifar_model", "name": name,
-                                      "num_classes": "${data.num_classes}"} for name in MODELS}
+    configs: dict[str, Any] = {
+        name: {
+            "_target_": "kd_lightning.models.cifar.build_cifar_model",
+            "name": name,
+            "num_classes": "${data.num_classes}",
+        }
+        for name in MODELS
+    }
     for path in sorted((Path(config_dir()) / "model").glob("*.yaml")):
         configs[path.stem] = OmegaConf.load(path)
     return configs
@@ -81,7 +87,9 @@ def build(node: Any, **kwargs: Any) -> Any:
             raise cause from None
         where = re.search(r"full_key: ([\w.]+)", str(error))
         if isinstance(error.__cause__, TypeError) and where and isinstance(node, DictConfig):
-            unknown = unexpected_argument(error.__cause__, where.group(1), OmegaConf.select(node._get_root(), where.group(1)))
+            unknown = unexpected_argument(
+                error.__cause__, where.group(1), OmegaConf.select(node._get_root(), where.group(1))
+            )
             if unknown is not None:
                 raise unknown from None
         raise
@@ -104,12 +112,16 @@ def target_signature(node: Any) -> tuple[set[str], bool]:
     if found is None:
         return set(), True
     names: set[str] = set()
-    for function in ([klass.__init__ for klass in found.__mro__ if "__init__" in vars(klass)] if inspect.isclass(found) else [found]):
+    for function in (
+        [klass.__init__ for klass in found.__mro__ if "__init__" in vars(klass)] if inspect.isclass(found) else [found]
+    ):
         try:
             parameters = inspect.signature(function).parameters.values()
         except (TypeError, ValueError):
             return names, True
-        names |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+        names |= {
+            p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        }
         if not any(p.kind == p.VAR_KEYWORD for p in parameters):
             return names, False
     return names, True
@@ -140,7 +152,14 @@ def check_known_keys(cfg: DictConfig) -> None:
         if unknown:
             raise unknown_setting(f"{where}.{unknown[0]}" if where else unknown[0], allowed)
     callbacks = cfg.get("callbacks") or {}
-    for where in ("data", "student.model", "teacher.model", "trainer", "logger", *(f"callbacks.{name}" for name in callbacks)):
+    for where in (
+        "data",
+        "student.model",
+        "teacher.model",
+        "trainer",
+        "logger",
+        *(f"callbacks.{name}" for name in callbacks),
+    ):
         check_arguments(where, OmegaConf.select(cfg, where))
 
 
@@ -148,11 +167,20 @@ def closed_settings() -> dict[str, set[str]]:
     """``{where: the settings there}`` for the nodes whose keys are all read by the library (no free keys)."""
     conf = Path(config_dir())
     run, teacher = OmegaConf.load(conf / "train.yaml"), OmegaConf.load(conf / "teacher.yaml")
-    groups = {name for entry in run.defaults for name in ([entry] if isinstance(entry, str) else entry)
-              if not name.startswith("override ")} - {"_self_"}
-    return {"": set(run) - {"defaults", "hydra"} | groups, "distill": {f.name for f in fields(DistillSchema)},
-            "teacher": set(teacher) | {"model"}, "teacher.fit": set(teacher.fit), "teacher.recording": set(teacher.recording),
-            "speed": set(run.speed)}
+    groups = {
+        name
+        for entry in run.defaults
+        for name in ([entry] if isinstance(entry, str) else entry)
+        if not name.startswith("override ")
+    } - {"_self_"}
+    return {
+        "": set(run) - {"defaults", "hydra"} | groups,
+        "distill": {f.name for f in fields(DistillSchema)},
+        "teacher": set(teacher) | {"model"},
+        "teacher.fit": set(teacher.fit),
+        "teacher.recording": set(teacher.recording),
+        "speed": set(run.speed),
+    }
 
 
 def unknown_setting(key: str, allowed: set[str] | None = None, node: Any = None) -> KDError:
@@ -169,8 +197,10 @@ def unknown_setting(key: str, allowed: set[str] | None = None, node: Any = None)
     listed = set(node) - {"_target_", "_partial_", "defaults"} if isinstance(node, DictConfig) else set()
     arguments = target_signature(node)[0]
     if closed is None and name in arguments - listed:
-        return KDError(f"{key} is an argument of {node._target_.rpartition('.')[2]} that the config does not list: add it "
-                       f"with +{key}=VALUE.")
+        return KDError(
+            f"{key} is an argument of {node._target_.rpartition('.')[2]} that the config does not list: add it "
+            f"with +{key}=VALUE."
+        )
     known = closed if closed is not None else listed | arguments
     prefix = f"{where}." if where else ""
     close = difflib.get_close_matches(name, sorted(known - {name}), n=2, cutoff=0.75)

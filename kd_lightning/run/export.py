@@ -40,8 +40,10 @@ def find_run_config(checkpoint: Path) -> Path:
         candidate = folder / ".hydra" / "config.yaml"
         if candidate.is_file():
             return candidate
-    raise KDError(f"no .hydra/config.yaml above {checkpoint} to tell the student's architecture; pass "
-                  "--config RUN/.hydra/config.yaml (or call export_student(..., student=model)).")
+    raise KDError(
+        f"no .hydra/config.yaml above {checkpoint} to tell the student's architecture; pass "
+        "--config RUN/.hydra/config.yaml (or call export_student(..., student=model))."
+    )
 
 
 def student_from_config(config: Path) -> tuple[nn.Module, tuple[int, ...] | None]:
@@ -66,17 +68,25 @@ def check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool, folder
     resolved = [out.resolve() for out in outputs]
     for out, where in zip(outputs, resolved):
         if where == checkpoint.resolve():
-            raise KDError(f"{out} is the checkpoint being exported; write the student to another path (the checkpoint is "
-                          "what ckpt_path=last resumes from).")
+            raise KDError(
+                f"{out} is the checkpoint being exported; write the student to another path (the checkpoint is "
+                "what ckpt_path=last resumes from)."
+            )
         if where in checkpoint.resolve().parents:
-            raise KDError(f"{out} holds the checkpoint being exported ({checkpoint}); write the export to a path of its "
-                          "own, outside the run.")
+            raise KDError(
+                f"{out} holds the checkpoint being exported ({checkpoint}); write the export to a path of its "
+                "own, outside the run."
+            )
         if resolved.count(where) > 1:
             raise KDError(f"{out} is named for two outputs; give each of them its own path.")
         if folder and out.is_file():
-            raise KDError(f"{out} is a file, but --format hf writes a folder; give a folder path (e.g. {out.with_suffix('')}).")
+            raise KDError(
+                f"{out} is a file, but --format hf writes a folder; give a folder path (e.g. {out.with_suffix('')})."
+            )
         if not folder and out.is_dir():
-            raise KDError(f"{out} is a folder, but this export writes a file; give a file path (e.g. {out / 'student.pt'}).")
+            raise KDError(
+                f"{out} is a folder, but this export writes a file; give a file path (e.g. {out / 'student.pt'})."
+            )
         if out.exists() and not overwrite:
             raise KDError(f"{out} already exists; choose another path or pass --overwrite to replace it.")
         if out.exists():
@@ -89,22 +99,33 @@ def earlier_export(out: Path, folder: bool) -> None:
     ``torch.export``). A run directory, a folder with other files, or any other file is never replaced."""
     if not folder:
         if not is_torch_archive(out):
-            raise KDError(f"{out} is not a file an export wrote (not a PyTorch archive); --overwrite replaces earlier "
-                          "exports only: choose another path, or remove it yourself.")
+            raise KDError(
+                f"{out} is not a file an export wrote (not a PyTorch archive); --overwrite replaces earlier "
+                "exports only: choose another path, or remove it yourself."
+            )
         return
     if (out / ".hydra").is_dir() or (out / "metrics.json").exists():
-        raise KDError(f"{out} is a run directory; --overwrite replaces earlier exports only: write the export to a folder "
-                      "of its own.")
+        raise KDError(
+            f"{out} is a run directory; --overwrite replaces earlier exports only: write the export to a folder "
+            "of its own."
+        )
     try:
         written = set(json.loads((out / EXPORT_FILE).read_text())["files"])
     except (OSError, ValueError, KeyError, TypeError):
-        raise KDError(f"{out} is not a folder an export wrote (no {EXPORT_FILE}); --overwrite replaces earlier exports "
-                      "only: choose another folder, or remove it yourself.") from None
-    others = sorted(str(path.relative_to(out)) for path in out.rglob("*")
-                    if path.is_file() and str(path.relative_to(out)) not in written | {EXPORT_FILE})
+        raise KDError(
+            f"{out} is not a folder an export wrote (no {EXPORT_FILE}); --overwrite replaces earlier exports "
+            "only: choose another folder, or remove it yourself."
+        ) from None
+    others = sorted(
+        str(path.relative_to(out))
+        for path in out.rglob("*")
+        if path.is_file() and str(path.relative_to(out)) not in written | {EXPORT_FILE}
+    )
     if others:
-        raise KDError(f"{out} holds files no export wrote ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
-                      "--overwrite replaces earlier exports only: move them, or choose another folder.")
+        raise KDError(
+            f"{out} holds files no export wrote ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}); "
+            "--overwrite replaces earlier exports only: move them, or choose another folder."
+        )
 
 
 def is_torch_archive(path: Path) -> bool:
@@ -129,9 +150,11 @@ def check_stage(checkpoint: Path, config: Path) -> None:
     """Refuse the teacher stage's checkpoint of a run: it holds the teacher, not the student of the run's config."""
     run = config.resolve().parent.parent
     if stage_of(checkpoint, config) == "teacher":
-        raise KDError(f"{checkpoint} is the teacher stage's checkpoint: it holds the run's teacher, not its student. Export "
-                      f"{run / 'distilled' / 'checkpoints' / 'last.ckpt'} (the distilled student), or use this file as "
-                      "teacher.checkpoint=... of another run.")
+        raise KDError(
+            f"{checkpoint} is the teacher stage's checkpoint: it holds the run's teacher, not its student. Export "
+            f"{run / 'distilled' / 'checkpoints' / 'last.ckpt'} (the distilled student), or use this file as "
+            "teacher.checkpoint=... of another run."
+        )
 
 
 def export_student(
@@ -171,8 +194,10 @@ def export_student(
     if torchscript or torch_export:
         if example_input is None:
             if input_shape is None:
-                raise KDError("TorchScript / torch.export need an example input; pass example_input=... "
-                              "(or --config of a run whose data declares input_shape).")
+                raise KDError(
+                    "TorchScript / torch.export need an example input; pass example_input=... "
+                    "(or --config of a run whose data declares input_shape)."
+                )
             example_input = torch.zeros(2, *input_shape)
         with torch.no_grad():
             if torchscript:
@@ -185,8 +210,14 @@ def export_student(
     return student
 
 
-def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *, config: str | os.PathLike | None = None,
-                        role: str | None = None, overwrite: bool = False) -> nn.Module:
+def export_transformers(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    role: str | None = None,
+    overwrite: bool = False,
+) -> nn.Module:
     """Write the model of ``checkpoint`` (the student; the teacher for the teacher stage's checkpoint) to the folder
     ``out`` with ``save_pretrained``, and the run's tokenizer beside it; return the written transformers model.
     ``role="teacher"`` reads ``checkpoint`` as the run's teacher wherever it lies (a trained teacher the run reused
@@ -198,8 +229,8 @@ def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     """
     from omegaconf import OmegaConf
 
-    from kd_lightning.run.config import build
     from kd_lightning.models.gpt import GPT, gpt_to_transformers
+    from kd_lightning.run.config import build
 
     checkpoint, out = existing_checkpoint(checkpoint, "the checkpoint to export"), Path(out)
     check_outputs(checkpoint, [out], overwrite, folder=True)
@@ -212,12 +243,16 @@ def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *
     if isinstance(model, GPT):
         model = gpt_to_transformers(model)
     if not hasattr(model, "save_pretrained"):
-        raise KDError(f"--format hf writes transformers models (and kd_lightning's GPT, as GPT-2); the {role} is a "
-                      f"{type(model).__name__}: export it as a state_dict instead (without --format).")
+        raise KDError(
+            f"--format hf writes transformers models (and kd_lightning's GPT, as GPT-2); the {role} is a "
+            f"{type(model).__name__}: export it as a state_dict instead (without --format)."
+        )
     tokenizer = run_tokenizer(config, cfg)
     model = model.eval()
     eos = getattr(tokenizer, "eos_token_id", None)
-    if eos is not None and getattr(model.config, "eos_token_id", None) is None:  # generate() stops at the tokenizer's EOS
+    if (
+        eos is not None and getattr(model.config, "eos_token_id", None) is None
+    ):  # generate() stops at the tokenizer's EOS
         model.config.eos_token_id = model.config.bos_token_id = eos
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = eos
     with atomic_directory(out) as tmp:
@@ -225,10 +260,14 @@ def export_transformers(checkpoint: str | os.PathLike, out: str | os.PathLike, *
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         files = sorted(str(path.relative_to(tmp)) for path in tmp.rglob("*") if path.is_file())
-        (tmp / EXPORT_FILE).write_text(json.dumps({"checkpoint": str(checkpoint.resolve()), "role": role,
-                                                   "files": files}, indent=2) + "\n")
+        (tmp / EXPORT_FILE).write_text(
+            json.dumps({"checkpoint": str(checkpoint.resolve()), "role": role, "files": files}, indent=2) + "\n"
+        )
     if tokenizer is None:
-        print(f"warning: the run in {config.parent.parent} saved no tokenizer; {out} holds the model alone", file=sys.stderr)
+        print(
+            f"warning: the run in {config.parent.parent} saved no tokenizer; {out} holds the model alone",
+            file=sys.stderr,
+        )
     return model
 
 
@@ -246,32 +285,55 @@ def run_tokenizer(config: Path, cfg: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="kd_lightning export", description="Write the distilled student alone as a plain state_dict.")
+    parser = argparse.ArgumentParser(
+        prog="kd_lightning export", description="Write the distilled student alone as a plain state_dict."
+    )
     parser.add_argument("checkpoint", type=Path, help="e.g. outputs/DATE/TIME/distilled/checkpoints/last.ckpt")
     parser.add_argument("out", type=Path, help="where the student's state_dict goes (e.g. student.pt)")
-    parser.add_argument("--config", type=Path, help="the run's .hydra/config.yaml (default: found above the checkpoint)")
+    parser.add_argument(
+        "--config", type=Path, help="the run's .hydra/config.yaml (default: found above the checkpoint)"
+    )
     parser.add_argument("--torchscript", type=Path, help="also write a traced TorchScript module here")
     parser.add_argument("--torch-export", type=Path, help="also write a torch.export ExportedProgram here (.pt2)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    parser.add_argument("--format", choices=("state_dict", "hf"), default="state_dict",
-                        help="hf: a transformers model folder (save_pretrained) with the run's tokenizer")
-    parser.add_argument("--role", choices=("teacher", "student"),
-                        help="with --format hf: which of the run's models the checkpoint holds (default: the teacher for "
-                             "RUN/teacher/..., else the student); teacher for a trained teacher from the cache")
+    parser.add_argument(
+        "--format",
+        choices=("state_dict", "hf"),
+        default="state_dict",
+        help="hf: a transformers model folder (save_pretrained) with the run's tokenizer",
+    )
+    parser.add_argument(
+        "--role",
+        choices=("teacher", "student"),
+        help="with --format hf: which of the run's models the checkpoint holds (default: the teacher for "
+        "RUN/teacher/..., else the student); teacher for a trained teacher from the cache",
+    )
     args = parser.parse_args(argv)
     try:
         if args.role and args.format != "hf":
             raise KDError("--role is for --format hf; a state_dict export writes the run's student.")
         if args.format == "hf":
             if args.torchscript or args.torch_export:
-                raise KDError("--format hf writes a transformers folder; export TorchScript / torch.export without --format.")
-            model = export_transformers(args.checkpoint, args.out, config=args.config, role=args.role, overwrite=args.overwrite)
+                raise KDError(
+                    "--format hf writes a transformers folder; export TorchScript / torch.export without --format."
+                )
+            model = export_transformers(
+                args.checkpoint, args.out, config=args.config, role=args.role, overwrite=args.overwrite
+            )
             tokenizer = " and its tokenizer" if (args.out / "tokenizer_config.json").is_file() else ""
-            print(f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters){tokenizer} "
-                  f"written to {args.out}: AutoModelForCausalLM.from_pretrained({str(args.out)!r})")
+            print(
+                f"{type(model).__name__} ({sum(p.numel() for p in model.parameters()):,} parameters){tokenizer} "
+                f"written to {args.out}: AutoModelForCausalLM.from_pretrained({str(args.out)!r})"
+            )
             return
-        student = export_student(args.checkpoint, args.out, config=args.config, torchscript=args.torchscript,
-                                 torch_export=args.torch_export, overwrite=args.overwrite)
+        student = export_student(
+            args.checkpoint,
+            args.out,
+            config=args.config,
+            torchscript=args.torchscript,
+            torch_export=args.torch_export,
+            overwrite=args.overwrite,
+        )
     except (KDError, OSError) as error:
         print(f"error: {one_line(error)}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -32,7 +32,9 @@ class KeepingExperimentWriter(ExperimentWriter):
     def save(self) -> None:
         if self.earlier is not None and self.metrics:
             first = min(row["step"] for row in self.metrics)
-            kept = [row for row in self.earlier if row.get("step") not in (None, "") and int(float(row["step"])) < first]
+            kept = [
+                row for row in self.earlier if row.get("step") not in (None, "") and int(float(row["step"])) < first
+            ]
             if kept:
                 self.metrics_keys = sorted(set().union(*kept))
                 with open(self.metrics_file_path, "w", newline="") as file:

@@ -77,7 +77,9 @@ def width_and_vocab(model: nn.Module) -> tuple[int, int]:
 
     head = output_head(model)
     if head is None or getattr(head, "weight", None) is None:
-        raise KDError(f"the memory calculator is for language models with an output head; {type(model).__name__} has none.")
+        raise KDError(
+            f"the memory calculator is for language models with an output head; {type(model).__name__} has none."
+        )
     vocab, width = head.weight.shape
     return int(width), int(vocab)
 
@@ -105,12 +107,25 @@ def optimizer_states(optim: Any) -> int:
         return 2
     if target.endswith("SGD"):
         return 1 if optim.get("momentum", 0) else 0
-    raise KDError(f"the memory calculator knows Adam, AdamW and SGD, not {target or optim!r}; count its state yourself.")
+    raise KDError(
+        f"the memory calculator knows Adam, AdamW and SGD, not {target or optim!r}; count its state yourself."
+    )
 
 
-def device_memory(teacher: nn.Module | None, student: nn.Module, *, processes: int, sharded: bool, shard_teacher: bool,
-                  optimizer_states_per_parameter: int, batch_size: int, length: int, chunk_rows: int | None = None,
-                  compute_element_size: int = 4, gathered_element_size: int | None = None) -> DeviceMemory:
+def device_memory(
+    teacher: nn.Module | None,
+    student: nn.Module,
+    *,
+    processes: int,
+    sharded: bool,
+    shard_teacher: bool,
+    optimizer_states_per_parameter: int,
+    batch_size: int,
+    length: int,
+    chunk_rows: int | None = None,
+    compute_element_size: int = 4,
+    gathered_element_size: int | None = None,
+) -> DeviceMemory:
     """One process's bytes for a language-model run (see the module docstring for what is counted how).
 
     Args:
@@ -127,11 +142,14 @@ def device_memory(teacher: nn.Module | None, student: nn.Module, *, processes: i
     n = processes if sharded else 1
     student_bytes = shard_bytes(student, n)
     teacher_sharded = teacher is not None and sharded and shard_teacher
-    teacher_bytes = 0 if teacher is None else shard_bytes(teacher, processes) if teacher_sharded else whole_bytes(teacher)
+    teacher_bytes = (
+        0 if teacher is None else shard_bytes(teacher, processes) if teacher_sharded else whole_bytes(teacher)
+    )
     gathered = 0
     if sharded:
         gathered = gathered_bytes(student, gathered_element_size) + (
-            gathered_bytes(teacher, gathered_element_size) if teacher_sharded else 0)
+            gathered_bytes(teacher, gathered_element_size) if teacher_sharded else 0
+        )
     width, vocab = width_and_vocab(student)
     from kd_lightning.sharding import blocks
 
@@ -139,9 +157,14 @@ def device_memory(teacher: nn.Module | None, student: nn.Module, *, processes: i
     kept = tokens * 34 * width * compute_element_size // 2 * len(blocks(student))
     logit_rows = tokens if chunk_rows is None else min(chunk_rows, tokens)
     logits = 4 * logit_rows * vocab * 4 + (2 * tokens * width * 4 if chunk_rows is not None else 0)
-    return DeviceMemory(teacher_parameters=teacher_bytes, student_parameters=student_bytes, student_gradients=student_bytes,
-                        optimizer_state=optimizer_states_per_parameter * student_bytes, gathered=gathered,
-                        activations=kept + logits)
+    return DeviceMemory(
+        teacher_parameters=teacher_bytes,
+        student_parameters=student_bytes,
+        student_gradients=student_bytes,
+        optimizer_state=optimizer_states_per_parameter * student_bytes,
+        gathered=gathered,
+        activations=kept + logits,
+    )
 
 
 def meta_model(node: Any) -> nn.Module:
@@ -156,10 +179,14 @@ def meta_model(node: Any) -> nn.Module:
         if is_pretrained(node):
             from transformers import AutoConfig, AutoModelForCausalLM
 
-            config = AutoConfig.from_pretrained(node.path, revision=node.get("revision"),
-                                                trust_remote_code=bool(node.get("trust_remote_code", False)))
-            return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, node.get("dtype") or "float32"),
-                                                    trust_remote_code=bool(node.get("trust_remote_code", False)))
+            config = AutoConfig.from_pretrained(
+                node.path, revision=node.get("revision"), trust_remote_code=bool(node.get("trust_remote_code", False))
+            )
+            return AutoModelForCausalLM.from_config(
+                config,
+                dtype=getattr(torch, node.get("dtype") or "float32"),
+                trust_remote_code=bool(node.get("trust_remote_code", False)),
+            )
         if target.endswith("student_from_teacher"):
             from kd_lightning.models import student_from_teacher
 
@@ -173,9 +200,14 @@ COLUMNS = {  # name: (sharded, teacher sharded, recorded teacher)
     "fsdp, whole T": (True, False, False),  # teacher.shard=false
     "ddp, recorded": (False, False, True),  # teacher.mode=recorded
 }
-ROWS = {"teacher_parameters": "teacher parameters", "student_parameters": "student parameters",
-        "student_gradients": "student gradients", "optimizer_state": "optimizer state", "gathered": "gathered (FSDP)",
-        "activations": "activations (estimate)"}
+ROWS = {
+    "teacher_parameters": "teacher parameters",
+    "student_parameters": "student parameters",
+    "student_gradients": "student gradients",
+    "optimizer_state": "optimizer state",
+    "gathered": "gathered (FSDP)",
+    "activations": "activations (estimate)",
+}
 
 
 def sequence_length(data: Any, given: int | None) -> int:
@@ -184,8 +216,9 @@ def sequence_length(data: Any, given: int | None) -> int:
     for key in ("block_size", "max_length"):
         if data.get(key) is not None:
             return int(data[key])
-    raise KDError("the data config has neither data.block_size nor data.max_length; give the tokens per sequence with "
-                  "--length L.")
+    raise KDError(
+        "the data config has neither data.block_size nor data.max_length; give the tokens per sequence with --length L."
+    )
 
 
 def columns(cfg: Any, length: int | None = None) -> tuple[dict[str, DeviceMemory], dict[str, Any]]:
@@ -202,16 +235,32 @@ def columns(cfg: Any, length: int | None = None) -> tuple[dict[str, DeviceMemory
     precision, cast = str(trainer.get("precision", "32-true")), settings.speed.shard_dtype
     if cast:
         precision += f", speed.shard_dtype={cast}"
-    run = {"processes": processes, "batch_size": int(settings.data.batch_size), "length": sequence_length(settings.data, length),
-           "chunk_rows": settings.speed.chunk_rows, "optimizer": settings.run.optim.optimizer._target_.rpartition(".")[2],
-           "precision": precision, "teacher": sum(p.numel() for p in teacher.parameters()),
-           "student": sum(p.numel() for p in student.parameters())}
-    table = {name: device_memory(None if recorded else teacher, student, processes=processes, sharded=sharded,
-                                 shard_teacher=shard_teacher, optimizer_states_per_parameter=states,
-                                 batch_size=run["batch_size"], length=run["length"], chunk_rows=run["chunk_rows"],
-                                 compute_element_size=2 if precision.startswith(("bf16", "16")) or cast else 4,
-                                 gathered_element_size=2 if cast and sharded else None)
-             for name, (sharded, shard_teacher, recorded) in COLUMNS.items()}
+    run = {
+        "processes": processes,
+        "batch_size": int(settings.data.batch_size),
+        "length": sequence_length(settings.data, length),
+        "chunk_rows": settings.speed.chunk_rows,
+        "optimizer": settings.run.optim.optimizer._target_.rpartition(".")[2],
+        "precision": precision,
+        "teacher": sum(p.numel() for p in teacher.parameters()),
+        "student": sum(p.numel() for p in student.parameters()),
+    }
+    table = {
+        name: device_memory(
+            None if recorded else teacher,
+            student,
+            processes=processes,
+            sharded=sharded,
+            shard_teacher=shard_teacher,
+            optimizer_states_per_parameter=states,
+            batch_size=run["batch_size"],
+            length=run["length"],
+            chunk_rows=run["chunk_rows"],
+            compute_element_size=2 if precision.startswith(("bf16", "16")) or cast else 4,
+            gathered_element_size=2 if cast and sharded else None,
+        )
+        for name, (sharded, shard_teacher, recorded) in COLUMNS.items()
+    }
     return table, run
 
 
@@ -219,9 +268,11 @@ def format_table(table: dict[str, DeviceMemory], run: dict[str, Any], capacity_g
     """The columns side by side per device (GiB, or MiB when every total is below one GiB), with what they were
     computed for."""
     chunked = "" if run["chunk_rows"] is None else f", chunked loss ({run['chunk_rows']} rows)"
-    head = (f"per device, {run['processes']} processes; teacher {run['teacher'] / 1e9:.3g}B parameters, student "
-            f"{run['student'] / 1e9:.3g}B; {run['optimizer']}; batch {run['batch_size']} x {run['length']} tokens a "
-            f"process{chunked}; {run['precision']}")
+    head = (
+        f"per device, {run['processes']} processes; teacher {run['teacher'] / 1e9:.3g}B parameters, student "
+        f"{run['student'] / 1e9:.3g}B; {run['optimizer']}; batch {run['batch_size']} x {run['length']} tokens a "
+        f"process{chunked}; {run['precision']}"
+    )
     unit, size = ("GiB", GIB) if max(m.total for m in table.values()) >= GIB else ("MiB", 2**20)
     width = max(len(name) for name in table) + 2
     lines = [head, f"{unit:24}" + "".join(f"{name:>{width}}" for name in table)]
@@ -251,9 +302,15 @@ def main(argv: list[str] | None = None) -> None:
 
     def app() -> None:
         GlobalHydra.instance().clear()
-        with tempfile.TemporaryDirectory() as scratch, initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-            planned = [] if any(o.lstrip("+").startswith("trainer.accelerator=") for o in args.overrides) else \
-                ["trainer.accelerator=gpu"]  # the devices to rent, not this machine's
+        with (
+            tempfile.TemporaryDirectory() as scratch,
+            initialize_config_dir(config_dir=config_dir(), version_base="1.3"),
+        ):
+            planned = (
+                []
+                if any(o.lstrip("+").startswith("trainer.accelerator=") for o in args.overrides)
+                else ["trainer.accelerator=gpu"]
+            )  # the devices to rent, not this machine's
             cfg = compose("train", overrides=[*args.overrides, *planned, f"paths.output_dir={Path(scratch) / 'run'}"])
             print(format_table(*columns(cfg, args.length), capacity_gib=args.device_gib))
 

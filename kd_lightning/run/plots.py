@@ -94,7 +94,10 @@ def plot_sweep(rows: list[dict], target: Path) -> Path | None:
         ax.set_ylim(max(0, min(scores) - 5), min(100, max(scores) + 2))
     ax.set_xticks(list(x), labels, rotation=30, ha="right", fontsize=7)
     exact = any(r.get("measure") == "exact_match" for r in rows)
-    ax.set(ylabel="test perplexity" if perplexity else "test exact match (%)" if exact else "test accuracy (%)", title="sweep")
+    ax.set(
+        ylabel="test perplexity" if perplexity else "test exact match (%)" if exact else "test accuracy (%)",
+        title="sweep",
+    )
     ax.legend(fontsize=8)
     figure.tight_layout()
     atomic_write(target, lambda tmp: figure.savefig(tmp, dpi=100))

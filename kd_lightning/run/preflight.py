@@ -26,7 +26,11 @@ def check_models(settings: Settings, datamodule: Any) -> None:
     """Before any training: ``speed.chunk_rows`` suits the task and the models trained here (final hidden states and
     an output head); with a live teacher, the feature terms' layers exist and teacher and student predict the same
     classes."""
-    task, live, chunked = getattr(datamodule, "task", "classification"), settings.teacher.mode == "live", settings.speed.chunk_rows
+    task, live, chunked = (
+        getattr(datamodule, "task", "classification"),
+        settings.teacher.mode == "live",
+        settings.speed.chunk_rows,
+    )
     check_chunk_rows(chunked, task, settings.loss_mix.features is not None)
     check_tokenizers(settings, datamodule)
     packing = packs(datamodule)
@@ -34,7 +38,9 @@ def check_models(settings: Settings, datamodule: Any) -> None:
         return  # a recorded teacher: the module checks the student's logits against the recording on the first batch
     student = build(settings.student)
     # a pretrained teacher is read once, by teacher_model; its logits are checked on the first batch
-    teacher = build(settings.teacher.model) if (live and not settings.teacher.pretrained) or settings.teacher.trains else None
+    teacher = (
+        build(settings.teacher.model) if (live and not settings.teacher.pretrained) or settings.teacher.trains else None
+    )
     for role, model in (("student", student), ("teacher", teacher)) if packing else ():
         if model is not None:
             check_packing(model, role)
@@ -42,9 +48,11 @@ def check_models(settings: Settings, datamodule: Any) -> None:
     if chunked is not None:
         for role, model in (("student", student), ("teacher", teacher if settings.teacher.trains else None)):
             if model is not None and output_head(model) is None:
-                raise KDError(f"speed.chunk_rows trains from final hidden states and an output head, but the {role} "
-                              f"({type(model).__name__}) has neither hidden_states() and head (as kd_lightning.models.GPT) nor "
-                              "get_output_embeddings() (as transformers causal LMs); unset speed.chunk_rows.")
+                raise KDError(
+                    f"speed.chunk_rows trains from final hidden states and an output head, but the {role} "
+                    f"({type(model).__name__}) has neither hidden_states() and head (as kd_lightning.models.GPT) nor "
+                    "get_output_embeddings() (as transformers causal LMs); unset speed.chunk_rows."
+                )
     if not live or teacher is None:
         return
     if settings.loss_mix.features is not None:
@@ -69,16 +77,23 @@ def check_sampling_fits(settings: Settings, datamodule: Any, student: nn.Module)
     keep = counted(splits["train"].targets)
     lengths = prompt_lengths(keep)[keep.any(1)]
     if not len(lengths) or bool((lengths == 1).all()):
-        raise KDError(f"distill.on_policy completes prompts, but every training row of {type(datamodule).__name__} is "
-                      "learned from its first token (running text has no prompts); use chat data (data=chat) or "
-                      "prompt/completion pairs.")
+        raise KDError(
+            f"distill.on_policy completes prompts, but every training row of {type(datamodule).__name__} is "
+            "learned from its first token (running text has no prompts); use chat data (data=chat) or "
+            "prompt/completion pairs."
+        )
     longest = int(lengths.max())
-    new = max(on_policy.max_new_tokens for on_policy in (settings.on_policy, *settings.on_policy_stages.values())
-              if on_policy.samples)
+    new = max(
+        on_policy.max_new_tokens
+        for on_policy in (settings.on_policy, *settings.on_policy_stages.values())
+        if on_policy.samples
+    )
     context = context_length(student)
     if context and longest + new > context:
-        raise KDError(f"distill.on_policy.max_new_tokens={new} after prompts of up to {longest} tokens exceeds the "
-                      f"student's context of {context}; lower max_new_tokens (or shorten the prompts).")
+        raise KDError(
+            f"distill.on_policy.max_new_tokens={new} after prompts of up to {longest} tokens exceeds the "
+            f"student's context of {context}; lower max_new_tokens (or shorten the prompts)."
+        )
 
 
 def packs(datamodule: Any) -> bool:
@@ -94,8 +109,14 @@ def check_tokenizers(settings: Settings, datamodule: Any) -> None:
         return
     for role, model in (("teacher", settings.teacher.model), ("student", settings.student)):
         folder = Path(str(model.get("path"))) if is_pretrained(model) else None
-        if folder is None or not folder.is_dir() or str(model.get("path")) == str(run_path) or not any(
-                (folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
+        if (
+            folder is None
+            or not folder.is_dir()
+            or str(model.get("path")) == str(run_path)
+            or not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json"))
+        ):
             continue
         theirs = pretrained_tokenizer(str(folder))
-        check_same_tokenizer(theirs, run_tokenizer) if role == "teacher" else check_same_tokenizer(run_tokenizer, theirs)
+        check_same_tokenizer(theirs, run_tokenizer) if role == "teacher" else check_same_tokenizer(
+            run_tokenizer, theirs
+        )

@@ -43,9 +43,13 @@ def read_results(results_file: Path) -> tuple[dict | None, str | None]:
     except (OSError, UnicodeDecodeError, ValueError) as error:
         return None, f"{results_file} is unreadable ({' '.join(str(error).split())}); delete it or rerun the job"
     sections = [results.get(key) for key, _ in COLUMNS] if isinstance(results, dict) else [0]
-    numbers = [results.get(key) for key in ("gain", "distilled_val_acc", "objective")] if isinstance(results, dict) else []
-    if not all(section is None or (isinstance(section, dict) and all(is_number(v) for v in section.values()))
-               for section in sections) or not all(n is None or is_number(n) for n in numbers):
+    numbers = (
+        [results.get(key) for key in ("gain", "distilled_val_acc", "objective")] if isinstance(results, dict) else []
+    )
+    if not all(
+        section is None or (isinstance(section, dict) and all(is_number(v) for v in section.values()))
+        for section in sections
+    ) or not all(n is None or is_number(n) for n in numbers):
         return None, f"{results_file} does not hold a run's results; delete it or rerun the job"
     return results, None
 
@@ -53,14 +57,18 @@ def read_results(results_file: Path) -> tuple[dict | None, str | None]:
 def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
     """One row per job directory: its overrides, test accuracies (%), the distilled student's validation accuracy (``val``, what a search maximises) and status."""
     rows = []
-    jobs = sorted((p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=lambda p: (len(p.name), p.name))
+    jobs = sorted(
+        (p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=lambda p: (len(p.name), p.name)
+    )
     for job in jobs:
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
         row: dict[str, str | float | None] = {"job": job.name, "overrides": " ".join(overrides)}
         results, unreadable = read_results(job / "metrics.json")
         failure = job / FAILURE_FILE
         row["error"] = unreadable or (failure.read_text().strip() if not results and failure.is_file() else None)
-        row["status"] = "ok" if results else "unreadable" if unreadable else "FAILED" if row["error"] is not None else "unfinished"
+        row["status"] = (
+            "ok" if results else "unreadable" if unreadable else "FAILED" if row["error"] is not None else "unfinished"
+        )
         language = any("test/ppl" in ((results or {}).get(key) or {}) for key, _ in COLUMNS)
         answers = "test/exact_match" in ((results or {}).get("distilled") or {})
         row["measure"] = "exact_match" if answers else "ppl" if language else "acc"
@@ -68,7 +76,9 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
             value = ((results or {}).get(key) or {}).get(f"test/{row['measure']}")
             row[name] = None if value is None else round(value if row["measure"] == "ppl" else 100 * value, 2)
         if answers:
-            row["gain"] = None if row["alone"] is None or row["distilled"] is None else round(row["distilled"] - row["alone"], 2)
+            row["gain"] = (
+                None if row["alone"] is None or row["distilled"] is None else round(row["distilled"] - row["alone"], 2)
+            )
         elif language:
             row["gain"] = None if "ppl_ratio" not in results else round(100 * (results["ppl_ratio"] - 1), 2)
         else:
@@ -87,8 +97,9 @@ def best_trial(sweep_dir: Path, rows: list[dict]) -> str | None:
     found = yaml.safe_load(results_file.read_text())
     settings = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in found["best_params"].items())
     job = next((r["job"] for r in rows if r["val"] == round(100 * found["best_value"], 2)), None)
-    return (f"best of {len(rows)} trials: validation accuracy {100 * found['best_value']:.2f}% with {settings}"
-            + (f" (job {job})" if job is not None else ""))
+    return f"best of {len(rows)} trials: validation accuracy {100 * found['best_value']:.2f}% with {settings}" + (
+        f" (job {job})" if job is not None else ""
+    )
 
 
 def format_table(rows: list[dict]) -> str:
@@ -111,12 +122,19 @@ def format_table(rows: list[dict]) -> str:
         return "-" if value is None else str(value)
 
     widths = {n: max(len(n), *(len(cell(r.get(n))) for r in table)) for n in names}
-    lines = ["  ".join(cell(r.get(n)).ljust(widths[n]) for n in names).rstrip() for r in [dict(zip(names, names)), *table]]
+    lines = [
+        "  ".join(cell(r.get(n)).ljust(widths[n]) for n in names).rstrip() for r in [dict(zip(names, names)), *table]
+    ]
     if {r["measure"] for r in ok} == {"ppl"}:
-        lines.insert(0, "test perplexity (lower is better); gain: the distilled student's over the student alone's, in %")
+        lines.insert(
+            0, "test perplexity (lower is better); gain: the distilled student's over the student alone's, in %"
+        )
     elif {r["measure"] for r in ok} == {"exact_match"}:
-        lines.insert(0, "test exact match, % of the greedy answers; gain: the distilled student's over the student alone's, "
-                        "in points")
+        lines.insert(
+            0,
+            "test exact match, % of the greedy answers; gain: the distilled student's over the student alone's, "
+            "in points",
+        )
     return "\n".join(lines)
 
 
@@ -126,8 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = collect(args.sweep_dir)
     if not rows:
-        raise SystemExit(f"error: no Hydra jobs under {args.sweep_dir} (expected */.hydra/overrides.yaml); "
-                         "pass the directory a `python -m kd_lightning -m ...` sweep printed.")
+        raise SystemExit(
+            f"error: no Hydra jobs under {args.sweep_dir} (expected */.hydra/overrides.yaml); "
+            "pass the directory a `python -m kd_lightning -m ...` sweep printed."
+        )
+
     def write_csv(tmp: str) -> None:
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
@@ -145,8 +166,10 @@ def main(argv: list[str] | None = None) -> None:
         elif row["status"] == "unreadable":
             print(f"job {row['job']}: {row['error']}")
         elif row["status"] == "unfinished":
-            print(f"job {row['job']}: no results yet: still running, or killed before it could say why "
-                  "(see its log in the job directory)")
+            print(
+                f"job {row['job']}: no results yet: still running, or killed before it could say why "
+                "(see its log in the job directory)"
+            )
     picture = plot_sweep(rows, args.sweep_dir / "sweep.png")
     print(f"\nwritten: {args.sweep_dir / 'report.csv'}" + (f", {picture}" if picture else ""))
 

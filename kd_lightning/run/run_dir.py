@@ -31,23 +31,52 @@ RESUMES_FILE = Path(".hydra") / "resumes.yaml"
 TOKENIZER_DIR = "tokenizer"  # a text run's tokenizer, saved with save_pretrained (export --format hf copies it)
 STAGES = ("teacher", "distilled", "baseline")
 # what a run of the library writes in a stage's folder (overwrite=true replaces these, and only these)
-STAGE_OUTPUTS = ("checkpoints/*.ckpt", "checkpoints/.*.ckpt.partial", "checkpoints/.*.ckpt.replaced", "metrics.csv", "hparams.yaml", "results.json", "events.out.tfevents.*")
+STAGE_OUTPUTS = (
+    "checkpoints/*.ckpt",
+    "checkpoints/.*.ckpt.partial",
+    "checkpoints/.*.ckpt.replaced",
+    "metrics.csv",
+    "hparams.yaml",
+    "results.json",
+    "events.out.tfevents.*",
+)
 RUN_OUTPUTS = (RESULTS_FILE, "curves.png")
 # settings that say where and how visibly a run works, not what it computes: they may change on a resume
-WHERE_AND_HOW_SHOWN = ("ckpt_path", "overwrite", "changed_on_resume", "paths", "data.num_workers",
-                       "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-                       "trainer.strategy.save_distributed_checkpoint",  # either kind of checkpoint resumes
-                       "speed.generate_whole")  # the same tokens, generated another way
+WHERE_AND_HOW_SHOWN = (
+    "ckpt_path",
+    "overwrite",
+    "changed_on_resume",
+    "paths",
+    "data.num_workers",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "trainer.log_every_n_steps",
+    "trainer.strategy.save_distributed_checkpoint",  # either kind of checkpoint resumes
+    "speed.generate_whole",
+)  # the same tokens, generated another way
 
 # groups a later release added whose settings, at these values, compute what the run did without them
-INERT_WHEN_ADDED = {"distill.on_policy": lambda node: isinstance(node, dict) and not (node.get("fraction") or node.get("teacher_fraction")),
-                    "teacher.shard": lambda value: value is True}  # sharding came with trainer=fsdp
+INERT_WHEN_ADDED = {
+    "distill.on_policy": lambda node: (
+        isinstance(node, dict) and not (node.get("fraction") or node.get("teacher_fraction"))
+    ),
+    "teacher.shard": lambda value: value is True,
+}  # sharding came with trainer=fsdp
 # values a later release renamed that compute what they did
-RENAMED = {"trainer.strategy._target_": {"lightning.pytorch.strategies.ModelParallelStrategy": "kd_lightning.sharding.ShardedStrategy"}}
+RENAMED = {
+    "trainer.strategy._target_": {
+        "lightning.pytorch.strategies.ModelParallelStrategy": "kd_lightning.sharding.ShardedStrategy"
+    }
+}
 # modules 0.5 moved: a saved ``_target_`` under the old path names what the new one does
-MOVED_MODULES = {"kd_lightning.losses": "kd_lightning.loss.objectives", "kd_lightning.schedules": "kd_lightning.loss.schedules",
-                 "kd_lightning.loss_mix": "kd_lightning.loss.mix", "kd_lightning.features": "kd_lightning.loss.features",
-                 "kd_lightning.chunked": "kd_lightning.loss.chunked", "kd_lightning.reduction": "kd_lightning.loss.reduction"}
+MOVED_MODULES = {
+    "kd_lightning.losses": "kd_lightning.loss.objectives",
+    "kd_lightning.schedules": "kd_lightning.loss.schedules",
+    "kd_lightning.loss_mix": "kd_lightning.loss.mix",
+    "kd_lightning.features": "kd_lightning.loss.features",
+    "kd_lightning.chunked": "kd_lightning.loss.chunked",
+    "kd_lightning.reduction": "kd_lightning.loss.reduction",
+}
 
 
 def moved(target: Any) -> Any:
@@ -65,28 +94,39 @@ def check(cfg: DictConfig, output_dir: Path, resume: bool, overwrite: bool) -> N
     """Refuse a run directory that holds another run (results or checkpoints) unless it is resumed or replaced,
     and a resume whose settings differ from the run's saved ones unless each change is named in ``changed_on_resume``."""
     if (output_dir / RESULTS_FILE).exists() and not overwrite:
-        raise KDError(f"{output_dir} already holds the results of a run ({RESULTS_FILE}). Choose another "
-                      "directory (hydra.run.dir=...) or pass overwrite=true to replace them.")
+        raise KDError(
+            f"{output_dir} already holds the results of a run ({RESULTS_FILE}). Choose another "
+            "directory (hydra.run.dir=...) or pass overwrite=true to replace them."
+        )
     earlier = sorted([*output_dir.glob("*/checkpoints/*.ckpt"), *output_dir.glob("*/checkpoints/.*.ckpt.replaced")])
     if earlier and not (resume or overwrite):
-        raise KDError(f"{output_dir} holds the checkpoints of an earlier run ({earlier[0].relative_to(output_dir)}); pass "
-                      "ckpt_path=last to resume it, overwrite=true to replace it, or choose another hydra.run.dir.")
+        raise KDError(
+            f"{output_dir} holds the checkpoints of an earlier run ({earlier[0].relative_to(output_dir)}); pass "
+            "ckpt_path=last to resume it, overwrite=true to replace it, or choose another hydra.run.dir."
+        )
     accepted = cfg.get("changed_on_resume") or []
     if not OmegaConf.is_list(accepted) and not isinstance(accepted, list):
-        raise KDError(f"changed_on_resume must be a list of settings, got {accepted!r}; e.g. changed_on_resume=[trainer.max_epochs].")
+        raise KDError(
+            f"changed_on_resume must be a list of settings, got {accepted!r}; e.g. changed_on_resume=[trainer.max_epochs]."
+        )
     if resume and earlier and not (output_dir / SAVED_CONFIG).is_file():
-        raise KDError(f"ckpt_path=last: {output_dir} holds checkpoints but not {SAVED_CONFIG}, the record of the settings "
-                      "they were trained with, so a resume could not tell a changed setting; restore that file, or start "
-                      "afresh with overwrite=true.")
+        raise KDError(
+            f"ckpt_path=last: {output_dir} holds checkpoints but not {SAVED_CONFIG}, the record of the settings "
+            "they were trained with, so a resume could not tell a changed setting; restore that file, or start "
+            "afresh with overwrite=true."
+        )
     if resume:
         check_named_settings(accepted, cfg, output_dir)
-        unaccepted = {key: change for key, change in resume_changes(cfg, output_dir).items()
-                      if not named(key, accepted)}
+        unaccepted = {
+            key: change for key, change in resume_changes(cfg, output_dir).items() if not named(key, accepted)
+        }
         if unaccepted:
             listed = ", ".join(f"{key}: {describe(was)} -> {describe(now)}" for key, (was, now) in unaccepted.items())
-            raise KDError(f"ckpt_path=last: the settings differ from those the run in {output_dir} was made with "
-                          f"({SAVED_CONFIG}): {listed}; resume with its settings, or name the changes to resume with them "
-                          f"anyway: changed_on_resume=[{','.join(unaccepted)}].")
+            raise KDError(
+                f"ckpt_path=last: the settings differ from those the run in {output_dir} was made with "
+                f"({SAVED_CONFIG}): {listed}; resume with its settings, or name the changes to resume with them "
+                f"anyway: changed_on_resume=[{','.join(unaccepted)}]."
+            )
 
 
 def check_named_settings(accepted: Any, cfg: DictConfig, output_dir: Path) -> None:
@@ -95,8 +135,10 @@ def check_named_settings(accepted: Any, cfg: DictConfig, output_dir: Path) -> No
     saved = OmegaConf.load(saved_file) if saved_file.is_file() else OmegaConf.create()
     for key in map(str, accepted):
         if OmegaConf.select(cfg, key, default=UNSET) is UNSET and OmegaConf.select(saved, key, default=UNSET) is UNSET:
-            raise KDError(f"changed_on_resume names {key}, a setting neither this run nor the one in {output_dir} has; "
-                          "name the settings that changed, as the refusal of the resume listed them.")
+            raise KDError(
+                f"changed_on_resume names {key}, a setting neither this run nor the one in {output_dir} has; "
+                "name the settings that changed, as the refusal of the resume listed them."
+            )
 
 
 def resume_changes(cfg: DictConfig, output_dir: Path) -> dict[str, tuple[Any, Any]]:
@@ -108,8 +150,10 @@ def resume_changes(cfg: DictConfig, output_dir: Path) -> dict[str, tuple[Any, An
     try:
         saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
     except Exception as error:  # noqa: BLE001 -- OmegaConf raises several types for a damaged file
-        raise KDError(f"{saved_file} is unreadable ({' '.join(str(error).split())}); it records the settings of the run "
-                      "being resumed: restore it, or start afresh with overwrite=true.") from None
+        raise KDError(
+            f"{saved_file} is unreadable ({' '.join(str(error).split())}); it records the settings of the run "
+            "being resumed: restore it, or start afresh with overwrite=true."
+        ) from None
     return differences(saved, OmegaConf.to_container(cfg, resolve=False))
 
 
@@ -135,7 +179,9 @@ def differences(saved: Any, now: Any, key: str = "") -> dict[str, tuple[Any, Any
     if isinstance(saved, dict) and isinstance(now, dict):
         found: dict[str, tuple[Any, Any]] = {}
         for name in sorted(saved.keys() | now.keys(), key=str):
-            found.update(differences(saved.get(name, UNSET), now.get(name, UNSET), f"{key}.{name}" if key else str(name)))
+            found.update(
+                differences(saved.get(name, UNSET), now.get(name, UNSET), f"{key}.{name}" if key else str(name))
+            )
         return found
     return {} if saved == now else {key: (saved, now)}
 
@@ -162,8 +208,9 @@ def clear_earlier_run(output_dir: Path, cfg: DictConfig | None = None) -> None:
     the earlier run's saved settings and of ``cfg``."""
     saved = OmegaConf.load(output_dir / SAVED_CONFIG) if (output_dir / SAVED_CONFIG).is_file() else None
     stages = sorted(set(stage_names(saved) + stage_names(cfg)))
-    earlier = [path for stage in stages for pattern in STAGE_OUTPUTS
-               for path in (output_dir / stage).glob(pattern)] + [output_dir / name for name in RUN_OUTPUTS]
+    earlier = [path for stage in stages for pattern in STAGE_OUTPUTS for path in (output_dir / stage).glob(pattern)] + [
+        output_dir / name for name in RUN_OUTPUTS
+    ]
     removed = [path for path in earlier if path.exists()]  # a distributed checkpoint is a folder
     for path in removed:
         remove(path)
@@ -179,12 +226,25 @@ def record_settings(cfg: DictConfig, output_dir: Path, resume: bool) -> None:
     ``hydra.yaml``); on a resume that accepted changes, append them to ``.hydra/resumes.yaml``."""
     changes = resume_changes(cfg, output_dir) if resume else {}
     if changes:
-        log.warning("ckpt_path=last with changed settings (changed_on_resume): %s; recorded in %s",
-                    ", ".join(f"{key}: {describe(was)} -> {describe(now)}" for key, (was, now) in changes.items()),
-                    output_dir / RESUMES_FILE)
-        history = (yaml.safe_load((output_dir / RESUMES_FILE).read_text()) or []) if (output_dir / RESUMES_FILE).is_file() else []
-        history.append({"resumed": datetime.datetime.now().isoformat(timespec="seconds"),
-                        "changed": {key: {"was": None if was is UNSET else was, "now": None if now is UNSET else now} for key, (was, now) in changes.items()}})
+        log.warning(
+            "ckpt_path=last with changed settings (changed_on_resume): %s; recorded in %s",
+            ", ".join(f"{key}: {describe(was)} -> {describe(now)}" for key, (was, now) in changes.items()),
+            output_dir / RESUMES_FILE,
+        )
+        history = (
+            (yaml.safe_load((output_dir / RESUMES_FILE).read_text()) or [])
+            if (output_dir / RESUMES_FILE).is_file()
+            else []
+        )
+        history.append(
+            {
+                "resumed": datetime.datetime.now().isoformat(timespec="seconds"),
+                "changed": {
+                    key: {"was": None if was is UNSET else was, "now": None if now is UNSET else now}
+                    for key, (was, now) in changes.items()
+                },
+            }
+        )
         atomic_write_text(output_dir / RESUMES_FILE, yaml.safe_dump(history, sort_keys=False))
     atomic_write_text(output_dir / SAVED_CONFIG, OmegaConf.to_yaml(cfg))
     hydra = hydra_config()

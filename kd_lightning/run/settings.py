@@ -27,14 +27,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning import __version__
-from kd_lightning.run import run_dir
 from kd_lightning.checkpoints import existing_checkpoint
-from kd_lightning.run.config import build, check_known_keys, unexpected_argument
 from kd_lightning.errors import KDError, is_integer
 from kd_lightning.loss.features import check_live_teacher
 from kd_lightning.loss.mix import LossMix
-from kd_lightning.models.pretrained import check_pretrained, is_pretrained
 from kd_lightning.loss.objectives import Objective, forward_kl, unwrap
+from kd_lightning.models.pretrained import check_pretrained, is_pretrained
+from kd_lightning.run import run_dir
+from kd_lightning.run.config import build, check_known_keys, unexpected_argument
 from kd_lightning.sequences import OnPolicy
 from kd_lightning.speed import SpeedSettings
 from kd_lightning.teacher.format import RecordingSettings
@@ -56,57 +56,75 @@ def lightning_precisions() -> set[str]:
     """The ``trainer.precision`` values Lightning accepts (``32-true``, ``bf16-mixed``, ``16``, ...)."""
     from lightning.fabric import connector
 
-    return {str(value) for name in ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS", "_PRECISION_INPUT_INT")
-            for value in typing.get_args(getattr(connector, name, None))}
+    return {
+        str(value)
+        for name in ("_PRECISION_INPUT_STR", "_PRECISION_INPUT_STR_ALIAS", "_PRECISION_INPUT_INT")
+        for value in typing.get_args(getattr(connector, name, None))
+    }
 
 
 def is_fsdp(trainer: DictConfig) -> bool:
     """Whether ``trainer`` shards with Lightning's ``ModelParallelStrategy`` (``trainer=fsdp``)."""
     strategy = trainer.get("strategy")
-    return isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith(("ModelParallelStrategy", "ShardedStrategy"))
+    return isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith(
+        ("ModelParallelStrategy", "ShardedStrategy")
+    )
 
 
 def check_trainer(trainer: DictConfig) -> None:
     """``trainer``: a precision Lightning knows; on a CPU, no more processes than the machine has cores."""
     precision, known = trainer.get("precision", "32-true"), lightning_precisions()
     if known and str(precision) not in known:
-        raise KDError(f"trainer.precision must be one of {', '.join(sorted(known))}, got {precision!r}; 32-true on a CPU, "
-                      "bf16-mixed on recent GPUs.")
+        raise KDError(
+            f"trainer.precision must be one of {', '.join(sorted(known))}, got {precision!r}; 32-true on a CPU, "
+            "bf16-mixed on recent GPUs."
+        )
     devices, accelerator = trainer.get("devices", 1), trainer.get("accelerator", "auto")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
     cores = os.cpu_count() or 1
     if on_cpu and is_integer(devices) and devices > cores:
-        raise KDError(f"trainer.devices={devices} starts {devices} CPU processes but this machine has {cores} cores; set "
-                      f"trainer.devices={cores} or fewer.")
+        raise KDError(
+            f"trainer.devices={devices} starts {devices} CPU processes but this machine has {cores} cores; set "
+            f"trainer.devices={cores} or fewer."
+        )
     strategy = trainer.get("strategy")
     if is_fsdp(trainer):
         if strategy._target_ != "kd_lightning.sharding.ShardedStrategy":
-            raise KDError(f"trainer.strategy._target_={strategy._target_}: kd_lightning shards through "
-                          "kd_lightning.sharding.ShardedStrategy (trainer=fsdp), Lightning's ModelParallelStrategy with "
-                          "checkpoints that leave the frozen teacher out; use trainer=fsdp, or set that _target_.")
+            raise KDError(
+                f"trainer.strategy._target_={strategy._target_}: kd_lightning shards through "
+                "kd_lightning.sharding.ShardedStrategy (trainer=fsdp), Lightning's ModelParallelStrategy with "
+                "checkpoints that leave the frozen teacher out; use trainer=fsdp, or set that _target_."
+            )
         nodes = trainer.get("num_nodes", 1)
         if not is_integer(devices):
             raise KDError(f"trainer=fsdp needs trainer.devices as a number of devices per node, got {devices!r}.")
         shards, tensor = strategy.get("data_parallel_size"), strategy.get("tensor_parallel_size", 1)
         if tensor != 1:
-            raise KDError(f"trainer.strategy.tensor_parallel_size={tensor}: kd_lightning shards by data parallelism only; "
-                          "set it to 1.")
+            raise KDError(
+                f"trainer.strategy.tensor_parallel_size={tensor}: kd_lightning shards by data parallelism only; "
+                "set it to 1."
+            )
         if shards != devices * nodes:
-            raise KDError(f"trainer.strategy.data_parallel_size={shards}, but the run has {devices * nodes} processes "
-                          f"(trainer.devices={devices} x trainer.num_nodes={nodes}); set "
-                          f"trainer.strategy.data_parallel_size={devices * nodes}.")
+            raise KDError(
+                f"trainer.strategy.data_parallel_size={shards}, but the run has {devices * nodes} processes "
+                f"(trainer.devices={devices} x trainer.num_nodes={nodes}); set "
+                f"trainer.strategy.data_parallel_size={devices * nodes}."
+            )
 
 
 def check_optimizer(key: str, optim: DictConfig) -> None:
     """``<key>.optimizer`` (and its scheduler) built once on a placeholder parameter, so that a learning rate of NaN or
     below 0, a misspelt argument or a bad schedule is refused now, in one line, not in the first stage's set-up."""
+
     def refused(what: str, error: Exception) -> KDError:
         return KDError(f"{key}.{what} is set wrong: {' '.join(str(error).split())}")
 
     try:
         optimizer = build(optim.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
     except (TypeError, ValueError) as error:
-        unknown = unexpected_argument(error, f"{key}.optimizer", optim.optimizer) if isinstance(error, TypeError) else None
+        unknown = (
+            unexpected_argument(error, f"{key}.optimizer", optim.optimizer) if isinstance(error, TypeError) else None
+        )
         raise (unknown or refused("optimizer", error)) from None
     try:
         if optim.get("scheduler"):
@@ -120,8 +138,11 @@ def check_epochs(key: str, epochs: Any, max_steps: int) -> None:
     if epochs is None or (epochs == -1 and max_steps > 0):
         return
     if not is_integer(epochs) or epochs < 1:
-        raise KDError(f"{key} must be a positive integer, got {epochs!r}" + (" (-1 trains forever unless trainer.max_steps "
-                      "is set)" if epochs == -1 else "") + f"; set e.g. {key}=30.")
+        raise KDError(
+            f"{key} must be a positive integer, got {epochs!r}"
+            + (" (-1 trains forever unless trainer.max_steps is set)" if epochs == -1 else "")
+            + f"; set e.g. {key}=30."
+        )
 
 
 @dataclass(frozen=True)
@@ -147,9 +168,15 @@ class RunSettings:
         if not is_integer(cfg.seed):
             raise KDError(f"seed must be an integer, got {cfg.seed!r}; set e.g. seed=0.")
         if cfg.get("ckpt_path") not in (None, "last"):
-            raise KDError(f"ckpt_path must be null or 'last', got {cfg.ckpt_path!r}: 'last' resumes every stage of the "
-                          "run in hydra.run.dir from <stage>/checkpoints/last.ckpt.")
-        output_dir, overwrite, resume = Path(cfg.paths.output_dir), bool(cfg.get("overwrite", False)), cfg.get("ckpt_path") == "last"
+            raise KDError(
+                f"ckpt_path must be null or 'last', got {cfg.ckpt_path!r}: 'last' resumes every stage of the "
+                "run in hydra.run.dir from <stage>/checkpoints/last.ckpt."
+            )
+        output_dir, overwrite, resume = (
+            Path(cfg.paths.output_dir),
+            bool(cfg.get("overwrite", False)),
+            cfg.get("ckpt_path") == "last",
+        )
         run_dir.check(cfg, output_dir, resume=resume, overwrite=overwrite)
         max_steps = cfg.trainer.get("max_steps", -1)
         if not is_integer(max_steps) or max_steps == 0 or max_steps < -1:
@@ -157,9 +184,19 @@ class RunSettings:
         check_epochs("trainer.max_epochs", cfg.trainer.get("max_epochs"), max_steps)
         check_trainer(cfg.trainer)
         check_optimizer("optim", cfg.optim)
-        return cls(seed=cfg.seed, output_dir=output_dir, cache_dir=Path(cfg.paths.cache_dir), resume=resume, overwrite=overwrite,
-                   baseline=bool(cfg.get("baseline", False)), num_classes=cfg.data.num_classes, trainer=cfg.trainer,
-                   optim=cfg.optim, callbacks=cfg.get("callbacks"), logger=cfg.get("logger") or None)
+        return cls(
+            seed=cfg.seed,
+            output_dir=output_dir,
+            cache_dir=Path(cfg.paths.cache_dir),
+            resume=resume,
+            overwrite=overwrite,
+            baseline=bool(cfg.get("baseline", False)),
+            num_classes=cfg.data.num_classes,
+            trainer=cfg.trainer,
+            optim=cfg.optim,
+            callbacks=cfg.get("callbacks"),
+            logger=cfg.get("logger") or None,
+        )
 
     @property
     def max_steps(self) -> int:
@@ -200,8 +237,10 @@ class TeacherSettings:
             raise KDError(f"teacher.mode must be live or recorded, got {mode!r}.")
         check_epochs("teacher.fit.max_epochs", teacher.fit.max_epochs, max_steps)
         if not isinstance(teacher.fit.get("pretrained", False), bool):
-            raise KDError(f"teacher.fit.pretrained must be true or false, got {teacher.fit.pretrained!r}: true fine-tunes a "
-                          "pretrained teacher (teacher=hf) on the run's data before distilling from it.")
+            raise KDError(
+                f"teacher.fit.pretrained must be true or false, got {teacher.fit.pretrained!r}: true fine-tunes a "
+                "pretrained teacher (teacher=hf) on the run's data before distilling from it."
+            )
         if teacher.fit.optimizer != cfg.optim.optimizer or teacher.fit.get("scheduler") != cfg.optim.get("scheduler"):
             check_optimizer("teacher.fit", teacher.fit)
         recording = None
@@ -212,18 +251,36 @@ class TeacherSettings:
             if recording.samples:
                 check_forward_kl_only(loss_mix)
         trainer = {k: v for k, v in plain(cfg.trainer).items() if k not in DISPLAY_ONLY_TRAINER_KEYS}
-        data = {k: v for k, v in plain(cfg.data).items() if k != "labeled_fraction"}  # the teacher trains on every label
-        identity = {"model": plain(teacher.model), "fit": plain(teacher.fit), "data": data, "trainer": trainer,
-                    "seed": cfg.seed, "kd_lightning": __version__}  # a new release retrains
+        data = {
+            k: v for k, v in plain(cfg.data).items() if k != "labeled_fraction"
+        }  # the teacher trains on every label
+        identity = {
+            "model": plain(teacher.model),
+            "fit": plain(teacher.fit),
+            "data": data,
+            "trainer": trainer,
+            "seed": cfg.seed,
+            "kd_lightning": __version__,
+        }  # a new release retrains
         if (cfg.get("speed") or {}).get("shard_dtype"):
             identity["shard_dtype"] = cfg.speed.shard_dtype  # the teacher stage computes in it
         checkpoint = existing_checkpoint(teacher.checkpoint) if teacher.get("checkpoint") else None
         check_pretrained("teacher.model", teacher.model)
         if not isinstance(teacher.get("shard", True), bool):
-            raise KDError(f"teacher.shard must be true or false, got {teacher.shard!r}: with trainer=fsdp, true shards the "
-                          "teacher across the processes, false keeps a whole copy on each.")
-        return cls(model=teacher.model, fit=teacher.fit, mode=mode, checkpoint=checkpoint, recording=recording,
-                   cache_identity=identity, pretrained=is_pretrained(teacher.model), shard=teacher.get("shard", True))
+            raise KDError(
+                f"teacher.shard must be true or false, got {teacher.shard!r}: with trainer=fsdp, true shards the "
+                "teacher across the processes, false keeps a whole copy on each."
+            )
+        return cls(
+            model=teacher.model,
+            fit=teacher.fit,
+            mode=mode,
+            checkpoint=checkpoint,
+            recording=recording,
+            cache_identity=identity,
+            pretrained=is_pretrained(teacher.model),
+            shard=teacher.get("shard", True),
+        )
 
     @property
     def name(self) -> str:
@@ -235,22 +292,30 @@ def check_student_from_teacher(cfg: DictConfig, teacher: TeacherSettings) -> Non
     """``student=from_teacher`` takes its layers from a pretrained teacher (``teacher=hf``), the only teacher whose
     weights exist before the run."""
     if str(cfg.student.model.get("_target_", "")).endswith("student_from_teacher") and not teacher.pretrained:
-        raise KDError("student=from_teacher copies the layers of a pretrained teacher (teacher=hf teacher.model.path=...): a "
-                      "teacher trained or loaded in the run has no weights yet when the student is built.")
+        raise KDError(
+            "student=from_teacher copies the layers of a pretrained teacher (teacher=hf teacher.model.path=...): a "
+            "teacher trained or loaded in the run has no weights yet when the student is built."
+        )
 
 
 def check_forward_kl_only(loss_mix: LossMix) -> None:
     """Draws from the teacher's tail (``teacher.recording.tail=sampled``) stand in for it in forward KL only."""
-    objectives = {"distill.loss": loss_mix.objective} | {f"distill.extra_terms.{name}.objective": objective
-                                                          for name, objective in loss_mix.extra_terms.items()}
+    objectives = {"distill.loss": loss_mix.objective} | {
+        f"distill.extra_terms.{name}.objective": objective for name, objective in loss_mix.extra_terms.items()
+    }
     for where, objective in objectives.items():
         spec = Objective.of(objective)
         if spec is None or spec.divergence is not forward_kl or spec.standardize:
             function = unwrap(objective)
-            what = "standardized" if spec is not None and spec.divergence is forward_kl else \
-                f"{getattr(function, '__module__', '')}.{getattr(function, '__name__', type(function).__name__)}"
-            raise KDError(f"teacher.recording.tail=sampled stands in for the teacher in forward KL only (distill/loss=kd, "
-                          f"standardize=false), but {where} is {what}; use teacher.recording.tail=student.")
+            what = (
+                "standardized"
+                if spec is not None and spec.divergence is forward_kl
+                else f"{getattr(function, '__module__', '')}.{getattr(function, '__name__', type(function).__name__)}"
+            )
+            raise KDError(
+                f"teacher.recording.tail=sampled stands in for the teacher in forward KL only (distill/loss=kd, "
+                f"standardize=false), but {where} is {what}; use teacher.recording.tail=student."
+            )
 
 
 def on_policy_settings(distill: DictConfig, teacher: TeacherSettings, loss_mix: LossMix) -> OnPolicy:
@@ -259,21 +324,29 @@ def on_policy_settings(distill: DictConfig, teacher: TeacherSettings, loss_mix: 
     return checked_on_policy("distill.on_policy", plain(distill.get("on_policy")) or {}, teacher, loss_mix)
 
 
-def on_policy_stages(distill: DictConfig, main: OnPolicy, teacher: TeacherSettings, loss_mix: LossMix) -> dict[str, OnPolicy]:
+def on_policy_stages(
+    distill: DictConfig, main: OnPolicy, teacher: TeacherSettings, loss_mix: LossMix
+) -> dict[str, OnPolicy]:
     """``distill.on_policy_stages``: ``{stage: {setting: value}}``, the same student distilled again in a stage of its
     own with these ``distill.on_policy`` settings changed (e.g. ``{off_policy: {fraction: 0}}``)."""
     stages = plain(distill.get("on_policy_stages")) or {}
     if not isinstance(stages, dict):
-        raise KDError(f"distill.on_policy_stages must map stage names to distill.on_policy settings, e.g. "
-                      f"{{off_policy: {{fraction: 0.0}}}}; got {stages!r}.")
+        raise KDError(
+            f"distill.on_policy_stages must map stage names to distill.on_policy settings, e.g. "
+            f"{{off_policy: {{fraction: 0.0}}}}; got {stages!r}."
+        )
     checked = {}
     for name, changes in stages.items():
         if not (isinstance(name, str) and name.isidentifier()) or name in run_dir.STAGES:
-            raise KDError(f"distill.on_policy_stages: {name!r} cannot name a stage (a word, not one of "
-                          f"{', '.join(run_dir.STAGES)}).")
+            raise KDError(
+                f"distill.on_policy_stages: {name!r} cannot name a stage (a word, not one of "
+                f"{', '.join(run_dir.STAGES)})."
+            )
         if not isinstance(changes, dict):
-            raise KDError(f"distill.on_policy_stages.{name} must be distill.on_policy settings, e.g. {{fraction: 0.0}}; "
-                          f"got {changes!r}.")
+            raise KDError(
+                f"distill.on_policy_stages.{name} must be distill.on_policy settings, e.g. {{fraction: 0.0}}; "
+                f"got {changes!r}."
+            )
         checked[name] = checked_on_policy(f"distill.on_policy_stages.{name}", asdict(main) | changes, teacher, loss_mix)
     return checked
 
@@ -285,22 +358,34 @@ def checked_on_policy(where: str, given: dict[str, Any], teacher: TeacherSetting
             raise KDError(f"{where} has no setting {key!r}; its settings are {', '.join(known)}.")
     on_policy = OnPolicy(**given)
     if on_policy.samples and teacher.mode != "live":
-        raise KDError("distill.on_policy samples completions that no recording holds (it was made before they existed); "
-                      "use teacher.mode=live, or set distill.on_policy.fraction=0 and teacher_fraction=0.")
+        raise KDError(
+            "distill.on_policy samples completions that no recording holds (it was made before they existed); "
+            "use teacher.mode=live, or set distill.on_policy.fraction=0 and teacher_fraction=0."
+        )
     if on_policy.fraction > 0 and loss_mix.is_active("ce"):
-        raise KDError("distill.on_policy.fraction > 0 trains on the student's own samples, whose labels are the tokens it "
-                      "drew: cross-entropy on them would teach it to repeat itself. Set distill.alpha=1 (the teacher's "
-                      "terms alone, as in GKD), or +distill.weights.ce=0.")
+        raise KDError(
+            "distill.on_policy.fraction > 0 trains on the student's own samples, whose labels are the tokens it "
+            "drew: cross-entropy on them would teach it to repeat itself. Set distill.alpha=1 (the teacher's "
+            "terms alone, as in GKD), or +distill.weights.ce=0."
+        )
     return on_policy
 
 
 def build_loss_mix(distill: DictConfig) -> LossMix:
     """The distilled stage's :class:`LossMix` from ``distill`` (every setting checked where the mix is built)."""
-    extra_terms = {name: {**plain(spec), "objective": build(spec.objective)} if spec.get("objective") else plain(spec)
-                   for name, spec in (distill.get("extra_terms") or {}).items()}
-    return LossMix(objective=build(distill.loss) if distill.get("loss") else None, temperature=distill.temperature,
-                   alpha=distill.alpha, extra_terms=extra_terms, features=plain(distill.get("features")),
-                   weights=plain(distill.get("weights")), schedules=plain(distill.get("schedules")))
+    extra_terms = {
+        name: {**plain(spec), "objective": build(spec.objective)} if spec.get("objective") else plain(spec)
+        for name, spec in (distill.get("extra_terms") or {}).items()
+    }
+    return LossMix(
+        objective=build(distill.loss) if distill.get("loss") else None,
+        temperature=distill.temperature,
+        alpha=distill.alpha,
+        extra_terms=extra_terms,
+        features=plain(distill.get("features")),
+        weights=plain(distill.get("weights")),
+        schedules=plain(distill.get("schedules")),
+    )
 
 
 def speed_settings(cfg: DictConfig) -> SpeedSettings:
@@ -330,21 +415,35 @@ class Settings:
     def from_config(cls, cfg: DictConfig) -> Settings:
         """Parse and check every setting of ``cfg``, before anything is built or trained."""
         if str(cfg.teacher.model.get("_target_", "")).endswith("student_from_teacher"):
-            raise KDError("teacher=from_teacher names a student made from the teacher; choose the teacher itself (e.g. teacher=hf).")
+            raise KDError(
+                "teacher=from_teacher names a student made from the teacher; choose the teacher itself (e.g. teacher=hf)."
+            )
         check_known_keys(cfg)
         run = RunSettings.from_config(cfg)
         speed = speed_settings(cfg)
         if speed.shard_dtype is not None and not is_fsdp(cfg.trainer):
-            raise KDError(f"speed.shard_dtype={speed.shard_dtype} is FSDP's mixed precision, for trainer=fsdp; unset it, or "
-                          "use trainer.precision=bf16-mixed.")
+            raise KDError(
+                f"speed.shard_dtype={speed.shard_dtype} is FSDP's mixed precision, for trainer=fsdp; unset it, or "
+                "use trainer.precision=bf16-mixed."
+            )
         if speed.generate_whole and not is_fsdp(cfg.trainer):
-            raise KDError("speed.generate_whole=true generates through a whole copy of a sharded student, for trainer=fsdp; "
-                          "unset it (without sharding the student is whole already).")
+            raise KDError(
+                "speed.generate_whole=true generates through a whole copy of a sharded student, for trainer=fsdp; "
+                "unset it (without sharding the student is whole already)."
+            )
         loss_mix = build_loss_mix(cfg.distill)
         teacher = TeacherSettings.from_config(cfg, loss_mix, run.max_steps)
         on_policy = on_policy_settings(cfg.distill, teacher, loss_mix)
         stages = on_policy_stages(cfg.distill, on_policy, teacher, loss_mix)
         check_pretrained("student.model", cfg.student.model)
         check_student_from_teacher(cfg, teacher)
-        return cls(run=run, teacher=teacher, loss_mix=loss_mix, on_policy=on_policy, on_policy_stages=stages, speed=speed, data=cfg.data,
-                   student=cfg.student.model)
+        return cls(
+            run=run,
+            teacher=teacher,
+            loss_mix=loss_mix,
+            on_policy=on_policy,
+            on_policy_stages=stages,
+            speed=speed,
+            data=cfg.data,
+            student=cfg.student.model,
+        )

@@ -17,16 +17,16 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd_lightning.checkpoints import AtomicCheckpointIO, check_resumable, load_weights
-from kd_lightning.run.config import build
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.files import atomic_write_text
 from kd_lightning.loss.mix import LossMix
 from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
+from kd_lightning.run.config import build
 from kd_lightning.run.run_dir import is_global_zero
+from kd_lightning.run.settings import RunSettings, Settings
 from kd_lightning.sequences import Answers, SampleScores, Sequences
 from kd_lightning.sharding import full_state_dict, is_sharded
-from kd_lightning.run.settings import RunSettings, Settings
 from kd_lightning.teacher import Teacher
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,9 @@ def read_stage_results(path: Path) -> dict[str, float] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        log.warning("stage results %s are unreadable (%s); the stage is resumed from its checkpoint instead", path, error)
+        log.warning(
+            "stage results %s are unreadable (%s); the stage is resumed from its checkpoint instead", path, error
+        )
         return None
     return results if isinstance(results, dict) else None
 
@@ -79,8 +81,14 @@ def make_trainer(run: RunSettings, stage: str, **overrides: Any) -> L.Trainer:
         for conf in (run.callbacks or {}).values()
         if conf is not None
     ]
-    return build(run.trainer, default_root_dir=str(stage_dir), callbacks=callbacks, logger=make_logger(run, stage),
-                 plugins=[AtomicCheckpointIO()], **overrides)
+    return build(
+        run.trainer,
+        default_root_dir=str(stage_dir),
+        callbacks=callbacks,
+        logger=make_logger(run, stage),
+        plugins=[AtomicCheckpointIO()],
+        **overrides,
+    )
 
 
 def end_logger_runs(trainer: L.Trainer) -> None:
@@ -115,9 +123,17 @@ def unsharded(trained: nn.Module, model: DictConfig) -> nn.Module:
     return fresh
 
 
-def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teacher | None, loss_mix: LossMix, datamodule: Any,
-              optim: DictConfig | None = None, sequences: Sequences | None = None,
-              **trainer_overrides: Any) -> tuple[dict[str, float], nn.Module]:
+def run_stage(
+    settings: Settings,
+    stage: str,
+    model: DictConfig,
+    teacher: Teacher | None,
+    loss_mix: LossMix,
+    datamodule: Any,
+    optim: DictConfig | None = None,
+    sequences: Sequences | None = None,
+    **trainer_overrides: Any,
+) -> tuple[dict[str, float], nn.Module]:
     """Build ``model`` from the seed, fit it with ``loss_mix`` against ``teacher`` (on the completions of
     ``sequences``: the data set's by default), test it.
 
@@ -131,15 +147,26 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
         datamodule.memory_format = speed.memory_format()
     L.seed_everything(run.seed, workers=True, verbose=False)
     scores = SampleScores.of(settings.on_policy, datamodule, settings.samples) if teacher is not None else None
-    module = DistillationModule(speed.prepare(build(model)), teacher, num_classes=run.num_classes, loss_mix=loss_mix,
-                                optimizer=build(optim.optimizer),
-                                scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
-                                task=getattr(datamodule, "task", "classification"), chunk_rows=speed.chunk_rows,
-                                sequences=sequences, answers=Answers.of(datamodule),
-                                sample_scores=scores, shard_teacher=settings.teacher.shard,
-                                shard_dtype=speed.shard_dtype, generate_whole=speed.generate_whole)
+    module = DistillationModule(
+        speed.prepare(build(model)),
+        teacher,
+        num_classes=run.num_classes,
+        loss_mix=loss_mix,
+        optimizer=build(optim.optimizer),
+        scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
+        task=getattr(datamodule, "task", "classification"),
+        chunk_rows=speed.chunk_rows,
+        sequences=sequences,
+        answers=Answers.of(datamodule),
+        sample_scores=scores,
+        shard_teacher=settings.teacher.shard,
+        shard_dtype=speed.shard_dtype,
+        generate_whole=speed.generate_whole,
+    )
     chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
-    sampled = f", completions sampled: {sequences.describe()}" if sequences is not None and sequences.settings.samples else ""
+    sampled = (
+        f", completions sampled: {sequences.describe()}" if sequences is not None and sequences.settings.samples else ""
+    )
     whole = ", the student generating through a whole copy (speed.generate_whole)" if speed.generate_whole else ""
     log.info("stage %s: %s%s%s%s", stage, loss_mix.extra_repr(), chunked, sampled, whole)
     last = run.output_dir / stage / "checkpoints" / "last.ckpt"
@@ -153,8 +180,11 @@ def run_stage(settings: Settings, stage: str, model: DictConfig, teacher: Teache
             return finished, load_weights(module.student, last)
         log.info("stage %s: resuming from %s", stage, resume)
     elif run.resume:
-        log.warning("stage %s: ckpt_path=last, but there is no %s to resume from; training the stage from its start",
-                    stage, last)
+        log.warning(
+            "stage %s: ckpt_path=last, but there is no %s to resume from; training the stage from its start",
+            stage,
+            last,
+        )
     with lightning_hushed():
         trainer = make_trainer(run, stage, **trainer_overrides)
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)

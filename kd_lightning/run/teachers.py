@@ -28,7 +28,6 @@ from typing import Any
 from torch import nn
 
 from kd_lightning.checkpoints import load_weights, save_weights
-from kd_lightning.run.config import build
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
 from kd_lightning.files import content_key, job_lock, path_sha256, set_aside
@@ -36,6 +35,7 @@ from kd_lightning.loss.mix import LossMix
 from kd_lightning.models.outputs import check_packing
 from kd_lightning.models.pretrained import pretrained_fingerprint
 from kd_lightning.progress import lightning_hushed
+from kd_lightning.run.config import build
 from kd_lightning.run.preflight import packs
 from kd_lightning.run.settings import Settings
 from kd_lightning.run.stages import is_global_zero, run_stage
@@ -51,11 +51,14 @@ log = logging.getLogger(__name__)
 def prepare_teacher(settings: Settings, datamodule: Any) -> Teacher:
     """The teacher of this run: live (loaded or trained once) or recorded (``teacher.mode``)."""
     if settings.teacher.mode == "live":
-        return LiveTeacher(settings.speed.prepare(teacher_model(settings, datamodule)), trained_here=settings.teacher.trained_here)
+        return LiveTeacher(
+            settings.speed.prepare(teacher_model(settings, datamodule)), trained_here=settings.teacher.trained_here
+        )
     return recorded_teacher(settings, datamodule)
 
 
 # -- weights: a checkpoint, or trained once and cached ----------------------------------------------
+
 
 def trained_teacher_path(settings: Settings) -> Path:
     """Where the teacher trained for this teacher + data + seed config is cached; sweeps over distillation settings
@@ -79,15 +82,22 @@ def teacher_model(settings: Settings, datamodule: Any) -> nn.Module:
         return model
     cached = trained_teacher_path(settings)
     if not is_global_zero():  # the ranks of one DDP job train it together; rank 0 holds the lock and saves
-        return train_teacher(settings, datamodule, cached) if not cached.exists() else load_weights(build(teacher.model), cached)
+        return (
+            train_teacher(settings, datamodule, cached)
+            if not cached.exists()
+            else load_weights(build(teacher.model), cached)
+        )
     with job_lock(cached):
         if cached.exists():
             log.info("teacher: reusing %s", cached)
             try:
                 return load_weights(build(teacher.model), cached)
             except KDError as error:
-                log.warning("teacher: the cached teacher is unusable (%s); set aside as %s, training it again",
-                            error, set_aside(cached).name)
+                log.warning(
+                    "teacher: the cached teacher is unusable (%s); set aside as %s, training it again",
+                    error,
+                    set_aside(cached).name,
+                )
         return train_teacher(settings, datamodule, cached)
 
 
@@ -101,8 +111,16 @@ def train_teacher(settings: Settings, datamodule: Any, cached: Path) -> nn.Modul
     log.info("teacher: no checkpoint given, training one (cached at %s)", cached)
     fit = settings.teacher.fit
     with every_label(datamodule):  # data.labeled_fraction hides labels from the students only
-        metrics, model = run_stage(settings, "teacher", settings.teacher.model, None, LossMix.task_only(), datamodule,
-                                   optim=fit, max_epochs=fit.max_epochs)
+        metrics, model = run_stage(
+            settings,
+            "teacher",
+            settings.teacher.model,
+            None,
+            LossMix.task_only(),
+            datamodule,
+            optim=fit,
+            max_epochs=fit.max_epochs,
+        )
     if is_global_zero():
         save_weights(model, cached, epoch=fit.max_epochs, metrics=metrics)
     return model
@@ -110,15 +128,27 @@ def train_teacher(settings: Settings, datamodule: Any, cached: Path) -> nn.Modul
 
 # -- recorded --------------------------------------------------------------------------------------
 
+
 def recording_identity(settings: Settings, datamodule: InMemoryDataModule, teacher_file: Path | None) -> dict[str, Any]:
     """What a recording depends on: teacher weights, data, views, top-k, precision."""
     recording = settings.teacher.recording
     tail = {"tail_samples": recording.samples} if recording.samples else {}  # the other tails are not recorded
-    weights = path_sha256(Path(teacher_file))[:16] if teacher_file else pretrained_fingerprint(settings.teacher.model) \
-        if not settings.teacher.trains else None
-    return {"teacher": weights, "data": data_identity(datamodule),
-            "views_per_sample": recording.views_per_sample, "top_k": recording.top_k, **tail,
-            "precision": str(settings.run.trainer.get("precision", "32-true")), "format": FORMAT_VERSION}
+    weights = (
+        path_sha256(Path(teacher_file))[:16]
+        if teacher_file
+        else pretrained_fingerprint(settings.teacher.model)
+        if not settings.teacher.trains
+        else None
+    )
+    return {
+        "teacher": weights,
+        "data": data_identity(datamodule),
+        "views_per_sample": recording.views_per_sample,
+        "top_k": recording.top_k,
+        **tail,
+        "precision": str(settings.run.trainer.get("precision", "32-true")),
+        "format": FORMAT_VERSION,
+    }
 
 
 def recorded_teacher(settings: Settings, datamodule: Any) -> RecordedTeacher:
@@ -130,18 +160,27 @@ def recorded_teacher(settings: Settings, datamodule: Any) -> RecordedTeacher:
     """
     recording, checkpoint = settings.teacher.recording, settings.teacher.checkpoint
     if not isinstance(datamodule, InMemoryDataModule):
-        raise KDError(f"teacher.mode=recorded needs a datamodule derived from kd_lightning.data.InMemoryDataModule (batches "
-                      f"carry each sample's index to look its logits up); {type(datamodule).__name__} is not. Use teacher.mode=live.")
+        raise KDError(
+            f"teacher.mode=recorded needs a datamodule derived from kd_lightning.data.InMemoryDataModule (batches "
+            f"carry each sample's index to look its logits up); {type(datamodule).__name__} is not. Use teacher.mode=live."
+        )
     if recording.dir:
         teacher = RecordedTeacher(recording.dir, recording.tail)
         wanted = recording_identity(settings, datamodule, checkpoint)
         recorded = teacher.meta["identity"]
-        problems = describe_mismatch({k: recorded.get(k) for k in ("teacher", "data")}, {k: wanted[k] for k in ("teacher", "data")})
+        problems = describe_mismatch(
+            {k: recorded.get(k) for k in ("teacher", "data")}, {k: wanted[k] for k in ("teacher", "data")}
+        )
         if problems:
-            raise KDError(f"the teacher recording in {recording.dir} was recorded for another " + "; ".join(problems)
-                          + ". Unset teacher.recording.dir to record the teacher for this run.")
+            raise KDError(
+                f"the teacher recording in {recording.dir} was recorded for another "
+                + "; ".join(problems)
+                + ". Unset teacher.recording.dir to record the teacher for this run."
+            )
     else:
-        directory = record_once(settings, datamodule, checkpoint or (trained_teacher_path(settings) if settings.teacher.trains else None))
+        directory = record_once(
+            settings, datamodule, checkpoint or (trained_teacher_path(settings) if settings.teacher.trains else None)
+        )
         teacher = RecordedTeacher(directory, recording.tail)
     teacher.check_covers(datamodule, settings.run.num_classes)
     datamodule.replay_views(teacher.views)
@@ -166,10 +205,17 @@ def record_once(settings: Settings, datamodule: InMemoryDataModule, teacher_file
                 model = teacher_model(settings, datamodule)
                 trainer = settings.run.trainer
                 with lightning_hushed():
-                    record_teacher(model, datamodule, directory, identity, settings.teacher.recording,
-                                   accelerator=trainer.get("accelerator", "auto"), precision=trainer.get("precision", "32-true"),
-                                   vocab_size=settings.run.num_classes if getattr(datamodule, "task", None) == "tokens" else None,
-                                   trained_here=settings.teacher.trained_here)
+                    record_teacher(
+                        model,
+                        datamodule,
+                        directory,
+                        identity,
+                        settings.teacher.recording,
+                        accelerator=trainer.get("accelerator", "auto"),
+                        precision=trainer.get("precision", "32-true"),
+                        vocab_size=settings.run.num_classes if getattr(datamodule, "task", None) == "tokens" else None,
+                        trained_here=settings.teacher.trained_here,
+                    )
     wait_for_rank_zero(directory / META_FILE)
     return directory
 

@@ -7,17 +7,17 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from kd_lightning.run import run_dir
-from kd_lightning.run.config import build
 from kd_lightning.files import atomic_write_text
 from kd_lightning.loss.mix import LossMix
+from kd_lightning.run import run_dir
+from kd_lightning.run.config import build
 from kd_lightning.run.plots import plot_curves
+from kd_lightning.run.preflight import check_models
 from kd_lightning.run.run_dir import RESULTS_FILE, TOKENIZER_DIR, is_global_zero
-from kd_lightning.sequences import Sequences
 from kd_lightning.run.settings import Settings
 from kd_lightning.run.stages import run_stage
-from kd_lightning.run.preflight import check_models
 from kd_lightning.run.teachers import prepare_teacher
+from kd_lightning.sequences import Sequences
 
 __all__ = ["RESULTS_FILE", "train"]
 
@@ -45,20 +45,39 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 def distil(settings: Settings, datamodule: Any) -> dict[str, Any]:
     """Steps 1-4 of :func:`train`, in a run directory that was accepted."""
-    if is_global_zero() and hasattr(datamodule, "save_tokenizer"):  # text: what export --format hf writes beside the model
+    if is_global_zero() and hasattr(
+        datamodule, "save_tokenizer"
+    ):  # text: what export --format hf writes beside the model
         datamodule.save_tokenizer(settings.run.output_dir / TOKENIZER_DIR)
     teacher = prepare_teacher(settings, datamodule)
 
-    distilled, _ = run_stage(settings, "distilled", settings.student, teacher, settings.loss_mix, datamodule,
-                             sequences=Sequences.of(settings.on_policy, datamodule))
+    distilled, _ = run_stage(
+        settings,
+        "distilled",
+        settings.student,
+        teacher,
+        settings.loss_mix,
+        datamodule,
+        sequences=Sequences.of(settings.on_policy, datamodule),
+    )
     results: dict[str, Any] = {"distilled": distilled}
     for stage, on_policy in settings.on_policy_stages.items():  # the same student, its completions from elsewhere
-        results[stage], _ = run_stage(settings, stage, settings.student, teacher, settings.loss_mix, datamodule,
-                                      sequences=Sequences.of(on_policy, datamodule))
+        results[stage], _ = run_stage(
+            settings,
+            stage,
+            settings.student,
+            teacher,
+            settings.loss_mix,
+            datamodule,
+            sequences=Sequences.of(on_policy, datamodule),
+        )
     if settings.on_policy_stages:
         results["on_policy_stages"] = list(settings.on_policy_stages)
-    results["teacher"] = {f"test/{k}": distilled[f"test/teacher_{k}"] for k in ("acc", "ece", "ppl", "exact_match")
-                          if f"test/teacher_{k}" in distilled}
+    results["teacher"] = {
+        f"test/{k}": distilled[f"test/teacher_{k}"]
+        for k in ("acc", "ece", "ppl", "exact_match")
+        if f"test/teacher_{k}" in distilled
+    }
     if settings.run.baseline:
         # CE alone: the teacher never runs in training, it is only scored against for the fidelity metrics
         baseline, _ = run_stage(settings, "baseline", settings.student, teacher, LossMix.task_only(), datamodule)

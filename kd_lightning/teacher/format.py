@@ -70,9 +70,9 @@ import torch
 from torch import Tensor
 
 from kd_lightning.data.augment import VIEW_SEED
+from kd_lightning.data.batch import counted
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError, check_integer, is_integer
-from kd_lightning.data.batch import counted
 
 FORMAT_VERSION = 2  # 2: top-k recordings keep the teacher's logit of each evaluation label
 META_FILE = "meta.json"
@@ -109,23 +109,33 @@ class RecordingSettings:
 
     def __post_init__(self) -> None:
         if self.views_per_sample != "all" and (not is_integer(self.views_per_sample) or self.views_per_sample < 1):
-            raise KDError(f"teacher.recording.views_per_sample must be a positive integer or 'all', got {self.views_per_sample!r}.")
+            raise KDError(
+                f"teacher.recording.views_per_sample must be a positive integer or 'all', got {self.views_per_sample!r}."
+            )
         if self.top_k is not None and (not is_integer(self.top_k) or self.top_k < 1):
-            raise KDError(f"teacher.recording.top_k must be a positive integer (or null for all classes), got {self.top_k!r}.")
+            raise KDError(
+                f"teacher.recording.top_k must be a positive integer (or null for all classes), got {self.top_k!r}."
+            )
         if self.tail not in TAILS:
             raise KDError(f"teacher.recording.tail must be one of {', '.join(TAILS)}, got {self.tail!r}.")
         check_integer("teacher.recording.tail_samples", self.tail_samples)
         if self.tail == "sampled" and self.top_k is None:
-            raise KDError("teacher.recording.tail=sampled draws from the classes outside the top k; set "
-                          "teacher.recording.top_k too (a recording of all logits has no tail).")
+            raise KDError(
+                "teacher.recording.tail=sampled draws from the classes outside the top k; set "
+                "teacher.recording.top_k too (a recording of all logits has no tail)."
+            )
 
     def check_classes(self, num_classes: int) -> None:
         """``top_k`` keeps at most all ``num_classes`` logits."""
         if self.top_k is not None and self.top_k > num_classes:
-            raise KDError(f"teacher.recording.top_k={self.top_k} must be between 1 and the {num_classes} classes (or null for all).")
+            raise KDError(
+                f"teacher.recording.top_k={self.top_k} must be between 1 and the {num_classes} classes (or null for all)."
+            )
         if self.samples and self.top_k == num_classes:
-            raise KDError(f"teacher.recording.tail=sampled with top_k={self.top_k} of {num_classes} classes leaves no tail "
-                          "to draw from; lower top_k or use tail=student.")
+            raise KDError(
+                f"teacher.recording.tail=sampled with top_k={self.top_k} of {num_classes} classes leaves no tail "
+                "to draw from; lower top_k or use tail=student."
+            )
 
 
 def student_shaped_tail(values: Tensor, indices: Tensor, logsumexp: Tensor, student_logits: Tensor) -> Tensor:
@@ -166,8 +176,14 @@ def draw_from_tail(logits: Tensor, top_indices: Tensor, num_draws: int, seed: in
     return draws.view(*logits.shape[:-1], num_draws)
 
 
-def rebuild_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_classes: int, labels: Tensor | None = None,
-                   label_logits: Tensor | None = None) -> Tensor:
+def rebuild_logits(
+    values: Tensor,
+    indices: Tensor,
+    logsumexp: Tensor,
+    num_classes: int,
+    labels: Tensor | None = None,
+    label_logits: Tensor | None = None,
+) -> Tensor:
     """Full ``(N, C)`` logits from the top-k ``(N, k)`` and the full log-sum-exp ``(N,)``.
 
     The k kept classes keep their exact (float16) logits; the mass the teacher put on the
@@ -180,7 +196,9 @@ def rebuild_logits(values: Tensor, indices: Tensor, logsumexp: Tensor, num_class
     values = values.float()
     k = values.shape[-1]
     if k == num_classes:
-        return torch.empty(values.shape[:-1] + (num_classes,), device=values.device).scatter_(-1, indices.long(), values)
+        return torch.empty(values.shape[:-1] + (num_classes,), device=values.device).scatter_(
+            -1, indices.long(), values
+        )
     tail_mass = (1 - torch.exp(values - logsumexp[..., None]).sum(-1)).clamp_min(1e-12)
     if labels is None or label_logits is None:
         tail_logit = logsumexp + torch.log(tail_mass / (num_classes - k))
@@ -208,17 +226,28 @@ def check_file(path: Path, array: np.ndarray, num_classes: int | None, digest: s
     outside ``0 .. num_classes − 1`` (``None``: not class ids): the reason on one line, with the fix."""
     fix = f"delete {path.parent} and it is recorded again"
     if digest is not None and file_digest(path) != digest:
-        raise KDError(f"the teacher recording {path} was changed after it was recorded (its SHA-256 differs from the one "
-                      f"in {META_FILE}); {fix}.")
+        raise KDError(
+            f"the teacher recording {path} was changed after it was recorded (its SHA-256 differs from the one "
+            f"in {META_FILE}); {fix}."
+        )
     rows = max(1, (1 << 24) // max(1, array[:1].nbytes))  # about 16 MiB at a time
     for start in range(0, len(array), rows):
-        part = array[start:start + rows]
+        part = array[start : start + rows]
         if array.dtype.kind == "f" and not np.isfinite(part).all():
-            raise KDError(f"the teacher recording {path} holds values that are not finite (NaN or infinite) in samples "
-                          f"from {start}; {fix}.")
-        if num_classes is not None and array.dtype.kind in "iu" and part.size and (part.min() < 0 or part.max() >= num_classes):
-            raise KDError(f"the teacher recording {path} holds class ids outside 0..{num_classes - 1} in samples from "
-                          f"{start}; {fix}.")
+            raise KDError(
+                f"the teacher recording {path} holds values that are not finite (NaN or infinite) in samples "
+                f"from {start}; {fix}."
+            )
+        if (
+            num_classes is not None
+            and array.dtype.kind in "iu"
+            and part.size
+            and (part.min() < 0 or part.max() >= num_classes)
+        ):
+            raise KDError(
+                f"the teacher recording {path} holds class ids outside 0..{num_classes - 1} in samples from "
+                f"{start}; {fix}."
+            )
 
 
 def index_dtype(num_classes: int) -> np.dtype:
@@ -240,8 +269,11 @@ def data_identity(datamodule: InMemoryDataModule) -> dict[str, Any]:
             digest.update(tensor.contiguous().numpy().tobytes())
         splits[split] = digest.hexdigest()[:16]
     augment = datamodule.augment
-    return {"splits": splits, "augment": None if augment is None else {"type": type(augment).__name__, **vars(augment)},
-            "view_seed": VIEW_SEED}
+    return {
+        "splits": splits,
+        "augment": None if augment is None else {"type": type(augment).__name__, **vars(augment)},
+        "view_seed": VIEW_SEED,
+    }
 
 
 def describe_mismatch(recorded: dict[str, Any], wanted: dict[str, Any]) -> list[str]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from kd_lightning.loss.chunked import TeacherBlocks
 from kd_lightning.data.batch import Batch
+from kd_lightning.loss.chunked import TeacherBlocks
 
 
 class Teacher(nn.Module):

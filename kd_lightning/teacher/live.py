@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.loss.chunked import TeacherBlocks
 from kd_lightning.data.batch import Batch
+from kd_lightning.loss.chunked import TeacherBlocks
 from kd_lightning.models.outputs import check_head_gives_logits, hidden_and_head, model_logits, output_head
 from kd_lightning.teacher.interface import Teacher
 

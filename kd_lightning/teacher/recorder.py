@@ -22,13 +22,19 @@ import torch
 from torch import nn
 
 from kd_lightning.data.augment import RandomCropFlip, RecordedViews
-from kd_lightning.data.batch import Batch
+from kd_lightning.data.batch import Batch, counted
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.files import atomic_directory, atomic_write_text
 from kd_lightning.models.outputs import model_logits
-from kd_lightning.data.batch import counted
-from kd_lightning.teacher.format import (FORMAT_VERSION, META_FILE, PROGRESS_FILE, RecordingSettings, draw_from_tail, file_digest,
-                                         index_dtype)
+from kd_lightning.teacher.format import (
+    FORMAT_VERSION,
+    META_FILE,
+    PROGRESS_FILE,
+    RecordingSettings,
+    draw_from_tail,
+    file_digest,
+    index_dtype,
+)
 from kd_lightning.vocab import check_padding_unused
 
 log = logging.getLogger(__name__)
@@ -43,8 +49,17 @@ class _Recorder(L.LightningModule):
     :data:`PROGRESS_EVERY_S` seconds the files are flushed and ``progress.json`` is rewritten.
     """
 
-    def __init__(self, teacher: nn.Module, datamodule: InMemoryDataModule, top_k: int | None, tail_samples: int, width: int,
-                 vocab_size: int | None, progress: dict[str, Any], progress_file: Path) -> None:
+    def __init__(
+        self,
+        teacher: nn.Module,
+        datamodule: InMemoryDataModule,
+        top_k: int | None,
+        tail_samples: int,
+        width: int,
+        vocab_size: int | None,
+        progress: dict[str, Any],
+        progress_file: Path,
+    ) -> None:
         super().__init__()
         self.teacher = teacher.eval().requires_grad_(False)
         self.prepare_inputs = datamodule.prepare_inputs
@@ -78,10 +93,16 @@ class _Recorder(L.LightningModule):
         views = self.views_on_device
         tail = self.progress["tail_mass"][self.split]
         for slot in range(views.per_sample if views is not None else 1):
-            view = inputs if views is None else self.augment.apply(inputs, views.views(index, torch.full_like(index, slot)))
+            view = (
+                inputs
+                if views is None
+                else self.augment.apply(inputs, views.views(index, torch.full_like(index, slot)))
+            )
             logits = model_logits(self.teacher, {**batch, "inputs": self.prepare_inputs(view)}).float()
             if logits.shape[-1] > self.width:
-                if self.vocab_size is not None:  # None: a teacher trained here, whose extra rows are padding by construction
+                if (
+                    self.vocab_size is not None
+                ):  # None: a teacher trained here, whose extra rows are padding by construction
                     check_padding_unused(logits, self.width, self.vocab_size)
                 logits = logits[..., : self.width]
             # a token batch may be cut to its longest row (chat data): it fills the first positions of each sample
@@ -99,7 +120,9 @@ class _Recorder(L.LightningModule):
                 label = torch.where(counted(labels), labels, 0)[..., None]  # not counted: any class will do
                 self.out["label_logits"][at] = logits.gather(-1, label)[..., 0].cpu().numpy()
             if self.tail_samples:
-                draws = draw_from_tail(logits, indices, self.tail_samples, seed=zlib.crc32(f"{self.split}:{rows[0]}:{slot}".encode()))
+                draws = draw_from_tail(
+                    logits, indices, self.tail_samples, seed=zlib.crc32(f"{self.split}:{rows[0]}:{slot}".encode())
+                )
                 self.out["tail_samples"][at] = draws.cpu().numpy()
             mass = (1 - torch.exp(values - logsumexp[..., None]).sum(-1)).clamp_min(0)  # outside the top k, at T=1
             tail["sum"] += float(mass.sum())
@@ -134,29 +157,42 @@ class Plan:
     @property
     def bytes_per_position(self) -> int:
         """Bytes per training sample (or token) and view."""
-        return sum(dtype.itemsize * (shape[-1] if name != "logsumexp" else 1) for name, (shape, dtype) in self.files["train"].items())
+        return sum(
+            dtype.itemsize * (shape[-1] if name != "logsumexp" else 1)
+            for name, (shape, dtype) in self.files["train"].items()
+        )
 
 
-def plan(teacher: nn.Module, datamodule: InMemoryDataModule, settings: RecordingSettings, vocab_size: int | None) -> Plan:
+def plan(
+    teacher: nn.Module, datamodule: InMemoryDataModule, settings: RecordingSettings, vocab_size: int | None
+) -> Plan:
     """Run the teacher on one example to learn its width and positions; lay out each split's files."""
     datamodule.setup("fit")
-    example = {"inputs": datamodule.prepare_inputs(datamodule.splits["train"].inputs[:1]).to(next(teacher.parameters()).device)}
+    example = {
+        "inputs": datamodule.prepare_inputs(datamodule.splits["train"].inputs[:1]).to(next(teacher.parameters()).device)
+    }
     with torch.no_grad():
         example_logits = model_logits(teacher.eval(), example)
     width = min(example_logits.shape[-1], vocab_size) if vocab_size is not None else example_logits.shape[-1]
     positions = tuple(example_logits.shape[1:-1])
     settings.check_classes(width)
     augment = datamodule.augment
-    views = RecordedViews.draw(augment, len(datamodule.splits["train"]), settings.views_per_sample) if augment is not None else None
+    views = (
+        RecordedViews.draw(augment, len(datamodule.splits["train"]), settings.views_per_sample)
+        if augment is not None
+        else None
+    )
     files = {}
     for split, data in datamodule.splits.items():
         shape = (len(data), views.per_sample if views is not None and split == "train" else 1) + positions
         if settings.top_k is None:
             files[split] = {"logits": (shape + (width,), np.dtype(np.float16))}
             continue
-        files[split] = {"topk_values": (shape + (settings.top_k,), np.dtype(np.float16)),
-                        "topk_indices": (shape + (settings.top_k,), index_dtype(width)),
-                        "logsumexp": (shape, np.dtype(np.float32))}
+        files[split] = {
+            "topk_values": (shape + (settings.top_k,), np.dtype(np.float16)),
+            "topk_indices": (shape + (settings.top_k,), index_dtype(width)),
+            "logsumexp": (shape, np.dtype(np.float32)),
+        }
         if settings.samples:
             files[split]["tail_samples"] = (shape + (settings.samples,), index_dtype(width))
         if split != "train":  # the teacher's perplexity on the evaluation splits stays exact
@@ -166,11 +202,17 @@ def plan(teacher: nn.Module, datamodule: InMemoryDataModule, settings: Recording
 
 def resume(partial: Path, identity: dict[str, Any], settings: RecordingSettings, layout: Plan) -> dict[str, Any]:
     """The progress of a killed recording of the same identity and settings in ``partial``; else a fresh start there."""
-    fresh = {"identity": identity, "settings": [settings.views_per_sample, settings.top_k, settings.samples, layout.width],
-             "done": {}, "tail_mass": {}}
+    fresh = {
+        "identity": identity,
+        "settings": [settings.views_per_sample, settings.top_k, settings.samples, layout.width],
+        "done": {},
+        "tail_mass": {},
+    }
     progress_file = partial / PROGRESS_FILE
     progress = json.loads(progress_file.read_text()) if progress_file.is_file() else None
-    if progress is not None and all(progress.get(k) == json.loads(json.dumps(fresh[k])) for k in ("identity", "settings")):
+    if progress is not None and all(
+        progress.get(k) == json.loads(json.dumps(fresh[k])) for k in ("identity", "settings")
+    ):
         log.info("teacher recording: resuming %s (%s done)", partial, progress["done"])
         return progress
     for stale in partial.iterdir():
@@ -178,26 +220,54 @@ def resume(partial: Path, identity: dict[str, Any], settings: RecordingSettings,
     return fresh
 
 
-def record(teacher: nn.Module, datamodule: InMemoryDataModule, partial: Path, layout: Plan, settings: RecordingSettings,
-           progress: dict[str, Any], accelerator: str, precision: Any, vocab_size: int | None) -> None:
+def record(
+    teacher: nn.Module,
+    datamodule: InMemoryDataModule,
+    partial: Path,
+    layout: Plan,
+    settings: RecordingSettings,
+    progress: dict[str, Any],
+    accelerator: str,
+    precision: Any,
+    vocab_size: int | None,
+) -> None:
     """``Trainer.predict`` over every split not yet done, each view of the training split, into ``partial``'s files."""
     if layout.views is not None:
         np.save(partial / "views.offsets.npy", layout.views.offsets.numpy())
         np.save(partial / "views.flips.npy", layout.views.flips.numpy())
-    recorder = _Recorder(teacher, datamodule, settings.top_k, settings.samples, layout.width, vocab_size, progress,
-                         partial / PROGRESS_FILE)
-    trainer = L.Trainer(accelerator=accelerator, devices=1, precision=precision, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    recorder = _Recorder(
+        teacher,
+        datamodule,
+        settings.top_k,
+        settings.samples,
+        layout.width,
+        vocab_size,
+        progress,
+        partial / PROGRESS_FILE,
+    )
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=1,
+        precision=precision,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     for split, files in layout.files.items():
         recorder.split, recorder.views = split, layout.views if split == "train" else None
-        opened = {name: open_array(partial / f"{split}.{name}.npy", dtype, shape, progress["done"].get(split, 0) > 0)
-                  for name, (shape, dtype) in files.items()}
+        opened = {
+            name: open_array(partial / f"{split}.{name}.npy", dtype, shape, progress["done"].get(split, 0) > 0)
+            for name, (shape, dtype) in files.items()
+        }
         recorder.out = {name: array for name, (array, _) in opened.items()}
         if not all(reused for _, reused in opened.values()):
             progress["done"][split] = 0
             progress["tail_mass"][split] = {"sum": 0.0, "count": 0, "max": 0.0}
         if progress["done"].get(split, 0) < len(datamodule.splits[split]):
-            log.info("teacher recording: recording %d x %d views of split %s", *next(iter(files.values()))[0][:2], split)
+            log.info(
+                "teacher recording: recording %d x %d views of split %s", *next(iter(files.values()))[0][:2], split
+            )
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*predict returned None.*")  # the outputs go to the files
                 trainer.predict(recorder, dataloaders=datamodule.loader(split, train=False), return_predictions=False)
@@ -205,27 +275,53 @@ def record(teacher: nn.Module, datamodule: InMemoryDataModule, partial: Path, la
         recorder.out = {}
 
 
-def finish(partial: Path, layout: Plan, settings: RecordingSettings, progress: dict[str, Any], identity: dict[str, Any],
-           seconds: float) -> dict[str, Any]:
+def finish(
+    partial: Path,
+    layout: Plan,
+    settings: RecordingSettings,
+    progress: dict[str, Any],
+    identity: dict[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
     """Write ``meta.json`` (the recording is complete once it is there) and drop the progress file; return the meta."""
     tails = progress["tail_mass"].values()
-    tail = {"sum": sum(t["sum"] for t in tails), "count": sum(t["count"] for t in tails), "max": max((t["max"] for t in tails), default=0.0)}
-    meta = {"format": FORMAT_VERSION, "identity": identity, "num_classes": layout.width, "top_k": settings.top_k,
-            "tail_samples": settings.samples, "label_logits": settings.top_k is not None,
-            "views_per_sample": settings.views_per_sample, "views": layout.views is not None,
-            "splits": {split: list(next(iter(files.values()))[0][:2]) for split, files in layout.files.items()},
-            "positions": list(layout.positions), "bytes_per_position": layout.bytes_per_position,
-            "tail_mass": {"mean": tail["sum"] / tail["count"], "max": tail["max"]} if tail["count"] else None,
-            "seconds": round(seconds, 1),
-            "sha256": {path.name: file_digest(path) for path in sorted(partial.glob("*.npy"))}}
+    tail = {
+        "sum": sum(t["sum"] for t in tails),
+        "count": sum(t["count"] for t in tails),
+        "max": max((t["max"] for t in tails), default=0.0),
+    }
+    meta = {
+        "format": FORMAT_VERSION,
+        "identity": identity,
+        "num_classes": layout.width,
+        "top_k": settings.top_k,
+        "tail_samples": settings.samples,
+        "label_logits": settings.top_k is not None,
+        "views_per_sample": settings.views_per_sample,
+        "views": layout.views is not None,
+        "splits": {split: list(next(iter(files.values()))[0][:2]) for split, files in layout.files.items()},
+        "positions": list(layout.positions),
+        "bytes_per_position": layout.bytes_per_position,
+        "tail_mass": {"mean": tail["sum"] / tail["count"], "max": tail["max"]} if tail["count"] else None,
+        "seconds": round(seconds, 1),
+        "sha256": {path.name: file_digest(path) for path in sorted(partial.glob("*.npy"))},
+    }
     atomic_write_text(partial / META_FILE, json.dumps(meta, indent=2) + "\n")
     (partial / PROGRESS_FILE).unlink()
     return meta
 
 
-def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory: Path, identity: dict[str, Any],
-                   settings: RecordingSettings, accelerator: str = "auto", precision: Any = "32-true",
-                   vocab_size: int | None = None, trained_here: bool = False) -> None:
+def record_teacher(
+    teacher: nn.Module,
+    datamodule: InMemoryDataModule,
+    directory: Path,
+    identity: dict[str, Any],
+    settings: RecordingSettings,
+    accelerator: str = "auto",
+    precision: Any = "32-true",
+    vocab_size: int | None = None,
+    trained_here: bool = False,
+) -> None:
     """Run ``teacher`` over every split of ``datamodule`` (training views included) and write a recording.
 
     The files go to ``.<name>.partial/`` beside ``directory``, renamed to ``directory`` when complete, so a later run
@@ -238,13 +334,29 @@ def record_teacher(teacher: nn.Module, datamodule: InMemoryDataModule, directory
     layout = plan(teacher, datamodule, settings, vocab_size)
     with atomic_directory(Path(directory), resumable=True) as partial:
         progress = resume(partial, identity, settings, layout)
-        record(teacher, datamodule, partial, layout, settings, progress, accelerator, precision,
-               None if trained_here else vocab_size)
+        record(
+            teacher,
+            datamodule,
+            partial,
+            layout,
+            settings,
+            progress,
+            accelerator,
+            precision,
+            None if trained_here else vocab_size,
+        )
         meta = finish(partial, layout, settings, progress, identity, time.perf_counter() - started)
     what = "token" if layout.positions else "sample"
     tail = meta["tail_mass"]
-    log.info("teacher recording: recorded in %.1f s at %s, %d bytes per %s%s", meta["seconds"], directory,
-             layout.bytes_per_position, what, "" if tail is None else
-             f"; the top {settings.top_k} hold {100 * (1 - tail['mean']):.2f}% of the teacher's probability "
-             f"on average (tail mass: mean {tail['mean']:.4f}, max {tail['max']:.4f})"
-             + (f", {settings.samples} draws from the tail per {what}" if settings.samples else ""))
+    log.info(
+        "teacher recording: recorded in %.1f s at %s, %d bytes per %s%s",
+        meta["seconds"],
+        directory,
+        layout.bytes_per_position,
+        what,
+        ""
+        if tail is None
+        else f"; the top {settings.top_k} hold {100 * (1 - tail['mean']):.2f}% of the teacher's probability "
+        f"on average (tail mass: mean {tail['mean']:.4f}, max {tail['max']:.4f})"
+        + (f", {settings.samples} draws from the tail per {what}" if settings.samples else ""),
+    )
