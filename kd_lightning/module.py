@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from kd_lightning.checkpoints import check_student_state, student_only
 from kd_lightning.data.batch import Batch, as_batch, counted
 from kd_lightning.errors import KDError
+from kd_lightning.finite import NonFiniteWatch
 from kd_lightning.loss.chunked import HeadLogits, TeacherBlocks, blockwise_terms, resolved
 from kd_lightning.loss.features import check_live_teacher
 from kd_lightning.loss.mix import LossMix, Terms
@@ -129,6 +130,7 @@ class DistillationModule(L.LightningModule):
         self.shard_teacher, self.shard_dtype, self.generate_whole = shard_teacher, shard_dtype, generate_whole
         self.outputs_checked = False
         self.step_tokens = StepTokens()  # the step's count, when a step spans micro-batches or processes
+        self.nonfinite = NonFiniteWatch()  # the first step whose loss, a term or a gradient was NaN or infinite
         self.strict_loading = False  # checkpoints hold the student only (on_load_checkpoint insists on all of it)
         self.metrics = nn.ModuleDict(
             {split: SplitMetrics(num_classes, self.teacher is not None, task) for split in SPLITS}
@@ -239,12 +241,12 @@ class DistillationModule(L.LightningModule):
             student_out = self.student_forward(batch)
         terms = self.loss_terms(student_out, teacher_out, batch)
         loss = terms.total if isinstance(terms, Terms) else torch.stack(list(terms.values())).sum()
+        self.nonfinite.watch(self.global_step, {"loss": loss, **terms})
         if not self.step_spans_micro_batches:
             self.log_training(loss, terms)
             return loss
-        return self.step_tokens.add(
-            loss, terms, batch["kept"].sum()
-        )  # divided by the whole step's count before it steps
+        # divided by the whole step's count before it steps
+        return self.step_tokens.add(loss, terms, batch["kept"].sum())
 
     @property
     def step_spans_micro_batches(self) -> bool:
@@ -342,6 +344,15 @@ class DistillationModule(L.LightningModule):
                 trainer.strategy, self.parameters(), trainer.accumulate_grad_batches, trainer.world_size
             )
             self.log_training(means.pop("loss"), means)
+        self.nonfinite.watch_gradients(self.global_step, self.student.parameters())
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Stop at a non-finite step where the host reads anyway: a step the loggers write, and an epoch's last batch
+        (before its validation and checkpoint, so the last checkpoint is one from before it)."""
+        trainer = self.trainer
+        if logs_this_step(trainer) or batch_idx + 1 >= trainer.num_training_batches:
+            callback = trainer.checkpoint_callback
+            self.nonfinite.check(trainer.strategy, getattr(callback, "dirpath", None))
 
     def on_fit_start(self) -> None:
         if self.teacher is None and self.loss_mix.uses_teacher:

@@ -6,6 +6,7 @@ from kd_lightning.data.chat import ChatDataModule
 from kd_lightning.data.cifar import CIFARDataModule
 from kd_lightning.data.digits import DigitsDataModule
 from kd_lightning.data.memory import InMemoryDataModule, TensorSplit
+from kd_lightning.data.protocol import DistillationData
 from kd_lightning.data.text import TextDataModule
 
 __all__ = [
@@ -14,6 +15,7 @@ __all__ = [
     "ChatDataModule",
     "CIFARDataModule",
     "DigitsDataModule",
+    "DistillationData",
     "InMemoryDataModule",
     "TensorSplit",
     "TextDataModule",

@@ -346,6 +346,12 @@ def _loss(
     num_kept: Tensor | float | None,
 ) -> Tensor:
     """What every public objective does: its divergence over the kept positions, through :class:`Objective`."""
+    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if logits.is_floating_point() and bool(torch.isnan(logits).any()):
+            raise ValueError(
+                f"{name} hold NaN (at {torch.isnan(logits).nonzero()[0].tolist()}): the model that made them "
+                "diverged or read NaN input; check it before the loss."
+            )
     objective = Objective(divergence, settings, scale_by_t2=scale_by_t2, standardize=standardize)
     keep = positions_to_keep(student_logits, mask, labels, ignore_index)
     return objective(student_logits, teacher_logits, temperature, keep=keep, labels=labels, num_kept=num_kept)
