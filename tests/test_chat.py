@@ -431,3 +431,68 @@ def test_the_plays_converter_answers_each_speech_with_the_next_split_by_work(tmp
         convert(corpus, tmp_path / "none", validation=("hamlet",), test=("gamma",))
     with pytest.raises(SystemExit, match="error: .* holds no .txt files"):
         main([str(tmp_path / "chats"), str(tmp_path / "out")])
+
+
+# -- chat files as careless hands write them: one line naming the file and the fix, nothing passed over --
+
+ASSISTANT_FIRST = [
+    {"role": "assistant", "content": "Who's there?"},
+    {"role": "user", "content": "Nay, answer me."},
+    {"role": "assistant", "content": "Long live the king!"},
+]
+
+
+@pytest.mark.parametrize(
+    ("example", "message"),
+    [
+        ({"messages": ASSISTANT_FIRST}, r"train.jsonl, example 1 starts with an assistant turn"),
+        (
+            {"messages": "Who goes there?"},
+            r"train.jsonl, example 1: messages must be a list of \{role, content\} "
+            r"messages, got str",
+        ),
+    ],
+)
+def test_a_conversation_of_the_wrong_shape_is_named(tokenizer_dir, tmp_path: Path, example: dict, message: str) -> None:
+    chats = write_chats(tmp_path / "chats", [{"messages": TALK}, example])
+    with pytest.raises(KDError, match=message):
+        chat_data(tokenizer_dir, chats)
+
+
+def test_duplicate_json_keys_that_make_an_assistant_turn_first_are_named(tokenizer_dir, tmp_path: Path) -> None:
+    chats = write_chats(tmp_path / "chats", [{"messages": TALK}])
+    line = '{"messages": [{"role": "user", "role": "assistant", "content": "Hm."}, {"role": "user", "content": "?"}]}\n'
+    (chats / "train.jsonl").write_text(json.dumps({"messages": TALK}) + "\n" + line)
+    with pytest.raises(KDError, match=r"example 1 starts with an assistant turn"):
+        chat_data(tokenizer_dir, chats)
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+def test_an_empty_split_file_is_named_as_empty(tokenizer_dir, tmp_path: Path, split: str) -> None:
+    chats = write_chats(tmp_path / "chats", [{"messages": TALK}])
+    (chats / f"{split}.jsonl").write_text("\n")
+    with pytest.raises(KDError, match=rf"{split}.jsonl holds no examples"):
+        chat_data(tokenizer_dir, chats)
+
+
+def test_a_broken_line_of_a_jsonl_file_is_named_by_its_line(tokenizer_dir, tmp_path: Path) -> None:
+    chats = write_chats(tmp_path / "chats", [{"messages": TALK}])
+    lines = [json.dumps({"messages": TALK})] * 4 + ['{"messages": [{"role": "user", "content": "Hi"}']
+    (chats / "train.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(KDError, match=r"train.jsonl, line 5 is not valid JSON \(.*\); fix or remove that line"):
+        chat_data(tokenizer_dir, chats)
+
+
+def test_two_files_for_one_split_are_refused(tokenizer_dir, tmp_path: Path) -> None:
+    chats = write_chats(tmp_path / "chats", [{"messages": TALK}])
+    (chats / "train.json").write_text(json.dumps([{"messages": TALK}]))
+    with pytest.raises(KDError, match=r"has train.jsonl and train.json for one split; keep one of them"):
+        chat_data(tokenizer_dir, chats)
+
+
+def test_a_split_whose_every_reply_is_empty_is_refused(tokenizer_dir, tmp_path: Path) -> None:
+    silent = [dict(m, content="") if m["role"] == "assistant" else m for m in TALK]
+    chats = write_chats(tmp_path / "chats", [{"messages": TALK}])
+    (chats / "train.jsonl").write_text(json.dumps({"messages": silent}) * 1 + "\n")
+    with pytest.raises(KDError, match=r"train.jsonl: every assistant reply is empty"):
+        chat_data(tokenizer_dir, chats)

@@ -123,9 +123,13 @@ class ChatDataModule(InMemoryDataModule):
             )
         splits = {}
         for split, (where, examples) in read_splits(self.data_dir).items():
-            sequences = self.cut(
-                [self.encode(conversation(example, where, i), where, i) for i, example in enumerate(examples)], where
-            )
+            conversations = [conversation(example, where, i) for i, example in enumerate(examples)]
+            if all(m["content"] == "" for messages in conversations for m in messages if m["role"] == "assistant"):
+                raise KDError(
+                    f"{where}: every assistant reply is empty, so the student would learn nothing but where a turn "
+                    "ends; check how the file was written."
+                )
+            sequences = self.cut([self.encode(messages, where, i) for i, messages in enumerate(conversations)], where)
             splits[split] = (packed if self.packing else padded)(sequences, self.max_length, self.pad_id())
         self.log_padding(splits["train"])
         return splits
@@ -252,7 +256,15 @@ def read_splits(data_dir: Path) -> dict[str, tuple[str, list[Any]]]:
                 f"data.data_dir={data_dir} has no {stem}.jsonl, {stem}.json or {stem}.parquet; it needs train, "
                 "validation and test files."
             )
-        splits[split] = (str(found[0]), read_examples(found[0]))
+        if len(found) > 1:
+            raise KDError(
+                f"data.data_dir={data_dir} has {' and '.join(path.name for path in found)} for one split; keep one of "
+                "them (the others would be passed over)."
+            )
+        examples = read_examples(found[0])
+        if not examples:
+            raise KDError(f"{found[0]} holds no examples; every split needs at least one conversation.")
+        splits[split] = (str(found[0]), examples)
     return splits
 
 
@@ -295,11 +307,23 @@ def read_examples(path: Path) -> list[Any]:
             ) from None
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except UnicodeDecodeError as error:
+        raise KDError(f"{path} is not UTF-8 text ({error}); fix or replace the file.") from None
+    if path.suffix == ".jsonl":
+        examples = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    examples.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise KDError(
+                        f"{path}, line {number} is not valid JSON ({error}); fix or remove that line."
+                    ) from None
+        return examples
+    try:
         examples = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise KDError(f"{path} is not valid {path.suffix[1:]} ({error}); fix or replace the file.") from None
+    except json.JSONDecodeError as error:
+        raise KDError(f"{path} is not valid json ({error}); fix or replace the file.") from None
     if not isinstance(examples, list):
         raise KDError(f"{path} must hold a list of examples, got {type(examples).__name__}.")
     return examples
@@ -351,7 +375,12 @@ def conversation(example: Any, path: str, index: int) -> list[dict[str, str]]:
         ]
     else:
         raise KDError(f"{where} has neither messages nor prompt and completion; give each example one of them.")
-    if not isinstance(messages, list) or not messages:
+    if not isinstance(messages, list):
+        raise KDError(
+            f"{where}: messages must be a list of {{role, content}} messages, got {type(messages).__name__}; e.g. "
+            '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}].'
+        )
+    if not messages:
         raise KDError(f"{where} is an empty conversation; every example needs at least one assistant turn.")
     for message in messages:
         if not isinstance(message, dict) or not isinstance(message.get("content"), str):
@@ -360,4 +389,9 @@ def conversation(example: Any, path: str, index: int) -> list[dict[str, str]]:
             raise KDError(f"{where} has a message of role {message.get('role')!r}; the roles are {', '.join(ROLES)}.")
     if not any(message["role"] == "assistant" for message in messages):
         raise KDError(f"{where} has no assistant turn: nothing to learn from; every example needs at least one.")
+    if messages[0]["role"] == "assistant":
+        raise KDError(
+            f"{where} starts with an assistant turn, which answers nothing (a chat template renders no prompt before "
+            "it; a message with two role keys keeps the last); begin each conversation with a user or system message."
+        )
     return messages

@@ -345,15 +345,19 @@ def _loss(
     standardize: bool,
     num_kept: Tensor | float | None,
 ) -> Tensor:
-    """What every public objective does: its divergence over the kept positions, through :class:`Objective`."""
+    """What every public objective does: its divergence over the kept positions, through :class:`Objective`; NaN logits
+    at a kept position are named (a masked position may hold anything)."""
+    keep = positions_to_keep(student_logits, mask, labels, ignore_index)
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if logits.is_floating_point() and bool(torch.isnan(logits).any()):
+        if not logits.is_floating_point() or logits.shape[:-1] != student_logits.shape[:-1]:
+            continue  # refused with its own message by Objective
+        nan = torch.isnan(logits).any(-1) if keep is None else torch.isnan(logits).any(-1) & keep
+        if bool(nan.any()):
             raise ValueError(
-                f"{name} hold NaN (at {torch.isnan(logits).nonzero()[0].tolist()}): the model that made them "
-                "diverged or read NaN input; check it before the loss."
+                f"{name} hold NaN (at {nan.nonzero()[0].tolist()}): the model that made them diverged or read NaN "
+                "input; check it before the loss."
             )
     objective = Objective(divergence, settings, scale_by_t2=scale_by_t2, standardize=standardize)
-    keep = positions_to_keep(student_logits, mask, labels, ignore_index)
     return objective(student_logits, teacher_logits, temperature, keep=keep, labels=labels, num_kept=num_kept)
 
 
