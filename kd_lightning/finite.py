@@ -44,7 +44,8 @@ class NonFiniteWatch:
         self.bad = torch.where(new, self.bad | bad, self.bad)
 
     def watch_gradients(self, step: int, parameters: Iterable[nn.Parameter]) -> None:
-        grads = [p.grad for p in parameters if p.grad is not None]
+        """Record whether the gradients of ``parameters`` are finite (this process's shards, under ``trainer=fsdp``)."""
+        grads = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in parameters if p.grad is not None]
         if grads:
             self.watch(step, {"gradients": torch.stack(torch._foreach_norm(grads)).sum()})
 

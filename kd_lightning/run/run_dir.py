@@ -115,7 +115,7 @@ def check(cfg: DictConfig, output_dir: Path, resume: bool, overwrite: bool) -> N
             "they were trained with, so a resume could not tell a changed setting; restore that file, or start "
             "afresh with overwrite=true."
         )
-    if resume:
+    if resume and is_global_zero():  # the other processes start after rank 0 recorded the resumed settings
         check_named_settings(accepted, cfg, output_dir)
         unaccepted = {
             key: change for key, change in resume_changes(cfg, output_dir).items() if not named(key, accepted)
