@@ -76,9 +76,9 @@ def hidden_and_head(model: nn.Module, batch: Batch) -> tuple[Tensor, nn.Module]:
     head = output_head(model)
     if head is None:
         raise KDError(
-            f"distill.chunk_rows needs the student's final hidden states and output head; {type(model).__name__} "
+            f"speed.chunk_rows needs the student's final hidden states and output head; {type(model).__name__} "
             "has neither hidden_states() and head (as kd_lightning.models.GPT) nor get_output_embeddings() "
-            "(as transformers causal LMs). Unset distill.chunk_rows."
+            "(as transformers causal LMs). Unset speed.chunk_rows."
         )
     along = passed_along(model, batch)
     if callable(getattr(model, "hidden_states", None)):
@@ -100,7 +100,7 @@ def check_head_gives_logits(model: nn.Module, batch: Batch) -> None:
     if not agree:
         raise KDError(
             f"{type(model).__name__}'s output head applied to its final hidden states does not give its logits "
-            "(the model changes them after the head); unset distill.chunk_rows."
+            "(the model changes them after the head); unset speed.chunk_rows."
         )
 
 
