@@ -351,7 +351,8 @@ def _loss(
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not logits.is_floating_point() or logits.shape[:-1] != student_logits.shape[:-1]:
             continue  # refused with its own message by Objective
-        nan = torch.isnan(logits).any(-1) if keep is None else torch.isnan(logits).any(-1) & keep
+        nan = torch.isnan(logits.sum(-1))  # one reduction: a row's sum is NaN when it holds one (or +inf and -inf)
+        nan = nan if keep is None else nan & keep
         if bool(nan.any()):
             raise ValueError(
                 f"{name} hold NaN (at {nan.nonzero()[0].tolist()}): the model that made them diverged or read NaN "
