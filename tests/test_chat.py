@@ -496,3 +496,32 @@ def test_a_split_whose_every_reply_is_empty_is_refused(tokenizer_dir, tmp_path: 
     (chats / "train.jsonl").write_text(json.dumps({"messages": silent}) * 1 + "\n")
     with pytest.raises(KDError, match=r"train.jsonl: every assistant reply is empty"):
         chat_data(tokenizer_dir, chats)
+
+
+def test_without_data_vocab_size_the_tokenizer_s_size_is_taken_and_recorded(tokenizer_dir, tmp_path: Path) -> None:
+    from test_cli import run_cli
+    from transformers import AutoTokenizer
+
+    folder, size = tokenizer_dir
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TEMPLATE
+    tokenizer.save_pretrained(folder)
+    save_llama(folder, size, max_position_embeddings=128)
+    chats = write_chats(tmp_path / "chats", [{"messages": TALK}] * 4)
+    out = run_cli(
+        tmp_path,
+        "teacher=hf",
+        f"teacher.model.path={folder}",
+        "data=chat",
+        f"data.data_dir={chats}",
+        "data.max_length=128",
+        "student=gpt_student",
+        "student.model.dim=16",
+        "student.model.depth=1",
+        "baseline=false",
+        "trainer.fast_dev_run=true",
+        "hydra.run.dir=run",
+    )
+    assert out.returncode == 0, out.stderr
+    assert f"data.vocab_size: {size}, the number of tokens of the tokenizer {folder}" in out.stdout + out.stderr
+    assert f"vocab_size: {size}" in (tmp_path / "run" / ".hydra" / "config.yaml").read_text()

@@ -32,7 +32,7 @@ from kd_lightning.errors import KDError, is_integer
 from kd_lightning.loss.features import check_live_teacher
 from kd_lightning.loss.mix import LossMix
 from kd_lightning.loss.objectives import Objective, forward_kl, unwrap
-from kd_lightning.models.pretrained import check_pretrained, is_pretrained
+from kd_lightning.models.pretrained import check_pretrained, is_pretrained, pretrained_tokenizer
 from kd_lightning.run import run_dir
 from kd_lightning.run.config import build, check_known_keys, unexpected_argument
 from kd_lightning.sequences import OnPolicy
@@ -265,7 +265,6 @@ class TeacherSettings:
         if (cfg.get("speed") or {}).get("shard_dtype"):
             identity["shard_dtype"] = cfg.speed.shard_dtype  # the teacher stage computes in it
         checkpoint = existing_checkpoint(teacher.checkpoint) if teacher.get("checkpoint") else None
-        check_pretrained("teacher.model", teacher.model)
         if not isinstance(teacher.get("shard", True), bool):
             raise KDError(
                 f"teacher.shard must be true or false, got {teacher.shard!r}: with trainer=fsdp, true shards the "
@@ -388,6 +387,21 @@ def build_loss_mix(distill: DictConfig) -> LossMix:
     )
 
 
+def fill_vocab_size(cfg: DictConfig) -> None:
+    """``data.vocab_size`` left null beside a ``data.tokenizer`` (chat data from a pretrained teacher's folder) is set,
+    in ``cfg``, to the tokenizer's number of tokens, so that the models, the run's record and a resume all see it."""
+    data = cfg.data
+    if "vocab_size" not in data or data.vocab_size is not None or not data.get("tokenizer"):
+        return
+    tokenizer = pretrained_tokenizer(str(data.tokenizer))
+    data.vocab_size = len(tokenizer)
+    log.info(
+        "data.vocab_size: %d, the number of tokens of the tokenizer %s (set data.vocab_size to fix it)",
+        len(tokenizer),
+        data.tokenizer,
+    )
+
+
 def speed_settings(cfg: DictConfig) -> SpeedSettings:
     """``speed``: how the networks run, not what they compute."""
     return SpeedSettings(**(plain(cfg.get("speed")) or {}))
@@ -413,12 +427,16 @@ class Settings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> Settings:
-        """Parse and check every setting of ``cfg``, before anything is built or trained."""
+        """Parse and check every setting of ``cfg``, before anything is built or trained (``data.vocab_size`` left
+        null is filled in from ``data.tokenizer``: :func:`fill_vocab_size`)."""
         if str(cfg.teacher.model.get("_target_", "")).endswith("student_from_teacher"):
             raise KDError(
                 "teacher=from_teacher names a student made from the teacher; choose the teacher itself (e.g. teacher=hf)."
             )
         check_known_keys(cfg)
+        check_pretrained("teacher.model", cfg.teacher.model)
+        check_pretrained("student.model", cfg.student.model)
+        fill_vocab_size(cfg)
         run = RunSettings.from_config(cfg)
         speed = speed_settings(cfg)
         if speed.shard_dtype is not None and not is_fsdp(cfg.trainer):
@@ -435,7 +453,6 @@ class Settings:
         teacher = TeacherSettings.from_config(cfg, loss_mix, run.max_steps)
         on_policy = on_policy_settings(cfg.distill, teacher, loss_mix)
         stages = on_policy_stages(cfg.distill, on_policy, teacher, loss_mix)
-        check_pretrained("student.model", cfg.student.model)
         check_student_from_teacher(cfg, teacher)
         return cls(
             run=run,
