@@ -4,7 +4,9 @@ its tokenizer the run's, distilled from as it is; every problem with the folder 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -165,6 +167,20 @@ def test_bad_pretrained_folders_are_one_line_before_training(make_cfg, teacher_d
         "student=hf",
         f"student.model.path={tmp_path / 'other_student'}",
         match="teacher and student use different tokenizers",
+    )
+    # a config.json that is not JSON, weights cut short (a download or a copy interrupted)
+    shutil.copytree(teacher, tmp_path / "bad_config")
+    (tmp_path / "bad_config" / "config.json").write_text("{not json")
+    refused(
+        f"teacher.model.path={tmp_path / 'bad_config'}",
+        match=r"teacher.model.path=.*bad_config: its config.json is unreadable \(Expecting property name",
+    )
+    shutil.copytree(teacher, tmp_path / "cut_short")
+    weights = (tmp_path / "cut_short" / "model.safetensors").read_bytes()
+    (tmp_path / "cut_short" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    refused(
+        f"teacher.model.path={tmp_path / 'cut_short'}",
+        match=r"teacher.model.path=.*cut_short: model.safetensors is unreadable \(.*\): a file cut short",
     )
     # the run's vocabulary is the tokenizer's
     refused(
@@ -330,7 +346,8 @@ def test_student_from_teacher_end_to_end_and_its_refusals(make_cfg, teacher_dir,
     for keep, message in (
         ("[0,3]", r"keep_layers=\[0, 3\] must name distinct layers of the teacher's 3 \(0..2\); \[3\] are not"),
         ("[1,1]", "must name distinct layers"),
-        ("null", "set student.model.keep_layers to the teacher's layers"),
+        ("null", "set student.model.keep_layers to a list of the teacher's layers"),
+        ("2", r"set student.model.keep_layers to a list of the teacher's layers to keep, e.g. \[0, 2\] .*got 2\."),
     ):
         with pytest.raises(KDError, match=message):
             train(
@@ -348,6 +365,20 @@ def test_student_from_teacher_end_to_end_and_its_refusals(make_cfg, teacher_dir,
         )
     with pytest.raises(KDError, match="student=from_teacher takes the decoder layers of a transformers causal LM"):
         student_from_teacher(GPT(64, 8, 16, 2, 2), keep_layers=[0])
+
+
+def test_a_student_from_a_bfloat16_teacher_trains_float32_weights_and_says_so(tmp_path: Path, caplog) -> None:
+    from kd_lightning.models import pretrained_causal_lm, student_from_teacher
+
+    save_llama(tmp_path / "t", 64, num_hidden_layers=2)
+    with caplog.at_level(logging.INFO, logger="kd_lightning.models.pretrained"):
+        student = student_from_teacher(pretrained_causal_lm(str(tmp_path / "t"), dtype="bfloat16"), keep_layers=[1])
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    assert "the teacher is held in bfloat16, the student's weights in float32 (student.model.dtype)" in caplog.text
+    held = student_from_teacher(pretrained_causal_lm(str(tmp_path / "t"), dtype="bfloat16"), [0], dtype="bfloat16")
+    assert {p.dtype for p in held.parameters()} == {torch.bfloat16}
+    with pytest.raises(KDError, match="student.model.dtype must be one of float32, bfloat16, float16, got 'half'"):
+        student_from_teacher(pretrained_causal_lm(str(tmp_path / "t")), [0], dtype="half")
 
 
 def test_teacher_fit_pretrained_is_true_or_false(make_cfg, teacher_dir) -> None:

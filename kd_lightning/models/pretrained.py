@@ -9,13 +9,19 @@ first. Its tokenizer, in the same folder, is the run's (``data.tokenizer``, defa
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
+import pickle
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from kd_lightning.errors import KDError
+
+log = logging.getLogger(__name__)
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -57,6 +63,7 @@ def pretrained_causal_lm(
     """
     try:
         import torch
+        from safetensors import SafetensorError
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError:
         raise KDError("pretrained models need the transformers package: pip install 'kd_lightning[lm]'.") from None
@@ -101,6 +108,13 @@ def pretrained_causal_lm(
         raise KDError(
             f"cannot read the pretrained model at {path!r} ({first_line(error)}); it needs its weights "
             "(model.safetensors or pytorch_model.bin) beside config.json."
+        ) from None
+    except torch.OutOfMemoryError:
+        raise
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        raise KDError(
+            f"the weights of the pretrained model at {path!r} are unreadable ({first_line(error)}): a file cut short "
+            "or not written by save_pretrained; write the folder again with save_pretrained (or download it again)."
         ) from None
     finally:
         if bars:
@@ -171,16 +185,47 @@ def check_pretrained(where: str, node: Any) -> None:
                 f"{where}.path={path} holds no model (no config.json in {folder.resolve()}); point it at a folder "
                 "written by save_pretrained."
             )
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise KDError(
+                f"{where}.path={path}: its config.json is unreadable ({first_line(error)}); write the folder again "
+                "with save_pretrained."
+            ) from None
+        if not isinstance(config, dict):
+            raise KDError(
+                f"{where}.path={path}: its config.json holds {type(config).__name__}, not a model's settings; write "
+                "the folder again with save_pretrained."
+            )
         if not any((folder / name).is_file() for name in WEIGHT_FILES):
             raise KDError(
                 f"{where}.path={path} holds a config.json but no weights ({' or '.join(WEIGHT_FILES[::2])}); "
                 "save the model with save_pretrained, weights included."
             )
+        for weights in sorted(folder.glob("*.safetensors")):
+            check_safetensors(where, path, weights)
     elif str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # a path, not a hub id (owner/name)
         raise KDError(
             f"{where}.path={path}: no such folder (looked in {folder.resolve()}); point it at a folder written "
             "by save_pretrained, or a hub id."
         )
+
+
+def check_safetensors(where: str, path: Any, weights: Path) -> None:
+    """A ``.safetensors`` file whose header is whole and covers the file (one cut short fails here), read without
+    loading a tensor."""
+    try:
+        from safetensors import SafetensorError, safe_open
+    except ImportError:
+        return
+    try:
+        with safe_open(str(weights), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as error:
+        raise KDError(
+            f"{where}.path={path}: {weights.name} is unreadable ({first_line(error)}): a file cut short or not written "
+            "by save_pretrained; write the folder again with save_pretrained (or download it again)."
+        ) from None
 
 
 def pretrained_fingerprint(node: Any) -> str:
@@ -227,7 +272,9 @@ def decoder_layers(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
-def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = None, init: str = "teacher") -> nn.Module:
+def student_from_teacher(
+    teacher: nn.Module, keep_layers: list[int] | None = None, init: str = "teacher", dtype: str = "float32"
+) -> nn.Module:
     """A student made of the teacher's decoder layers ``keep_layers`` (in that order), with its embeddings, final norm
     and head (the DistilBERT / Minitron initialisation): ``student=from_teacher student.model.keep_layers=[0,2]``.
 
@@ -235,7 +282,11 @@ def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = Non
     weights are taken over, not copied again. Llama-like (``model.layers``), GPT-2-like (``transformer.h``), GPT-NeoX
     and OPT decoders; another model is refused. ``init="fresh"``: the same architecture (the teacher's, with
     ``len(keep_layers)`` layers) with fresh weights from the seed, the student to compare the teacher's layers with.
+    ``dtype``: the precision the student's weights are held in, ``float32`` by default whatever the teacher's
+    (``trainer.precision`` decides the compute; weights held in bfloat16 lose small updates), logged when it differs.
     """
+    if dtype not in DTYPES:
+        raise KDError(f"student.model.dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
     if init not in ("teacher", "fresh"):
         raise KDError(
             f"student.model.init must be teacher (the teacher's layers) or fresh (the same architecture, fresh "
@@ -249,9 +300,14 @@ def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = Non
         )
     holder, name = found
     layers = getattr(holder, name)
-    if not keep_layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep_layers):
+    if (
+        not keep_layers
+        or not isinstance(keep_layers, Sequence)
+        or isinstance(keep_layers, str)
+        or not all(isinstance(i, int) and not isinstance(i, bool) for i in keep_layers)
+    ):
         raise KDError(
-            f"set student.model.keep_layers to the teacher's layers to keep, e.g. [0,{len(layers) - 1}] (it has "
+            f"set student.model.keep_layers to a list of the teacher's layers to keep, e.g. {[0, len(layers) - 1] if len(layers) > 1 else [0]} (it has "
             f"{len(layers)}), got {keep_layers!r}."
         )
     outside = [i for i in keep_layers if not 0 <= i < len(layers)]
@@ -271,8 +327,17 @@ def student_from_teacher(teacher: nn.Module, keep_layers: list[int] | None = Non
             setattr(config, count, len(keep_layers))
     if getattr(config, "layer_types", None):
         config.layer_types = [config.layer_types[i] for i in keep_layers]
+    import torch
+
+    held, wanted = next(teacher.parameters()).dtype, getattr(torch, dtype)
+    if held != wanted:
+        log.info(
+            "student=from_teacher: the teacher is held in %s, the student's weights in %s (student.model.dtype)",
+            str(held).removeprefix("torch."),
+            dtype,
+        )
     if init == "fresh":
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_config(config).to(next(teacher.parameters()).dtype).train()
-    return teacher.train()
+        return AutoModelForCausalLM.from_config(config).to(wanted).train()
+    return teacher.to(wanted).train()
