@@ -67,10 +67,14 @@ class OnPolicy:
             )
         check_integer("distill.on_policy.max_new_tokens", self.max_new_tokens)
         check_integer("distill.on_policy.after_steps", self.after_steps, least=0)
-        if not self.greedy and not (is_number(self.temperature) and self.temperature > 0):
+        if not (is_number(self.temperature) and self.temperature > 0):
             raise KDError(
-                f"distill.on_policy.temperature must be > 0, got {self.temperature!r}; for the likeliest token "
-                "set distill.on_policy.greedy=true."
+                f"distill.on_policy.temperature must be > 0, got {self.temperature!r}; "
+                + (
+                    "greedy=true takes the likeliest token whatever it is (leave it at 1)."
+                    if self.greedy
+                    else "for the likeliest token set distill.on_policy.greedy=true."
+                )
             )
         if self.top_k is not None:
             check_integer("distill.on_policy.top_k", self.top_k)

@@ -128,6 +128,10 @@ def test_a_transformers_student_samples_with_its_own_generate() -> None:
             "distill.on_policy.greedy=true",
         ),
         ({"top_p": 0.0}, r"distill.on_policy.top_p must be in \(0, 1\]"),
+        (
+            {"greedy": True, "temperature": -1.0},
+            r"temperature must be > 0, got -1.0; greedy=true takes the likeliest token whatever it is \(leave it at 1\)",
+        ),
     ],
 )
 def test_bad_on_policy_settings_are_one_line(settings: dict, message: str) -> None:
@@ -163,6 +167,17 @@ def test_on_policy_refusals_before_training(make_cfg) -> None:
         Sequences(OnPolicy(fraction=1.0), EOS, PAD)(as_batch(chat_batch()), torch.nn.Linear(4, 3), None, step=0)
     with pytest.raises(KDError, match="a row of the batch has no learned token"):
         prompts_of(as_batch({"inputs": torch.zeros(1, 4, dtype=torch.long), "labels": torch.full((1, 4), -100)}), PAD)
+
+
+def test_on_policy_on_image_data_is_refused_before_the_run_starts(make_cfg, tmp_path) -> None:
+    from kd_lightning.run.train import train
+
+    cfg = make_cfg("distill.on_policy.fraction=0.5", "distill.alpha=1", output_dir=tmp_path / "run")
+    with pytest.raises(
+        KDError, match="samples completions from a language model, but DigitsDataModule is classification"
+    ):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp_path, caplog) -> None:

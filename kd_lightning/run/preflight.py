@@ -71,8 +71,16 @@ def check_models(settings: Settings, datamodule: Any) -> None:
 def check_sampling_fits(settings: Settings, datamodule: Any, student: nn.Module) -> None:
     """``distill.on_policy`` (and its stages): the data has prompts, and the longest training prompt and
     ``max_new_tokens`` fit the student's context."""
+    if not settings.samples:
+        return
+    task = getattr(datamodule, "task", "classification")
+    if task != "tokens":
+        raise KDError(
+            f"distill.on_policy samples completions from a language model, but {type(datamodule).__name__} is "
+            f"{task} data; unset distill.on_policy (fraction=0, teacher_fraction=0), or distil a language model."
+        )
     splits = getattr(datamodule, "splits", None)
-    if not settings.samples or not splits or "train" not in splits:
+    if not splits or "train" not in splits:
         return
     keep = counted(splits["train"].targets)
     lengths = prompt_lengths(keep)[keep.any(1)]
