@@ -6,6 +6,8 @@ import csv
 import json
 from pathlib import Path
 
+import pytest
+
 from kd_lightning.run.report import main
 
 
@@ -115,3 +117,28 @@ def test_a_task_with_answers_is_reported_by_exact_match_with_a_column_per_on_pol
     ]
     mean_row = next(line for line in printed.splitlines() if line.startswith("mean"))
     assert mean_row.split()[3:7] == ["100.0", "42.0", "32.0", "42.0"]
+
+
+def test_a_job_whose_overrides_cannot_be_read_or_whose_results_are_a_folder_is_marked(tmp_path: Path, capsys) -> None:
+    ok = {"teacher": {"test/acc": 0.98}, "baseline": {"test/acc": 0.96}, "distilled": {"test/acc": 0.97}, "gain": 0.01}
+    job(tmp_path, "0", ["seed=0"], ok)
+    job(tmp_path, "1", ["seed=1"], ok)
+    job(tmp_path, "2", ["seed=2"], None)
+    (tmp_path / "1" / ".hydra" / "overrides.yaml").write_text("- seed=1\n- [unclosed\n")  # a kill mid-write
+    (tmp_path / "2" / "metrics.json").mkdir()
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert f"job 1: {tmp_path / '1' / '.hydra' / 'overrides.yaml'} is unreadable" in printed
+    assert f"job 2: {tmp_path / '2' / 'metrics.json'} is not a file" in printed
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert [r["status"] for r in rows] == ["ok", "unreadable", "unreadable"] and rows[0]["distilled"] == "97.0"
+
+
+def test_a_missing_path_or_a_file_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="does not exist"):
+        main([str(tmp_path / "no-such-sweep")])
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit, match="is a file, not a sweep's directory"):
+        main([str(tmp_path / "a-file")])
+    with pytest.raises(SystemExit, match="no Hydra jobs under"):
+        main([str(tmp_path)])

@@ -6,8 +6,8 @@ in %, with a column for each stage of ``distill.on_policy_stages``) and the over
 (``.hydra/overrides.yaml``), prints the table, writes ``report.csv`` into the sweep
 directory, and marks jobs that left no results as failed, with the one-line reason they
 recorded (``error.txt``), or as unfinished when they recorded none (still running, or killed). A job
-whose ``metrics.json`` cannot be read (truncated, not what a run writes) is marked unreadable; the
-others are reported as usual. For an Optuna search it also names the best trial.
+whose ``metrics.json`` or ``.hydra/overrides.yaml`` cannot be read (truncated, not what a run writes, a folder) is
+marked unreadable; the others are reported as usual. For an Optuna search it also names the best trial.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def is_number(value: object) -> bool:
 def read_results(results_file: Path) -> tuple[dict | None, str | None]:
     """A job's ``metrics.json``, or why it cannot be used: ``(results, None)``, ``(None, reason)``, or
     ``(None, None)`` when there is none."""
-    if not results_file.is_file():
+    if not results_file.exists():
         return None, None
+    if not results_file.is_file():
+        return None, f"{results_file} is not a file; move it away or rerun the job"
     try:
         results = json.loads(results_file.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as error:
@@ -54,6 +56,18 @@ def read_results(results_file: Path) -> tuple[dict | None, str | None]:
     return results, None
 
 
+def read_overrides(overrides_file: Path) -> tuple[list[str], str | None]:
+    """A job's overrides as Hydra recorded them (``.hydra/overrides.yaml``): ``(overrides, None)``, or ``([], reason)``
+    when the file cannot be read as a list of overrides."""
+    try:
+        overrides = yaml.safe_load(overrides_file.read_text()) or []
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        return [], f"{overrides_file} is unreadable ({' '.join(str(error).split())}); its settings are unknown"
+    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+        return [], f"{overrides_file} is not a list of overrides; its settings are unknown"
+    return overrides, None
+
+
 def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
     """One row per job directory: its overrides, test accuracies (%), the distilled student's validation accuracy (``val``, what a search maximises) and status."""
     rows = []
@@ -61,9 +75,11 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
         (p.parent.parent for p in sweep_dir.glob("*/.hydra/overrides.yaml")), key=lambda p: (len(p.name), p.name)
     )
     for job in jobs:
-        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+        overrides, unreadable = read_overrides(job / ".hydra" / "overrides.yaml")
         row: dict[str, str | float | None] = {"job": job.name, "overrides": " ".join(overrides)}
-        results, unreadable = read_results(job / "metrics.json")
+        results, unreadable_results = read_results(job / "metrics.json")
+        unreadable = unreadable or unreadable_results
+        results = None if unreadable else results
         failure = job / FAILURE_FILE
         row["error"] = unreadable or (failure.read_text().strip() if not results and failure.is_file() else None)
         row["status"] = (
@@ -142,6 +158,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweep_dir", type=Path, help="a Hydra multirun directory (multirun/DATE/TIME)")
     args = parser.parse_args(argv)
+    if not args.sweep_dir.exists():
+        raise SystemExit(
+            f"error: {args.sweep_dir} does not exist; pass the directory a `python -m kd_lightning -m ...` sweep printed."
+        )
+    if not args.sweep_dir.is_dir():
+        raise SystemExit(
+            f"error: {args.sweep_dir} is a file, not a sweep's directory; pass the directory a `python -m kd_lightning -m ...` sweep printed."
+        )
     rows = collect(args.sweep_dir)
     if not rows:
         raise SystemExit(
