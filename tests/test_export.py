@@ -98,3 +98,29 @@ def test_a_state_dict_export_replaces_an_earlier_export_only(run: Path, tmp_path
     export_main([checkpoint, str(tmp_path / "student.pt")])
     export_main([checkpoint, str(tmp_path / "student.pt"), "--overwrite"])
     assert set(torch.load(tmp_path / "student.pt")) == set(GPT(50, 8, 8, 1, 2).state_dict())
+
+
+def test_role_teacher_names_what_the_checkpoint_or_the_run_holds(run: Path, tmp_path: Path, capsys) -> None:
+    checkpoint = str(run / "distilled" / "checkpoints" / "last.ckpt")
+    OmegaConf.save(
+        {"student": {"model": STUDENT}, "teacher": {"model": {**STUDENT, "dim": 16}, "fit": {"pretrained": False}}},
+        run / ".hydra" / "config.yaml",
+    )
+    error = refused(capsys, checkpoint, str(tmp_path / "out"), "--format", "hf", "--role", "teacher")
+    assert "is the distilled stage's checkpoint: it holds a student, not the teacher; drop --role teacher" in error
+    pretrained = {"_target_": "kd_lightning.models.pretrained_causal_lm", "path": str(tmp_path / "my_teacher")}
+    OmegaConf.save(
+        {"student": {"model": STUDENT}, "teacher": {"model": pretrained, "fit": {"pretrained": False}}},
+        run / ".hydra" / "config.yaml",
+    )
+    error = refused(capsys, checkpoint, str(tmp_path / "out"), "--format", "hf", "--role", "teacher")
+    assert f"the run's teacher is the pretrained model {tmp_path / 'my_teacher'}, distilled from as it was" in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_where_format_hf_writes_a_folder_is_named_with_a_folder_to_use(run: Path, tmp_path: Path, capsys):
+    (tmp_path / "model").write_text("my notes")
+    checkpoint = str(run / "distilled" / "checkpoints" / "last.ckpt")
+    error = refused(capsys, checkpoint, str(tmp_path / "model"), "--format", "hf", "--overwrite")
+    assert f"{tmp_path / 'model'} is a file, but --format hf writes a folder; give a folder path (e.g. " in error
+    assert f"{tmp_path / 'model_hf'})" in error and (tmp_path / "model").read_text() == "my notes"

@@ -81,7 +81,7 @@ def check_outputs(checkpoint: Path, outputs: list[Path], overwrite: bool, folder
             raise KDError(f"{out} is named for two outputs; give each of them its own path.")
         if folder and out.is_file():
             raise KDError(
-                f"{out} is a file, but --format hf writes a folder; give a folder path (e.g. {out.with_suffix('')})."
+                f"{out} is a file, but --format hf writes a folder; give a folder path (e.g. {out.with_name(out.stem + '_hf')})."
             )
         if not folder and out.is_dir():
             raise KDError(
@@ -154,6 +154,26 @@ def check_stage(checkpoint: Path, config: Path) -> None:
             f"{checkpoint} is the teacher stage's checkpoint: it holds the run's teacher, not its student. Export "
             f"{run / 'distilled' / 'checkpoints' / 'last.ckpt'} (the distilled student), or use this file as "
             "teacher.checkpoint=... of another run."
+        )
+
+
+def check_role(role: str, stage: str | None, checkpoint: Path, cfg: Any) -> None:
+    """``--role teacher`` reads a teacher's weights: not a student stage's checkpoint, and not for a run whose teacher is
+    a pretrained folder it used as it is (that folder is the teacher's transformers export already)."""
+    from kd_lightning.models.pretrained import is_pretrained
+
+    if role != "teacher":
+        return
+    teacher = cfg.teacher
+    if is_pretrained(teacher.model) and not teacher.get("fit", {}).get("pretrained", False):
+        raise KDError(
+            f"the run's teacher is the pretrained model {teacher.model.path}, distilled from as it was (nothing of it "
+            f"was trained): it is a transformers folder already; read it with from_pretrained({str(teacher.model.path)!r})."
+        )
+    if stage is not None and stage != "teacher":
+        raise KDError(
+            f"{checkpoint} is the {stage} stage's checkpoint: it holds a student, not the teacher; drop --role teacher, "
+            "or give the teacher stage's checkpoint (RUN/teacher/checkpoints/last.ckpt) or the trained teacher's file."
         )
 
 
@@ -238,7 +258,9 @@ def export_transformers(
     cfg = OmegaConf.load(config)
     if role not in (None, "teacher", "student"):
         raise KDError(f"--role must be teacher or student, got {role!r}.")
-    role = role or ("teacher" if stage_of(checkpoint, config) == "teacher" else "student")
+    stage = stage_of(checkpoint, config)
+    role = role or ("teacher" if stage == "teacher" else "student")
+    check_role(role, stage, checkpoint, cfg)
     model = load_weights(build(cfg[role].model), checkpoint)
     if isinstance(model, GPT):
         model = gpt_to_transformers(model)
