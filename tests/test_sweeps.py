@@ -21,24 +21,34 @@ FAST = [
 ]
 
 
+def test_a_bad_value_in_any_job_stops_the_sweep_before_the_first_job_trains(tmp_path: Path) -> None:
+    out = run_cli(tmp_path, "distill.temperature=2,4,-1", *FAST, "hydra.sweep.dir=sweep", multirun=True)
+    assert out.returncode == 1
+    line = next(line for line in out.stderr.splitlines() if line.startswith("error:"))
+    assert line.startswith("error: sweep job 2 (") and "distill.temperature=-1" in line
+    assert "temperature must be between 0.01 and 100" in line and "Nothing was started" in line
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "cache").exists()
+
+
 @pytest.mark.slow  # over 30 s on 2 cores
 def test_a_failing_job_leaves_the_others_and_is_reported(tmp_path: Path) -> None:
-    out = run_cli(tmp_path, "distill.temperature=2,-1,4", *FAST, "hydra.sweep.dir=sweep", multirun=True)
+    # speed.chunk_rows on image data is found when the job has built its data, not before the sweep starts
+    out = run_cli(tmp_path, "speed.chunk_rows=null,16,null", *FAST, "hydra.sweep.dir=sweep", multirun=True)
     assert out.returncode != 0  # the sweep says something failed...
-    assert "temperature must be between 0.01 and 100" in out.stderr
+    assert "speed.chunk_rows is for language models" in out.stderr
     rows = collect(tmp_path / "sweep")  # ...and every other job finished and kept its results
     assert [r["status"] for r in rows] == ["ok", "FAILED", "ok"]
-    assert [next(o for o in r["overrides"].split() if o.startswith("distill.temperature")) for r in rows] == [
-        "distill.temperature=2",
-        "distill.temperature=-1",
-        "distill.temperature=4",
+    assert [next(o for o in r["overrides"].split() if o.startswith("speed.chunk_rows")) for r in rows] == [
+        "speed.chunk_rows=null",
+        "speed.chunk_rows=16",
+        "speed.chunk_rows=null",
     ]
-    assert rows[1]["error"].startswith("distill.temperature must be between 0.01 and 100, got -1")
+    assert rows[1]["error"].startswith("speed.chunk_rows is for language models")
     report = subprocess.run(
         [sys.executable, "-m", "kd_lightning.run.report", str(tmp_path / "sweep")], capture_output=True, text=True
     )
     assert report.returncode == 0 and "FAILED" in report.stdout
-    assert "job 1 failed: distill.temperature must be between 0.01 and 100, got -1" in report.stdout
+    assert "job 1 failed: speed.chunk_rows is for language models" in report.stdout
     assert (tmp_path / "sweep" / "report.csv").is_file()
 
 
