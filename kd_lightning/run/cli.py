@@ -6,19 +6,18 @@
 from __future__ import annotations
 
 import os
-import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
+from hydra.errors import ConfigCompositionException, HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import KDError, one_line
 from kd_lightning.files import atomic_write_text
-from kd_lightning.run.config import composed_node, config_dir, register_configs, unknown_setting
+from kd_lightning.run.config import config_dir, register_configs, unknown_override
 from kd_lightning.run.report import FAILURE_FILE
 
 register_configs()
@@ -115,15 +114,10 @@ def entry() -> None:
 
 def hydra_error_line(error: HydraException) -> str:
     """Hydra's refusal on one line; an override of a setting that does not exist as our unknown-setting line."""
-    unknown = re.match(r"Could not override '([^']+)'", str(error))
-    if unknown and re.search(r"not in (struct|'\w+')", str(error.__cause__ or error)):
-        key = unknown.group(1)
-        others = [
-            arg
-            for arg in sys.argv[1:]
-            if not arg.startswith(("-", "hydra.", "hydra/")) and arg.lstrip("+~").split("=")[0] != key
-        ]
-        return one_line(unknown_setting(key, node=composed_node(key.rpartition(".")[0], others)))
+    if isinstance(error, ConfigCompositionException):
+        unknown = unknown_override(sys.argv[1:])
+        if unknown is not None:
+            return one_line(unknown)
     cause = f": {str(error.__cause__).splitlines()[0]}" if error.__cause__ is not None and str(error.__cause__) else ""
     return " ".join(f"{str(error).strip()}{cause}".split())
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import inspect
-import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -75,8 +74,8 @@ def model_configs() -> dict[str, Any]:
 
 def build(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate``, except that a :class:`KDError` raised while building stays itself (Hydra wraps it
-    in an ``InstantiationException`` with a traceback's worth of context), and a setting the built object takes no
-    argument for (added with ``+``) is our unknown-setting line."""
+    in an ``InstantiationException`` with a traceback's worth of context). A setting the built object takes no
+    argument for is refused before anything is built (:func:`check_known_keys`, :func:`check_arguments`)."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as error:
@@ -85,20 +84,7 @@ def build(node: Any, **kwargs: Any) -> Any:
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
-        where = re.search(r"full_key: ([\w.]+)", str(error))
-        if isinstance(error.__cause__, TypeError) and where and isinstance(node, DictConfig):
-            unknown = unexpected_argument(
-                error.__cause__, where.group(1), OmegaConf.select(node._get_root(), where.group(1))
-            )
-            if unknown is not None:
-                raise unknown from None
         raise
-
-
-def unexpected_argument(error: TypeError, where: str, node: Any) -> KDError | None:
-    """``TypeError: ... got an unexpected keyword argument 'x'`` from building ``node`` (at ``where``) as our line."""
-    found = re.search(r"unexpected keyword argument '(\w+)'", str(error))
-    return unknown_setting(f"{where}.{found.group(1)}", node=node) if found else None
 
 
 def target_signature(node: Any) -> tuple[set[str], bool]:
@@ -224,6 +210,43 @@ def composed_node(where: str, overrides: list[str]) -> Any:
         return None
     finally:
         GlobalHydra.instance().clear()
+
+
+def unknown_override(arguments: list[str]) -> KDError | None:
+    """Our unknown-setting line for the first plain override (``key=value``, without ``+``) of a setting the config
+    lacks, which Hydra refuses to compose; ``None`` when each names a setting (or the overrides do not compose for
+    another reason). The config is composed from the overrides that choose groups or add settings, and each plain
+    override's key looked up in it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import HydraException
+
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in arguments if not a.startswith("-")])
+    except HydraException:
+        return None
+    groups = closed_settings()[""] - set(OmegaConf.load(Path(config_dir()) / "train.yaml"))
+
+    def sets_a_value(override: Any) -> bool:
+        key = override.key_or_group
+        return (
+            override.type == OverrideType.CHANGE
+            and override.package is None
+            and "/" not in key
+            and key not in groups
+            and not key.startswith("hydra.")
+        )
+
+    composed = composed_node("", [o.input_line for o in overrides if not sets_a_value(o)])
+    if not isinstance(composed, DictConfig):
+        return None
+    for override in filter(sets_a_value, overrides):
+        key = override.key_or_group
+        where, _, name = key.rpartition(".")
+        node = OmegaConf.select(composed, where) if where else composed
+        if not isinstance(node, DictConfig) or name not in node:
+            return unknown_setting(key, node=node if isinstance(node, DictConfig) else None)
+    return None
 
 
 def register_configs() -> None:
