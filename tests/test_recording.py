@@ -189,17 +189,18 @@ def test_a_run_from_the_cache_does_not_load_the_teacher(
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded although its outputs are cached")
 
-    from kd_lightning.run import preflight, teachers
+    from omegaconf import OmegaConf
+
+    from kd_lightning.run import teachers
+    from kd_lightning.run.settings import Factory
 
     cfg = make_cfg("teacher.mode=recorded", "distill.temperature=2", *FAST, output_dir=tmp_path / "b")
-    original_build = teachers.build
+    teacher_network = OmegaConf.to_container(cfg.teacher.model, resolve=True)
+    build = Factory.__call__
     monkeypatch.setattr(teachers, "teacher_model", no_teacher)
-    for module in (teachers, preflight):
-        monkeypatch.setattr(
-            module,
-            "build",
-            lambda node, **kw: no_teacher() if node == cfg.teacher.model else original_build(node, **kw),
-        )
+    monkeypatch.setattr(
+        Factory, "__call__", lambda self, **kw: no_teacher() if self.settings == teacher_network else build(self, **kw)
+    )
     second = train(cfg)
     assert second["teacher"] == first["teacher"]
     assert len(list((tmp_path / "cache" / "recordings").glob("*/meta.json"))) == 1

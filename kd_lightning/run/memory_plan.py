@@ -167,8 +167,9 @@ def device_memory(
     )
 
 
-def meta_model(node: Any) -> nn.Module:
-    """The model a config node builds, on the ``meta`` device (a pretrained folder: its ``config.json`` alone)."""
+def meta_model(node: dict[str, Any]) -> nn.Module:
+    """The model a config node (as plain values) builds, on the ``meta`` device (a pretrained folder: its
+    ``config.json`` alone)."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
@@ -180,7 +181,9 @@ def meta_model(node: Any) -> nn.Module:
             from transformers import AutoConfig, AutoModelForCausalLM
 
             config = AutoConfig.from_pretrained(
-                node.path, revision=node.get("revision"), trust_remote_code=bool(node.get("trust_remote_code", False))
+                node["path"],
+                revision=node.get("revision"),
+                trust_remote_code=bool(node.get("trust_remote_code", False)),
             )
             return AutoModelForCausalLM.from_config(
                 config,
@@ -190,8 +193,8 @@ def meta_model(node: Any) -> nn.Module:
         if target.endswith("student_from_teacher"):
             from kd_lightning.models import student_from_teacher
 
-            return student_from_teacher(meta_model(node.teacher), keep_layers=node.get("keep_layers"), init="fresh")
-        return instantiate(OmegaConf.create(OmegaConf.to_container(node, resolve=True)))
+            return student_from_teacher(meta_model(node["teacher"]), keep_layers=node.get("keep_layers"), init="fresh")
+        return instantiate(OmegaConf.create(node))
 
 
 COLUMNS = {  # name: (sharded, teacher sharded, recorded teacher)
@@ -226,21 +229,21 @@ def columns(cfg: Any, length: int | None = None) -> tuple[dict[str, DeviceMemory
     from kd_lightning.run.settings import Settings
 
     settings = Settings.from_config(cfg)
-    trainer = settings.run.trainer
+    trainer, data = settings.run.trainer.settings, settings.data.settings
     devices = trainer.get("devices", 1)
     processes = (devices if isinstance(devices, int) else 1) * int(trainer.get("num_nodes", 1) or 1)
-    teacher, student = meta_model(settings.teacher.model), meta_model(settings.student)
+    teacher, student = meta_model(settings.teacher.model.settings), meta_model(settings.student.settings)
     width_and_vocab(student)  # a language model
-    states = optimizer_states(settings.run.optim.get("optimizer"))
-    precision, cast = str(trainer.get("precision", "32-true")), settings.speed.shard_dtype
+    states = optimizer_states(settings.run.optim.optimizer_settings)
+    precision, cast = settings.run.precision, settings.speed.shard_dtype
     if cast:
         precision += f", speed.shard_dtype={cast}"
     run = {
         "processes": processes,
-        "batch_size": int(settings.data.batch_size),
-        "length": sequence_length(settings.data, length),
+        "batch_size": int(data["batch_size"]),
+        "length": sequence_length(data, length),
         "chunk_rows": settings.speed.chunk_rows,
-        "optimizer": settings.run.optim.optimizer._target_.rpartition(".")[2],
+        "optimizer": settings.run.optim.optimizer_settings["_target_"].rpartition(".")[2],
         "precision": precision,
         "teacher": sum(p.numel() for p in teacher.parameters()),
         "student": sum(p.numel() for p in student.parameters()),

@@ -15,7 +15,6 @@ from kd_lightning.data.batch import counted
 from kd_lightning.errors import KDError
 from kd_lightning.models.outputs import check_packing, model_logits, output_head
 from kd_lightning.models.pretrained import is_pretrained, pretrained_tokenizer
-from kd_lightning.run.config import build
 from kd_lightning.run.settings import Settings
 from kd_lightning.sequences import context_length, prompt_lengths
 from kd_lightning.speed import check_chunk_rows
@@ -36,10 +35,10 @@ def check_models(settings: Settings, datamodule: Any) -> None:
     packing = packs(datamodule)
     if not (live or chunked or packing):
         return  # a recorded teacher: the module checks the student's logits against the recording on the first batch
-    student = build(settings.student)
+    student = settings.student()
     # a pretrained teacher is read once, by teacher_model; its logits are checked on the first batch
     teacher = (
-        build(settings.teacher.model) if (live and not settings.teacher.pretrained) or settings.teacher.trains else None
+        settings.teacher.model() if (live and not settings.teacher.pretrained) or settings.teacher.trains else None
     )
     for role, model in (("student", student), ("teacher", teacher)) if packing else ():
         if model is not None:
@@ -115,7 +114,7 @@ def check_tokenizers(settings: Settings, datamodule: Any) -> None:
     run_tokenizer, run_path = getattr(datamodule, "tokenizer", None), getattr(datamodule, "pretrained", None)
     if run_tokenizer is None:
         return
-    for role, model in (("teacher", settings.teacher.model), ("student", settings.student)):
+    for role, model in (("teacher", settings.teacher.model.settings), ("student", settings.student.settings)):
         folder = Path(str(model.get("path"))) if is_pretrained(model) else None
         if (
             folder is None

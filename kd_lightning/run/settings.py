@@ -1,17 +1,19 @@
-"""A run's settings: the config parsed once into typed parts, every rule checked before anything is built.
+"""A run's settings: the config read once, here, into typed parts and built objects; every value checked as it is read.
 
-:func:`~kd_lightning.run.train.train` calls :meth:`Settings.from_config` first; each part is validated where it
-is built and then passed on instead of the config:
+:func:`~kd_lightning.run.train.train` calls :meth:`Settings.from_config` first and hands its parts down; nothing below
+this module reads the config:
 
 - ``run`` (:class:`RunSettings`): seed, resume and overwrite, the baseline stage, where outputs and caches go,
-  how long a stage trains;
-- ``teacher`` (:class:`TeacherSettings`): where the teacher comes from (a checkpoint, trained once, recorded);
+  the trainer, callbacks and logger of a stage, the optimizer;
+- ``teacher`` (:class:`TeacherSettings`): the network and where its weights come from (a checkpoint, trained once,
+  recorded);
 - ``loss_mix`` (:class:`~kd_lightning.loss.mix.LossMix`): ``distill``, the loss terms, weights and schedules;
 - ``on_policy`` (:class:`~kd_lightning.sequences.OnPolicy`): ``distill.on_policy``, where completions come from;
-- ``speed`` (:class:`~kd_lightning.speed.SpeedSettings`): how the networks run, not what they compute.
+- ``speed`` (:class:`~kd_lightning.speed.SpeedSettings`): how the networks run, not what they compute;
+- ``data`` and ``student``: :class:`Factory` objects.
 
-The objects Hydra builds per stage (data, models, optimizer, trainer, callbacks, logger) stay config nodes,
-built with :func:`~kd_lightning.run.config.build` where they are needed.
+What is built once is built here (the objectives, the optimizer and scheduler factories). What each stage needs afresh
+(a network, a Trainer, its callbacks and logger, the data module) is a :class:`Factory`: called, it builds its object.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ from kd_lightning.loss.mix import LossMix
 from kd_lightning.loss.objectives import Objective, forward_kl, unwrap
 from kd_lightning.models.pretrained import check_pretrained, is_pretrained, pretrained_tokenizer
 from kd_lightning.run import run_dir
-from kd_lightning.run.config import build, check_known_keys, unexpected_argument
+from kd_lightning.run.config import build, check_arguments, check_known_keys
 from kd_lightning.sequences import OnPolicy
 from kd_lightning.speed import SpeedSettings
 from kd_lightning.teacher.format import RecordingSettings
@@ -50,6 +53,33 @@ DISPLAY_ONLY_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log
 def plain(node: Any) -> Any:
     """A config node as plain Python values (interpolations resolved)."""
     return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+class Factory:
+    """What a config node builds, built afresh at each call (a network, a Trainer, a logger per stage). The node stays
+    in the run's settings; what it says is read as plain values (:attr:`settings`)."""
+
+    def __init__(self, node: DictConfig) -> None:
+        self._node = node
+        self.settings: dict[str, Any] = plain(node)
+
+    @property
+    def target(self) -> str:
+        """The class or function it builds (``_target_``)."""
+        return str(self.settings.get("_target_", ""))
+
+    def __call__(self, **arguments: Any) -> Any:
+        return build(self._node, **arguments)
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """``optim`` (or ``teacher.fit``): the optimizer and scheduler, built once as factories (``_partial_: true``)."""
+
+    optimizer: Callable[..., torch.optim.Optimizer]  # called with the parameters
+    scheduler: Callable[..., Any] | None  # called with the optimizer
+    optimizer_settings: dict[str, Any]  # what optim.optimizer says (its _target_, lr, ...)
+    max_epochs: int | None = None  # teacher.fit: the teacher stage's epochs
 
 
 def lightning_precisions() -> set[str]:
@@ -112,25 +142,28 @@ def check_trainer(trainer: DictConfig) -> None:
             )
 
 
-def check_optimizer(key: str, optim: DictConfig) -> None:
-    """``<key>.optimizer`` (and its scheduler) built once on a placeholder parameter, so that a learning rate of NaN or
-    below 0, a misspelt argument or a bad schedule is refused now, in one line, not in the first stage's set-up."""
+def optimization(key: str, optim: DictConfig, max_epochs: int | None = None) -> Optimization:
+    """``<key>.optimizer`` (and its scheduler) built once and tried on a placeholder parameter, so that a learning rate
+    of NaN or below 0, a misspelt argument or a bad schedule is refused now, in one line, not in a stage's set-up."""
 
     def refused(what: str, error: Exception) -> KDError:
         return KDError(f"{key}.{what} is set wrong: {' '.join(str(error).split())}")
 
+    check_arguments(f"{key}.optimizer", optim.optimizer)
+    if optim.get("scheduler"):
+        check_arguments(f"{key}.scheduler", optim.scheduler)
+    optimizer = build(optim.optimizer)
+    scheduler = build(optim.scheduler) if optim.get("scheduler") else None
     try:
-        optimizer = build(optim.optimizer)(params=[torch.nn.Parameter(torch.zeros(1))])
+        placeholder = optimizer(params=[torch.nn.Parameter(torch.zeros(1))])
     except (TypeError, ValueError) as error:
-        unknown = (
-            unexpected_argument(error, f"{key}.optimizer", optim.optimizer) if isinstance(error, TypeError) else None
-        )
-        raise (unknown or refused("optimizer", error)) from None
+        raise refused("optimizer", error) from None
     try:
-        if optim.get("scheduler"):
-            build(optim.scheduler)(optimizer)
+        if scheduler is not None:
+            scheduler(placeholder)
     except (TypeError, ValueError) as error:
         raise refused("scheduler", error) from None
+    return Optimization(optimizer, scheduler, plain(optim.optimizer), max_epochs)
 
 
 def check_epochs(key: str, epochs: Any, max_steps: int) -> None:
@@ -156,10 +189,10 @@ class RunSettings:
     overwrite: bool  # replace an earlier run's outputs in output_dir
     baseline: bool  # also train the student alone
     num_classes: int
-    trainer: DictConfig  # built once per stage
-    optim: DictConfig
-    callbacks: DictConfig | None
-    logger: DictConfig | None
+    trainer: Factory  # a Trainer per stage
+    optim: Optimization
+    callbacks: dict[str, Factory]
+    logger: Factory | None
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> RunSettings:
@@ -183,7 +216,7 @@ class RunSettings:
             raise KDError(f"trainer.max_steps must be -1 (no limit) or a positive integer, got {max_steps!r}.")
         check_epochs("trainer.max_epochs", cfg.trainer.get("max_epochs"), max_steps)
         check_trainer(cfg.trainer)
-        check_optimizer("optim", cfg.optim)
+        optim = optimization("optim", cfg.optim)
         return cls(
             seed=cfg.seed,
             output_dir=output_dir,
@@ -192,35 +225,48 @@ class RunSettings:
             overwrite=overwrite,
             baseline=bool(cfg.get("baseline", False)),
             num_classes=cfg.data.num_classes,
-            trainer=cfg.trainer,
-            optim=cfg.optim,
-            callbacks=cfg.get("callbacks"),
-            logger=cfg.get("logger") or None,
+            trainer=Factory(cfg.trainer),
+            optim=optim,
+            callbacks={name: Factory(node) for name, node in (cfg.get("callbacks") or {}).items() if node is not None},
+            logger=Factory(cfg.logger) if cfg.get("logger") else None,
         )
 
     @property
     def max_steps(self) -> int:
-        return self.trainer.get("max_steps", -1)
+        return self.trainer.settings.get("max_steps", -1)
+
+    @property
+    def precision(self) -> str:
+        return str(self.trainer.settings.get("precision", "32-true"))
+
+    @property
+    def accelerator(self) -> str:
+        return str(self.trainer.settings.get("accelerator", "auto"))
+
+    @property
+    def progress_bar(self) -> bool:
+        return bool(self.trainer.settings.get("enable_progress_bar", True))
 
 
 @dataclass(frozen=True)
 class TeacherSettings:
     """``teacher``: the network, and where its weights and logits come from (``conf/teacher.yaml``)."""
 
-    model: DictConfig
-    fit: DictConfig  # the teacher stage's epochs, optimizer and scheduler
+    model: Factory
+    fit: Optimization  # the teacher stage's epochs, optimizer and scheduler
     mode: str
     checkpoint: Path | None
     recording: RecordingSettings | None  # recorded mode only
     cache_identity: dict[str, Any]  # what a teacher trained here depends on: the key of the trained-teacher cache
     pretrained: bool = False  # read with from_pretrained (teacher=hf)
     shard: bool = True  # trainer=fsdp: shard a live teacher across the ranks (false: a whole copy on each)
+    fine_tune: bool = False  # teacher.fit.pretrained: fine-tune a pretrained teacher in the teacher stage
 
     @property
     def trains(self) -> bool:
         """Whether the run trains the teacher (the teacher stage): neither a checkpoint nor a pretrained model used as
         it is (``teacher.fit.pretrained=true`` fine-tunes a pretrained one)."""
-        return self.checkpoint is None and (not self.pretrained or bool(self.fit.get("pretrained", False)))
+        return self.checkpoint is None and (not self.pretrained or self.fine_tune)
 
     @property
     def trained_here(self) -> bool:
@@ -241,8 +287,7 @@ class TeacherSettings:
                 f"teacher.fit.pretrained must be true or false, got {teacher.fit.pretrained!r}: true fine-tunes a "
                 "pretrained teacher (teacher=hf) on the run's data before distilling from it."
             )
-        if teacher.fit.optimizer != cfg.optim.optimizer or teacher.fit.get("scheduler") != cfg.optim.get("scheduler"):
-            check_optimizer("teacher.fit", teacher.fit)
+        fit = optimization("teacher.fit", teacher.fit, teacher.fit.max_epochs)
         recording = None
         if mode == "recorded":
             check_live_teacher(loss_mix.features, live=False)
@@ -271,20 +316,26 @@ class TeacherSettings:
                 "teacher across the processes, false keeps a whole copy on each."
             )
         return cls(
-            model=teacher.model,
-            fit=teacher.fit,
+            model=Factory(teacher.model),
+            fit=fit,
             mode=mode,
             checkpoint=checkpoint,
             recording=recording,
             cache_identity=identity,
             pretrained=is_pretrained(teacher.model),
             shard=teacher.get("shard", True),
+            fine_tune=teacher.fit.get("pretrained", False),
         )
 
     @property
     def name(self) -> str:
         """The teacher model's name (zoo name, else class name), for cache file names."""
-        return self.model.get("name") or self.model._target_.rsplit(".", 1)[-1]
+        return self.model.settings.get("name") or self.model.target.rsplit(".", 1)[-1]
+
+    @property
+    def path(self) -> str | None:
+        """A pretrained teacher's folder or hub id (``teacher.model.path``)."""
+        return self.model.settings.get("path")
 
 
 def check_student_from_teacher(cfg: DictConfig, teacher: TeacherSettings) -> None:
@@ -417,8 +468,8 @@ class Settings:
     on_policy: OnPolicy
     on_policy_stages: dict[str, OnPolicy]  # more distilled stages, each with its own distill.on_policy
     speed: SpeedSettings
-    data: DictConfig  # built once, by train()
-    student: DictConfig  # the student model, built fresh in each stage
+    data: Factory  # the data module, built once by train()
+    student: Factory  # the student network, built afresh in each stage
 
     @property
     def samples(self) -> bool:
@@ -461,6 +512,6 @@ class Settings:
             on_policy=on_policy,
             on_policy_stages=stages,
             speed=speed,
-            data=cfg.data,
-            student=cfg.student.model,
+            data=Factory(cfg.data),
+            student=Factory(cfg.student.model),
         )

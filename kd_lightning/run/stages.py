@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from omegaconf import DictConfig
 from torch import nn
 
 from kd_lightning.checkpoints import AtomicCheckpointIO, check_resumable, load_weights
@@ -22,9 +21,8 @@ from kd_lightning.files import atomic_write_text
 from kd_lightning.loss.mix import LossMix
 from kd_lightning.module import DistillationModule
 from kd_lightning.progress import StageProgress, lightning_hushed
-from kd_lightning.run.config import build
 from kd_lightning.run.run_dir import is_global_zero
-from kd_lightning.run.settings import RunSettings, Settings
+from kd_lightning.run.settings import Factory, Optimization, RunSettings, Settings
 from kd_lightning.sequences import Answers, SampleScores, Sequences
 from kd_lightning.sharding import full_state_dict, is_sharded
 from kd_lightning.teacher import Teacher
@@ -75,14 +73,12 @@ class ReseedEveryEpoch(L.Callback):
 def make_trainer(run: RunSettings, stage: str, **overrides: Any) -> L.Trainer:
     """A Trainer from ``trainer`` writing logs and checkpoints under ``<output_dir>/<stage>``."""
     stage_dir = run.output_dir / stage
-    progress = [StageProgress(stage)] if run.trainer.get("enable_progress_bar", True) else []
+    progress = [StageProgress(stage)] if run.progress_bar else []
     callbacks = [ReseedEveryEpoch(run.seed), *progress] + [
-        build(conf, dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in conf._target_ else build(conf)
-        for conf in (run.callbacks or {}).values()
-        if conf is not None
+        callback(dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in callback.target else callback()
+        for callback in run.callbacks.values()
     ]
-    return build(
-        run.trainer,
+    return run.trainer(
         default_root_dir=str(stage_dir),
         callbacks=callbacks,
         logger=make_logger(run, stage),
@@ -103,22 +99,22 @@ def make_logger(run: RunSettings, stage: str) -> Any:
     and the run directory's name. ``False`` without a logger."""
     if run.logger is None:
         return False
-    if "WandbLogger" in run.logger._target_:
+    if "WandbLogger" in run.logger.target:
         os.environ.setdefault("WANDB_SILENT", "true")  # its banners; WANDB_SILENT=false shows them
     filled = {"save_dir": str(run.output_dir / stage)}
     for key, value in (("name", stage), ("group", run.output_dir.name)):
-        if key in run.logger and run.logger[key] is None:
+        if key in run.logger.settings and run.logger.settings[key] is None:
             filled[key] = value
-    return build(run.logger, **filled)
+    return run.logger(**filled)
 
 
-def unsharded(trained: nn.Module, model: DictConfig) -> nn.Module:
+def unsharded(trained: nn.Module, model: Factory) -> nn.Module:
     """``trained`` itself, or a fresh ``model`` with its weights when it is sharded (``trainer=fsdp``): whole on every
     rank, for the trained-teacher cache and the stages after."""
     if not is_sharded(trained):
         return trained
     weights = full_state_dict(trained)  # every rank takes part in gathering them
-    fresh = build(model)
+    fresh = model()
     fresh.load_state_dict(weights)
     return fresh
 
@@ -126,11 +122,11 @@ def unsharded(trained: nn.Module, model: DictConfig) -> nn.Module:
 def run_stage(
     settings: Settings,
     stage: str,
-    model: DictConfig,
+    model: Factory,
     teacher: Teacher | None,
     loss_mix: LossMix,
     datamodule: Any,
-    optim: DictConfig | None = None,
+    optim: Optimization | None = None,
     sequences: Sequences | None = None,
     **trainer_overrides: Any,
 ) -> tuple[dict[str, float], nn.Module]:
@@ -148,12 +144,12 @@ def run_stage(
     L.seed_everything(run.seed, workers=True, verbose=False)
     scores = SampleScores.of(settings.on_policy, datamodule, settings.samples) if teacher is not None else None
     module = DistillationModule(
-        speed.prepare(build(model)),
+        speed.prepare(model()),
         teacher,
         num_classes=run.num_classes,
         loss_mix=loss_mix,
-        optimizer=build(optim.optimizer),
-        scheduler=build(optim.scheduler) if optim.get("scheduler") else None,
+        optimizer=optim.optimizer,
+        scheduler=optim.scheduler,
         task=getattr(datamodule, "task", "classification"),
         chunk_rows=speed.chunk_rows,
         sequences=sequences,

@@ -61,7 +61,6 @@ class CheckEveryJob(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         if config.hydra.sweeper.get("_target_") != BASIC_SWEEPER:
             return
-        from kd_lightning.run.config import build
         from kd_lightning.run.settings import Settings
 
         jobs = job_overrides(config)
@@ -71,7 +70,7 @@ class CheckEveryJob(Callback):
                 HydraConfig.instance().set_config(config)  # ${hydra:...} resolves as in the sweep
                 try:
                     settings = Settings.from_config(job_config(config, overrides, number))
-                    build(settings.data)  # the data's own arguments (nothing is read before setup)
+                    settings.data()  # the data's own arguments (nothing is read before setup)
                 except KDError as error:  # Hydra turns a callback's exception into a warning: exit here
                     print(
                         f"error: sweep job {number} ({' '.join(overrides)}) would be refused: {one_line(error)} "

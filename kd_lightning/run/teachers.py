@@ -35,7 +35,6 @@ from kd_lightning.loss.mix import LossMix
 from kd_lightning.models.outputs import check_packing
 from kd_lightning.models.pretrained import pretrained_fingerprint
 from kd_lightning.progress import lightning_hushed
-from kd_lightning.run.config import build
 from kd_lightning.run.preflight import packs
 from kd_lightning.run.settings import Settings
 from kd_lightning.run.stages import is_global_zero, run_stage
@@ -73,10 +72,10 @@ def teacher_model(settings: Settings, datamodule: Any) -> nn.Module:
     if teacher.checkpoint is not None or not teacher.trains:
         if teacher.checkpoint is not None:
             log.info("teacher: loading %s", teacher.checkpoint)
-            model = load_weights(build(teacher.model), teacher.checkpoint)
+            model = load_weights(teacher.model(), teacher.checkpoint)
         else:
-            log.info("teacher: pretrained, read from %s; distilled from as it is", teacher.model.path)
-            model = build(teacher.model)
+            log.info("teacher: pretrained, read from %s; distilled from as it is", teacher.path)
+            model = teacher.model()
         if packs(datamodule):  # a teacher trained here was checked by check_models, before its training
             check_packing(model, "teacher")
         return model
@@ -85,13 +84,13 @@ def teacher_model(settings: Settings, datamodule: Any) -> nn.Module:
         return (
             train_teacher(settings, datamodule, cached)
             if not cached.exists()
-            else load_weights(build(teacher.model), cached)
+            else load_weights(teacher.model(), cached)
         )
     with job_lock(cached):
         if cached.exists():
             log.info("teacher: reusing %s", cached)
             try:
-                return load_weights(build(teacher.model), cached)
+                return load_weights(teacher.model(), cached)
             except KDError as error:
                 log.warning(
                     "teacher: the cached teacher is unusable (%s); set aside as %s, training it again",
@@ -136,7 +135,7 @@ def recording_identity(settings: Settings, datamodule: InMemoryDataModule, teach
     weights = (
         path_sha256(Path(teacher_file))[:16]
         if teacher_file
-        else pretrained_fingerprint(settings.teacher.model)
+        else pretrained_fingerprint(settings.teacher.model.settings)
         if not settings.teacher.trains
         else None
     )
@@ -146,7 +145,7 @@ def recording_identity(settings: Settings, datamodule: InMemoryDataModule, teach
         "views_per_sample": recording.views_per_sample,
         "top_k": recording.top_k,
         **tail,
-        "precision": str(settings.run.trainer.get("precision", "32-true")),
+        "precision": settings.run.precision,
         "format": FORMAT_VERSION,
     }
 
@@ -203,7 +202,6 @@ def record_once(settings: Settings, datamodule: InMemoryDataModule, teacher_file
                 log.info("teacher recording: reusing %s", directory)
             else:
                 model = teacher_model(settings, datamodule)
-                trainer = settings.run.trainer
                 with lightning_hushed():
                     record_teacher(
                         model,
@@ -211,8 +209,8 @@ def record_once(settings: Settings, datamodule: InMemoryDataModule, teacher_file
                         directory,
                         identity,
                         settings.teacher.recording,
-                        accelerator=trainer.get("accelerator", "auto"),
-                        precision=trainer.get("precision", "32-true"),
+                        accelerator=settings.run.accelerator,
+                        precision=settings.run.precision,
                         vocab_size=settings.run.num_classes if getattr(datamodule, "task", None) == "tokens" else None,
                         trained_here=settings.teacher.trained_here,
                     )

@@ -10,7 +10,6 @@ from omegaconf import DictConfig
 from kd_lightning.files import atomic_write_text
 from kd_lightning.loss.mix import LossMix
 from kd_lightning.run import run_dir
-from kd_lightning.run.config import build
 from kd_lightning.run.plots import plot_curves
 from kd_lightning.run.preflight import check_models
 from kd_lightning.run.run_dir import RESULTS_FILE, TOKENIZER_DIR, is_global_zero
@@ -36,7 +35,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
        alone's.
     """
     settings = Settings.from_config(cfg)
-    datamodule = build(settings.data)
+    datamodule = settings.data()
     datamodule.setup("fit")
     check_models(settings, datamodule)
     with run_dir.start(cfg, settings.run.output_dir, resume=settings.run.resume, overwrite=settings.run.overwrite):
