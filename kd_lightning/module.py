@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from kd_lightning.checkpoints import check_student_state, student_only
-from kd_lightning.data.batch import Batch, as_batch, counted
+from kd_lightning.data.batch import Batch, as_batch, kept_labels
 from kd_lightning.errors import KDError
 from kd_lightning.finite import NonFiniteWatch
 from kd_lightning.loss.chunked import HeadLogits, TeacherBlocks, blockwise_terms, resolved
@@ -173,7 +173,7 @@ class DistillationModule(L.LightningModule):
         labels = batch["labels"]
         per_position = F.cross_entropy(student_logits.float().flatten(0, -2), labels.flatten(), reduction="none")
         keep = batch.get("kept")
-        return reduce(per_position.view_as(labels), keep if keep is not None else counted(labels))
+        return reduce(per_position.view_as(labels), keep if keep is not None else kept_labels(labels))
 
     def distillation_loss(self, student_logits: Tensor, teacher_logits: Tensor, batch: Batch) -> Tensor:
         """The mix's objective at its current temperature (``T²``-scaled forward KL by default), over the kept positions."""
@@ -268,7 +268,7 @@ class DistillationModule(L.LightningModule):
         self.check_outputs_once(student_logits, teacher_logits, batch)
         kept = batch.get("kept")
         self.eval_losses[split].update(
-            self.task_loss(student_logits, batch), (kept if kept is not None else counted(batch["labels"])).sum()
+            self.task_loss(student_logits, batch), (kept if kept is not None else kept_labels(batch["labels"])).sum()
         )
         self.log(f"{split}/loss", self.eval_losses[split])
         self.metrics[split].add_batch(student_logits, teacher_logits, batch)

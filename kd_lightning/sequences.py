@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kd_lightning.data.batch import IGNORE_INDEX, Batch, counted, with_kept
+from kd_lightning.data.batch import IGNORE_INDEX, Batch, kept_labels, with_kept
 from kd_lightning.errors import KDError, check_integer, is_number
 
 SOURCES = ("data", "student", "teacher")
@@ -171,7 +171,7 @@ def prompt_lengths(keep: Tensor) -> Tensor:
 
 def prompts_of(batch: Batch, pad_token_id: int) -> tuple[Tensor, Tensor]:
     """``(prompts (N, P), mask (N, P))``: each row's tokens up to its first kept label, aligned on the right."""
-    inputs, keep = batch["inputs"], batch.get("kept", counted(batch["labels"]))
+    inputs, keep = batch["inputs"], batch.get("kept", kept_labels(batch["labels"]))
     if not keep.any(1).all():
         raise KDError(
             "on-policy distillation needs a prompt and a completion in every row (a learned label after the "
@@ -279,7 +279,7 @@ class Answers:
 
     def matches(self, model: nn.Module, batch: Batch) -> Tensor:
         """``(N,)`` float: 1 where ``model``'s greedy completion of the row's prompt is exactly its labelled completion."""
-        keep = batch.get("kept", counted(batch["labels"]))
+        keep = batch.get("kept", kept_labels(batch["labels"]))
         prompts, mask = prompts_of(batch, self.pad_token_id)
         wanted = [batch["labels"][row][keep[row]] for row in range(len(keep))]
         settings = OnPolicy(greedy=True, max_new_tokens=max(len(w) for w in wanted))

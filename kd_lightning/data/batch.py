@@ -41,31 +41,26 @@ class Batch(TypedDict, total=False):
 
 TUPLE_FIELDS = ("inputs", "labels", "index")
 IGNORE_INDEX = -100  # a label that does not count (PyTorch's and Hugging Face's convention)
-__all__ = ["IGNORE_INDEX", "Batch", "as_batch", "counted", "kept_tokens"]
+__all__ = ["IGNORE_INDEX", "Batch", "as_batch", "kept_labels", "kept_positions"]
 
 
-def counted(labels: Tensor) -> Tensor:
-    """True where a label counts: every label but :data:`IGNORE_INDEX`. The one test of "does this position count",
+def kept_labels(labels: Tensor) -> Tensor:
+    """True where a label is kept: every label but :data:`IGNORE_INDEX`. The one test of "does this position count",
     for the batch, the objectives (DKD) and the recordings."""
     return labels != IGNORE_INDEX
 
 
-def kept_positions(labels: Tensor | None, attention_mask: Tensor | None = None) -> Tensor | None:
-    """``(N, L)`` bool, True where a token counts (its label counts and its attention mask, when given, is 1);
-    ``None`` for class labels ``(N,)``, where every sample counts for the teacher's terms."""
-    if labels is None or labels.ndim < 2:
-        return None
-    keep = counted(labels)
-    return keep if attention_mask is None else keep & attention_mask.to(bool)
-
-
-def kept_tokens(batch: Batch) -> Tensor | None:
-    """``(N, L)`` bool, True where a token counts: its label is not ``-100`` and its attention mask
-    (when present) is 1; ``None`` for a batch of class labels ``(N,)``, where every sample counts.
-    A batch read by :func:`as_batch` holds it as ``batch["kept"]``."""
+def kept_positions(batch: Batch) -> Tensor | None:
+    """``(N, L)`` bool, True where a token is kept (counts): its label is not ``-100`` and its attention mask (when
+    present) is 1; ``None`` for a batch of class labels ``(N,)``, where every sample counts. A batch read by
+    :func:`as_batch` holds it as ``batch["kept"]``."""
     if "kept" in batch:
         return batch["kept"]
-    return kept_positions(batch.get("labels"), batch.get("attention_mask"))
+    labels, attention_mask = batch.get("labels"), batch.get("attention_mask")
+    if labels is None or labels.ndim < 2:
+        return None
+    kept = kept_labels(labels)
+    return kept if attention_mask is None else kept & attention_mask.to(bool)
 
 
 def as_batch(batch: Any) -> Batch:
@@ -84,5 +79,5 @@ def as_batch(batch: Any) -> Batch:
 
 def with_kept(batch: Batch) -> Batch:
     """``batch`` with its ``kept`` tokens (a new dict; a batch of class labels is returned as it is)."""
-    keep = kept_tokens(batch)
-    return batch if keep is None or "kept" in batch else {**batch, "kept": keep}
+    kept = kept_positions(batch)
+    return batch if kept is None or "kept" in batch else {**batch, "kept": kept}

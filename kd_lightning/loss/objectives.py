@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kd_lightning.data.batch import counted
+from kd_lightning.data.batch import kept_labels
 from kd_lightning.errors import KDError, is_number
 from kd_lightning.loss.reduction import both, reduce
 
@@ -52,7 +52,7 @@ __all__ = [
     "tvd_loss",
     "dkd_loss",
     "standardize_logits",
-    "positions_to_keep",
+    "kept_positions_of",
     "check_temperature",
     "mixture_kl",
     "Objective",
@@ -74,7 +74,7 @@ def check_temperature(temperature: float) -> None:
         )
 
 
-def positions_to_keep(
+def kept_positions_of(
     logits: Tensor, mask: Tensor | None = None, labels: Tensor | None = None, ignore_index: int | None = None
 ) -> Tensor | None:
     """Boolean mask of the positions that count, shape ``logits.shape[:-1]``, or ``None`` for all.
@@ -207,7 +207,9 @@ def dkd(
                 f"{key} must be a finite number >= 0, got {weight!r} (a negative weight drives the loss to "
                 "-inf; the paper's CIFAR values are tckd_weight=1, nckd_weight=8)."
             )
-    target = torch.where(counted(labels), labels, torch.zeros_like(labels)).long()[..., None]  # uncounted: any class
+    target = torch.where(kept_labels(labels), labels, torch.zeros_like(labels)).long()[
+        ..., None
+    ]  # uncounted: any class
 
     def binary(log_p: Tensor) -> Tensor:  # log [p_g, 1 − p_g], the second as a log-sum-exp over the other classes
         return torch.cat(
@@ -320,7 +322,7 @@ class Objective:
         temperature = temperature if temperature is not None else self.temperature
         per_position = self.per_position(student_logits, teacher_logits, temperature, labels)
         if self.by_label:
-            keep = both(keep, counted(labels))
+            keep = both(keep, kept_labels(labels))
         return reduce(per_position, keep, num_kept, temperature**2 if self.scale_by_t2 else 1.0)
 
 
@@ -347,7 +349,7 @@ def _loss(
 ) -> Tensor:
     """What every public objective does: its divergence over the kept positions, through :class:`Objective`; NaN logits
     at a kept position are named (a masked position may hold anything)."""
-    keep = positions_to_keep(student_logits, mask, labels, ignore_index)
+    keep = kept_positions_of(student_logits, mask, labels, ignore_index)
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not logits.is_floating_point() or logits.shape[:-1] != student_logits.shape[:-1]:
             continue  # refused with its own message by Objective

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_lightning.data.batch import counted
+from kd_lightning.data.batch import kept_labels
 from kd_lightning.errors import KDError
 from kd_lightning.models.outputs import check_packing, model_logits, output_head
 from kd_lightning.models.pretrained import is_pretrained, pretrained_tokenizer
@@ -81,7 +81,7 @@ def check_sampling_fits(settings: Settings, datamodule: Any, student: nn.Module)
     splits = getattr(datamodule, "splits", None)
     if not splits or "train" not in splits:
         return
-    keep = counted(splits["train"].targets)
+    keep = kept_labels(splits["train"].targets)
     lengths = prompt_lengths(keep)[keep.any(1)]
     if not len(lengths) or bool((lengths == 1).all()):
         raise KDError(

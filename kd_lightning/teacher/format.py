@@ -70,7 +70,7 @@ import torch
 from torch import Tensor
 
 from kd_lightning.data.augment import VIEW_SEED
-from kd_lightning.data.batch import counted
+from kd_lightning.data.batch import kept_labels
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError, check_integer, is_integer
 
@@ -204,8 +204,10 @@ def rebuild_logits(
         tail_logit = logsumexp + torch.log(tail_mass / (num_classes - k))
         logits = tail_logit[..., None].expand(*values.shape[:-1], num_classes).clone()
         return logits.scatter_(-1, indices.long(), values)
-    label = torch.where(counted(labels), labels, 0).long()[..., None]  # -100 (not counted): any class, left as the tail
-    exact = counted(labels) & ~(indices.long() == label).any(-1)  # a label outside the top k
+    label = torch.where(kept_labels(labels), labels, 0).long()[
+        ..., None
+    ]  # -100 (not counted): any class, left as the tail
+    exact = kept_labels(labels) & ~(indices.long() == label).any(-1)  # a label outside the top k
     label_mass = torch.where(exact, torch.exp(label_logits.float() - logsumexp), 0)
     others = num_classes - k - exact.long()
     tail_logit = logsumexp + torch.log((tail_mass - label_mass).clamp_min(1e-12) / others.clamp_min(1))

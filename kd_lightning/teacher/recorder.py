@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from kd_lightning.data.augment import RandomCropFlip, RecordedViews
-from kd_lightning.data.batch import Batch, counted
+from kd_lightning.data.batch import Batch, kept_labels
 from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.files import atomic_directory, atomic_write_text
 from kd_lightning.models.outputs import model_logits
@@ -117,7 +117,7 @@ class _Recorder(L.LightningModule):
             self.out["logsumexp"][at] = logsumexp.cpu().numpy()
             if "label_logits" in self.out:
                 labels = batch["labels"]
-                label = torch.where(counted(labels), labels, 0)[..., None]  # not counted: any class will do
+                label = torch.where(kept_labels(labels), labels, 0)[..., None]  # not counted: any class will do
                 self.out["label_logits"][at] = logits.gather(-1, label)[..., 0].cpu().numpy()
             if self.tail_samples:
                 draws = draw_from_tail(
