@@ -21,8 +21,6 @@ from typing import Any, Dict, List, Optional
 
 from hydra._internal.utils import _locate
 from hydra.core.config_store import ConfigStore
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning.errors import KDError
@@ -72,21 +70,6 @@ def model_configs() -> dict[str, Any]:
     return configs
 
 
-def build(node: Any, **kwargs: Any) -> Any:
-    """``hydra.utils.instantiate``, except that a :class:`KDError` raised while building stays itself (Hydra wraps it
-    in an ``InstantiationException`` with a traceback's worth of context). A setting the built object takes no
-    argument for is refused before anything is built (:func:`check_known_keys`, :func:`check_arguments`)."""
-    try:
-        return instantiate(node, **kwargs)
-    except InstantiationException as error:
-        cause = error.__cause__
-        while cause is not None and not isinstance(cause, KDError):
-            cause = cause.__cause__
-        if cause is not None:
-            raise cause from None
-        raise
-
-
 def target_signature(node: Any) -> tuple[set[str], bool]:
     """``(argument names, whether it also takes any other keyword)`` of the ``_target_`` of ``node`` (``(set(), True)``
     when there is none or it cannot be imported)."""
@@ -129,8 +112,8 @@ def check_known_keys(cfg: DictConfig) -> None:
     ``callbacks``) a setting the object takes no argument for (unless it takes any keyword).
 
     ``distill.loss`` passes its keys to the objective (checked when it is built), ``distill.extra_terms/weights/
-    schedules`` name terms (checked by :class:`~kd_lightning.loss.mix.LossMix`), ``optim`` is built once on a
-    placeholder (:func:`~kd_lightning.run.settings.check_optimizer`).
+    schedules`` name terms (checked by :class:`~kd_lightning.loss.mix.LossMix`); the optimizer and scheduler are also
+    tried on a placeholder (:func:`~kd_lightning.run.settings.optimization`).
     """
     for where, allowed in closed_settings().items():
         node = OmegaConf.select(cfg, where) if where else cfg
@@ -145,6 +128,7 @@ def check_known_keys(cfg: DictConfig) -> None:
         "trainer",
         "logger",
         *(f"callbacks.{name}" for name in callbacks),
+        *(f"{optim}.{part}" for optim in ("optim", "teacher.fit") for part in ("optimizer", "scheduler")),
     ):
         check_arguments(where, OmegaConf.select(cfg, where))
 

@@ -51,7 +51,7 @@ def student_from_config(config: Path) -> tuple[nn.Module, tuple[int, ...] | None
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    from kd_lightning.run.config import build
+    from kd_lightning.run.settings import build
 
     cfg = OmegaConf.load(config)
     student = build(cfg.student.model)
@@ -250,7 +250,7 @@ def export_transformers(
     from omegaconf import OmegaConf
 
     from kd_lightning.models.gpt import GPT, gpt_to_transformers
-    from kd_lightning.run.config import build
+    from kd_lightning.run.settings import build
 
     checkpoint, out = existing_checkpoint(checkpoint, "the checkpoint to export"), Path(out)
     check_outputs(checkpoint, [out], overwrite, folder=True)

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from kd_lightning import __version__
@@ -37,7 +39,7 @@ from kd_lightning.loss.mix import LossMix
 from kd_lightning.loss.objectives import Objective, forward_kl, unwrap
 from kd_lightning.models.pretrained import check_pretrained, is_pretrained, pretrained_tokenizer
 from kd_lightning.run import run_dir
-from kd_lightning.run.config import build, check_arguments, check_known_keys
+from kd_lightning.run.config import check_known_keys
 from kd_lightning.sequences import OnPolicy
 from kd_lightning.speed import SpeedSettings
 from kd_lightning.teacher.format import RecordingSettings
@@ -52,12 +54,13 @@ DISPLAY_ONLY_TRAINER_KEYS = {"enable_progress_bar", "enable_model_summary", "log
 
 def plain(node: Any) -> Any:
     """A config node as plain Python values (interpolations resolved)."""
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
 
 class Factory:
     """What a config node builds, built afresh at each call (a network, a Trainer, a logger per stage). The node stays
-    in the run's settings; what it says is read as plain values (:attr:`settings`)."""
+    here; what it says is read as plain values (:attr:`settings`), and what it builds receives plain values too
+    (``_convert_="all"``: dicts and lists, never a config node)."""
 
     def __init__(self, node: DictConfig) -> None:
         self._node = node
@@ -69,7 +72,25 @@ class Factory:
         return str(self.settings.get("_target_", ""))
 
     def __call__(self, **arguments: Any) -> Any:
-        return build(self._node, **arguments)
+        """The object, built by ``hydra.utils.instantiate``; a :class:`KDError` raised while building stays itself
+        (Hydra wraps it in an ``InstantiationException`` with a traceback's worth of context)."""
+        try:
+            return instantiate(self._node, _convert_="all", **arguments)
+        except InstantiationException as error:
+            raise kd_error_within(error) or error from None
+
+
+def kd_error_within(error: BaseException) -> KDError | None:
+    """The :class:`KDError` that caused ``error``, if one did."""
+    cause = error.__cause__
+    while cause is not None and not isinstance(cause, KDError):
+        cause = cause.__cause__
+    return cause
+
+
+def build(node: DictConfig, **arguments: Any) -> Any:
+    """What ``node`` builds, once (an objective, an optimizer factory): :class:`Factory`'s object."""
+    return Factory(node)(**arguments)
 
 
 @dataclass(frozen=True)
@@ -149,10 +170,7 @@ def optimization(key: str, optim: DictConfig, max_epochs: int | None = None) -> 
     def refused(what: str, error: Exception) -> KDError:
         return KDError(f"{key}.{what} is set wrong: {' '.join(str(error).split())}")
 
-    check_arguments(f"{key}.optimizer", optim.optimizer)
-    if optim.get("scheduler"):
-        check_arguments(f"{key}.scheduler", optim.scheduler)
-    optimizer = build(optim.optimizer)
+    optimizer = build(optim.optimizer)  # its arguments' names were checked with the config's (check_known_keys)
     scheduler = build(optim.scheduler) if optim.get("scheduler") else None
     try:
         placeholder = optimizer(params=[torch.nn.Parameter(torch.zeros(1))])
@@ -196,8 +214,8 @@ class RunSettings:
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> RunSettings:
-        """An integer seed; ``ckpt_path`` null or ``last``; no results in the run directory unless ``overwrite``;
-        stages that train for a positive number of epochs or steps."""
+        """An integer seed; ``ckpt_path`` null or ``last``; stages that train for a positive number of epochs or
+        steps. (The run directory is checked last, by :meth:`Settings.from_config`.)"""
         if not is_integer(cfg.seed):
             raise KDError(f"seed must be an integer, got {cfg.seed!r}; set e.g. seed=0.")
         if cfg.get("ckpt_path") not in (None, "last"):
@@ -210,7 +228,6 @@ class RunSettings:
             bool(cfg.get("overwrite", False)),
             cfg.get("ckpt_path") == "last",
         )
-        run_dir.check(cfg, output_dir, resume=resume, overwrite=overwrite)
         max_steps = cfg.trainer.get("max_steps", -1)
         if not is_integer(max_steps) or max_steps == 0 or max_steps < -1:
             raise KDError(f"trainer.max_steps must be -1 (no limit) or a positive integer, got {max_steps!r}.")
@@ -322,7 +339,7 @@ class TeacherSettings:
             checkpoint=checkpoint,
             recording=recording,
             cache_identity=identity,
-            pretrained=is_pretrained(teacher.model),
+            pretrained=is_pretrained(plain(teacher.model)),
             shard=teacher.get("shard", True),
             fine_tune=teacher.fit.get("pretrained", False),
         )
@@ -485,8 +502,8 @@ class Settings:
                 "teacher=from_teacher names a student made from the teacher; choose the teacher itself (e.g. teacher=hf)."
             )
         check_known_keys(cfg)
-        check_pretrained("teacher.model", cfg.teacher.model)
-        check_pretrained("student.model", cfg.student.model)
+        check_pretrained("teacher.model", plain(cfg.teacher.model))
+        check_pretrained("student.model", plain(cfg.student.model))
         fill_vocab_size(cfg)
         run = RunSettings.from_config(cfg)
         speed = speed_settings(cfg)
@@ -505,7 +522,7 @@ class Settings:
         on_policy = on_policy_settings(cfg.distill, teacher, loss_mix)
         stages = on_policy_stages(cfg.distill, on_policy, teacher, loss_mix)
         check_student_from_teacher(cfg, teacher)
-        return cls(
+        settings = cls(
             run=run,
             teacher=teacher,
             loss_mix=loss_mix,
@@ -515,3 +532,5 @@ class Settings:
             data=Factory(cfg.data),
             student=Factory(cfg.student.model),
         )
+        run_dir.check(cfg, run.output_dir, resume=run.resume, overwrite=run.overwrite)
+        return settings
