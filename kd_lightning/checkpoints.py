@@ -27,7 +27,7 @@ DISTRIBUTED_METADATA = ".metadata"  # torch.distributed.checkpoint's index of a 
 STUDENT_KEYS = "state_dict.student."  # a DistillationModule's student weights, as a distributed checkpoint names them
 
 
-def is_distributed_checkpoint(path: Path) -> bool:
+def _is_distributed_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a distributed checkpoint: a folder of shards that ``torch.distributed.checkpoint`` wrote."""
     return path.is_dir() and (path / DISTRIBUTED_METADATA).is_file()
 
@@ -36,7 +36,7 @@ def existing_checkpoint(path: str | os.PathLike, setting: str = "teacher.checkpo
     """``path`` as a ``Path``; refused with the fix unless it is a file or a distributed checkpoint. ``setting``: where
     the path was given."""
     path = Path(path)
-    if is_distributed_checkpoint(path):
+    if _is_distributed_checkpoint(path):
         return path
     if path.is_dir() and any(path.glob("*.distcp")):
         raise KDError(
@@ -58,7 +58,7 @@ def existing_checkpoint(path: str | os.PathLike, setting: str = "teacher.checkpo
     return path
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
+def _read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
     """The model weights stored in ``path``, whatever the layout."""
     path = existing_checkpoint(path)
     try:
@@ -87,22 +87,22 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, Tensor]:
 def load_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load the weights in ``path`` (a file, or a distributed checkpoint's folder) into ``model`` strictly; return
     ``model``."""
-    if is_distributed_checkpoint(Path(path)):
-        model.load_state_dict(distributed_student(model, Path(path)), strict=True)
+    if _is_distributed_checkpoint(Path(path)):
+        model.load_state_dict(_distributed_student(model, Path(path)), strict=True)
         return model
-    state = read_state_dict(path)
+    state = _read_state_dict(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}  # saved from DataParallel/DDP
-    check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, path)
+    _check_fits(model, {k: tuple(v.shape) for k, v in state.items()}, path)
     model.load_state_dict(state, strict=True)
     return model
 
 
-def distributed_student(model: nn.Module, path: Path) -> dict[str, Tensor]:
+def _distributed_student(model: nn.Module, path: Path) -> dict[str, Tensor]:
     """The student weights of the distributed checkpoint ``path``, read whole into this process for ``model``'s
     state dict (a copy of each of its tensors, filled from every process's shards)."""
     from torch.distributed.checkpoint import FileSystemReader, load
 
-    damaged = distributed_damage(path)
+    damaged = _distributed_damage(path)
     if damaged is not None:
         raise KDError(
             f"cannot read the distributed checkpoint {path}: it is damaged ({damaged}). Use another copy of it, "
@@ -114,7 +114,7 @@ def distributed_student(model: nn.Module, path: Path) -> dict[str, Tensor]:
         for k, v in stored.items()
         if k.startswith(STUDENT_KEYS) and hasattr(v, "size")
     }
-    check_fits(model, shapes, path)
+    _check_fits(model, shapes, path)
     state = {k: torch.empty_like(v, device="cpu") for k, v in model.state_dict().items()}
     with warnings.catch_warnings():  # that it reads in one process, which it was asked to
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
@@ -126,7 +126,7 @@ def distributed_student(model: nn.Module, path: Path) -> dict[str, Tensor]:
     return state
 
 
-def check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str | os.PathLike) -> None:
+def _check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str | os.PathLike) -> None:
     """Refuse weights of ``shapes`` (name -> shape) that are not exactly ``model``'s, naming the missing and unexpected
     keys and the wrong shapes."""
     expected = model.state_dict()
@@ -155,7 +155,7 @@ def check_fits(model: nn.Module, shapes: dict[str, tuple[int, ...]], path: str |
         )
 
 
-def save_torch(payload: Any, path: str | os.PathLike) -> None:
+def _save_torch(payload: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to ``path`` atomically. Serialised in memory first: torch's own file writer
     reports a full disk as an anonymous ``RuntimeError``; a plain write raises ``OSError`` naming the file."""
     buffer = io.BytesIO()
@@ -165,7 +165,7 @@ def save_torch(payload: Any, path: str | os.PathLike) -> None:
 
 def save_weights(model: nn.Module, path: str | os.PathLike, **meta: Any) -> None:
     """Write ``{'model': state_dict, **meta}`` atomically."""
-    save_torch({"model": model.state_dict(), **meta}, path)
+    _save_torch({"model": model.state_dict(), **meta}, path)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -175,13 +175,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options.")
-        save_torch(checkpoint, path)
+        _save_torch(checkpoint, path)
 
 
 def check_resumable(path: Path, stage: str) -> None:
     """Refuse a damaged stage checkpoint before Lightning tries to resume from it."""
     if path.is_dir():
-        return check_distributed(path, stage)
+        return _check_distributed(path, stage)
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -194,9 +194,9 @@ def check_resumable(path: Path, stage: str) -> None:
         )
 
 
-def check_distributed(path: Path, stage: str) -> None:
+def _check_distributed(path: Path, stage: str) -> None:
     """Refuse a damaged distributed checkpoint of ``stage`` before Lightning tries to resume from it."""
-    damaged = distributed_damage(path)
+    damaged = _distributed_damage(path)
     if damaged is not None:
         raise KDError(
             f"the {stage} stage's distributed checkpoint {path} is damaged ({damaged}); delete it to restart "
@@ -204,7 +204,7 @@ def check_distributed(path: Path, stage: str) -> None:
         )
 
 
-def distributed_damage(path: Path) -> str | None:
+def _distributed_damage(path: Path) -> str | None:
     """What is wrong with the distributed checkpoint ``path`` (a file or part of one that its index names is missing,
     no index, no Lightning ``meta.pt``), or ``None``."""
     from torch.distributed.checkpoint import FileSystemReader

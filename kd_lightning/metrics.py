@@ -24,7 +24,7 @@ from kd_lightning.vocab import common_rows
 SPLITS = ("val", "test")
 
 
-def kl_per_sample(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
+def _kl_per_sample(student_logits: Tensor, teacher_logits: Tensor) -> Tensor:
     """``KL(softmax(t) ‖ softmax(s))`` at T=1 for each row: ``(N, C)`` -> ``(N,)`` (``-inf`` rows count 0)."""
     return forward_kl(student_logits.float(), teacher_logits.float())
 
@@ -80,4 +80,4 @@ class SplitMetrics(nn.ModuleDict):
 
     def fidelity(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
         self["agreement"](student_logits.argmax(-1), teacher_logits.argmax(-1))  # top-1 agreement
-        self["kl_t1"](kl_per_sample(student_logits, teacher_logits))
+        self["kl_t1"](_kl_per_sample(student_logits, teacher_logits))

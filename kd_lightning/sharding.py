@@ -124,7 +124,7 @@ def shard(
                 f"which kd_lightning can gather for GPT and transformers causal LMs, not {type(model).__name__}; "
                 "unset speed.chunk_rows or use trainer=ddp."
             )
-        model.hidden_states = MethodType(base_model_hidden_states, model)  # a root method FSDP can gather for
+        model.hidden_states = MethodType(_base_model_hidden_states, model)  # a root method FSDP can gather for
     policy = (
         MixedPrecisionPolicy(param_dtype=getattr(torch, dtype), reduce_dtype=torch.float32)
         if dtype
@@ -167,7 +167,7 @@ def for_generation(model: nn.Module) -> nn.Module:
     return whole.refilled(model) if isinstance(whole, WholeCopy) and is_sharded(model) else model
 
 
-def base_model_hidden_states(model: nn.Module, input_ids: Any, **along: Any) -> Any:
+def _base_model_hidden_states(model: nn.Module, input_ids: Any, **along: Any) -> Any:
     """A transformers causal LM's final hidden states ``(N, L, H)``: its decoder's output, as the chunked loss reads it."""
     return model.base_model(input_ids=input_ids, **along).last_hidden_state
 

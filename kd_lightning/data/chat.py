@@ -247,7 +247,7 @@ def read_splits(data_dir: Path) -> dict[str, tuple[str, list[Any]]]:
             "files (.jsonl, .json or .parquet), or a DatasetDict saved with save_to_disk."
         )
     if (data_dir / "dataset_dict.json").is_file():
-        return read_saved_dataset(data_dir)
+        return _read_saved_dataset(data_dir)
     splits = {}
     for split, stem in SPLIT_FILES.items():
         found = [data_dir / f"{stem}{suffix}" for suffix in FILE_TYPES if (data_dir / f"{stem}{suffix}").is_file()]
@@ -261,14 +261,14 @@ def read_splits(data_dir: Path) -> dict[str, tuple[str, list[Any]]]:
                 f"data.data_dir={data_dir} has {' and '.join(path.name for path in found)} for one split; keep one of "
                 "them (the others would be passed over)."
             )
-        examples = read_examples(found[0])
+        examples = _read_examples(found[0])
         if not examples:
             raise KDError(f"{found[0]} holds no examples; every split needs at least one conversation.")
         splits[split] = (str(found[0]), examples)
     return splits
 
 
-def read_saved_dataset(data_dir: Path) -> dict[str, tuple[str, list[Any]]]:
+def _read_saved_dataset(data_dir: Path) -> dict[str, tuple[str, list[Any]]]:
     """The splits of a ``DatasetDict`` written by ``save_to_disk`` (read with ``datasets.load_from_disk``)."""
     try:
         import datasets
@@ -290,7 +290,7 @@ def read_saved_dataset(data_dir: Path) -> dict[str, tuple[str, list[Any]]]:
     return {split: (f"{data_dir} ({stem})", saved[stem].to_list()) for split, stem in SPLIT_FILES.items()}
 
 
-def read_examples(path: Path) -> list[Any]:
+def _read_examples(path: Path) -> list[Any]:
     """The examples of a ``.jsonl`` (one JSON object a line), ``.json`` (a list of objects) or ``.parquet`` file."""
     if path.suffix == ".parquet":
         try:

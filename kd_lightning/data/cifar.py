@@ -60,7 +60,7 @@ def read_image_folder(root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     return np.stack(images), np.array([label for _, label in files], dtype=np.int64), classes
 
 
-def tree_fingerprint(data_dir: Path) -> np.ndarray:
+def _tree_fingerprint(data_dir: Path) -> np.ndarray:
     """Per split: number of files, total bytes, newest modification time. Changes when the tree does."""
     stats = [
         [f.stat() for f in (data_dir / split).rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES]
@@ -72,7 +72,7 @@ def tree_fingerprint(data_dir: Path) -> np.ndarray:
     )
 
 
-def load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """``{"train": (images, labels), "test": (...)}`` from a ``train/`` + ``test/`` tree, via the ``.npz`` cache.
 
     The cache is used only while the tree's fingerprint (file counts, sizes, times) is unchanged.
@@ -80,7 +80,7 @@ def load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[
     candidates = [data_dir / CACHE_NAME] + (
         [cache_dir / f"{data_dir.resolve().as_posix().strip('/').replace('/', '_')}-{CACHE_NAME}"] if cache_dir else []
     )
-    fingerprint = tree_fingerprint(data_dir)
+    fingerprint = _tree_fingerprint(data_dir)
     for cache in candidates:
         if cache.is_file():
             try:
@@ -110,7 +110,7 @@ def load_folder_tree(data_dir: Path, cache_dir: Path | None) -> dict[str, tuple[
     return splits
 
 
-def load_torchvision(name: str, data_dir: Path, download: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def _load_torchvision(name: str, data_dir: Path, download: bool) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     from torchvision import datasets
 
     cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}[name]
@@ -188,7 +188,7 @@ class CIFARDataModule(InMemoryDataModule):
                 raise KDError(
                     f"{self.data_dir} has no train/ and test/ folders; expected train/<class>/*.png|jpg and test/<class>/*."
                 )
-            return load_folder_tree(self.data_dir, self.cache_dir)
+            return _load_folder_tree(self.data_dir, self.cache_dir)
         try:
             import torchvision  # noqa: F401
         except ImportError:
@@ -196,7 +196,7 @@ class CIFARDataModule(InMemoryDataModule):
                 f"no image-folder tree at {self.data_dir} (train/, test/) and torchvision is not installed. "
                 "Point data.data_dir at an extracted image-folder tree, or pip install 'kd_lightning[vision]'."
             ) from None
-        return load_torchvision(self.name, self.data_dir, self.download)
+        return _load_torchvision(self.name, self.data_dir, self.download)
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor]]:
         raw = self.read_splits()

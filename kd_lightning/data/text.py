@@ -39,7 +39,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int):
     return tokenizer
 
 
-def to_blocks(ids: Tensor, block_size: int, pad_last: bool) -> tuple[Tensor, Tensor]:
+def _to_blocks(ids: Tensor, block_size: int, pad_last: bool) -> tuple[Tensor, Tensor]:
     """Cut a token stream into ``(M, block_size)`` inputs and next-token labels; every token is predicted once.
 
     ``pad_last`` keeps the last, shorter block (inputs padded with 0, labels with ``-100``).
@@ -181,7 +181,7 @@ class TextDataModule(InMemoryDataModule):
             stream = torch.tensor(ids + [end], dtype=torch.long)
             if split == "train" and self.train_tokens is not None:
                 stream = stream[: self.train_tokens + 1]
-            splits[split] = to_blocks(stream, self.block_size, pad_last=split != "train")
+            splits[split] = _to_blocks(stream, self.block_size, pad_last=split != "train")
             if not len(splits[split][0]):
                 raise KDError(
                     f"the {split} works ({', '.join(path.stem for path in works[split])}) give no block of "

@@ -33,14 +33,14 @@ BlockTerms = Callable[
 ]  # (student, teacher, block) -> terms
 
 
-def head_weights(head: nn.Linear | Tensor) -> tuple[Tensor, Tensor | None]:
+def _head_weights(head: nn.Linear | Tensor) -> tuple[Tensor, Tensor | None]:
     """``(weight (V, H), bias (V,) or None)`` of an output head given as ``nn.Linear`` or a weight."""
     if isinstance(head, nn.Linear):
         return head.weight, head.bias
     return head, None
 
 
-def default_chunk_rows(num_rows: int, vocab_size: int) -> int:
+def _default_chunk_rows(num_rows: int, vocab_size: int) -> int:
     """Rows per block: about 1/8 of the rows, and a block of logits of at most 2**22 entries (16 MiB in float32)."""
     return max(1, min(math.ceil(num_rows / 8), max(1, 2**22 // vocab_size)))
 
@@ -57,7 +57,7 @@ class HeadLogits:
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((*self.hidden.shape[:-1], head_weights(self.head)[0].shape[0]))
+        return torch.Size((*self.hidden.shape[:-1], _head_weights(self.head)[0].shape[0]))
 
 
 @dataclass
@@ -146,7 +146,7 @@ def blockwise_terms(
     Returns:
         The loss (gradients flow to the hidden states and the head only) and its terms, detached, for the log.
     """
-    weight, bias = head_weights(student.head)
+    weight, bias = _head_weights(student.head)
     hidden = student.hidden.reshape(-1, student.hidden.shape[-1])
     flat = {name: value.reshape(1, -1) for name, value in fields.items()}
     kept = None if keep is None else keep.reshape(-1)
@@ -167,7 +167,7 @@ def blockwise_terms(
             logged[name] = logged.get(name, 0) + value.detach() * share
         return torch.stack(list(terms.values())).sum() * share
 
-    rows = student.chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0])
+    rows = student.chunk_rows or _default_chunk_rows(hidden.shape[0], weight.shape[0])
     return _ChunkedLoss.apply(hidden, weight, bias, block_loss, rows), logged
 
 
@@ -200,7 +200,7 @@ def chunked_distillation_loss(
         labels, ignore_index, mask: tokens whose label is ``ignore_index`` or whose mask is False
             do not count (``labels`` are also what DKD needs).
         num_kept: the divisor; default the number of kept tokens here.
-        chunk_rows: tokens per block; default :func:`default_chunk_rows`.
+        chunk_rows: tokens per block; default :func:`_default_chunk_rows`.
 
     Returns:
         The scalar loss; gradients flow to ``student_hidden`` and the student head only.
@@ -216,7 +216,7 @@ def chunked_distillation_loss(
     if teacher_logits is None:
         if teacher_hidden is None or teacher_head is None:
             raise ValueError("pass teacher_hidden and teacher_head, or teacher_logits=rows -> (rows, V) logits.")
-        teacher_weight, teacher_bias = head_weights(teacher_head)
+        teacher_weight, teacher_bias = _head_weights(teacher_head)
         flat_teacher = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
         if flat_teacher.shape[0] != keep.numel():
             raise ValueError(

@@ -48,7 +48,7 @@ class FeatureTerm:
             self.name = f"{'at' if self.loss == 'attention' else self.loss}/{self.student}"
 
 
-def as_terms(specs: Iterable[FeatureTerm | Mapping[str, Any]] | None) -> list[FeatureTerm]:
+def _as_terms(specs: Iterable[FeatureTerm | Mapping[str, Any]] | None) -> list[FeatureTerm]:
     terms = []
     for spec in specs or []:
         if isinstance(spec, FeatureTerm):
@@ -67,7 +67,7 @@ def as_terms(specs: Iterable[FeatureTerm | Mapping[str, Any]] | None) -> list[Fe
     return terms
 
 
-def first_tensor(output: Any) -> Tensor:
+def _first_tensor(output: Any) -> Tensor:
     """A hooked module's output, or the first tensor of a tuple/list output."""
     if isinstance(output, Tensor):
         return output
@@ -76,7 +76,7 @@ def first_tensor(output: Any) -> Tensor:
     raise KDError(f"a hooked module returned {type(output).__name__}; feature distillation needs a tensor output.")
 
 
-def match_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+def _match_spatial(student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
     """Average-pool the larger of two ``(N, C, H, W)`` maps to the other's ``H x W``."""
     if student.dim() != 4 or student.shape[-2:] == teacher.shape[-2:]:
         return student, teacher
@@ -90,7 +90,7 @@ def attention_map(feature: Tensor, p: float) -> Tensor:
     return F.normalize(feature.abs().pow(p).mean(1).flatten(1), dim=1)
 
 
-def build_adapter(student: Tensor, teacher: Tensor) -> nn.Module:
+def _build_adapter(student: Tensor, teacher: Tensor) -> nn.Module:
     """1x1 conv for feature maps, linear for vectors: student channels -> teacher channels."""
     if student.dim() == 4 and teacher.dim() == 4:
         return nn.Conv2d(student.shape[1], teacher.shape[1], kernel_size=1)
@@ -112,7 +112,7 @@ class FeatureDistiller(nn.Module):
 
     def __init__(self, terms: Iterable[FeatureTerm | Mapping[str, Any]]) -> None:
         super().__init__()
-        self.terms = as_terms(terms)
+        self.terms = _as_terms(terms)
         self.adapters = nn.ModuleDict()  # str(term index) -> adapter, fitnet terms only
         self.handles: list[RemovableHandle] = []
         self.captured: dict[str, dict[str, Tensor]] = {"student": {}, "teacher": {}}
@@ -153,7 +153,7 @@ class FeatureDistiller(nn.Module):
     def _hook(self, side: str, path: str):
         def capture(module: nn.Module, inputs: Any, output: Any) -> None:
             if self.capturing:
-                self.captured[side][path] = first_tensor(output)
+                self.captured[side][path] = _first_tensor(output)
 
         return capture
 
@@ -195,7 +195,7 @@ class FeatureDistiller(nn.Module):
                 student(example_input)
             for i in needed:
                 term = self.terms[i]
-                self.adapters[str(i)] = build_adapter(
+                self.adapters[str(i)] = _build_adapter(
                     self.captured["student"][term.student], self.captured["teacher"][term.teacher]
                 )
         finally:
@@ -221,7 +221,7 @@ class FeatureDistiller(nn.Module):
                         "feature adapters are not built; call build_adapters(student, teacher, x) before training."
                     )
                 s = self.adapters[str(i)](s)
-            s, t = match_spatial(s, t)
+            s, t = _match_spatial(s, t)
             if term.loss == "attention":
                 if s.dim() != 4 or t.dim() != 4:
                     raise KDError(

@@ -55,7 +55,7 @@ class Terms(dict):
         self.total = total if total is not None else torch.stack(list(terms.values())).sum()
 
 
-def check_alpha(alpha: float) -> None:
+def _check_alpha(alpha: float) -> None:
     if not (isinstance(alpha, (int, float)) and 0 <= alpha <= 1):
         raise KDError(
             f"distill.alpha must be in [0, 1], got {alpha}: loss = (1 - alpha) * CE + alpha * KD, "
@@ -92,7 +92,7 @@ class LossMix(nn.Module):
         super().__init__()
         check_temperature(temperature)
         if alpha is not None:
-            check_alpha(alpha)
+            _check_alpha(alpha)
         self.objective = objective if objective is not None else kd_loss
         self.objective_name = objective_name(self.objective)
         self.temperature = float(temperature)

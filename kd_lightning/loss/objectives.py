@@ -94,7 +94,7 @@ def kept_positions_of(
     return keep
 
 
-def at_least_float32(x: Tensor) -> Tensor:
+def _at_least_float32(x: Tensor) -> Tensor:
     return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
@@ -229,7 +229,7 @@ def dkd(
 
 
 @functools.lru_cache(maxsize=None)
-def takes_labels(divergence: Callable[..., Tensor]) -> bool:
+def _takes_labels(divergence: Callable[..., Tensor]) -> bool:
     """Whether ``divergence`` takes ``labels`` (read once per divergence, not in every step)."""
     return "labels" in inspect.signature(divergence).parameters
 
@@ -258,7 +258,7 @@ class Objective:
     @property
     def by_label(self) -> bool:
         """Whether the divergence is defined around each position's label (DKD): unlabelled positions then do not count."""
-        return takes_labels(self.divergence)
+        return _takes_labels(self.divergence)
 
     @classmethod
     def of(cls, objective: Callable[..., Tensor]) -> Objective | None:
@@ -277,7 +277,7 @@ class Objective:
         if unknown:
             raise TypeError(f"{objective.__name__} takes {sorted(unknown)} per call, not as a setting")
         reduction = {key: keywords.pop(key) for key in ("scale_by_t2", "standardize", "temperature") if key in keywords}
-        check_settings(objective.__name__, spec.divergence, keywords)
+        _check_settings(objective.__name__, spec.divergence, keywords)
         reduction = {"scale_by_t2": spec.scale_by_t2, "temperature": spec.temperature, **reduction}
         return cls(spec.divergence, {**spec.settings, **keywords}, **reduction)
 
@@ -301,7 +301,7 @@ class Objective:
                 f"{shapes} differ in classes; teacher and student must predict the same number of classes."
             )
         check_temperature(temperature)
-        s, t = at_least_float32(student_logits), at_least_float32(teacher_logits.detach())
+        s, t = _at_least_float32(student_logits), _at_least_float32(teacher_logits.detach())
         if self.standardize:
             s, t = standardize_logits(s), standardize_logits(t)
         label = {"labels": labels} if self.by_label else {}
@@ -326,7 +326,7 @@ class Objective:
         return reduce(per_position, keep, num_kept, temperature**2 if self.scale_by_t2 else 1.0)
 
 
-def check_settings(name: str, divergence: Callable[..., Tensor], settings: dict[str, Any]) -> None:
+def _check_settings(name: str, divergence: Callable[..., Tensor], settings: dict[str, Any]) -> None:
     """A misspelt or unknown setting of objective ``name``: ``TypeError`` naming it, before anything is computed."""
     try:
         inspect.signature(divergence).bind(None, None, **settings)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 __all__ = ["MODELS", "ResNet", "WideResNet", "VGG", "build_cifar_model"]
 
 
-def init_weights(model: nn.Module) -> None:
+def _init_weights(model: nn.Module) -> None:
     """Kaiming-normal convolutions, unit BatchNorm, as in the reference definitions."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -34,7 +34,7 @@ def init_weights(model: nn.Module) -> None:
 # --- ResNet -------------------------------------------------------------------------------
 
 
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
+def _conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
 
 
@@ -43,9 +43,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.conv1 = _conv3x3(in_planes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = conv3x3(planes, planes)
+        self.conv2 = _conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = None
         if stride != 1 or in_planes != planes:
@@ -86,7 +86,7 @@ class ResNet(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.layer1, self.layer2, self.layer3 = stages
         self.fc = nn.Linear(num_filters[3], num_classes)
-        init_weights(self)
+        _init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -150,7 +150,7 @@ class WideResNet(nn.Module):
         self.block3 = WideStage(blocks, channels[2], channels[3], 2)
         self.bn1 = nn.BatchNorm2d(channels[3])
         self.fc = nn.Linear(channels[3], num_classes)
-        init_weights(self)
+        _init_weights(self)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -171,7 +171,7 @@ VGG_STAGES = {
 }
 
 
-def vgg_block(widths: list[int], in_channels: int) -> nn.Sequential:
+def _vgg_block(widths: list[int], in_channels: int) -> nn.Sequential:
     """conv-bn-relu repeated, without the final relu (applied in forward, as in the reference)."""
     layers: list[nn.Module] = []
     for width in widths:
@@ -195,10 +195,10 @@ class VGG(nn.Module):
         self.num_classes = num_classes
         in_channels = [3] + [s[-1] for s in stages[:-1]]
         self.block0, self.block1, self.block2, self.block3, self.block4 = (
-            vgg_block(s, c) for s, c in zip(stages, in_channels)
+            _vgg_block(s, c) for s, c in zip(stages, in_channels)
         )
         self.classifier = nn.Linear(512, num_classes)
-        init_weights(self)
+        _init_weights(self)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.zeros_(m.bias)

@@ -108,7 +108,7 @@ class GPT(nn.Module):
                 f"context_length={length})."
             )
         positions = torch.arange(length, device=tokens.device) if position_ids is None else position_ids
-        allowed = None if position_ids is None else within_example(position_ids)
+        allowed = None if position_ids is None else _within_example(position_ids)
         return self.read(tokens, positions, allowed)
 
     def read(self, tokens: Tensor, positions: Tensor, allowed: Tensor | None, cache: KVCache | None = None) -> Tensor:
@@ -176,7 +176,7 @@ class GPT(nn.Module):
             position, made = positions[:, -1:], [prompts]
             finished = torch.zeros(rows, dtype=torch.bool, device=prompts.device)
             for step in range(max_new_tokens):
-                token = next_token(logits, greedy, temperature, top_k, top_p, generator)
+                token = _next_token(logits, greedy, temperature, top_k, top_p, generator)
                 if eos_token_id is not None:
                     token = torch.where(finished, eos_token_id, token)
                     finished |= token == eos_token_id
@@ -214,7 +214,7 @@ class KVCache:
         return self.keys[block][:, :, :end], self.values[block][:, :, :end]
 
 
-def next_token(
+def _next_token(
     logits: Tensor,
     greedy: bool,
     temperature: float,
@@ -243,7 +243,7 @@ def next_token(
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def within_example(position_ids: Tensor) -> Tensor:
+def _within_example(position_ids: Tensor) -> Tensor:
     """``(N, 1, L, L)`` bool: True where query ``i`` may attend to key ``j``, an earlier token (or itself) of the same
     packed example; an example starts wherever the position does not go up by one."""
     starts = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1) != 1

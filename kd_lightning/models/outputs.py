@@ -17,7 +17,7 @@ PASSED_ALONG = ("attention_mask", "position_ids")  # batch fields a model gets w
 
 
 @functools.lru_cache(maxsize=None)
-def forward_takes(model_type: type, name: str) -> bool:
+def _forward_takes(model_type: type, name: str) -> bool:
     """Whether ``model_type.forward`` accepts the argument ``name`` (Hugging Face models take ``attention_mask`` and
     ``position_ids``; :class:`~kd_lightning.models.GPT` takes ``position_ids``)."""
     try:
@@ -26,20 +26,20 @@ def forward_takes(model_type: type, name: str) -> bool:
         return False
 
 
-def passed_along(model: nn.Module, batch: Batch) -> dict[str, Any]:
+def _passed_along(model: nn.Module, batch: Batch) -> dict[str, Any]:
     """The batch's ``attention_mask`` and ``position_ids`` that ``model`` takes, and ``use_cache=False`` for a model
     that would keep a key-value cache (a whole sequence is read at once; with a cache transformers also stops reading
     packed rows by their ``position_ids``). Packed rows are refused for a model that cannot take ``position_ids``,
     rather than read as one long sequence."""
-    if "position_ids" in batch and not forward_takes(type(model), "position_ids"):
+    if "position_ids" in batch and not _forward_takes(type(model), "position_ids"):
         raise KDError(
             f"the batch is packed (data.packing=true) but {type(model).__name__}.forward takes no position_ids, so "
             "its examples would attend to each other; set data.packing=false."
         )
     along: dict[str, Any] = {
-        name: batch[name] for name in PASSED_ALONG if name in batch and forward_takes(type(model), name)
+        name: batch[name] for name in PASSED_ALONG if name in batch and _forward_takes(type(model), name)
     }
-    return along | ({"use_cache": False} if forward_takes(type(model), "use_cache") else {})
+    return along | ({"use_cache": False} if _forward_takes(type(model), "use_cache") else {})
 
 
 def model_logits(model: nn.Module, batch: Batch) -> Tensor:
@@ -48,7 +48,7 @@ def model_logits(model: nn.Module, batch: Batch) -> Tensor:
     ``batch["attention_mask"]`` and ``batch["position_ids"]`` are passed along to a model whose ``forward`` takes
     them; an output object with a ``logits`` field (``transformers``' ``CausalLMOutput``) gives that field.
     """
-    output = model(batch["inputs"], **passed_along(model, batch))
+    output = model(batch["inputs"], **_passed_along(model, batch))
     if isinstance(output, Tensor):
         return output
     logits = getattr(output, "logits", None)
@@ -80,7 +80,7 @@ def hidden_and_head(model: nn.Module, batch: Batch) -> tuple[Tensor, nn.Module]:
             "has neither hidden_states() and head (as kd_lightning.models.GPT) nor get_output_embeddings() "
             "(as transformers causal LMs). Unset speed.chunk_rows."
         )
-    along = passed_along(model, batch)
+    along = _passed_along(model, batch)
     if callable(getattr(model, "hidden_states", None)):
         return model.hidden_states(batch["inputs"], **along), head
     return model.base_model(input_ids=batch["inputs"], **along).last_hidden_state, head
@@ -104,7 +104,7 @@ def check_head_gives_logits(model: nn.Module, batch: Batch) -> None:
         )
 
 
-def input_rows(model: nn.Module) -> int:
+def _input_rows(model: nn.Module) -> int:
     """How many token ids ``model`` reads (its input embedding's rows)."""
     embeddings = getattr(model, "get_input_embeddings", None)
     table = embeddings() if callable(embeddings) else getattr(model, "token_embedding", None)
@@ -114,13 +114,13 @@ def input_rows(model: nn.Module) -> int:
 def check_packing(model: nn.Module, role: str) -> None:
     """``data.packing=true``: in eval mode, two short random examples packed into one row (``position_ids`` restarting
     at 0) must give ``model`` the logits each gives alone; else its examples would attend to each other."""
-    if not forward_takes(type(model), "position_ids"):
+    if not _forward_takes(type(model), "position_ids"):
         raise KDError(
             f"data.packing=true needs models that take position_ids; the {role} ({type(model).__name__}) does "
             "not; set data.packing=false."
         )
     generator = torch.Generator().manual_seed(0)
-    first, second = (torch.randint(input_rows(model), (1, n), generator=generator) for n in (5, 3))
+    first, second = (torch.randint(_input_rows(model), (1, n), generator=generator) for n in (5, 3))
     device = next(model.parameters()).device
     row = {
         "inputs": torch.cat([first, second], 1).to(device),

@@ -31,7 +31,7 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def where_looked(path: str) -> str:
+def _where_looked(path: str) -> str:
     """Where ``from_pretrained`` looked for ``path``: the folder, or for a hub id the local cache (and the hub)."""
     if Path(path).expanduser().exists() or path.startswith((".", "/", "~")):
         return f"the folder {Path(path).expanduser().resolve()}"
@@ -78,7 +78,7 @@ def pretrained_causal_lm(
         config = AutoConfig.from_pretrained(path, **options)
     except OSError as error:
         raise KDError(
-            f"no pretrained model at {path!r}: looked in {where_looked(path)} ({first_line(error)}); point "
+            f"no pretrained model at {path!r}: looked in {_where_looked(path)} ({_first_line(error)}); point "
             "model.path at a folder written by save_pretrained (config.json and the weights), or a hub id in "
             "the local cache."
         ) from None
@@ -88,7 +88,7 @@ def pretrained_causal_lm(
                 f"{path} ships its own model code, which runs only with trust_remote_code=true; read that code, "
                 "then set model.trust_remote_code=true."
             ) from None
-        raise KDError(f"{path} holds no model transformers knows ({first_line(error)}).") from None
+        raise KDError(f"{path} holds no model transformers knows ({_first_line(error)}).") from None
     if getattr(config, "auto_map", None) and not trust_remote_code:
         raise KDError(
             f"{path} ships its own model code, which runs only with trust_remote_code=true; read that code, then "
@@ -106,14 +106,14 @@ def pretrained_causal_lm(
         )
     except (OSError, ValueError) as error:
         raise KDError(
-            f"cannot read the pretrained model at {path!r} ({first_line(error)}); it needs its weights "
+            f"cannot read the pretrained model at {path!r} ({_first_line(error)}); it needs its weights "
             "(model.safetensors or pytorch_model.bin) beside config.json."
         ) from None
     except torch.OutOfMemoryError:
         raise
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise KDError(
-            f"the weights of the pretrained model at {path!r} are unreadable ({first_line(error)}): a file cut short "
+            f"the weights of the pretrained model at {path!r} are unreadable ({_first_line(error)}): a file cut short "
             "or not written by save_pretrained; write the folder again with save_pretrained (or download it again)."
         ) from None
     finally:
@@ -140,7 +140,7 @@ def pretrained_tokenizer(
         tokenizer = AutoTokenizer.from_pretrained(path, **options)
     except (OSError, ValueError, TypeError) as error:
         raise KDError(
-            f"no tokenizer at {path!r}: looked in {where_looked(path)} ({first_line(error)}); the model folder "
+            f"no tokenizer at {path!r}: looked in {_where_looked(path)} ({_first_line(error)}); the model folder "
             "needs its tokenizer files (tokenizer.json, tokenizer_config.json: save_pretrained them with the model), "
             "or point data.tokenizer at a folder that has them."
         ) from None
@@ -189,7 +189,7 @@ def check_pretrained(where: str, node: Any) -> None:
             config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as error:
             raise KDError(
-                f"{where}.path={path}: its config.json is unreadable ({first_line(error)}); write the folder again "
+                f"{where}.path={path}: its config.json is unreadable ({_first_line(error)}); write the folder again "
                 "with save_pretrained."
             ) from None
         if not isinstance(config, dict):
@@ -203,7 +203,7 @@ def check_pretrained(where: str, node: Any) -> None:
                 "save the model with save_pretrained, weights included."
             )
         for weights in sorted(folder.glob("*.safetensors")):
-            check_safetensors(where, path, weights)
+            _check_safetensors(where, path, weights)
     elif str(path).startswith((".", "/", "~")) or str(path).count("/") > 1:  # a path, not a hub id (owner/name)
         raise KDError(
             f"{where}.path={path}: no such folder (looked in {folder.resolve()}); point it at a folder written "
@@ -211,7 +211,7 @@ def check_pretrained(where: str, node: Any) -> None:
         )
 
 
-def check_safetensors(where: str, path: Any, weights: Path) -> None:
+def _check_safetensors(where: str, path: Any, weights: Path) -> None:
     """A ``.safetensors`` file whose header is whole and covers the file (one cut short fails here), read without
     loading a tensor."""
     try:
@@ -223,7 +223,7 @@ def check_safetensors(where: str, path: Any, weights: Path) -> None:
             pass
     except (SafetensorError, OSError) as error:
         raise KDError(
-            f"{where}.path={path}: {weights.name} is unreadable ({first_line(error)}): a file cut short or not written "
+            f"{where}.path={path}: {weights.name} is unreadable ({_first_line(error)}): a file cut short or not written "
             "by save_pretrained; write the folder again with save_pretrained (or download it again)."
         ) from None
 
@@ -243,7 +243,7 @@ def pretrained_fingerprint(node: Any) -> str:
     return f"{node.get('path')}@{node.get('revision') or 'main'}-{node.get('dtype', 'float32')}"
 
 
-def first_line(error: Exception) -> str:
+def _first_line(error: Exception) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return lines[0] if lines else type(error).__name__
 
@@ -259,7 +259,7 @@ DECODER_LAYERS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.dec
 LAYER_COUNTS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
-def decoder_layers(model: nn.Module) -> tuple[nn.Module, str] | None:
+def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str] | None:
     """``(the module holding the decoder layers, the attribute)`` of a transformers causal LM of a known family."""
     for path in DECODER_LAYERS:
         parent, _, name = path.rpartition(".")
@@ -292,7 +292,7 @@ def student_from_teacher(
             f"student.model.init must be teacher (the teacher's layers) or fresh (the same architecture, fresh "
             f"weights), got {init!r}."
         )
-    found = decoder_layers(teacher)
+    found = _decoder_layers(teacher)
     if found is None:
         raise KDError(
             f"student=from_teacher takes the decoder layers of a transformers causal LM ({', '.join(DECODER_LAYERS)}); "

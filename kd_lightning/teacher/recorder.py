@@ -133,7 +133,7 @@ class _Recorder(L.LightningModule):
             self.save_progress()
 
 
-def open_array(path: Path, dtype: Any, shape: tuple[int, ...], resume: bool) -> tuple[np.ndarray, bool]:
+def _open_array(path: Path, dtype: Any, shape: tuple[int, ...], resume: bool) -> tuple[np.ndarray, bool]:
     """A memory-mapped ``.npy`` file and whether it was reused: the existing one when resuming (same dtype and shape), else new."""
     if resume and path.is_file():
         try:
@@ -257,7 +257,7 @@ def record(
     for split, files in layout.files.items():
         recorder.split, recorder.views = split, layout.views if split == "train" else None
         opened = {
-            name: open_array(partial / f"{split}.{name}.npy", dtype, shape, progress["done"].get(split, 0) > 0)
+            name: _open_array(partial / f"{split}.{name}.npy", dtype, shape, progress["done"].get(split, 0) > 0)
             for name, (shape, dtype) in files.items()
         }
         recorder.out = {name: array for name, (array, _) in opened.items()}
