@@ -226,15 +226,15 @@ def chunked_distillation_loss(
         def teacher_logits(rows: slice) -> Tensor:
             return nn.functional.linear(flat_teacher[rows], teacher_weight, teacher_bias)
 
-    spec = Objective.of(objective)
-    if spec is None:
+    built_in = Objective.of(objective)
+    if built_in is None:
         raise ValueError(
             "objective must be one of kd_lightning.loss.objectives' objectives (or a functools.partial of one)."
         )
     fields = {"keep": keep} | ({} if labels is None else {"labels": labels.reshape(rows)})
 
     def block_terms(student: Tensor, teacher: Tensor | None, block: dict[str, Tensor]) -> dict[str, Tensor]:
-        return {"objective": spec(student, teacher, temperature, keep=block["keep"], labels=block.get("labels"))}
+        return {"objective": built_in(student, teacher, temperature, keep=block["keep"], labels=block.get("labels"))}
 
     loss, _ = blockwise_terms(
         HeadLogits(student_hidden, student_head, chunk_rows),

@@ -126,7 +126,7 @@ class LossMix(nn.Module):
             check_objective_settings(f"distill.extra_terms.{name}.objective", objective)
         self.scheduled: dict[str, float] = {}
         # the library's objectives, as divergences per position reduced here (your own functions: called as they are)
-        self.specs = {
+        self.built_in = {
             name: Objective.of(f) for name, f in ((self.objective_name, self.objective), *self.extra_terms.items())
         }
 
@@ -231,9 +231,9 @@ class LossMix(nn.Module):
         objectives as a divergence per position reduced over the kept positions (:mod:`kd_lightning.loss.reduction`); your
         own called with ``temperature``, ``labels`` and, for tokens, ``mask`` (the kept tokens)."""
         keep, labels = batch.get("kept"), batch.get("labels")
-        spec = self.specs[name]
-        if spec is not None:
-            return spec(student_logits, teacher_logits, self.temperature, keep=keep, labels=labels)
+        built_in = self.built_in[name]
+        if built_in is not None:
+            return built_in(student_logits, teacher_logits, self.temperature, keep=keep, labels=labels)
         objective = self.objective if name == self.objective_name else self.extra_terms[name]
         mask = {} if keep is None else {"mask": keep}
         return objective(student_logits, teacher_logits, temperature=self.temperature, labels=labels, **mask)

@@ -270,16 +270,16 @@ class Objective:
                 return None
             keywords = {**objective.keywords, **keywords}
             objective = objective.func
-        spec = next((spec for function, spec in DIVERGENCES.items() if function is objective), None)
-        if spec is None:
+        built_in = next((built_in for function, built_in in DIVERGENCES.items() if function is objective), None)
+        if built_in is None:
             return None
         unknown = keywords.keys() & {"mask", "labels", "ignore_index", "num_kept"}
         if unknown:
             raise TypeError(f"{objective.__name__} takes {sorted(unknown)} per call, not as a setting")
         reduction = {key: keywords.pop(key) for key in ("scale_by_t2", "standardize", "temperature") if key in keywords}
-        _check_settings(objective.__name__, spec.divergence, keywords)
-        reduction = {"scale_by_t2": spec.scale_by_t2, "temperature": spec.temperature, **reduction}
-        return cls(spec.divergence, {**spec.settings, **keywords}, **reduction)
+        _check_settings(objective.__name__, built_in.divergence, keywords)
+        reduction = {"scale_by_t2": built_in.scale_by_t2, "temperature": built_in.temperature, **reduction}
+        return cls(built_in.divergence, {**built_in.settings, **keywords}, **reduction)
 
     def per_position(
         self, student_logits: Tensor, teacher_logits: Tensor, temperature: float, labels: Tensor | None = None
@@ -595,9 +595,9 @@ def check_objective_settings(where: str, objective: Callable[..., Tensor]) -> No
     """Evaluate one of this module's objectives on a tiny batch, so its own settings (JSD's beta, a misspelt keyword)
     are refused now, not after the teacher has trained. Your own objectives are first called in the first step."""
     try:
-        spec = Objective.of(objective)
-        if spec is not None:
+        built_in = Objective.of(objective)
+        if built_in is not None:
             logits = torch.zeros(2, 3)
-            spec(logits, logits, spec.temperature or 1.0, labels=torch.zeros(2, dtype=torch.long))
+            built_in(logits, logits, built_in.temperature or 1.0, labels=torch.zeros(2, dtype=torch.long))
     except (TypeError, ValueError) as error:
         raise KDError(f"{where} is set wrong: {error}") from None

@@ -371,12 +371,12 @@ def check_forward_kl_only(loss_mix: LossMix) -> None:
         f"distill.extra_terms.{name}.objective": objective for name, objective in loss_mix.extra_terms.items()
     }
     for where, objective in objectives.items():
-        spec = Objective.of(objective)
-        if spec is None or spec.divergence is not forward_kl or spec.standardize:
+        built_in = Objective.of(objective)
+        if built_in is None or built_in.divergence is not forward_kl or built_in.standardize:
             function = unwrap(objective)
             what = (
                 "standardized"
-                if spec is not None and spec.divergence is forward_kl
+                if built_in is not None and built_in.divergence is forward_kl
                 else f"{getattr(function, '__module__', '')}.{getattr(function, '__name__', type(function).__name__)}"
             )
             raise KDError(
@@ -441,8 +441,8 @@ def checked_on_policy(where: str, given: dict[str, Any], teacher: TeacherSetting
 def build_loss_mix(distill: DictConfig) -> LossMix:
     """The distilled stage's :class:`LossMix` from ``distill`` (every setting checked where the mix is built)."""
     extra_terms = {
-        name: {**plain(spec), "objective": build(spec.objective)} if spec.get("objective") else plain(spec)
-        for name, spec in (distill.get("extra_terms") or {}).items()
+        name: {**plain(term), "objective": build(term.objective)} if term.get("objective") else plain(term)
+        for name, term in (distill.get("extra_terms") or {}).items()
     }
     return LossMix(
         objective=build(distill.loss) if distill.get("loss") else None,
