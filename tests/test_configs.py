@@ -107,5 +107,6 @@ def test_every_objective_config_builds_a_callable_objective(make_cfg, name: str)
     objective = instantiate(cfg.distill.loss)
     s, t = torch.randn(4, 10), torch.randn(4, 10)
     value = objective(s, t, temperature=cfg.distill.temperature, labels=torch.randint(0, 10, (4,)))
-    assert value.dim() == 0 and value > 0
-    assert options("distill/loss") == ["dkd", "jsd", "kd", "reverse_kl", "skew_kl", "tvd"]
+    assert value.dim() == 0 and torch.isfinite(value)
+    assert value > 0 or name == "sampled_kl"  # a one-sample estimate of a KL may be below 0
+    assert options("distill/loss") == ["dkd", "jsd", "kd", "reverse_kl", "sampled_kl", "skew_kl", "tvd"]

@@ -15,6 +15,7 @@ from kd_lightning.loss.objectives import (
     kd_loss,
     objective_name,
     reverse_kl_loss,
+    sampled_kl_loss,
     skew_kl_loss,
     standardize_logits,
     tvd_loss,
@@ -383,3 +384,51 @@ def test_dkd_weights_must_be_finite_and_not_negative(weights) -> None:
     s, t = logits_pair((4, 6), seed=18)
     with pytest.raises(ValueError, match="must be a finite number >= 0"):
         dkd_loss(s, t, 2.0, labels=labels_for((4, 6)), **weights)
+
+
+def test_the_sampled_token_objective_is_the_log_ratio_of_the_drawn_tokens_by_hand() -> None:
+    """Value: the mean over kept positions of log p_s(y) - log p_t(y); gradient: the mean of that ratio times the
+    gradient of log p_s(y), both written out here from the softmax."""
+    torch.manual_seed(0)
+    student = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(2, 3, 5, dtype=torch.float64)
+    labels = torch.tensor([[4, 0, -100], [2, 2, 1]])
+    loss = sampled_kl_loss(student, teacher, 1.0, labels=labels)
+    loss.backward()
+    kept = [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
+    value, grad = 0.0, torch.zeros_like(student)
+    for n, position in kept:
+        y = int(labels[n, position])
+        p_s = student.detach()[n, position].softmax(-1)
+        ratio = float(p_s[y].log() - teacher[n, position].softmax(-1)[y].log())
+        value += ratio / len(kept)
+        grad[n, position] = (
+            ratio * (F.one_hot(torch.tensor(y), 5).double() - p_s) / len(kept)
+        )  # d log p_s(y) / d logits
+    assert loss.item() == pytest.approx(value, rel=1e-12)
+    assert torch.allclose(student.grad, grad, atol=1e-14)
+
+
+def test_the_sampled_token_gradient_is_reverse_kl_s_in_expectation_over_the_students_draws() -> None:
+    """Summed over every token y with weight p_s(y), the gradient of the one-sample estimate is exactly the gradient
+    of KL(p_s || p_t) (the score-function identity), and its value the KL itself."""
+    torch.manual_seed(1)
+    student, teacher = torch.randn(1, 7, dtype=torch.float64), torch.randn(1, 7, dtype=torch.float64)
+    p_s = student.softmax(-1)[0]
+    expected_value, expected_grad = 0.0, torch.zeros_like(student)
+    for y in range(7):
+        logits = student.clone().requires_grad_(True)
+        loss = sampled_kl_loss(logits, teacher, 1.0, labels=torch.tensor([y]))
+        loss.backward()
+        expected_value += float(p_s[y]) * loss.item()
+        expected_grad += p_s[y] * logits.grad
+    exact = student.clone().requires_grad_(True)
+    kl = reverse_kl_loss(exact, teacher, 1.0)
+    kl.backward()
+    assert expected_value == pytest.approx(kl.item(), rel=1e-10)
+    assert torch.allclose(expected_grad, exact.grad, atol=1e-12)
+
+
+def test_the_sampled_token_objective_needs_labels() -> None:
+    with pytest.raises(ValueError, match=r"sampled_kl_loss needs labels of shape \(2,\): the tokens the student drew"):
+        sampled_kl_loss(torch.zeros(2, 3), torch.zeros(2, 3))

@@ -3,6 +3,8 @@ loss as off-policy on those sequences, the same samples for the same step, and t
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -169,6 +171,26 @@ def test_on_policy_refusals_before_training(make_cfg) -> None:
         prompts_of(as_batch({"inputs": torch.zeros(1, 4, dtype=torch.long), "labels": torch.full((1, 4), -100)}), PAD)
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],  # off-policy: the data set's tokens, not the student's draws
+        ["distill.on_policy.fraction=1", "distill.on_policy.after_steps=10"],
+        ["distill.on_policy.fraction=1", "distill.on_policy.temperature=2"],
+        ["distill.on_policy.fraction=1", "distill.on_policy.top_k=5"],
+    ],
+)
+def test_the_sampled_token_objective_needs_the_students_own_draws(make_cfg, overrides: list[str]) -> None:
+    from conftest import settings_of
+
+    with pytest.raises(KDError, match="distill/loss=sampled_kl estimates reverse KL from tokens the student drew"):
+        settings_of(make_cfg("distill/loss=sampled_kl", "distill.alpha=1", "distill.temperature=1", *overrides))
+    on_policy = settings_of(
+        make_cfg("distill/loss=sampled_kl", "distill.alpha=1", "distill.temperature=1", "distill.on_policy.fraction=1")
+    ).on_policy
+    assert on_policy.fraction == 1
+
+
 def test_on_policy_on_image_data_is_refused_before_the_run_starts(make_cfg, tmp_path) -> None:
     from kd_lightning.run.train import train
 
@@ -220,6 +242,31 @@ def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp
         )
     assert "completions sampled: student 1, teacher 0 of the batches, up to 8 tokens, temperature 1.0" in caplog.text
     assert results["distilled"]["test/ppl"] > 1
+    # the sampled-token reverse KL on the same samples: log p_s(y) - log p_t(y) at each drawn token
+    sampled = train(
+        make_cfg(
+            "teacher=hf",
+            f"teacher.model.path={tmp_path / 'teacher'}",
+            "data=chat",
+            f"data.data_dir={chats}",
+            "data.max_length=96",
+            "data.block_size=160",
+            "student=gpt_student",
+            "student.model.dim=16",
+            "student.model.depth=1",
+            "trainer.max_epochs=1",
+            "baseline=false",
+            "distill/loss=sampled_kl",
+            "distill.temperature=1",
+            "distill.on_policy.fraction=1.0",
+            "distill.on_policy.max_new_tokens=8",
+            "distill.alpha=1",
+            "trainer.log_every_n_steps=1",
+            output_dir=tmp_path / "sampled",
+        )
+    )
+    assert math.isfinite(sampled["distilled"]["test/ppl"])
+    assert "train/sampled_kl" in (tmp_path / "sampled" / "distilled" / "metrics.csv").read_text().splitlines()[0]
     with pytest.raises(
         KDError,
         match=r"distill.on_policy.max_new_tokens=150 after prompts of up to \d+ tokens exceeds the "

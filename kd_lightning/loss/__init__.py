@@ -1,6 +1,6 @@
 """The loss: what the student is trained to minimise, and how it is counted.
 
-- :mod:`~kd_lightning.loss.objectives`: the divergences per position (forward and reverse KL, JSD, skew KL, TVD, DKD)
+- :mod:`~kd_lightning.loss.objectives`: the divergences per position (forward and reverse KL, JSD, skew KL, TVD, DKD, the sampled-token reverse KL)
   and the public objectives of raw logits (:func:`kd_loss`, :func:`jsd_loss`, ...);
 - :mod:`~kd_lightning.loss.reduction`: which positions count and what their sum is divided by (one normaliser per
   optimizer step);
@@ -18,6 +18,7 @@ from kd_lightning.loss.objectives import (
     kd_loss,
     mixture_kl,
     reverse_kl_loss,
+    sampled_kl_loss,
     skew_kl_loss,
     tvd_loss,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "kd_loss",
     "mixture_kl",
     "reverse_kl_loss",
+    "sampled_kl_loss",
     "skew_kl_loss",
     "tvd_loss",
 ]

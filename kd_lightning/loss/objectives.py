@@ -1,7 +1,7 @@
 """Distillation objectives: a divergence per position, reduced once.
 
 Each divergence (:func:`forward_kl`, :func:`reverse_kl`, :func:`jsd`, :func:`skew_kl`,
-:func:`tvd`, :func:`dkd`) is a pure function of the two models' logits divided by the
+:func:`tvd`, :func:`dkd`, :func:`sampled_kl`) is a pure function of the two models' logits divided by the
 temperature, ``(..., C) -> (...)``: one value per row (a sample) or per token position. What
 happens around it is done in one place, :class:`Objective`: both logits in at least float32
 (float64 stays float64) whatever the autocast dtype, optionally z-scored (``standardize``) and
@@ -11,7 +11,7 @@ a mixture (JSD, skew KL), is one function, :func:`mixture_kl`, which works from 
 finite for confident models at any logit scale, and as accurate as float32 allows for close ones.
 
 The public functions (:func:`kd_loss`, :func:`reverse_kl_loss`, :func:`jsd_loss`,
-:func:`skew_kl_loss`, :func:`tvd_loss`, :func:`dkd_loss`) take raw logits, ``(N, C)`` for
+:func:`skew_kl_loss`, :func:`tvd_loss`, :func:`dkd_loss`, :func:`sampled_kl_loss`) take raw logits, ``(N, C)`` for
 classification or ``(N, L, C)`` for sequences, and return that scalar. Their shared keywords:
 
     temperature: ``T > 0``; both sides are divided by it before the softmax.
@@ -51,6 +51,7 @@ __all__ = [
     "skew_kl_loss",
     "tvd_loss",
     "dkd_loss",
+    "sampled_kl_loss",
     "standardize_logits",
     "kept_positions_of",
     "check_temperature",
@@ -226,6 +227,22 @@ def dkd(
     tckd = mixture_kl(binary(log_p_teacher), binary(log_p_student))
     nckd = mixture_kl(non_target(log_p_teacher), non_target(log_p_student))
     return tckd_weight * tckd + nckd_weight * nckd
+
+
+def sampled_kl(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None) -> Tensor:
+    """The sampled-token estimate of ``KL(p_s ‖ p_t)`` per position, ``y`` the token there (``labels``) drawn from
+    ``p_s``: its value is ``k = log p_s(y) − log p_t(y)`` (an unbiased estimate of the KL), its gradient
+    ``k · ∇ log p_s(y)`` (the score-function estimate, whose mean over ``y ~ p_s`` is ``∇ KL(p_s ‖ p_t)``: the
+    per-token reverse KL used as a reward, with ``−k`` the advantage)."""
+    if labels is None or labels.shape != student.shape[:-1]:
+        raise ValueError(
+            f"sampled_kl_loss needs labels of shape {tuple(student.shape[:-1])}: the tokens the student drew."
+        )
+    token = torch.where(kept_labels(labels), labels, torch.zeros_like(labels)).long()[..., None]  # uncounted: any
+    log_p_student = F.log_softmax(student, -1).gather(-1, token).squeeze(-1)
+    log_p_teacher = F.log_softmax(teacher, -1).gather(-1, token).squeeze(-1)
+    estimate = (log_p_student - log_p_teacher).detach()
+    return estimate + estimate * (log_p_student - log_p_student.detach())
 
 
 @functools.lru_cache(maxsize=None)
@@ -566,6 +583,47 @@ def dkd_loss(
     )
 
 
+def sampled_kl_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float = 1.0,
+    *,
+    mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    ignore_index: int | None = None,
+    scale_by_t2: bool = False,
+    standardize: bool = False,
+    num_kept: Tensor | float | None = None,
+) -> Tensor:
+    """Reverse KL from the sampled tokens alone: at each position only ``log p_s(y)`` and ``log p_t(y)`` of the token
+    ``y`` the student drew (``labels``), as Thinking Machines' on-policy distillation (the per-token reverse KL as a
+    reward) and NeMo RL's and ms-swift's ``advantage = log p_t(y) − log p_s(y)``.
+
+    The value is the mean over kept positions of ``log p_s(y) − log p_t(y)``; the gradient the mean of
+    ``(log p_s(y) − log p_t(y)) · ∇ log p_s(y)``. Both are unbiased for reverse KL and its gradient only when ``y``
+    is drawn from ``p_s`` itself (on-policy samples at temperature ``T``, without top-k or top-p): in expectation over
+    ``y`` the gradient is that of :func:`reverse_kl_loss`, but one sample per position has variance that
+    :func:`reverse_kl_loss`, which sums over the whole vocabulary, does not. Use it when the teacher's distribution
+    is not available beyond the sampled token; otherwise prefer :func:`reverse_kl_loss`.
+
+    Args:
+        labels: ``(N, L)`` the tokens drawn; required. Unlabelled positions (``-100``) do not count.
+    """
+    return _loss(
+        sampled_kl,
+        {},
+        student_logits,
+        teacher_logits,
+        temperature,
+        mask,
+        labels,
+        ignore_index,
+        scale_by_t2,
+        standardize,
+        num_kept,
+    )
+
+
 # the divergence behind each public objective, with its defaults: what a configured ``distill.loss`` evaluates
 DIVERGENCES: dict[Callable[..., Tensor], Objective] = {
     kd_loss: Objective(forward_kl, scale_by_t2=True, temperature=1.0),
@@ -574,6 +632,7 @@ DIVERGENCES: dict[Callable[..., Tensor], Objective] = {
     skew_kl_loss: Objective(skew_kl, temperature=1.0),
     tvd_loss: Objective(tvd, temperature=1.0),
     dkd_loss: Objective(dkd, scale_by_t2=True, temperature=4.0),
+    sampled_kl_loss: Objective(sampled_kl, temperature=1.0),
 }
 
 

@@ -36,7 +36,7 @@ from kd_lightning.checkpoints import existing_checkpoint
 from kd_lightning.errors import KDError, is_integer
 from kd_lightning.loss.features import check_live_teacher
 from kd_lightning.loss.mix import LossMix
-from kd_lightning.loss.objectives import Objective, forward_kl, unwrap
+from kd_lightning.loss.objectives import Objective, forward_kl, sampled_kl, unwrap
 from kd_lightning.models.pretrained import check_pretrained, is_pretrained, pretrained_tokenizer
 from kd_lightning.run import run_dir
 from kd_lightning.run.config import check_known_keys
@@ -424,6 +424,7 @@ def checked_on_policy(where: str, given: dict[str, Any], teacher: TeacherSetting
         if key not in known:
             raise KDError(f"{where} has no setting {key!r}; its settings are {', '.join(known)}.")
     on_policy = OnPolicy(**given)
+    check_own_samples(where, on_policy, loss_mix)
     if on_policy.samples and teacher.mode != "live":
         raise KDError(
             "distill.on_policy samples completions that no recording holds (it was made before they existed); "
@@ -436,6 +437,27 @@ def checked_on_policy(where: str, given: dict[str, Any], teacher: TeacherSetting
             "terms alone, as in GKD), or +distill.weights.ce=0."
         )
     return on_policy
+
+
+def check_own_samples(where: str, on_policy: OnPolicy, loss_mix: LossMix) -> None:
+    """``distill/loss=sampled_kl`` estimates reverse KL from tokens the student drew from ``p_s`` itself: every batch
+    sampled by the student from the first step, at the loss's temperature, without greedy, top-k or top-p."""
+    if not any(o is not None and o.divergence is sampled_kl for o in loss_mix.built_in.values()):
+        return
+    own = (
+        on_policy.fraction == 1
+        and on_policy.after_steps == 0
+        and not on_policy.greedy
+        and on_policy.top_k is None
+        and on_policy.top_p in (None, 1)
+        and on_policy.temperature == loss_mix.temperature
+    )
+    if not own:
+        raise KDError(
+            f"distill/loss=sampled_kl estimates reverse KL from tokens the student drew from its own distribution, "
+            f"but {where} is {asdict(on_policy)}; set {where}.fraction=1 (teacher_fraction=0, after_steps=0) and "
+            f"temperature={loss_mix.temperature} (distill.temperature), without greedy, top_k or top_p."
+        )
 
 
 def build_loss_mix(distill: DictConfig) -> LossMix:
