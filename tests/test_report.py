@@ -142,3 +142,21 @@ def test_a_missing_path_or_a_file_is_named_as_such(tmp_path: Path) -> None:
         main([str(tmp_path / "a-file")])
     with pytest.raises(SystemExit, match="no Hydra jobs under"):
         main([str(tmp_path)])
+
+
+def test_slippery_walk_jobs_are_reported_by_success_with_slips(tmp_path: Path, capsys) -> None:
+    def walk(success: float) -> dict:
+        return {"test/ppl": 2.0, "test/acc": 0.5, "test/success": success, "test/success_q0.2": success}
+
+    results = {"teacher": walk(1.0), "baseline": walk(0.87), "distilled": walk(0.986), "off_policy": walk(0.886)}
+    job(tmp_path, "0", ["seed=0"], {**results, "on_policy_stages": ["off_policy"], "ppl_ratio": 1.0})
+    main([str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert printed.startswith("test success, % of the walks finished with slips at the hardest q (greedy)")
+    rows = list(csv.DictReader(open(tmp_path / "report.csv")))
+    assert (rows[0]["alone"], rows[0]["distilled"], rows[0]["off_policy"], rows[0]["gain"]) == (
+        "87.0",
+        "98.6",
+        "88.6",
+        "11.6",
+    )

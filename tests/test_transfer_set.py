@@ -24,7 +24,7 @@ def test_the_students_see_a_fixed_share_of_the_labels_and_the_teacher_all() -> N
     again = DigitsDataModule(labeled_fraction=0.15)
     again.setup()
     assert torch.equal(again.splits["train"].targets, labels)  # the same images in every run
-    with data.every_label():
+    with data.teacher_view():
         assert torch.equal(data.splits["train"].targets, every.splits["train"].targets)
     assert torch.equal(data.splits["train"].targets, labels)
     for split in ("val", "test"):
@@ -41,7 +41,7 @@ def test_a_batch_without_labels_trains_on_the_teacher_alone() -> None:
     assert alone.training_step(batch, 0).item() == 0.0  # no label, no teacher: nothing to learn, and no NaN
 
 
-def test_the_teacher_stage_trains_on_every_label(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_teacher_stage_trains_on_teacher_view(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = make_cfg("data.labeled_fraction=0.15", "trainer.fast_dev_run=true")
     assert trained_teacher_path(settings_of(cfg)) == trained_teacher_path(
         settings_of(make_cfg("data.labeled_fraction=1.0", "trainer.fast_dev_run=true"))

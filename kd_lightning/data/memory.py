@@ -125,7 +125,7 @@ class InMemoryDataModule(L.LightningDataModule):
     ``labeled_fraction < 1`` makes a *transfer set* (Hinton et al. 2015): the students see the
     labels of only this fraction of the training samples (a fixed random subset); the others are
     labelled ``-100`` and teach the distilled student through the teacher's outputs alone. The
-    teacher stage trains on every label (:meth:`every_label`).
+    teacher stage trains on every label (:meth:`teacher_view`).
     """
 
     num_classes: int
@@ -187,8 +187,8 @@ class InMemoryDataModule(L.LightningDataModule):
                 train.targets = train.targets.clone().index_fill_(0, unlabeled, IGNORE_INDEX)
 
     @contextlib.contextmanager
-    def every_label(self) -> Iterator[None]:
-        """Within the block the training split has all its labels (the teacher stage), whatever ``labeled_fraction``."""
+    def teacher_view(self) -> Iterator[None]:
+        """Within the block the training split is the teacher stage's: every label, whatever ``labeled_fraction``."""
         self.setup()
         if self.train_labels is None:
             yield

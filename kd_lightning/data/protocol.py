@@ -44,5 +44,10 @@ class DistillationData(Protocol):
     def save_tokenizer(self, folder: Path) -> None:
         """Write the tokenizer where ``export --format hf`` finds it (``<run dir>/tokenizer``)."""
 
-    def every_label(self) -> AbstractContextManager[None]:
-        """A block in which training sees every label (the teacher stage of a transfer set)."""
+    def teacher_view(self) -> AbstractContextManager[None]:
+        """A block in which training sees the teacher stage's data: every label (a transfer set), or demonstrations of
+        its own (the slippery walk's, with slips)."""
+
+    def rollouts(self, model: Any) -> dict[str, float]:
+        """Metrics of ``model`` acting in the task's environment (the slippery walk's success with slips), added to
+        each stage's test metrics as ``test/<name>`` (and ``test/teacher_<name>`` for a teacher in this process)."""

@@ -39,12 +39,14 @@ def format_summary(results: dict) -> str:
     ]
     tokens = "test/ppl" in results.get("distilled", {})
     answers = "test/exact_match" in results.get("distilled", {})
+    success = sorted(k.removeprefix("test/") for k in results.get("distilled", {}) if k.startswith("test/success_q"))
     second = ("ppl", "test/ppl", 1, "7.2f") if tokens else ("ECE", "test/ece", 1, "7.4f")
     width = max(20, *(len(name) for key, name in stages if key in results))
     lines = [
         "",
         f"{'test split':{width}s} {'acc %':>7s} {second[0]:>7s} {'agree %':>8s} {'KL(t‖s)':>8s}"
-        + (f" {'exact %':>8s}" if answers else ""),
+        + (f" {'exact %':>8s}" if answers else "")
+        + "".join(f" {name.replace('success_', 'walks '):>10s}" for name in success),
     ]
     for key, name in stages:
         if key in results:
@@ -53,6 +55,7 @@ def format_summary(results: dict) -> str:
                 f"{name:{width}s} {cell(m, 'test/acc', 100, '7.2f')} {cell(m, *second[1:])} "
                 f"{cell(m, 'test/agreement', 100, '8.2f')} {cell(m, 'test/kl_t1', 1, '8.4f')}"
                 + (f" {cell(m, 'test/exact_match', 100, '8.2f')}" if answers else "")
+                + "".join(f" {cell(m, f'test/{name}', 100, '10.1f')}" for name in success)
             )
     if "gain" in results:
         lines.append(
@@ -63,6 +66,7 @@ def format_summary(results: dict) -> str:
         "agree: top-1 agreement with the teacher; KL(t‖s): KL(teacher ‖ student) at T=1; "
         + ("acc: next-token accuracy; ppl: perplexity per token" if tokens else "ECE: 15-bin calibration error")
         + ("; exact: greedy answers exactly right" if answers else "")
+        + ("; walks q: % of test walks finished (greedy) when each move slips with chance q" if success else "")
     )
     lines.append(f"outputs: {results['output_dir']}")
     return "\n".join(lines)

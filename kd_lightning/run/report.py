@@ -2,7 +2,8 @@
 
 Reads each job's ``metrics.json`` (test accuracies in %; for language models test perplexities, with ``gain`` the
 distilled student's change in perplexity over the student alone's, in %; for a task with answers greedy exact match
-in %, with a column for each stage of ``distill.on_policy_stages``) and the overrides Hydra recorded for it
+in %, with a column for each stage of ``distill.on_policy_stages``; for the slippery walk the share of walks finished
+with slips at the hardest ``q``) and the overrides Hydra recorded for it
 (``.hydra/overrides.yaml``), prints the table, writes ``report.csv`` into the sweep
 directory, and marks jobs that left no results as failed, with the one-line reason they
 recorded (``error.txt``), or as unfinished when they recorded none (still running, or killed). A job
@@ -87,11 +88,12 @@ def collect(sweep_dir: Path) -> list[dict[str, str | float | None]]:
         )
         language = any("test/ppl" in ((results or {}).get(key) or {}) for key, _ in COLUMNS)
         answers = "test/exact_match" in ((results or {}).get("distilled") or {})
-        row["measure"] = "exact_match" if answers else "ppl" if language else "acc"
+        walks = "test/success" in ((results or {}).get("distilled") or {})
+        row["measure"] = "success" if walks else "exact_match" if answers else "ppl" if language else "acc"
         for key, name in COLUMNS + [(stage, stage) for stage in (results or {}).get("on_policy_stages", [])]:
             value = ((results or {}).get(key) or {}).get(f"test/{row['measure']}")
             row[name] = None if value is None else round(value if row["measure"] == "ppl" else 100 * value, 2)
-        if answers:
+        if answers or walks:
             row["gain"] = (
                 None if row["alone"] is None or row["distilled"] is None else round(row["distilled"] - row["alone"], 2)
             )
@@ -144,6 +146,12 @@ def format_table(rows: list[dict]) -> str:
     if {r["measure"] for r in ok} == {"ppl"}:
         lines.insert(
             0, "test perplexity (lower is better); gain: the distilled student's over the student alone's, in %"
+        )
+    elif {r["measure"] for r in ok} == {"success"}:
+        lines.insert(
+            0,
+            "test success, % of the walks finished with slips at the hardest q (greedy); gain: the distilled "
+            "student's over the student alone's, in points",
         )
     elif {r["measure"] for r in ok} == {"exact_match"}:
         lines.insert(

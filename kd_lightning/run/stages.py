@@ -119,6 +119,19 @@ def unsharded(trained: nn.Module, model: Factory) -> nn.Module:
     return fresh
 
 
+def rollouts(datamodule: Any, student: nn.Module, teacher: Teacher | None) -> dict[str, float]:
+    """The task's environment metrics (``datamodule.rollouts``, e.g. the slippery walk's success with slips) of the
+    trained student, ``test/<name>``, and of a teacher in this process, ``test/teacher_<name>``; none for a sharded
+    model or a task without an environment."""
+    if not hasattr(datamodule, "rollouts") or is_sharded(student):
+        return {}
+    found = {f"test/{name}": value for name, value in datamodule.rollouts(student).items()}
+    network = teacher.network if teacher is not None else None
+    if network is not None and not is_sharded(network):
+        found |= {f"test/teacher_{name}": value for name, value in datamodule.rollouts(network).items()}
+    return found
+
+
 def run_stage(
     settings: Settings,
     stage: str,
@@ -187,7 +200,7 @@ def run_stage(
         val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         (test,) = trainer.test(module, datamodule=datamodule, verbose=False)
         end_logger_runs(trainer)
-    metrics = {**val, **{k: float(v) for k, v in test.items()}}
+    metrics = {**val, **{k: float(v) for k, v in test.items()}, **rollouts(datamodule, module.student, teacher)}
     if is_global_zero():
         atomic_write_text(results, json.dumps(metrics, indent=2) + "\n")
     return metrics, unsharded(module.student, model)

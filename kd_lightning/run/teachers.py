@@ -100,16 +100,16 @@ def teacher_model(settings: Settings, datamodule: Any) -> nn.Module:
         return train_teacher(settings, datamodule, cached)
 
 
-def every_label(datamodule: Any) -> contextlib.AbstractContextManager:
-    """The datamodule's :meth:`~kd_lightning.data.InMemoryDataModule.every_label` block, if it has one."""
-    return datamodule.every_label() if hasattr(datamodule, "every_label") else contextlib.nullcontext()
+def teacher_view(datamodule: Any) -> contextlib.AbstractContextManager:
+    """The datamodule's :meth:`~kd_lightning.data.InMemoryDataModule.teacher_view` block, if it has one."""
+    return datamodule.teacher_view() if hasattr(datamodule, "teacher_view") else contextlib.nullcontext()
 
 
 def train_teacher(settings: Settings, datamodule: Any, cached: Path) -> nn.Module:
     """The teacher stage: train with ``teacher.fit``, keep the weights at ``cached``."""
     log.info("teacher: no checkpoint given, training one (cached at %s)", cached)
     fit = settings.teacher.fit
-    with every_label(datamodule):  # data.labeled_fraction hides labels from the students only
+    with teacher_view(datamodule):  # the teacher's training data: every label (data.labeled_fraction), or its own
         metrics, model = run_stage(
             settings,
             "teacher",

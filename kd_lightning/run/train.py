@@ -73,9 +73,7 @@ def distil(settings: Settings, datamodule: Any) -> dict[str, Any]:
     if settings.on_policy_stages:
         results["on_policy_stages"] = list(settings.on_policy_stages)
     results["teacher"] = {
-        f"test/{k}": distilled[f"test/teacher_{k}"]
-        for k in ("acc", "ece", "ppl", "exact_match")
-        if f"test/teacher_{k}" in distilled
+        f"test/{k.removeprefix('test/teacher_')}": v for k, v in distilled.items() if k.startswith("test/teacher_")
     }
     if settings.run.baseline:
         # CE alone: the teacher never runs in training, it is only scored against for the fidelity metrics
