@@ -94,8 +94,9 @@ def test_success_with_slips_counts_walks_that_reach_the_goal_on_the_same_draws_f
 def test_bad_walk_settings_are_one_line() -> None:
     with pytest.raises(KDError, match="a walk over 24 cells has 50 tokens; set data.vocab_size=50"):
         WalkDataModule(vocab_size=64)
-    with pytest.raises(KDError, match=r"must be chances in \[0, 1\)"):
-        WalkDataModule(slip_chances=(0.0, 1.5))
+    for chances in ((0.0, 1.5), 0.2, ()):
+        with pytest.raises(KDError, match=r"must be chances in \[0, 1\)"):
+            WalkDataModule(slip_chances=chances)
     with pytest.raises(KDError, match="data.block_size=20 is shorter than the longest walk; set it to 76 or more"):
         WalkDataModule(block_size=20)
 

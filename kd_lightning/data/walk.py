@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_lightning.data.batch import IGNORE_INDEX
-from kd_lightning.data.memory import InMemoryDataModule, TensorSplit
+from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError, check_integer, is_number
 
 EOS = 0
@@ -75,11 +75,12 @@ class WalkDataModule(InMemoryDataModule):
                 raise KDError(f"a walk over {cells} cells has {tokens} tokens; set {key}={tokens}.")
         for key, value in (("data.train_size", train_size), ("data.val_size", val_size), ("data.test_size", test_size)):
             check_integer(key, value)
-        chances = [teacher_slip_chance, *slip_chances]
-        if not slip_chances or not all(is_number(q) and 0 <= q < 1 for q in chances):
+        listed = isinstance(slip_chances, (list, tuple)) and len(slip_chances) > 0
+        chances = [teacher_slip_chance, *(slip_chances if listed else [])]
+        if not listed or not all(is_number(q) and 0 <= q < 1 for q in chances):
             raise KDError(
                 f"data.teacher_slip_chance and data.slip_chances must be chances in [0, 1), got "
-                f"{teacher_slip_chance!r} and {list(slip_chances)!r}; e.g. data.slip_chances=[0,0.1,0.2]."
+                f"{teacher_slip_chance!r} and {slip_chances!r}; e.g. data.slip_chances=[0,0.1,0.2]."
             )
         width = 4 + 3 * cells
         if block_size is not None and block_size < width:
@@ -88,7 +89,6 @@ class WalkDataModule(InMemoryDataModule):
         self.cells, self.teacher_slip_chance, self.slip_chances = cells, float(teacher_slip_chance), tuple(slip_chances)
         self.sizes, self.data_seed, self.width = (train_size, val_size, test_size), data_seed, width
         self.separator = tokens - 1
-        self.teacher_train: TensorSplit | None = None
 
     # -- the walks ---------------------------------------------------------------------------------------------
 
@@ -103,9 +103,12 @@ class WalkDataModule(InMemoryDataModule):
 
     def walk(self, start: int, goal: int, draw: random.Random, slip_chance: float) -> tuple[list[int], list[bool]]:
         """``(the cells reached after the start, whether each was learned)``: moves of 1-3 toward the goal; a slip
-        (chance ``slip_chance``) a random move right, not learned."""
+        (chance ``slip_chance``) a random move right, not learned. A walk that has not arrived within ``3·cells``
+        moves is drawn again (it would not fit the models' context)."""
         cells, learned, here = [], [], start
-        while here != goal and len(cells) < 3 * self.cells:
+        while here != goal:
+            if len(cells) == 3 * self.cells:
+                cells, learned, here = [], [], start
             if draw.random() < slip_chance:
                 here, learn = min(here + draw.choice(MOVES), self.cells - 1), False
             elif here < goal:
