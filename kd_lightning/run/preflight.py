@@ -59,12 +59,31 @@ def check_models(settings: Settings, datamodule: Any) -> None:
     if not hasattr(datamodule, "example_input"):
         return  # DistillationModule checks on the first batch instead
     batch = {"inputs": datamodule.example_input()}
-    with torch.no_grad():
-        student_logits, teacher_logits = model_logits(student.eval(), batch), model_logits(teacher.eval(), batch)
+    student_logits, teacher_logits = (
+        example_logits("student", student, batch, datamodule),
+        example_logits("teacher", teacher, batch, datamodule),
+    )
     if task == "tokens":  # the teacher's padding rows are checked on the teacher distilled from, on the first batch
         check_widths(student_logits.shape[-1], teacher_logits.shape[-1], settings.run.num_classes)
     else:
         check_same_classes(student_logits, teacher_logits)
+
+
+def example_logits(role: str, model: nn.Module, batch: dict[str, Any], datamodule: Any) -> torch.Tensor:
+    """``model``'s logits for the data's example batch; a model that cannot read the data's inputs (an image model
+    given tokens) is named in one line."""
+    try:
+        with torch.no_grad():
+            return model_logits(model.eval(), batch)
+    except (RuntimeError, TypeError, ValueError, IndexError) as error:
+        task = getattr(datamodule, "task", "classification")
+        models = (
+            "language models (e.g. teacher=gpt_teacher student=gpt_student)" if task == "tokens" else "image models"
+        )
+        raise KDError(
+            f"the {role} ({type(model).__name__}) cannot read the inputs of {type(datamodule).__name__} "
+            f"({str(error).splitlines()[0]}); for {'token' if task == 'tokens' else task} data choose {models}."
+        ) from None
 
 
 def check_sampling_fits(settings: Settings, datamodule: Any, student: nn.Module) -> None:
