@@ -92,9 +92,6 @@ class WalkDataModule(InMemoryDataModule):
 
     # -- the walks ---------------------------------------------------------------------------------------------
 
-    def cell(self, token: int) -> int:
-        return token - 1
-
     def ends(self, draw: random.Random) -> tuple[int, int]:
         """A start and a goal, the goal at least 4 cells right of the start and 3 cells short of the line's end (a
         slip may pass it)."""
