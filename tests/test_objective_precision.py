@@ -27,6 +27,7 @@ from kd_lightning.loss.objectives import (
     kd_loss,
     mixture_kl,
     reverse_kl_loss,
+    sampled_kl_loss,
     skew_kl_loss,
     tvd_loss,
 )
@@ -43,6 +44,7 @@ OBJECTIVES = {
     "skew_kl_0.5": partial(skew_kl_loss, skew=0.5),
     "tvd": tvd_loss,
     "dkd": dkd_loss,
+    "sampled_kl": sampled_kl_loss,  # the labels stand for the tokens the student drew
 }
 SCALES = (1.0, 10.0, 30.0, 100.0)  # the logits' standard deviation
 TEMPERATURES = (0.5, 1.0, 2.0, 10.0)
@@ -180,7 +182,18 @@ def head_pair(scale: float, vocab: int = VOCAB, hidden: int = 16, rows: int = 48
 
 CHUNKED = {
     name: OBJECTIVES[name]
-    for name in ("kd", "reverse_kl", "jsd_0.1", "jsd_0.5", "jsd_0.9", "skew_kl", "skew_reverse_kl", "tvd", "dkd")
+    for name in (
+        "kd",
+        "reverse_kl",
+        "jsd_0.1",
+        "jsd_0.5",
+        "jsd_0.9",
+        "skew_kl",
+        "skew_reverse_kl",
+        "tvd",
+        "dkd",
+        "sampled_kl",
+    )
 }
 
 

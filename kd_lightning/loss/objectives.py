@@ -116,6 +116,21 @@ def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
 # -- divergences per position, from tempered logits (..., C) -> (...) --------------------------------
 
 
+def _log_ratio(first: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(p, r, correction)`` for ``(..., C)`` logits: ``p = softmax(first)``, the log-ratio ``r = log(q/p)`` per class
+    from differences of max-shifted logits, and the row's correction ``log Σ p·e^r`` (0 in exact arithmetic, no
+    gradient): ``r − correction`` is the log-ratio as exact as float32 allows (:func:`mixture_kl`)."""
+    first, second = first - first.amax(-1, keepdim=True).detach(), second - second.amax(-1, keepdim=True).detach()
+    exp_first, exp_second = first.exp(), second.exp()
+    sum_first, sum_second = exp_first.sum(-1, keepdim=True), exp_second.sum(-1, keepdim=True)
+    p = exp_first / sum_first
+    ratio = (second - first) - (sum_second.log() - sum_first.log())
+    with torch.no_grad():  # Σ (q − p), each class where it does not cancel; q alone where p = 0
+        q_minus_p = torch.where(ratio <= 1, p * ratio.expm1(), exp_second / sum_second - p)
+        correction = q_minus_p.sum(-1, keepdim=True).clamp_min(-0.5).log1p()
+    return p, ratio, correction
+
+
 def mixture_kl(first: Tensor, second: Tensor, weight: float = 0.0) -> Tensor:
     """``KL(p ‖ weight·p + (1 − weight)·q)`` per row of ``(..., C)`` logits, ``p = softmax(first)``,
     ``q = softmax(second)``; ``weight = 0`` is plain ``KL(p ‖ q)``.
@@ -131,14 +146,7 @@ def mixture_kl(first: Tensor, second: Tensor, weight: float = 0.0) -> Tensor:
     ``-inf`` logit) contributes exactly 0; ``q = 0`` where ``p > 0`` makes plain KL truly infinite and the mixture
     ``log(1/weight)`` for that class. Never below 0 (rounding).
     """
-    first, second = first - first.amax(-1, keepdim=True).detach(), second - second.amax(-1, keepdim=True).detach()
-    exp_first, exp_second = first.exp(), second.exp()
-    sum_first, sum_second = exp_first.sum(-1, keepdim=True), exp_second.sum(-1, keepdim=True)
-    p = exp_first / sum_first
-    ratio = (second - first) - (sum_second.log() - sum_first.log())
-    with torch.no_grad():  # Σ (q − p), each class where it does not cancel; q alone where p = 0
-        q_minus_p = torch.where(ratio <= 1, p * ratio.expm1(), exp_second / sum_second - p)
-        correction = q_minus_p.sum(-1, keepdim=True).clamp_min(-0.5).log1p()
+    p, ratio, correction = _log_ratio(first, second)
     ratio = torch.where(p > 0, ratio, 0.0)
     if weight == 0:
         return (correction.squeeze(-1) - (p * ratio).sum(-1)).clamp_min(0)
@@ -239,9 +247,10 @@ def sampled_kl(student: Tensor, teacher: Tensor, *, labels: Tensor | None = None
             f"sampled_kl_loss needs labels of shape {tuple(student.shape[:-1])}: the tokens the student drew."
         )
     token = torch.where(kept_labels(labels), labels, torch.zeros_like(labels)).long()[..., None]  # uncounted: any
+    with torch.no_grad():  # log p_s(y) − log p_t(y) from the corrected log-ratio: no cancellation of two log-softmaxes
+        _, ratio, correction = _log_ratio(student, teacher)
+        estimate = (correction - ratio).gather(-1, token).squeeze(-1)
     log_p_student = F.log_softmax(student, -1).gather(-1, token).squeeze(-1)
-    log_p_teacher = F.log_softmax(teacher, -1).gather(-1, token).squeeze(-1)
-    estimate = (log_p_student - log_p_teacher).detach()
     return estimate + estimate * (log_p_student - log_p_student.detach())
 
 
