@@ -219,48 +219,31 @@ def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp
     chats = write_chats(
         tmp_path / "chats", [{"messages": TALK[1:3]}, {"prompt": "Who is it?", "completion": "Nobody."}] * 4
     )
+    chat_run = [
+        "teacher=hf",
+        f"teacher.model.path={tmp_path / 'teacher'}",
+        "data=chat",
+        f"data.data_dir={chats}",
+        f"data.vocab_size={size}",
+        "data.max_length=96",
+        "data.block_size=160",
+        "student=gpt_student",
+        "distill.on_policy.fraction=1.0",
+        "distill.alpha=1",
+    ]
+    small = ["student.model.dim=16", "student.model.depth=1", "trainer.max_epochs=1", "baseline=false"]
     with caplog.at_level("INFO", logger="kd_lightning"):
-        results = train(
-            make_cfg(
-                "teacher=hf",
-                f"teacher.model.path={tmp_path / 'teacher'}",
-                "data=chat",
-                f"data.data_dir={chats}",
-                f"data.vocab_size={size}",
-                "data.max_length=96",
-                "data.block_size=160",
-                "student=gpt_student",
-                "student.model.dim=16",
-                "student.model.depth=1",
-                "trainer.max_epochs=1",
-                "baseline=false",
-                "distill.on_policy.fraction=1.0",
-                "distill.on_policy.max_new_tokens=8",
-                "distill.alpha=1",
-                output_dir=tmp_path / "run",
-            )
-        )
+        results = train(make_cfg(*chat_run, *small, "distill.on_policy.max_new_tokens=8", output_dir=tmp_path / "run"))
     assert "completions sampled: student 1, teacher 0 of the batches, up to 8 tokens, temperature 1.0" in caplog.text
     assert results["distilled"]["test/ppl"] > 1
     # the sampled-token reverse KL on the same samples: log p_s(y) - log p_t(y) at each drawn token
     sampled = train(
         make_cfg(
-            "teacher=hf",
-            f"teacher.model.path={tmp_path / 'teacher'}",
-            "data=chat",
-            f"data.data_dir={chats}",
-            "data.max_length=96",
-            "data.block_size=160",
-            "student=gpt_student",
-            "student.model.dim=16",
-            "student.model.depth=1",
-            "trainer.max_epochs=1",
-            "baseline=false",
+            *chat_run,
+            *small,
+            "distill.on_policy.max_new_tokens=8",
             "distill/loss=sampled_kl",
             "distill.temperature=1",
-            "distill.on_policy.fraction=1.0",
-            "distill.on_policy.max_new_tokens=8",
-            "distill.alpha=1",
             "trainer.log_every_n_steps=1",
             output_dir=tmp_path / "sampled",
         )
@@ -272,22 +255,7 @@ def test_a_chat_run_distils_on_the_students_own_samples_end_to_end(make_cfg, tmp
         match=r"distill.on_policy.max_new_tokens=150 after prompts of up to \d+ tokens exceeds the "
         "student's context of 160",
     ):
-        train(
-            make_cfg(
-                "teacher=hf",
-                f"teacher.model.path={tmp_path / 'teacher'}",
-                "data=chat",
-                f"data.data_dir={chats}",
-                f"data.vocab_size={size}",
-                "data.max_length=96",
-                "data.block_size=160",
-                "student=gpt_student",
-                "distill.on_policy.fraction=1.0",
-                "distill.on_policy.max_new_tokens=150",
-                "distill.alpha=1",
-                output_dir=tmp_path / "refused",
-            )
-        )
+        train(make_cfg(*chat_run, "distill.on_policy.max_new_tokens=150", output_dir=tmp_path / "refused"))
 
 
 def test_the_samples_scores_are_the_teachers_nll_and_the_reverse_kl_on_the_students_own_completions() -> None:
