@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
 from torch import nn
 
 from kd_lightning.checkpoints import AtomicCheckpointIO, check_resumable, load_weights
@@ -56,6 +57,15 @@ def leave_process_group() -> None:
         dist.destroy_process_group()
 
 
+class LeaveProcessGroupAtTeardown(L.Callback):
+    """Under ``ddp_spawn`` and ``ddp_fork`` each ``fit`` and ``test`` runs in processes started for it alone: they
+    close the process group (:func:`leave_process_group`) before they exit, else they can abort as they exit."""
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy.launcher, _MultiProcessingLauncher):
+            leave_process_group()
+
+
 class ReseedEveryEpoch(L.Callback):
     """Seed all RNGs with ``seed + epoch`` when an epoch starts.
 
@@ -74,7 +84,7 @@ def make_trainer(run: RunSettings, stage: str, **overrides: Any) -> L.Trainer:
     """A Trainer from ``trainer`` writing logs and checkpoints under ``<output_dir>/<stage>``."""
     stage_dir = run.output_dir / stage
     progress = [StageProgress(stage)] if run.progress_bar else []
-    callbacks = [ReseedEveryEpoch(run.seed), *progress] + [
+    callbacks = [ReseedEveryEpoch(run.seed), LeaveProcessGroupAtTeardown(), *progress] + [
         callback(dirpath=str(stage_dir / "checkpoints")) if "ModelCheckpoint" in callback.target else callback()
         for callback in run.callbacks.values()
     ]
