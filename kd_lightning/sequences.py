@@ -92,6 +92,8 @@ class Sequences:
 
     def __init__(self, settings: OnPolicy, eos_token_id: int | None, pad_token_id: int = 0) -> None:
         self.settings, self.eos_token_id, self.pad_token_id = settings, eos_token_id, pad_token_id
+        self.buffered: dict[int, Batch] = {}  # an optimizer step's sampled batches, by their place in it
+        self.buffered_key: tuple[int, int] | None = None  # (optimizer step, its first micro-batch)
 
     @classmethod
     def of(cls, settings: OnPolicy, datamodule: Any) -> Sequences | None:
@@ -129,22 +131,59 @@ class Sequences:
     def __call__(
         self, batch: Batch, student: nn.Module, teacher: nn.Module | None, step: int, micro_batch: int = 0
     ) -> Batch:
-        """The batch to train on: ``batch`` itself, or its prompts completed by the student or the teacher."""
+        """The batch to train on: ``batch`` itself, or its prompts completed by the student or the teacher.
+
+        ``micro_batch`` is the batch's index in the epoch. A batch served with the batches of its optimizer step
+        (``step_batches``, ``speed.generate_per_step``) is completed from :meth:`sampled_step`, made once for the whole
+        step (each model's completions in one call) at its first batch, or at the first the step meets after a restart.
+        """
+        step_batches = batch.pop("step_batches", None)
+        position = batch.pop("step_position", 0)
         if not self.settings.samples or step < self.settings.after_steps:
             return batch
-        generator = self.generator(step, micro_batch)
-        source = self.source(generator)
-        if source == "data":
-            return batch
-        model = student if source == "student" else teacher
-        if model is None:
-            raise KDError(
-                "distill.on_policy.teacher_fraction > 0 needs a live teacher to sample from (teacher.mode=live)."
-            )
-        prompts, mask = prompts_of(batch, self.pad_token_id)
-        seed = int(torch.randint(2**62, (), generator=generator))
-        made = generate(model, prompts, mask, self.settings, self.eos_token_id, self.pad_token_id, seed)
-        return completed(prompts, mask, made[:, prompts.shape[1] :], self.eos_token_id, self.pad_token_id)
+        first = micro_batch - position
+        if step_batches is None:
+            return self.sampled_step([batch], student, teacher, step, micro_batch).get(0, batch)
+        if self.buffered_key != (step, first):
+            self.buffered = self.sampled_step([with_kept(b) for b in step_batches], student, teacher, step, first)
+            self.buffered_key = (step, first)
+        return self.buffered.get(position, batch)
+
+    def sampled_step(
+        self, batches: list[Batch], student: nn.Module, teacher: nn.Module | None, step: int, first: int
+    ) -> dict[int, Batch]:
+        """``{position: batch}``: the batches of ``batches`` (micro-batches ``first, first + 1, ...`` of optimizer step
+        ``step``) whose source is a model, completed by it; each model completes all of its batches in one call.
+
+        Each batch's source is drawn from its own :meth:`generator`, as if it were sampled alone; the seed of a model's
+        call is drawn next from the generator of its first batch."""
+        generators = [self.generator(step, first + position) for position in range(len(batches))]
+        sources = [self.source(generator) for generator in generators]
+        completed_batches: dict[int, Batch] = {}
+        for source, model in (("student", student), ("teacher", teacher)):
+            positions = [position for position, drawn in enumerate(sources) if drawn == source]
+            if not positions:
+                continue
+            if model is None:
+                raise KDError(
+                    "distill.on_policy.teacher_fraction > 0 needs a live teacher to sample from (teacher.mode=live)."
+                )
+            prompts, masks = zip(*(prompts_of(batches[position], self.pad_token_id) for position in positions))
+            prompts, mask = left_padded(list(prompts), self.pad_token_id), left_padded(list(masks), 0)
+            seed = int(torch.randint(2**62, (), generator=generators[positions[0]]))
+            made = generate(model, prompts, mask, self.settings, self.eos_token_id, self.pad_token_id, seed)
+            sizes = [len(block) for block in masks]
+            for position, rows in zip(positions, torch.arange(sum(sizes)).split(sizes)):
+                completed_batches[position] = completed(
+                    prompts[rows], mask[rows], made[rows, prompts.shape[1] :], self.eos_token_id, self.pad_token_id
+                )
+        return completed_batches
+
+
+def left_padded(rows: list[Tensor], value: int) -> Tensor:
+    """``(sum N, max P)``: the ``(N, P)`` blocks of ``rows`` stacked, each widened on the left with ``value``."""
+    width = max(block.shape[1] for block in rows)
+    return torch.cat([nn.functional.pad(block, (width - block.shape[1], 0), value=value) for block in rows])
 
 
 def token_ids(datamodule: Any) -> tuple[int | None, int]:

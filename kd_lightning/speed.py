@@ -39,9 +39,10 @@ class SpeedSettings:
     chunk_rows: int | None = None
     shard_dtype: str | None = None  # trainer=fsdp: the dtype parameters are gathered and computed in
     generate_whole: bool = False  # trainer=fsdp: the student generates through a whole copy, gathered once per call
+    generate_per_step: bool = False  # sampled completions: each optimizer step's in one call per model
 
     def __post_init__(self) -> None:
-        for key in ("compile", "channels_last", "generate_whole"):
+        for key in ("compile", "channels_last", "generate_whole", "generate_per_step"):
             if not isinstance(getattr(self, key), bool):
                 raise KDError(f"speed.{key} must be true or false, got {getattr(self, key)!r}.")
         if self.compile_mode not in COMPILE_MODES:

@@ -268,3 +268,30 @@ def test_the_generation_benchmark_compares_cached_and_recomputed_tokens() -> Non
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert set(result["tokens_per_s"]) == {"cached", "recomputed"} and result["ratio_cached_over_recomputed"] > 0
+
+
+def test_the_generation_buffer_benchmark_times_sampling_and_steps_both_ways() -> None:
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(BENCHMARKS / "generation_buffer.py"),
+            "--micro-batches",
+            "2",
+            "--batch",
+            "4",
+            "--new-tokens",
+            "6",
+            "--steps",
+            "3",
+            "--repeats",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    (row,) = json.loads(out.stdout)["rows"]
+    assert row["micro_batches"] == 2 and row["rows_per_step"] == 8
+    assert row["tokens_per_s per step"] > 0 and row["s_per_step per micro-batch"] > 0 and row["generation_ratio"] > 0

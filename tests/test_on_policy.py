@@ -3,6 +3,7 @@ loss as off-policy on those sequences, the same samples for the same step, and t
 
 from __future__ import annotations
 
+import csv
 import math
 
 import pytest
@@ -432,3 +433,148 @@ def test_the_onpolicy_arithmetic_recipe_writes_each_students_exact_match(make_cf
     for stage in ("teacher", "baseline", "distilled", "off_policy", "mixed"):
         assert 0 <= written[stage]["test/exact_match"] <= 1, stage
     assert results["distilled"]["test/exact_match"] == written["distilled"]["test/exact_match"]
+
+
+# -- speed.generate_per_step: an optimizer step's completions sampled in one call -----------------------------------
+
+
+def step_batches(sizes: list[int], seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    """Micro-batches of ``sizes`` rows, prompts of 2 to 5 tokens then 1 to 3 learned ones, padded on the right."""
+    draw = torch.Generator().manual_seed(seed)
+    batches = []
+    for rows in sizes:
+        inputs, labels = torch.zeros(rows, 9, dtype=torch.long), torch.full((rows, 9), IGNORE_INDEX)
+        for row in range(rows):
+            prompt, learned = int(torch.randint(2, 6, (), generator=draw)), int(torch.randint(1, 4, (), generator=draw))
+            tokens = torch.randint(2, VOCAB, (prompt + learned,), generator=draw)
+            inputs[row, : prompt + learned - 1] = tokens[:-1]
+            labels[row, prompt - 1 : prompt + learned - 1] = tokens[prompt:]
+        batches.append(as_batch({"inputs": inputs, "labels": labels}))
+    return batches
+
+
+def served(batches: list[dict], position: int) -> dict:
+    return {**batches[position], "step_batches": batches, "step_position": position}
+
+
+def counted_generate(model: GPT) -> list[int]:
+    """Count ``model.generate`` calls (their rows), calling through."""
+    calls: list[int] = []
+    generate = model.generate
+
+    def counting(prompts, *args, **kwargs):  # noqa: ANN001, ANN202
+        calls.append(len(prompts))
+        return generate(prompts, *args, **kwargs)
+
+    model.generate = counting  # type: ignore[method-assign]
+    return calls
+
+
+def test_a_step_sampled_together_is_its_micro_batches_sampled_one_by_one_greedy() -> None:
+    torch.manual_seed(0)
+    student, teacher = GPT(VOCAB, 32, 16, 1, 2), GPT(VOCAB, 32, 16, 1, 2)
+    settings = OnPolicy(fraction=0.4, teacher_fraction=0.3, greedy=True, max_new_tokens=5)
+    batches = step_batches([3, 2, 4, 3, 1])
+    alone = [
+        Sequences(settings, EOS, PAD)(dict(batch), student, teacher, step=7, micro_batch=10 + i)
+        for i, batch in enumerate(batches)
+    ]
+    student_calls, teacher_calls = counted_generate(student), counted_generate(teacher)
+    together = Sequences(settings, EOS, PAD)
+    made = [together(served(batches, i), student, teacher, step=7, micro_batch=10 + i) for i in range(len(batches))]
+    for one, both in zip(alone, made):
+        assert set(one) == set(both) and all(torch.equal(one[key], both[key]) for key in one)
+    # step 7's draws: student, student, student, data, teacher; one call of each model
+    assert made[3]["inputs"] is batches[3]["inputs"]
+    assert student_calls == [3 + 2 + 4] and teacher_calls == [1]
+
+
+def test_a_step_sampled_together_draws_again_the_same_after_a_restart_mid_step() -> None:
+    torch.manual_seed(0)
+    student = GPT(VOCAB, 32, 16, 1, 2)
+    settings = OnPolicy(fraction=1.0, temperature=1.5, max_new_tokens=6)
+    batches = step_batches([4, 4, 4])
+    running = Sequences(settings, EOS, PAD)
+    made = [running(served(batches, i), student, None, step=3, micro_batch=6 + i) for i in range(3)]
+    restarted = Sequences(settings, EOS, PAD)(served(batches, 2), student, None, step=3, micro_batch=8)
+    assert torch.equal(restarted["inputs"], made[2]["inputs"]) and torch.equal(restarted["labels"], made[2]["labels"])
+    later = running(served(batches, 0), student, None, step=4, micro_batch=9)  # the next step samples afresh
+    assert not torch.equal(later["labels"], made[0]["labels"])
+
+
+def test_the_loader_serves_each_batch_with_the_batches_of_its_optimizer_step() -> None:
+    from types import SimpleNamespace
+
+    from kd_lightning.data.walk import WalkDataModule
+
+    for rank, processes in ((0, 1), (1, 2)):
+        data = WalkDataModule(train_size=104, val_size=8, test_size=8, batch_size=8)
+        data.trainer = SimpleNamespace(
+            accumulate_grad_batches=3, global_rank=rank, world_size=processes, current_epoch=1
+        )
+        plain = list(data.train_dataloader())
+        data.serve_steps = True
+        loader = data.train_dataloader()
+        ticks = list(loader)
+        assert len(loader) == len(ticks) == len(plain) == -(-104 // (8 * processes))
+        for i, (tick, batch) in enumerate(zip(ticks, plain)):
+            first = i - i % 3
+            assert tick["step_position"] == i % 3
+            assert [b["index"].tolist() for b in tick["step_batches"]] == [
+                b["index"].tolist() for b in plain[first : first + 3]
+            ]
+            assert all(torch.equal(tick[key], batch[key]) for key in batch)
+
+
+def test_a_run_that_generates_each_step_at_once_trains_as_one_that_generates_per_micro_batch(
+    make_cfg, tmp_path, caplog
+) -> None:
+    from kd_lightning.run.train import train
+
+    run = [
+        "+recipe=onpolicy_walk",
+        "data.train_size=96",
+        "data.val_size=16",
+        "data.test_size=16",
+        "data.batch_size=8",
+        "teacher.fit.max_epochs=1",
+        "trainer.max_epochs=1",
+        "trainer.accumulate_grad_batches=3",
+        "trainer.log_every_n_steps=1",
+        "distill.on_policy.after_steps=0",
+        "distill.on_policy.greedy=true",
+        "distill.on_policy.temperature=1",
+        "baseline=false",
+    ]
+    with caplog.at_level("INFO", logger="kd_lightning"):
+        together = train(make_cfg(*run, "speed.generate_per_step=true", output_dir=tmp_path / "together"))
+    assert "each optimizer step's completions in one call per model (speed.generate_per_step)" in caplog.text
+    alone = train(make_cfg(*run, output_dir=tmp_path / "alone"))
+    for stage in ("distilled", "mixed"):
+        assert together[stage]["test/loss"] == pytest.approx(alone[stage]["test/loss"], rel=1e-6)
+    losses = [
+        [
+            float(row["train/loss"])
+            for row in csv.DictReader((tmp_path / name / "distilled" / "metrics.csv").read_text().splitlines())
+            if row["train/loss"]
+        ]
+        for name in ("together", "alone")
+    ]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-6)  # 12 batches, 3 a step
+
+
+def test_generate_per_step_needs_sampled_completions_and_micro_batches(make_cfg) -> None:
+    from conftest import settings_of
+
+    with pytest.raises(KDError, match="speed.generate_per_step=true samples each optimizer step's completions in one"):
+        settings_of(make_cfg("speed.generate_per_step=true", "trainer.accumulate_grad_batches=2"))
+    with pytest.raises(KDError, match="trainer.accumulate_grad_batches=1 makes each step one batch: raise it"):
+        settings_of(make_cfg("speed.generate_per_step=true", "distill.on_policy.fraction=1", "distill.alpha=1"))
+    assert settings_of(
+        make_cfg(
+            "speed.generate_per_step=true",
+            "distill.on_policy.fraction=1",
+            "distill.alpha=1",
+            "trainer.accumulate_grad_batches=2",
+        )
+    ).speed.generate_per_step

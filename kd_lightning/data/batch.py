@@ -28,6 +28,8 @@ class Batch(TypedDict, total=False):
             ``data.packing=true``); passed to models that take them.
         kept: ``(N, L)`` bool, the tokens that count (label not ``-100``, attention mask 1); derived once per step
             by :func:`as_batch` for token batches, never given by a DataModule.
+        step_batches: every batch of this training batch's optimizer step (``speed.generate_per_step``: their
+            completions are sampled in one call); ``step_position`` is this batch's place among them.
     """
 
     inputs: Tensor
@@ -37,6 +39,8 @@ class Batch(TypedDict, total=False):
     attention_mask: Tensor
     position_ids: Tensor
     kept: Tensor
+    step_batches: list[Batch]
+    step_position: int
 
 
 TUPLE_FIELDS = ("inputs", "labels", "index")

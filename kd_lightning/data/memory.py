@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import lightning as L
@@ -115,6 +116,72 @@ class RankShare(DistributedSampler):
         return sum(map(len, self.shares()))
 
 
+@dataclass(frozen=True)
+class StepTick:
+    """One training batch of :class:`StepBatches`: its samples, and the samples of each batch of its optimizer step."""
+
+    rows: list[int]
+    step: list[list[int]]
+    position: int  # this batch's place in ``step``
+
+
+class StepBatches(DistributedSampler):
+    """The training batches of one process, each served with every batch of its optimizer step (``micro_batches``
+    batches of ``batch_size`` rows, the last step of an epoch perhaps fewer), so that the step's completions can be
+    sampled in one call (``speed.generate_per_step``).
+
+    The batches are those a ``DataLoader`` of ``batch_size`` over ``order`` (this process's share of the epoch, as
+    :class:`RankShare` gives it) would serve, in the same order; Lightning's optimizer steps fall at the same ones.
+    """
+
+    def __init__(
+        self, order: Sampler[int], batch_size: int, drop_last: bool, micro_batches: int, rank: int, processes: int
+    ) -> None:
+        super().__init__(range(len(order)), num_replicas=processes, rank=rank, shuffle=False)  # type: ignore[arg-type]
+        self.order, self.batch_size, self.drop_last, self.micro_batches = order, batch_size, drop_last, micro_batches
+
+    def batches(self) -> list[list[int]]:
+        rows = [int(i) for i in self.order]
+        batches = [rows[start : start + self.batch_size] for start in range(0, len(rows), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        return batches
+
+    def __iter__(self) -> Iterator[StepTick]:  # type: ignore[override]
+        batches = self.batches()
+        for first in range(0, len(batches), self.micro_batches):
+            step = batches[first : first + self.micro_batches]
+            for position, rows in enumerate(step):
+                yield StepTick(rows, step, position)
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+
+class StepSplit(Dataset):
+    """A split served by :class:`StepBatches`: each item is a batch (made by ``collate``) that also holds
+    ``step_batches``, the batches of its optimizer step, and ``step_position``, its place among them."""
+
+    def __init__(self, data: TensorSplit, collate: Callable[[Batch], Batch]) -> None:
+        self.data, self.collate = data, collate
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, tick: StepTick) -> Batch:  # type: ignore[override]
+        own = self.collate(self.data.__getitems__(tick.rows))
+        step = [
+            own if position == tick.position else self.collate(self.data.__getitems__(rows))
+            for position, rows in enumerate(tick.step)
+        ]
+        return Batch(**own, step_batches=step, step_position=tick.position)  # type: ignore[typeddict-item]
+
+
+def served_as_made(batch: Batch) -> Batch:
+    """The collate function of a loader whose dataset makes whole batches."""
+    return batch
+
+
 # The unlabelled training samples of labeled_fraction < 1 are drawn with this seed: the same for every run.
 UNLABELED_SEED = 0
 
@@ -160,6 +227,7 @@ class InMemoryDataModule(L.LightningDataModule):
         self.splits: dict[str, TensorSplit] = {}
         self.recorded_views: RecordedViews | None = None  # training views replayed for a recorded teacher
         self.memory_format: torch.memory_format | None = None  # speed.channels_last: image batches as NHWC
+        self.serve_steps = False  # speed.generate_per_step: each training batch holds its optimizer step's batches
         self._views_on_device: dict[torch.device, RecordedViews] = {}
 
     def load_splits(self) -> dict[str, tuple[Tensor, Tensor] | TensorSplit]:
@@ -261,7 +329,8 @@ class InMemoryDataModule(L.LightningDataModule):
         """Batches of ``split``: in :meth:`train_order` (and ``drop_last``) when ``train``, else in order.
 
         With more than one process, each takes its :class:`RankShare` of every global training batch; evaluation
-        splits are shared out by Lightning's ``DistributedSampler``.
+        splits are shared out by Lightning's ``DistributedSampler``. With :attr:`serve_steps` and gradient
+        accumulation, each training batch also holds the batches of its optimizer step (:class:`StepBatches`).
         """
         self.setup()
         data = self.splits[split]
@@ -269,6 +338,16 @@ class InMemoryDataModule(L.LightningDataModule):
         rank, processes = self.processes()
         if order is not None and processes > 1:
             order = RankShare(order, self.batch_size, rank, processes, self.drop_last)
+        micro_batches = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        if order is not None and self.serve_steps and micro_batches > 1:
+            return DataLoader(
+                StepSplit(data, self.collate),
+                batch_size=None,
+                sampler=StepBatches(order, self.batch_size, self.drop_last, micro_batches, rank, processes),
+                collate_fn=served_as_made,
+                num_workers=0,
+                generator=torch.Generator(),
+            )
         return DataLoader(
             data,
             batch_size=self.batch_size if train else self.eval_batch_size,

@@ -492,6 +492,23 @@ def fill_vocab_size(cfg: DictConfig) -> None:
     )
 
 
+def check_generate_per_step(trainer: DictConfig, on_policy: OnPolicy, stages: dict[str, OnPolicy]) -> None:
+    """``speed.generate_per_step`` samples the completions of an optimizer step's micro-batches together: it needs
+    sampled completions and more than one micro-batch per step."""
+    if not any(settings.samples for settings in (on_policy, *stages.values())):
+        raise KDError(
+            "speed.generate_per_step=true samples each optimizer step's completions in one call, but nothing is "
+            "sampled: set distill.on_policy.fraction (or teacher_fraction) above 0, or unset it."
+        )
+    micro_batches = trainer.get("accumulate_grad_batches", 1)
+    if not isinstance(micro_batches, int) or micro_batches < 2:
+        raise KDError(
+            f"speed.generate_per_step=true samples the micro-batches of an optimizer step together, but "
+            f"trainer.accumulate_grad_batches={micro_batches!r} makes each step one batch: raise it (e.g. "
+            "trainer.accumulate_grad_batches=4 with a quarter of data.batch_size), or unset speed.generate_per_step."
+        )
+
+
 def speed_settings(cfg: DictConfig) -> SpeedSettings:
     """``speed``: how the networks run, not what they compute."""
     return SpeedSettings(**(plain(cfg.get("speed")) or {}))
@@ -544,6 +561,8 @@ class Settings:
         on_policy = on_policy_settings(cfg.distill, teacher, loss_mix)
         stages = on_policy_stages(cfg.distill, on_policy, teacher, loss_mix)
         check_student_from_teacher(cfg, teacher)
+        if speed.generate_per_step:
+            check_generate_per_step(cfg.trainer, on_policy, stages)
         settings = cls(
             run=run,
             teacher=teacher,

@@ -164,6 +164,7 @@ def run_stage(
     optim = optim if optim is not None else run.optim
     if isinstance(datamodule, InMemoryDataModule):
         datamodule.memory_format = speed.memory_format()
+        datamodule.serve_steps = speed.generate_per_step and sequences is not None and sequences.settings.samples
     L.seed_everything(run.seed, workers=True, verbose=False)
     scores = SampleScores.of(settings.on_policy, datamodule, settings.samples) if teacher is not None else None
     module = DistillationModule(
@@ -182,12 +183,16 @@ def run_stage(
         shard_dtype=speed.shard_dtype,
         generate_whole=speed.generate_whole,
     )
-    chunked = f", the chunked loss ({module.chunk_rows} tokens per block)" if module.chunk_rows else ""
-    sampled = (
-        f", completions sampled: {sequences.describe()}" if sequences is not None and sequences.settings.samples else ""
-    )
-    whole = ", the student generating through a whole copy (speed.generate_whole)" if speed.generate_whole else ""
-    log.info("stage %s: %s%s%s%s", stage, loss_mix.extra_repr(), chunked, sampled, whole)
+    how = []
+    if module.chunk_rows:
+        how.append(f"the chunked loss ({module.chunk_rows} tokens per block)")
+    if sequences is not None and sequences.settings.samples:
+        how.append(f"completions sampled: {sequences.describe()}")
+        if speed.generate_per_step:
+            how.append("each optimizer step's completions in one call per model (speed.generate_per_step)")
+    if speed.generate_whole:
+        how.append("the student generating through a whole copy (speed.generate_whole)")
+    log.info("stage %s: %s", stage, ", ".join([loss_mix.extra_repr(), *how]))
     last = run.output_dir / stage / "checkpoints" / "last.ckpt"
     results = run.output_dir / stage / STAGE_RESULTS
     resume = str(last) if run.resume and last.exists() else None  # a file, or a distributed checkpoint's folder
