@@ -56,7 +56,8 @@ class DistillationModule(L.LightningModule):
         loss_mix: the loss terms, weights and schedules (:class:`~kd_lightning.loss.mix.LossMix`).
         task: ``classification`` (one label per sample) or ``tokens`` (one label per token).
         chunk_rows: tokens: the training loss block by block, this many tokens at a time (``speed.chunk_rows``,
-            :mod:`kd_lightning.loss.chunked`): the same loss and gradients without the whole logits. ``None``: all at once.
+            :mod:`kd_lightning.loss.chunked`): the same loss and gradients without the whole logits; ``"auto"``: as many
+            as :func:`~kd_lightning.loss.chunked.default_chunk_rows` chooses; ``None``: all at once.
         sequences: where training batches' completions come from (:class:`~kd_lightning.sequences.Sequences`:
             on-policy distillation); ``None``: the data set's.
         answers: a task with answers: ``{split}/exact_match`` of the greedy completions (and the teacher's).
@@ -82,7 +83,7 @@ class DistillationModule(L.LightningModule):
         scheduler: SchedulerFactory | None = None,
         loss_mix: LossMix | None = None,
         task: str = "classification",
-        chunk_rows: int | None = None,
+        chunk_rows: int | str | None = None,
         sequences: Sequences | None = None,
         answers: Answers | None = None,
         sample_scores: SampleScores | None = None,
@@ -165,7 +166,7 @@ class DistillationModule(L.LightningModule):
             return model_logits(self.student, batch)
         if not self.outputs_checked:
             check_head_gives_logits(self.student, batch)
-        return HeadLogits(*hidden_and_head(self.student, batch), self.chunk_rows)
+        return HeadLogits(*hidden_and_head(self.student, batch), None if self.chunk_rows == "auto" else self.chunk_rows)
 
     def task_loss(self, student_logits: Tensor, batch: Batch) -> Tensor:
         """Cross-entropy on ``batch["labels"]``, the mean over the positions that count (``-100`` labels do not; a batch

@@ -13,7 +13,8 @@ step's results within float rounding (``tests/test_speed.py``).
   convolution kernels prefer.
 - ``speed.chunk_rows=R`` (language models) evaluates the training loss R tokens at a time from the
   student's final hidden states and output head (:mod:`kd_lightning.loss.chunked`): the same loss and
-  gradients without the whole ``(N·L, V)`` logits of either model.
+  gradients without the whole ``(N·L, V)`` logits of either model; ``auto``: the rows chosen from the
+  vocabulary (:func:`~kd_lightning.loss.chunked.default_chunk_rows`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class SpeedSettings:
     compile: bool = False
     compile_mode: str = "default"
     channels_last: bool = False
-    chunk_rows: int | None = None
+    chunk_rows: int | str | None = None  # tokens per block, "auto", or None (the plain loss)
     shard_dtype: str | None = None  # trainer=fsdp: the dtype parameters are gathered and computed in
     generate_whole: bool = False  # trainer=fsdp: the student generates through a whole copy, gathered once per call
     generate_per_step: bool = False  # sampled completions: each optimizer step's in one call per model
@@ -47,8 +48,8 @@ class SpeedSettings:
                 raise KDError(f"speed.{key} must be true or false, got {getattr(self, key)!r}.")
         if self.compile_mode not in COMPILE_MODES:
             raise KDError(f"speed.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {self.compile_mode!r}.")
-        if self.chunk_rows is not None:
-            check_integer("speed.chunk_rows", self.chunk_rows, fix=" (tokens per block) or null")
+        if self.chunk_rows is not None and self.chunk_rows != "auto":
+            check_integer("speed.chunk_rows", self.chunk_rows, fix=" (tokens per block), auto or null")
         if self.shard_dtype not in SHARD_DTYPES:
             raise KDError(
                 f"speed.shard_dtype must be null, bfloat16 or float16, got {self.shard_dtype!r}: the dtype "
@@ -68,8 +69,9 @@ class SpeedSettings:
         return torch.channels_last if self.channels_last else None
 
 
-def check_chunk_rows(chunk_rows: int | None, task: str, with_features: bool) -> None:
-    """``chunk_rows``: ``None``, or a positive count of tokens per block for a language model without feature terms."""
+def check_chunk_rows(chunk_rows: int | str | None, task: str, with_features: bool) -> None:
+    """``chunk_rows``: ``None``, or a positive count of tokens per block (or ``auto``) for a language model without
+    feature terms."""
     if chunk_rows is None:
         return
     SpeedSettings(chunk_rows=chunk_rows)

@@ -598,7 +598,7 @@ def plain_and_chunked_step(
     student: torch.nn.Module,
     teacher,
     batch: dict,
-    chunk_rows: int = 5,
+    chunk_rows: int | str = 5,
     loss_mix: LossMix | None = None,
     module_type: type = DistillationModule,
 ) -> dict[str, torch.Tensor]:
@@ -639,6 +639,18 @@ def test_the_chunked_step_is_the_plain_step_with_a_live_teacher_and_alone() -> N
     plain_and_chunked_step(
         tiny_gpt(seed=1), None, batch, loss_mix=LossMix.task_only()
     )  # CE alone (teacher stage, baseline)
+
+
+def test_chunk_rows_auto_is_the_plain_step_in_blocks_chosen_from_the_vocabulary(monkeypatch) -> None:
+    from kd_lightning.loss import chunked
+    from kd_lightning.loss.chunked import default_chunk_rows
+
+    assert [default_chunk_rows(8192, vocab) for vocab in (2048, 8192, 32768, 131072)] == [1024, 512, 128, 32]
+    assert default_chunk_rows(40, 32768) == 5  # at most 1/8 of the rows
+    chosen = []
+    monkeypatch.setattr(chunked, "default_chunk_rows", lambda rows, vocab: chosen.append((rows, vocab)) or 3)
+    plain_and_chunked_step(tiny_gpt(seed=1), tiny_gpt(dim=32, seed=2), token_batch(), chunk_rows="auto")
+    assert chosen == [(token_batch()["inputs"].numel(), VOCAB)]
 
 
 def test_the_chunked_step_is_the_plain_step_from_a_recording(corpus: Path, tmp_path: Path) -> None:
@@ -732,6 +744,8 @@ def test_chunk_rows_refusals_are_one_line() -> None:
         DistillationModule(tiny_gpt(), None, num_classes=VOCAB, chunk_rows=8)
     with pytest.raises(KDError, match="speed.chunk_rows must be a positive integer"):
         DistillationModule(tiny_gpt(), None, num_classes=VOCAB, task="tokens", chunk_rows=0)
+    with pytest.raises(KDError, match=r"must be a positive integer, got 'fast' \(tokens per block\), auto or null"):
+        DistillationModule(tiny_gpt(), None, num_classes=VOCAB, task="tokens", chunk_rows="fast")
     plain_lm = torch.nn.Sequential(torch.nn.Embedding(VOCAB, 8), torch.nn.Linear(8, VOCAB))
     module = DistillationModule(
         plain_lm, None, num_classes=VOCAB, task="tokens", chunk_rows=8, loss_mix=LossMix.task_only()

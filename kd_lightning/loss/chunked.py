@@ -40,8 +40,11 @@ def _head_weights(head: nn.Linear | Tensor) -> tuple[Tensor, Tensor | None]:
     return head, None
 
 
-def _default_chunk_rows(num_rows: int, vocab_size: int) -> int:
-    """Rows per block: about 1/8 of the rows, and a block of logits of at most 2**22 entries (16 MiB in float32)."""
+def default_chunk_rows(num_rows: int, vocab_size: int) -> int:
+    """Rows per block (``speed.chunk_rows=auto``): about 1/8 of the rows, and a block of logits of at most 2**22
+    entries (16 MiB in float32): 512 rows at V=8192, 128 at V=32768, 32 at V=131072. The vocabulary sets what a block
+    holds (its logits, their softmaxes and gradients, ``R x V`` each); the hidden size sets only the work of its two
+    products, which is the same in total however the rows are cut."""
     return max(1, min(math.ceil(num_rows / 8), max(1, 2**22 // vocab_size)))
 
 
@@ -167,7 +170,7 @@ def blockwise_terms(
             logged[name] = logged.get(name, 0) + value.detach() * share
         return torch.stack(list(terms.values())).sum() * share
 
-    rows = student.chunk_rows or _default_chunk_rows(hidden.shape[0], weight.shape[0])
+    rows = student.chunk_rows or default_chunk_rows(hidden.shape[0], weight.shape[0])
     return _ChunkedLoss.apply(hidden, weight, bias, block_loss, rows), logged
 
 
@@ -200,7 +203,7 @@ def chunked_distillation_loss(
         labels, ignore_index, mask: tokens whose label is ``ignore_index`` or whose mask is False
             do not count (``labels`` are also what DKD needs).
         num_kept: the divisor; default the number of kept tokens here.
-        chunk_rows: tokens per block; default :func:`_default_chunk_rows`.
+        chunk_rows: tokens per block; default :func:`default_chunk_rows`.
 
     Returns:
         The scalar loss; gradients flow to ``student_hidden`` and the student head only.

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from kd_lightning.errors import KDError
+from kd_lightning.loss.chunked import default_chunk_rows
 
 GIB = 1024**3
 
@@ -122,7 +123,7 @@ def device_memory(
     optimizer_states_per_parameter: int,
     batch_size: int,
     length: int,
-    chunk_rows: int | None = None,
+    chunk_rows: int | str | None = None,
     compute_element_size: int = 4,
     gathered_element_size: int | None = None,
 ) -> DeviceMemory:
@@ -155,6 +156,8 @@ def device_memory(
 
     tokens = batch_size * length
     kept = tokens * 34 * width * compute_element_size // 2 * len(blocks(student))
+    if chunk_rows == "auto":
+        chunk_rows = default_chunk_rows(tokens, vocab)
     logit_rows = tokens if chunk_rows is None else min(chunk_rows, tokens)
     logits = 4 * logit_rows * vocab * 4 + (2 * tokens * width * 4 if chunk_rows is not None else 0)
     return DeviceMemory(

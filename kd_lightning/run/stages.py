@@ -185,7 +185,8 @@ def run_stage(
     )
     how = []
     if module.chunk_rows:
-        how.append(f"the chunked loss ({module.chunk_rows} tokens per block)")
+        rows = "tokens per block from the vocabulary" if module.chunk_rows == "auto" else "tokens per block"
+        how.append(f"the chunked loss ({module.chunk_rows} {rows})")
     if sequences is not None and sequences.settings.samples:
         how.append(f"completions sampled: {sequences.describe()}")
         if speed.generate_per_step:
