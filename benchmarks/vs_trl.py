@@ -1,5 +1,5 @@
 """kd_lightning against TRL's GKDTrainer, side by side: optimizer steps of off-policy token distillation, and of
-on-policy distillation (``--on-policy``).
+on-policy distillation (``--on-policy``, also against TRL's stable ``DistillationTrainer``).
 
     pip install -e ".[lm,trl]"
     python benchmarks/vs_trl.py [--shapes default,large] [--repeats 3] [--steps 6] [--json]
@@ -34,6 +34,9 @@ kd_lightning: ``distill.on_policy.fraction=1``, the same ``max_new_tokens``), th
 samples differ (each tool draws its own), so the losses are not compared; printed: seconds per optimizer step,
 generated tokens per second of step time, peak memory, and what each tool divides the step's loss by (TRL:
 ``num_items_in_batch``, counted on the data set's labels before generating; kd_lightning: the generated tokens).
+TRL's ``DistillationTrainer`` (fully on-policy, ``beta=0``: forward KL, its chunked divergence over the hidden
+states and heads, ``use_vllm`` off) gets the same prompts as text (a ``prompt`` column; the tokenizer as
+``processing_class``), ``max_completion_length=--new-tokens`` at temperature 1; it divides by the generated tokens.
 """
 
 from __future__ import annotations
@@ -282,6 +285,74 @@ def run_trl(
     trainer.train()
 
 
+def run_trl_distillation(
+    folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, output: Path, new_tokens: int
+) -> None:
+    """TRL's stable ``DistillationTrainer`` (fully on-policy; its chunked divergence over hidden states and heads):
+    the same prompts as text, the tokenizer as ``processing_class``."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    rows = len(data[0]["input_ids"])
+    prompts = [" ".join(f"t{i}" for i in b["input_ids"][row, :PROMPT].tolist()) for b in data for row in range(rows)]
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs) -> None:
+            steps.begin()
+
+        def on_step_end(self, *args, **kwargs) -> None:
+            steps.end()
+
+    config = DistillationConfig(
+        output_dir=str(output),
+        use_cpu=True,
+        bf16=False,
+        gradient_checkpointing=False,
+        report_to=[],
+        beta=0.0,
+        temperature=1.0,
+        max_completion_length=new_tokens,
+        per_device_train_batch_size=rows,
+        max_steps=len(data),
+        learning_rate=LEARNING_RATE,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        optim="adamw_torch",
+        shuffle_dataset=False,
+        save_strategy="no",
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = DistillationTrainer(
+        model=AutoModelForCausalLM.from_pretrained(folder / "student"),
+        teacher_model=AutoModelForCausalLM.from_pretrained(folder / "teacher"),
+        args=config,
+        train_dataset=Dataset.from_list([{"prompt": prompt} for prompt in prompts]),
+        processing_class=AutoTokenizer.from_pretrained(folder / "tokenizer"),
+        callbacks=[Timer()],
+    )
+    compute_loss, generate = trainer.compute_loss, trainer._generate_and_score_completions
+
+    def recorded(*args, **kwargs):
+        loss = compute_loss(*args, **kwargs)
+        steps.losses.append(float(loss))
+        return loss
+
+    def generated(*args, **kwargs):
+        made = generate(*args, **kwargs)
+        steps.generated.append(int(made["completion_mask"].sum()))
+        steps.divided_by.append(int(made["num_items_in_batch"]))
+        return made
+
+    trainer.compute_loss, trainer._generate_and_score_completions = recorded, generated
+    steps.base_rss = rss_kib()
+    trainer.train()
+
+
 def worker(args: argparse.Namespace) -> None:
     """One run of one tool; prints its figures as JSON."""
     torch.set_num_threads(args.threads)
@@ -298,6 +369,9 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker == "trl":
         with tempfile.TemporaryDirectory() as output:
             run_trl(folder, data, steps, Path(output), args.new_tokens)
+    elif args.worker == "trl_distillation":
+        with tempfile.TemporaryDirectory() as output:
+            run_trl_distillation(folder, data, steps, Path(output), args.new_tokens)
     else:
         run_kd(folder, data, CHUNKED.get(args.worker), steps, args.new_tokens)
     timed = steps.seconds[1:]
@@ -361,7 +435,7 @@ def compare(args: argparse.Namespace) -> dict:
     except ImportError:
         raise SystemExit("benchmarks/vs_trl.py needs TRL: pip install -e '.[lm,trl]'") from None
     for shape in args.shapes.split(","):
-        tools = ["kd", "trl"] + (list(CHUNKED) if shape == "large" and not args.new_tokens else [])
+        tools = ["kd", "trl"] + (["trl_distillation"] if args.new_tokens else list(CHUNKED) if shape == "large" else [])
         with tempfile.TemporaryDirectory() as tmp:
             folder = Path(tmp)
             save_models(folder, shape)
@@ -383,13 +457,16 @@ def compare(args: argparse.Namespace) -> dict:
                 runs[tool][0]["generated"],
                 runs[tool][0]["divided_by"],
             )
-            if tool != "trl" and args.new_tokens:  # each tool's own samples: no loss to compare
-                figures[tool]["step_s_ratio_vs_trl"] = figures[tool]["step_s"] / figures["trl"]["step_s"]
-                figures[tool]["tokens_per_s_ratio_vs_trl"] = (
-                    figures[tool]["tokens_per_s"] / figures["trl"]["tokens_per_s"]
-                )
-                figures[tool]["peak_rss_ratio_vs_trl"] = figures[tool]["peak_rss_mib"] / figures["trl"]["peak_rss_mib"]
-            elif tool != "trl":
+            if tool == "kd" and args.new_tokens:  # each tool's own samples: no loss to compare
+                for theirs, suffix in (("trl", "vs_trl"), ("trl_distillation", "vs_trl_distillation")):
+                    figures[tool][f"step_s_ratio_{suffix}"] = figures[tool]["step_s"] / figures[theirs]["step_s"]
+                    figures[tool][f"tokens_per_s_ratio_{suffix}"] = (
+                        figures[tool]["tokens_per_s"] / figures[theirs]["tokens_per_s"]
+                    )
+                    figures[tool][f"peak_rss_ratio_{suffix}"] = (
+                        figures[tool]["peak_rss_mib"] / figures[theirs]["peak_rss_mib"]
+                    )
+            elif not tool.startswith("trl") and not args.new_tokens:
                 theirs = trl_losses
                 figures[tool]["max_rel_loss_diff_vs_trl"] = max(
                     abs(a - b) / abs(b) for a, b in zip(runs[tool][0]["losses"], theirs)
@@ -421,7 +498,7 @@ def main() -> None:
         "--on-policy", action="store_true", help="on-policy steps: completions sampled from the student"
     )
     parser.add_argument("--new-tokens", type=int, default=None, help="with --on-policy: tokens sampled per prompt (32)")
-    parser.add_argument("--worker", choices=["kd", "trl", *CHUNKED], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["kd", "trl", "trl_distillation", *CHUNKED], help=argparse.SUPPRESS)
     parser.add_argument("--shape", choices=sorted(SHAPES), help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -444,17 +521,17 @@ def main() -> None:
         print(
             f"on-policy: {args.rows} prompts of {PROMPT} tokens, {args.new_tokens} tokens sampled from the student each step"
         )
-        for tool in ("kd", "trl"):
+        for tool in ("kd", "trl", "trl_distillation"):
             f = results["shapes"]["default"][tool]
-            extra = (
-                f"  ratio vs TRL: {f['step_s_ratio_vs_trl']:.2f}x step time, {f['tokens_per_s_ratio_vs_trl']:.2f}x tokens/s, "
-                f"{f['peak_rss_ratio_vs_trl']:.2f}x peak"
-                if tool == "kd"
-                else ""
-            )
             print(
-                f"  {tool:<4} {f['step_s']:6.3f} s/step  {f['tokens_per_s']:7.0f} generated tokens/s  peak {f['peak_rss_mib']:6.0f} MiB"
-                f"  loss divided by {f['divided_by'][:4]} for generated {f['generated'][:4]}{extra}"
+                f"  {tool:<16} {f['step_s']:6.3f} s/step  {f['tokens_per_s']:7.0f} generated tokens/s  peak "
+                f"{f['peak_rss_mib']:6.0f} MiB  loss divided by {f['divided_by'][:4]} for generated {f['generated'][:4]}"
+            )
+        f = results["shapes"]["default"]["kd"]
+        for theirs, suffix in (("GKDTrainer", "vs_trl"), ("DistillationTrainer", "vs_trl_distillation")):
+            print(
+                f"  kd vs TRL's {theirs}: {f[f'step_s_ratio_{suffix}']:.2f}x step time, "
+                f"{f[f'tokens_per_s_ratio_{suffix}']:.2f}x generated tokens/s, {f[f'peak_rss_ratio_{suffix}']:.2f}x peak"
             )
         return
     for shape, figures in results["shapes"].items():

@@ -208,7 +208,7 @@ def test_the_trl_benchmark_runs_both_tools_on_the_same_batches_and_their_losses_
     )
 
 
-@pytest.mark.slow  # two tools, each in its own process
+@pytest.mark.slow  # three tools, each in its own process
 def test_the_trl_benchmark_times_on_policy_steps_and_says_what_each_divides_by() -> None:
     pytest.importorskip("trl", reason="benchmarks/vs_trl.py compares with TRL (pip install -e '.[lm,trl]')")
     out = subprocess.run(
@@ -234,10 +234,11 @@ def test_the_trl_benchmark_times_on_policy_steps_and_says_what_each_divides_by()
     )
     assert out.returncode == 0, out.stderr[-2000:]
     figures = json.loads(out.stdout)["shapes"]["default"]
-    for tool in ("kd", "trl"):
+    for tool in ("kd", "trl", "trl_distillation"):
         assert len(figures[tool]["generated"]) == 2 and all(0 < n <= 2 * 4 for n in figures[tool]["generated"])
-    assert figures["kd"]["divided_by"] == figures["kd"]["generated"]  # the generated tokens are the step's count
-    assert figures["kd"]["step_s_ratio_vs_trl"] > 0 and figures["trl"]["tokens_per_s"] > 0
+    for tool in ("kd", "trl_distillation"):  # the generated tokens are the step's count
+        assert figures[tool]["divided_by"] == figures[tool]["generated"]
+    assert figures["kd"]["step_s_ratio_vs_trl"] > 0 and figures["kd"]["step_s_ratio_vs_trl_distillation"] > 0
 
 
 def test_the_generation_benchmark_compares_cached_and_recomputed_tokens() -> None:

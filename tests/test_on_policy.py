@@ -564,17 +564,27 @@ def test_a_run_that_generates_each_step_at_once_trains_as_one_that_generates_per
 
 
 def test_generate_per_step_needs_sampled_completions_and_micro_batches(make_cfg) -> None:
+    import lightning as L
     from conftest import settings_of
+
+    from kd_lightning.run.preflight import check_sampling_fits
 
     with pytest.raises(KDError, match="speed.generate_per_step=true samples each optimizer step's completions in one"):
         settings_of(make_cfg("speed.generate_per_step=true", "trainer.accumulate_grad_batches=2"))
     with pytest.raises(KDError, match="trainer.accumulate_grad_batches=1 makes each step one batch: raise it"):
         settings_of(make_cfg("speed.generate_per_step=true", "distill.on_policy.fraction=1", "distill.alpha=1"))
-    assert settings_of(
+    settings = settings_of(
         make_cfg(
             "speed.generate_per_step=true",
             "distill.on_policy.fraction=1",
             "distill.alpha=1",
             "trainer.accumulate_grad_batches=2",
         )
-    ).speed.generate_per_step
+    )
+    assert settings.speed.generate_per_step
+
+    class TokenBatches(L.LightningDataModule):  # a user's data module, which serves micro-batches alone
+        task = "tokens"
+
+    with pytest.raises(KDError, match="speed.generate_per_step needs each training batch served with the batches of"):
+        check_sampling_fits(settings, TokenBatches(), GPT(VOCAB, 32, 16, 1, 2))

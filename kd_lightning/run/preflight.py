@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from kd_lightning.data.batch import kept_labels
+from kd_lightning.data.memory import InMemoryDataModule
 from kd_lightning.errors import KDError
 from kd_lightning.models.outputs import check_packing, model_logits, output_head
 from kd_lightning.models.pretrained import is_pretrained, pretrained_tokenizer
@@ -96,6 +97,12 @@ def check_sampling_fits(settings: Settings, datamodule: Any, student: nn.Module)
         raise KDError(
             f"distill.on_policy samples completions from a language model, but {type(datamodule).__name__} is "
             f"{task} data; unset distill.on_policy (fraction=0, teacher_fraction=0), or distil a language model."
+        )
+    if settings.speed.generate_per_step and not isinstance(datamodule, InMemoryDataModule):
+        raise KDError(
+            f"speed.generate_per_step needs each training batch served with the batches of its optimizer step, which "
+            f"kd_lightning's data modules do (InMemoryDataModule) and {type(datamodule).__name__} does not; unset "
+            "speed.generate_per_step."
         )
     splits = getattr(datamodule, "splits", None)
     if not splits or "train" not in splits:
