@@ -326,21 +326,28 @@ ARITHMETIC = [
 ]
 
 
-def test_a_killed_on_policy_run_resumed_samples_what_the_uninterrupted_one_did(make_cfg, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "speed, crash_step",  # in epoch 1 (4 batches an epoch)
+    [([], 6), (["speed.generate_per_step=true", "trainer.accumulate_grad_batches=2"], 3)],
+    ids=["per micro-batch", "per step"],
+)
+def test_a_killed_on_policy_run_resumed_samples_what_the_uninterrupted_one_did(
+    make_cfg, tmp_path, speed, crash_step
+) -> None:
     from crash_callback import Preempted
     from test_resume import student_weights
 
     from kd_lightning.run.train import train
 
-    mixed = [*ARITHMETIC, "distill.on_policy.fraction=0.5", "distill.on_policy.teacher_fraction=0.25"]
+    mixed = [*ARITHMETIC, "distill.on_policy.fraction=0.5", "distill.on_policy.teacher_fraction=0.25", *speed]
     uninterrupted = train(make_cfg(*mixed, output_dir=tmp_path / "a"))
-    with pytest.raises(Preempted):  # in epoch 1, after the epoch-0 checkpoint
+    with pytest.raises(Preempted):  # after the epoch-0 checkpoint
         train(
             make_cfg(
                 *mixed,
                 "+callbacks.crash._target_=crash_callback.CrashAtStep",
                 "+callbacks.crash.stage=distilled",
-                "+callbacks.crash.step=6",
+                f"+callbacks.crash.step={crash_step}",
                 output_dir=tmp_path / "b",
             )
         )
