@@ -168,11 +168,12 @@ class Sequences:
                 raise KDError(
                     "distill.on_policy.teacher_fraction > 0 needs a live teacher to sample from (teacher.mode=live)."
                 )
-            prompts, masks = zip(*(prompts_of(batches[position], self.pad_token_id) for position in positions))
-            prompts, mask = left_padded(list(prompts), self.pad_token_id), left_padded(list(masks), 0)
+            blocks = [prompts_of(batches[position], self.pad_token_id) for position in positions]
+            prompts = left_padded([block for block, _ in blocks], self.pad_token_id)
+            mask = left_padded([block_mask for _, block_mask in blocks], 0)
             seed = int(torch.randint(2**62, (), generator=generators[positions[0]]))
             made = generate(model, prompts, mask, self.settings, self.eos_token_id, self.pad_token_id, seed)
-            sizes = [len(block) for block in masks]
+            sizes = [len(block) for block, _ in blocks]
             for position, rows in zip(positions, torch.arange(sum(sizes)).split(sizes)):
                 completed_batches[position] = completed(
                     prompts[rows], mask[rows], made[rows, prompts.shape[1] :], self.eos_token_id, self.pad_token_id
