@@ -44,7 +44,7 @@ def test_the_command_prints_the_columns_for_a_run_it_does_not_start(tmp_path, ca
         "per device, 8 processes" in out
         and out.splitlines()[1].startswith("MiB")
         and "batch 4 x 128 tokens" in out
-        and "chunked loss (512 rows)" in out
+        and "chunked loss (64 rows)" in out  # speed.chunk_rows=auto: 1/8 of 4 x 128 tokens
     )
     rows = {line[:24].strip(): line[24:].split() for line in out.splitlines()[2:]}
     assert set(rows) >= {"teacher parameters", "student parameters", "optimizer state", "total", "fits 80 GiB"}

@@ -236,16 +236,18 @@ def columns(cfg: Any, length: int | None = None) -> tuple[dict[str, DeviceMemory
     devices = trainer.get("devices", 1)
     processes = (devices if isinstance(devices, int) else 1) * int(trainer.get("num_nodes", 1) or 1)
     teacher, student = meta_model(settings.teacher.model.settings), meta_model(settings.student.settings)
-    width_and_vocab(student)  # a language model
+    _, vocab = width_and_vocab(student)  # a language model
     states = optimizer_states(settings.run.optim.optimizer_settings)
     precision, cast = settings.run.precision, settings.speed.shard_dtype
     if cast:
         precision += f", speed.shard_dtype={cast}"
+    batch_size, length = int(data["batch_size"]), sequence_length(data, length)
+    chunk_rows = settings.speed.chunk_rows
     run = {
         "processes": processes,
-        "batch_size": int(data["batch_size"]),
-        "length": sequence_length(data, length),
-        "chunk_rows": settings.speed.chunk_rows,
+        "batch_size": batch_size,
+        "length": length,
+        "chunk_rows": default_chunk_rows(batch_size * length, vocab) if chunk_rows == "auto" else chunk_rows,
         "optimizer": settings.run.optim.optimizer_settings["_target_"].rpartition(".")[2],
         "precision": precision,
         "teacher": sum(p.numel() for p in teacher.parameters()),
