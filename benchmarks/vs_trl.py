@@ -206,11 +206,47 @@ def run_kd(
     trainer.fit(module, train_dataloaders=DataLoader(ours, batch_size=None))
 
 
+def trl_training(rows: int, steps: int) -> dict:
+    """The training arguments both TRL trainers get: the same optimizer, steps and batch as kd_lightning's run, on the
+    CPU, nothing saved or logged."""
+    return {
+        "use_cpu": True,
+        "bf16": False,
+        "report_to": [],
+        "per_device_train_batch_size": rows,
+        "max_steps": steps,
+        "learning_rate": LEARNING_RATE,
+        "lr_scheduler_type": "constant",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.0,
+        "optim": "adamw_torch",
+        "save_strategy": "no",
+        "logging_strategy": "no",
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+
+
+def trl_timer(steps: Steps):  # noqa: ANN201
+    """A transformers callback that times each optimizer step into ``steps``."""
+    from transformers import TrainerCallback
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, *args, **kwargs) -> None:
+            steps.begin()
+
+        def on_step_end(self, *args, **kwargs) -> None:
+            steps.end()
+
+    return Timer()
+
+
 def run_trl(
     folder: Path, data: list[dict[str, torch.Tensor]], steps: Steps, output: Path, new_tokens: int | None = None
 ) -> None:
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
     rows = len(data[0]["input_ids"])
@@ -224,37 +260,16 @@ def run_trl(
         )
         return batch
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *args, **kwargs) -> None:
-            steps.begin()
-
-        def on_step_end(self, *args, **kwargs) -> None:
-            steps.end()
-
     on_policy = {"lmbda": 1.0, "max_new_tokens": new_tokens, "temperature": 1.0} if new_tokens else {"lmbda": 0.0}
     config = GKDConfig(
         output_dir=str(output),
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
         beta=0.0,
         seq_kd=False,
         **on_policy,
-        per_device_train_batch_size=rows,
-        max_steps=len(data),
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        optim="adamw_torch",
+        **trl_training(rows, len(data)),
         train_sampling_strategy="sequential",
         remove_unused_columns=False,
         dataloader_drop_last=True,
-        save_strategy="no",
-        logging_strategy="no",
-        seed=0,
-        disable_tqdm=True,
         dataset_kwargs={"skip_prepare_dataset": True},
     )
     trainer = GKDTrainer(
@@ -264,7 +279,7 @@ def run_trl(
         train_dataset=Dataset.from_list(examples),
         data_collator=collate,
         processing_class=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        callbacks=[Timer()],
+        callbacks=[trl_timer(steps)],
     )
     compute_loss, generate = trainer.compute_loss, trainer.generate_on_policy_outputs
 
@@ -291,41 +306,20 @@ def run_trl_distillation(
     """TRL's stable ``DistillationTrainer`` (fully on-policy; its chunked divergence over hidden states and heads):
     the same prompts as text, the tokenizer as ``processing_class``."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DistillationConfig, DistillationTrainer
 
     rows = len(data[0]["input_ids"])
     prompts = [" ".join(f"t{i}" for i in b["input_ids"][row, :PROMPT].tolist()) for b in data for row in range(rows)]
 
-    class Timer(TrainerCallback):
-        def on_step_begin(self, *args, **kwargs) -> None:
-            steps.begin()
-
-        def on_step_end(self, *args, **kwargs) -> None:
-            steps.end()
-
     config = DistillationConfig(
         output_dir=str(output),
-        use_cpu=True,
-        bf16=False,
         gradient_checkpointing=False,
-        report_to=[],
         beta=0.0,
         temperature=1.0,
         max_completion_length=new_tokens,
-        per_device_train_batch_size=rows,
-        max_steps=len(data),
-        learning_rate=LEARNING_RATE,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.0,
-        max_grad_norm=0.0,
-        optim="adamw_torch",
+        **trl_training(rows, len(data)),
         shuffle_dataset=False,
-        save_strategy="no",
-        logging_strategy="no",
-        seed=0,
-        disable_tqdm=True,
     )
     trainer = DistillationTrainer(
         model=AutoModelForCausalLM.from_pretrained(folder / "student"),
@@ -333,7 +327,7 @@ def run_trl_distillation(
         args=config,
         train_dataset=Dataset.from_list([{"prompt": prompt} for prompt in prompts]),
         processing_class=AutoTokenizer.from_pretrained(folder / "tokenizer"),
-        callbacks=[Timer()],
+        callbacks=[trl_timer(steps)],
     )
     compute_loss, generate = trainer.compute_loss, trainer._generate_and_score_completions
 
